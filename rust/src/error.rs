@@ -1,0 +1,33 @@
+use std::fmt;
+
+/// Every failure of the core. No function of this crate panics on user input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BcaError {
+    /// An argument has the wrong shape or value; `arg` names it.
+    InvalidArgument { arg: &'static str, message: String },
+    /// An argument holds NaN or ±Inf.
+    NonFinite { arg: &'static str },
+    /// The FFT library reported an error (should not happen for finite input).
+    Fft(String),
+}
+
+impl BcaError {
+    pub(crate) fn invalid(arg: &'static str, message: impl Into<String>) -> Self {
+        BcaError::InvalidArgument {
+            arg,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for BcaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BcaError::InvalidArgument { arg, message } => write!(f, "{arg}: {message}"),
+            BcaError::NonFinite { arg } => write!(f, "{arg}: contains NaN or Inf"),
+            BcaError::Fft(m) => write!(f, "FFT failed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for BcaError {}

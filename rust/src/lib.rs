@@ -1,0 +1,26 @@
+//! bca core: blockwise circulant products and their gradients with real FFTs.
+//!
+//! A block circulant matrix ΔW (d_out × d_in) is a grid of q_out × q_in blocks of size
+//! p × p, block (i, j) being `circulant(C[i, j])` (first column `C[i, j]`). The kernel
+//! `C` has shape (q_out, q_in, p). When p does not divide d_in or d_out, the input is
+//! zero-padded and the output cut: ΔW is the top-left d_out × d_in corner of the padded
+//! block circulant matrix.
+//!
+//! This crate holds the math in plain Rust; `python.rs` (feature `python`) is the only
+//! place that knows about Python.
+
+mod error;
+mod float;
+mod operator;
+mod shape;
+mod simd;
+mod threads;
+
+pub use error::BcaError;
+pub use float::Float;
+pub use operator::BlockCirculant;
+pub use shape::Shape;
+pub use threads::{default_num_threads, set_default_num_threads};
+
+#[cfg(feature = "python")]
+mod python;
