@@ -1,0 +1,414 @@
+"""Conversion between PEFT's C3A adapters and bca's block circulant adapters.
+
+PEFT's C3A (``peft.tuners.c3a``, checked on peft 0.21.2) stores a kernel ``w`` of shape
+``(out/b, in/b, b)`` and computes ``ΔW x / in_features`` with ``fft(ifft(x) ⊙ fft(w)).real``
+per block: a circular *cross-correlation* whose block ``(i, j)`` has ``w[i, j]`` as its
+first **row**. bca stores ``c`` with block ``(i, j)`` = ``scipy.linalg.circulant(c[i, j])``
+(first **column**) and computes ``scale · ΔW x``. The two agree exactly when::
+
+    c[i, j, n] = w[i, j, (-n) mod b] / in_features            (C3A -> bca, scale 1)
+    w[i, j, n] = scale · in_features · c[i, j, (-n) mod b]      (bca -> C3A)
+
+(``n -> -n mod b`` is its own inverse). Checked against PEFT's own forward and a float64
+dense oracle in ``tests/test_peft_*.py``.
+
+What C3A cannot hold, and is refused with a ``ValueError`` when converting to PEFT:
+padded bca adapters (``block_size`` not dividing ``in_features`` and ``out_features``)
+and adapters on transformers' ``Conv1D`` layers (PEFT's C3A supports ``nn.Linear`` only).
+C3A adapters trained with ``bias != "none"`` carry bias tensors bca does not model and
+are refused when converting to bca.
+
+Entry points:
+
+- :func:`c3a_kernel_to_bca`, :func:`bca_kernel_to_c3a` -- one kernel (numpy or torch;
+  torch stays differentiable).
+- :func:`c3a_adapter_dir_to_bca`, :func:`bca_adapter_dir_to_c3a` -- saved adapter
+  directories (``adapter_config.json`` + ``adapter_model.safetensors``); nothing is
+  unpickled.
+- :func:`c3a_model_to_bca`, :func:`bca_model_to_c3a` -- in-memory models.
+- :func:`patch_peft_c3a`, :func:`unpatch_peft_c3a` -- keep a PEFT C3A workflow
+  (``get_peft_model``, ``save_pretrained``, ``merge_and_unload``) but run each C3A layer's
+  forward and backward through bca, which fixes PEFT 0.21's wrong input gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+__all__ = [
+    "bca_adapter_dir_to_c3a",
+    "bca_kernel_to_c3a",
+    "c3a_adapter_dir_to_bca",
+    "c3a_kernel_to_bca",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+C3A_SUFFIX = ".c3a_kernel"
+BCA_SUFFIX = ".bca_kernel"
+MTS_PREFIX = "modules_to_save."
+
+ArrayT = TypeVar("ArrayT")
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _is_torch(x: object) -> bool:
+    mod = type(x).__module__
+    return mod.startswith("torch") and hasattr(x, "dim")
+
+
+def _check_kernel(kernel: Any, name: str) -> tuple[int, int, int]:
+    if _is_torch(kernel):
+        shape = tuple(kernel.shape)
+        floating = kernel.is_floating_point()
+    elif isinstance(kernel, np.ndarray):
+        shape = kernel.shape
+        floating = np.issubdtype(kernel.dtype, np.floating)
+    else:
+        raise TypeError(
+            f"{name} must be a numpy array or torch tensor, got {type(kernel).__name__}"
+        )
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{name} must have shape (q_out, q_in, block_size), got {shape}")
+    if not floating:
+        raise TypeError(f"{name} must be floating point, got dtype {kernel.dtype}")
+    return shape  # type: ignore[return-value]
+
+
+def _check_in_features(in_features: int | None, q_in: int, p: int, padded_ok: bool) -> int:
+    if in_features is None:
+        return q_in * p
+    if isinstance(in_features, bool) or not isinstance(in_features, int):
+        raise TypeError(f"in_features must be an int, got {type(in_features).__name__}")
+    if padded_ok:
+        if not (q_in - 1) * p < in_features <= q_in * p:
+            raise ValueError(
+                f"in_features={in_features} does not fit a kernel with q_in={q_in} blocks of {p}"
+            )
+    elif in_features != q_in * p:
+        raise ValueError(
+            f"in_features={in_features} must equal q_in * block_size = {q_in * p} for C3A"
+        )
+    return in_features
+
+
+def _flip_index(p: int) -> np.ndarray:
+    return (-np.arange(p)) % p
+
+
+def c3a_kernel_to_bca(kernel: ArrayT, in_features: int | None = None) -> ArrayT:
+    """Map a PEFT C3A kernel ``w`` (q_out, q_in, b) to a bca kernel with the same ΔW at scale 1:
+    ``c[..., n] = w[..., (-n) mod b] / in_features``.
+
+    ``in_features`` defaults to ``q_in * b`` (C3A has no padding). numpy in, numpy out;
+    torch in, torch out (differentiable, same device and dtype).
+    """
+    _, q_in, p = _check_kernel(kernel, "kernel")
+    d_in = _check_in_features(in_features, q_in, p, padded_ok=False)
+    idx = _flip_index(p)
+    if _is_torch(kernel):
+        import torch
+
+        t_idx = torch.as_tensor(idx, device=kernel.device)  # type: ignore[attr-defined]
+        return kernel.index_select(-1, t_idx) / d_in  # type: ignore[attr-defined,no-any-return]
+    return kernel[..., idx] / kernel.dtype.type(d_in)  # type: ignore[attr-defined,index,no-any-return]
+
+
+def bca_kernel_to_c3a(kernel: ArrayT, in_features: int | None = None, scale: float = 1.0) -> ArrayT:
+    """Map a bca kernel ``c`` (q_out, q_in, p) used with ``scale`` to the PEFT C3A kernel with
+    the same ``scale · ΔW``: ``w[..., n] = scale · in_features · c[..., (-n) mod p]``.
+
+    Raises ``ValueError`` when ``in_features`` is not ``q_in * p`` (a padded adapter:
+    PEFT's C3A needs ``block_size`` to divide the layer's sizes).
+    """
+    _, q_in, p = _check_kernel(kernel, "kernel")
+    d_in = _check_in_features(in_features, q_in, p, padded_ok=False)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    idx = _flip_index(p)
+    factor = float(scale) * d_in
+    if _is_torch(kernel):
+        import torch
+
+        t_idx = torch.as_tensor(idx, device=kernel.device)  # type: ignore[attr-defined]
+        return kernel.index_select(-1, t_idx) * factor  # type: ignore[attr-defined,no-any-return]
+    return kernel[..., idx] * kernel.dtype.type(factor)  # type: ignore[attr-defined,index,no-any-return]
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found")
+    with path.open() as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: {path} does not hold a JSON object")
+    return data
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found (only safetensors adapters are read; pickled .bin files are "
+            "never loaded)"
+        )
+    return load_file(str(path))
+
+
+def _prepare_dst(dst: str | Path, overwrite: bool) -> Path:
+    out = Path(dst)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        if (out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists():
+            raise FileExistsError(f"{out} already holds an adapter; pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _strip_peft(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def _under_module(name: str, module: str) -> bool:
+    """True when the parameter ``name`` lives under a module matched by PEFT's
+    ``modules_to_save`` entry ``module`` (a name suffix at a dot boundary)."""
+    return name.startswith(module + ".") or ("." + module + ".") in name
+
+
+def c3a_adapter_dir_to_bca(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    base_model: nn.Module | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a PEFT C3A adapter directory (``save_pretrained`` output) to a bca adapter
+    directory that ``bca.model.load_adapter`` reads.
+
+    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are read. The bca module
+    names are PEFT's tensor names without ``base_model.model.`` and ``.c3a_kernel``, i.e.
+    names inside the model PEFT wrapped. Trained ``modules_to_save`` copies are carried
+    over. When ``base_model`` is given, every adapted module must exist in it as an
+    ``nn.Linear`` of the kernel's size, and its class is recorded in the fingerprint.
+    """
+    src_p = Path(src)
+    cfg = _read_json(src_p / CONFIG_NAME, "PEFT adapter config")
+    if str(cfg.get("peft_type", "")).upper() != "C3A":
+        raise ValueError(f"{src_p} holds a {cfg.get('peft_type')!r} adapter, not C3A")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(
+            f"C3A adapter with bias={cfg['bias']!r}: trained biases are not part of a bca "
+            "adapter; retrain with bias='none'"
+        )
+    tensors = _load_tensors(src_p / WEIGHTS_NAME)
+    mts_entries = [m for m in (cfg.get("modules_to_save") or []) if isinstance(m, str)]
+
+    kernels: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
+    used_mts: set[str] = set()
+    for key, t in tensors.items():
+        name = _strip_peft(key)
+        if key.endswith(C3A_SUFFIX):
+            kernels[name[: -len(C3A_SUFFIX)]] = t
+            continue
+        owner = next((m for m in mts_entries if _under_module(name, m)), None)
+        if owner is None:
+            raise ValueError(
+                f"tensor {key!r} in {src_p / WEIGHTS_NAME} is neither a C3A kernel nor part of "
+                f"modules_to_save={mts_entries}"
+            )
+        used_mts.add(owner)
+        extra[MTS_PREFIX + name] = t
+    if not kernels:
+        raise ValueError(f"{src_p / WEIGHTS_NAME} holds no C3A kernel")
+
+    named_modules = dict(base_model.named_modules()) if base_model is not None else {}
+    out_tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    for name, w in sorted(kernels.items()):
+        q_out, q_in, p = _check_kernel(w, f"tensor {name + C3A_SUFFIX!r}")
+        d_in, d_out = q_in * p, q_out * p
+        if base_model is not None:
+            _check_base_linear(named_modules, name, d_in, d_out)
+        c = c3a_kernel_to_bca(w.double(), d_in).to(w.dtype).contiguous()
+        out_tensors[name + BCA_SUFFIX] = c
+        modules[name] = {
+            "in_features": d_in,
+            "out_features": d_out,
+            "block_size": p,
+            "is_conv1d": False,
+        }
+    out_tensors.update({k: v.contiguous() for k, v in extra.items()})
+
+    sizes = Counter(m["block_size"] for m in modules.values())
+    block_size = int(cfg.get("block_size") or sizes.most_common(1)[0][0])
+    target = cfg.get("target_modules")
+    targets = sorted(target) if isinstance(target, (list, set, tuple)) else sorted(modules)
+    init = cfg.get("init_weights", "xavier_uniform")
+    bca_cfg = {
+        "format": "bca",
+        "format_version": 1,
+        "block_size": block_size,
+        "scale": 1.0,
+        "target_modules": targets,
+        "init": "zeros" if init is True else ("xavier_uniform" if init is False else str(init)),
+        "pad": False,
+        "modules_to_save": sorted(used_mts),
+        "base_model": {
+            "name_or_path": cfg.get("base_model_name_or_path"),
+            "class": type(base_model).__name__ if base_model is not None else None,
+            "fingerprint": {
+                n: {k: m[k] for k in ("in_features", "out_features", "is_conv1d")}
+                for n, m in modules.items()
+            },
+        },
+        "modules": modules,
+        "converted_from": {"peft_type": "C3A", "peft_version": cfg.get("peft_version")},
+    }
+    out = _prepare_dst(dst, overwrite)
+    from safetensors.torch import save_file
+
+    save_file(out_tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    with (out / CONFIG_NAME).open("w") as f:
+        json.dump(bca_cfg, f, indent=2, sort_keys=True)
+    return out
+
+
+def _check_base_linear(named: Mapping[str, Any], name: str, d_in: int, d_out: int) -> None:
+    import torch.nn as nn
+
+    mod = named.get(name)
+    base = getattr(mod, "base_layer", None)
+    if isinstance(base, nn.Module):
+        mod = base
+    if not isinstance(mod, nn.Linear):
+        raise ValueError(f"base_model has no nn.Linear named {name!r} (found {type(mod).__name__})")
+    if (mod.in_features, mod.out_features) != (d_in, d_out):
+        raise ValueError(
+            f"module {name!r} is {mod.in_features}->{mod.out_features} in base_model but the "
+            f"adapter kernel is for {d_in}->{d_out}"
+        )
+
+
+def _c3a_refusal(name: str, info: Mapping[str, Any]) -> str | None:
+    p = int(info["block_size"])
+    d_in, d_out = int(info["in_features"]), int(info["out_features"])
+    if info.get("is_conv1d"):
+        return f"module {name!r} wraps a transformers Conv1D; PEFT's C3A supports nn.Linear only"
+    if d_in % p or d_out % p:
+        return (
+            f"module {name!r} is {d_in}->{d_out} with block_size={p}: a zero-padded bca "
+            "adapter; PEFT's C3A needs block_size to divide in_features and out_features"
+        )
+    return None
+
+
+def _c3a_config_dict(
+    modules: Mapping[str, Mapping[str, Any]],
+    block_size: int | None,
+    modules_to_save: list[str],
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+) -> Any:
+    from peft import C3AConfig
+
+    sizes = Counter(int(m["block_size"]) for m in modules.values())
+    default = block_size if block_size in sizes else sizes.most_common(1)[0][0]
+    pattern = {n: int(m["block_size"]) for n, m in modules.items() if m["block_size"] != default}
+    return C3AConfig(
+        block_size=int(default),
+        target_modules=sorted(modules),
+        block_size_pattern=pattern,
+        modules_to_save=modules_to_save or None,
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+        init_weights=True,
+        bias="none",
+    )
+
+
+def bca_adapter_dir_to_c3a(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    task_type: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a bca adapter directory to a PEFT C3A adapter directory that
+    ``peft.PeftModel.from_pretrained(base_model, dst)`` loads.
+
+    The bca ``scale`` is folded into the C3A kernels (C3A has none). Modules with a block
+    size other than the most common one go to ``block_size_pattern`` under their full
+    names. Raises ``ValueError`` for padded adapters and Conv1D targets, which C3A cannot
+    hold. ``task_type`` (e.g. ``"SEQ_CLS"``) is written to the PEFT config; PEFT uses it to
+    pick the ``PeftModel`` subclass.
+    """
+    src_p = Path(src)
+    cfg = _read_json(src_p / CONFIG_NAME, "bca adapter config")
+    if cfg.get("format") != "bca":
+        raise ValueError(f"{src_p / CONFIG_NAME} is not a bca adapter config (format != 'bca')")
+    modules = cfg.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise ValueError(f"{src_p / CONFIG_NAME} lists no adapted modules")
+    problems = [msg for n, m in modules.items() if (msg := _c3a_refusal(n, m)) is not None]
+    if problems:
+        raise ValueError("cannot convert to PEFT C3A: " + "; ".join(problems))
+    scale = float(cfg.get("scale", 1.0))
+    tensors = _load_tensors(src_p / WEIGHTS_NAME)
+
+    out_tensors: dict[str, torch.Tensor] = {}
+    for name, info in modules.items():
+        key = name + BCA_SUFFIX
+        if key not in tensors:
+            raise ValueError(f"{src_p / WEIGHTS_NAME} misses tensor {key!r}")
+        c = tensors[key]
+        shape = _check_kernel(c, f"tensor {key!r}")
+        p = int(info["block_size"])
+        d_in, d_out = int(info["in_features"]), int(info["out_features"])
+        if shape != (d_out // p, d_in // p, p):
+            raise ValueError(
+                f"tensor {key!r} has shape {shape}, config says {(d_out // p, d_in // p, p)}"
+            )
+        w = bca_kernel_to_c3a(c.double(), d_in, scale).to(_float32()).contiguous()
+        out_tensors[PEFT_PREFIX + name + C3A_SUFFIX] = w
+    mts_names: set[str] = set()
+    for key, t in tensors.items():
+        if key.startswith(MTS_PREFIX):
+            out_tensors[PEFT_PREFIX + key[len(MTS_PREFIX) :]] = t.contiguous()
+            mts_names.add(key)
+        elif not key.endswith(BCA_SUFFIX):
+            raise ValueError(f"unexpected tensor {key!r} in {src_p / WEIGHTS_NAME}")
+    mts = [m for m in cfg.get("modules_to_save") or [] if isinstance(m, str)]
+    base = cfg.get("base_model") or {}
+    peft_cfg = _c3a_config_dict(
+        modules, cfg.get("block_size"), mts, base.get("name_or_path"), task_type
+    )
+    out = _prepare_dst(dst, overwrite)
+    from safetensors.torch import save_file
+
+    save_file(out_tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    peft_cfg.save_pretrained(str(out))
+    return out
+
+
+def _float32() -> Any:
+    import torch
+
+    return torch.float32
