@@ -452,7 +452,10 @@ impl<T: Float> BlockCirculant<T> {
         if data.len() != want {
             return Err(BcaError::invalid(
                 arg,
-                format!("expected {n_rows} rows of {d} values ({want}), got {}", data.len()),
+                format!(
+                    "expected {n_rows} rows of {d} values ({want}), got {}",
+                    data.len()
+                ),
             ));
         }
         Ok(())
@@ -512,7 +515,11 @@ impl<T: Float> BlockCirculant<T> {
         if grad_kernel.len() != s.kernel_len() {
             return Err(BcaError::invalid(
                 "grad_kernel",
-                format!("expected {} values, got {}", s.kernel_len(), grad_kernel.len()),
+                format!(
+                    "expected {} values, got {}",
+                    s.kernel_len(),
+                    grad_kernel.len()
+                ),
             ));
         }
         if let Some(gx) = grad_x.as_deref() {
@@ -575,7 +582,13 @@ impl<T: Float> BlockCirculant<T> {
                 let mut ws = self.take_workspace(rows);
                 let r = (|| {
                     self.rows_to_spectra(xc, d_in, q_in, (&mut xr[..nx], &mut xi[..nx]), &mut ws)?;
-                    self.rows_to_spectra(gc, d_out, q_out, (&mut gr[..ng], &mut gi[..ng]), &mut ws)?;
+                    self.rows_to_spectra(
+                        gc,
+                        d_out,
+                        q_out,
+                        (&mut gr[..ng], &mut gi[..ng]),
+                        &mut ws,
+                    )?;
                     if let Some(gx) = gx.as_deref_mut() {
                         self.apply_chunk(
                             None,

@@ -29,7 +29,9 @@ impl Shape {
         if p == 0 || q_in == 0 || q_out == 0 {
             return Err(BcaError::invalid(
                 "kernel",
-                format!("shape (q_out, q_in, p) = ({q_out}, {q_in}, {p}) must have no zero dimension"),
+                format!(
+                    "shape (q_out, q_in, p) = ({q_out}, {q_in}, {p}) must have no zero dimension"
+                ),
             ));
         }
         let padded_in = q_in
@@ -40,8 +42,20 @@ impl Shape {
             .ok_or_else(|| BcaError::invalid("kernel", "q_out * p overflows"))?;
         let in_features = in_features.unwrap_or(padded_in);
         let out_features = out_features.unwrap_or(padded_out);
-        check_width("in_features", in_features, q_in, p, "q_in = kernel.shape[1]")?;
-        check_width("out_features", out_features, q_out, p, "q_out = kernel.shape[0]")?;
+        check_width(
+            "in_features",
+            in_features,
+            q_in,
+            p,
+            "q_in = kernel.shape[1]",
+        )?;
+        check_width(
+            "out_features",
+            out_features,
+            q_out,
+            p,
+            "q_out = kernel.shape[0]",
+        )?;
         Ok(Shape {
             in_features,
             out_features,

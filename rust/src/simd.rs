@@ -140,8 +140,7 @@ fn accumulate_outer_conj_body<T: Float>(
             let (gr, gi) = (g_re[r * q_out + i], g_im[r * q_out + i]);
             let kr = &mut k_re[i * q_in..(i + 1) * q_in];
             let ki = &mut k_im[i * q_in..(i + 1) * q_in];
-            for (((kr, ki), &xr), &xi) in kr.iter_mut().zip(ki.iter_mut()).zip(xr_row).zip(xi_row)
-            {
+            for (((kr, ki), &xr), &xi) in kr.iter_mut().zip(ki.iter_mut()).zip(xr_row).zip(xi_row) {
                 *kr = *kr + (gr * xr + gi * xi);
                 *ki = *ki + (gi * xr - gr * xi);
             }

@@ -1,0 +1,41 @@
+"""bca: block circulant adapters with a Rust FFT core.
+
+The numpy-level API (this module) needs only numpy. The torch modules and model-level
+functions live in :mod:`bca.nn` and :mod:`bca.model`, the ONNX exporter in
+:mod:`bca.onnx`; they are imported on first use and need the matching extras.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._bca import __version__
+from .core import (
+    BlockCirculant,
+    block_circulant_matmul,
+    block_circulant_matmul_backward,
+    block_circulant_to_dense,
+    get_num_threads,
+    num_blocks,
+    set_num_threads,
+)
+
+__all__ = [
+    "__version__",
+    "BlockCirculant",
+    "block_circulant_matmul",
+    "block_circulant_matmul_backward",
+    "block_circulant_to_dense",
+    "get_num_threads",
+    "num_blocks",
+    "set_num_threads",
+]
+
+_LAZY_SUBMODULES = {"nn", "model", "onnx", "cost", "peft_interop", "cli", "demo"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
