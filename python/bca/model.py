@@ -1,0 +1,669 @@
+"""Model-level API: configure, inject, freeze, optimise, merge, save and load adapters.
+
+Typical use::
+
+    from bca.model import BCAConfig, inject_adapters, parameter_groups, save_adapter
+
+    config = BCAConfig(block_size=64, target_modules=["query", "value"],
+                       modules_to_save=["classifier"])
+    model = inject_adapters(model, config)        # in place; base weights frozen
+    opt = torch.optim.AdamW(parameter_groups(model, lr=1e-2))   # lr / p for each kernel
+    ...
+    save_adapter(model, "my-adapter")             # safetensors + adapter_config.json
+
+Matching rules for ``target_modules`` / ``modules_to_save`` / ``block_size_pattern``: a
+string is a regular expression that must match a module's full dotted name
+(``re.fullmatch``); a list entry matches a module whose full name equals it, ends with
+``"." + entry``, or fully matches it as a regular expression.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .nn import BACKENDS, INITS, BlockCirculantLinear, is_supported_layer, layer_features
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "BCAConfig",
+    "ParameterCount",
+    "adapter_modules",
+    "count_parameters",
+    "freeze_base",
+    "get_bca_model",
+    "inject_adapters",
+    "load_adapter",
+    "merge_adapters",
+    "merge_and_unload",
+    "parameter_groups",
+    "save_adapter",
+    "unmerge_adapters",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_NAME = "bca"
+FORMAT_VERSION = 1
+MODULES_TO_SAVE_PREFIX = "modules_to_save."
+
+
+# --------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------
+@dataclass
+class BCAConfig:
+    """What to adapt and how.
+
+    Attributes:
+        block_size: circulant block size ``p`` (default for every target).
+        target_modules: module names or patterns to adapt (see the module docstring for
+            the matching rules); every list entry must match at least one module.
+        scale: factor on the update, ``y = W x + b + scale * ΔW x``.
+        init: kernel initialisation, one of ``"zeros"`` (default), ``"xavier_uniform"``,
+            ``"gaussian"``, ``"kaiming"``.
+        pad: allow widths the block size does not divide (zero padding).
+        backend: ``"auto"``, ``"rust"`` or ``"torch"``.
+        modules_to_save: modules trained fully (e.g. a classifier head), saved with the
+            adapter.
+        block_size_pattern: per-module block sizes, ``{pattern: p}``, first match wins.
+    """
+
+    block_size: int = 256
+    target_modules: list[str] | str = field(default_factory=list)
+    scale: float = 1.0
+    init: str = "zeros"
+    pad: bool = True
+    backend: str = "auto"
+    modules_to_save: list[str] = field(default_factory=list)
+    block_size_pattern: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise TypeError(f"block_size must be an int, got {type(self.block_size).__name__}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = (
+                sorted(self.target_modules)
+                if isinstance(self.target_modules, set)
+                else list(self.target_modules)
+            )
+        if isinstance(self.target_modules, str):
+            _compile("target_modules", self.target_modules)
+        elif isinstance(self.target_modules, list):
+            if not self.target_modules:
+                raise ValueError("target_modules must name at least one module")
+            for t in self.target_modules:
+                if not isinstance(t, str) or not t:
+                    raise TypeError(f"target_modules entries must be non-empty str, got {t!r}")
+        else:
+            raise TypeError(
+                "target_modules must be a list of names or a regex string, got "
+                f"{type(self.target_modules).__name__}"
+            )
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise TypeError(f"scale must be a float, got {type(self.scale).__name__}")
+        if not math.isfinite(float(self.scale)):
+            raise ValueError(f"scale must be finite, got {self.scale}")
+        self.scale = float(self.scale)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.pad, bool):
+            raise TypeError(f"pad must be a bool, got {type(self.pad).__name__}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        self.modules_to_save = list(self.modules_to_save or [])
+        for m in self.modules_to_save:
+            if not isinstance(m, str) or not m:
+                raise TypeError(f"modules_to_save entries must be non-empty str, got {m!r}")
+        if not isinstance(self.block_size_pattern, dict):
+            raise TypeError("block_size_pattern must be a dict {pattern: block_size}")
+        for k, v in self.block_size_pattern.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(
+                    f"block_size_pattern entries must be str -> positive int, got {k!r}: {v!r}"
+                )
+
+    def block_size_for(self, module_name: str) -> int:
+        """The block size used for ``module_name`` (pattern first, then the default)."""
+        for pattern, p in self.block_size_pattern.items():
+            if _name_matches(module_name, [pattern]):
+                return p
+        return self.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _compile(arg: str, pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{arg}: invalid regular expression {pattern!r}: {exc}") from exc
+
+
+def _entry_matches(name: str, entry: str) -> bool:
+    if name == entry or name.endswith("." + entry):
+        return True
+    try:
+        return re.fullmatch(entry, name) is not None
+    except re.error:
+        return False
+
+
+def _name_matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(_entry_matches(name, t) for t in targets)
+
+
+# --------------------------------------------------------------------------------------
+# injection
+# --------------------------------------------------------------------------------------
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, BlockCirculantLinear]]:
+    """``(name, module)`` for every :class:`BlockCirculantLinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, BlockCirculantLinear):
+            yield name, module
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _linear_names(model: nn.Module, limit: int = 12) -> str:
+    names = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_supported_layer(m)}
+    )
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return shown or "(none)"
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named submodules, skipping everything inside an existing adapter."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, BlockCirculantLinear):
+            inside.append(name)
+        yield name, module
+
+
+def _inject(
+    model: nn.Module, sizes: dict[str, int], config: BCAConfig
+) -> dict[str, BlockCirculantLinear]:
+    created: dict[str, BlockCirculantLinear] = {}
+    for name, p in sizes.items():
+        base = model.get_submodule(name)
+        created[name] = BlockCirculantLinear(
+            base, p, scale=config.scale, init=config.init, backend=config.backend, pad=config.pad
+        )
+    for name, module in created.items():
+        _replace(model, name, module)
+    return created
+
+
+def _match_modules_to_save(model: nn.Module, config: BCAConfig) -> list[str]:
+    names: list[str] = []
+    for entry in config.modules_to_save:
+        hits = [n for n, _ in _candidate_modules(model) if _entry_matches(n, entry)]
+        hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+        if not hits:
+            raise ValueError(
+                f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}"
+            )
+        names.extend(h for h in hits if h not in names)
+    return names
+
+
+def inject_adapters(model: nn.Module, config: BCAConfig, *, freeze: bool = True) -> nn.Module:
+    """Replace the layers named by ``config.target_modules`` with adapted layers, in place.
+
+    Every matched module must be an ``nn.Linear`` or transformers ``Conv1D``; every list
+    entry of ``target_modules`` must match something. The config is stored as
+    ``model.bca_config``. With ``freeze=True`` (default) only the kernels and
+    ``modules_to_save`` stay trainable (see :func:`freeze_base`).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: a target entry matches no module, or the model already has adapters,
+            or a shape that the block size does not divide with ``pad=False``.
+        TypeError: a matched module is not a supported layer type.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, BCAConfig):
+        raise TypeError(f"config must be a BCAConfig, got {type(config).__name__}")
+    if any(True for _ in adapter_modules(model)):
+        raise ValueError("model already has bca adapters; inject_adapters runs once per model")
+    targets = config.target_modules
+    matched: list[str] = []
+    entry_hits: dict[str, int] = {t: 0 for t in targets} if isinstance(targets, list) else {}
+    for name, module in _candidate_modules(model):
+        if not _name_matches(name, targets):
+            continue
+        if not is_supported_layer(module):
+            raise TypeError(
+                f"target module {name!r} is a {type(module).__name__}; bca adapts nn.Linear "
+                "and transformers Conv1D layers only (name the linear layers inside it)"
+            )
+        matched.append(name)
+        for t in entry_hits:
+            if _entry_matches(name, t):
+                entry_hits[t] += 1
+    missing = [t for t, n in entry_hits.items() if n == 0]
+    if missing or not matched:
+        what = missing if missing else [targets]
+        raise ValueError(
+            f"target_modules {what} match no module of {type(model).__name__}; "
+            f"linear layers it has: {_linear_names(model)}"
+        )
+    save_names = _match_modules_to_save(model, config)
+    overlap = [n for n in matched if any(n == s or n.startswith(s + ".") for s in save_names)]
+    if overlap:
+        raise ValueError(f"modules {overlap} are both adapted and in modules_to_save")
+    _inject(model, {n: config.block_size_for(n) for n in matched}, config)
+    model.bca_config = config  # type: ignore[assignment]
+    if freeze:
+        freeze_base(model)
+    return model
+
+
+def get_bca_model(model: nn.Module, config: BCAConfig) -> nn.Module:
+    """Alias of :func:`inject_adapters` (for users coming from ``peft.get_peft_model``)."""
+    return inject_adapters(model, config)
+
+
+def _config_of(model: nn.Module) -> BCAConfig:
+    config = getattr(model, "bca_config", None)
+    if not isinstance(config, BCAConfig):
+        raise ValueError("model has no bca adapters (no model.bca_config); call inject_adapters")
+    return config
+
+
+def _modules_to_save_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    config = getattr(model, "bca_config", None)
+    if not isinstance(config, BCAConfig) or not config.modules_to_save:
+        return {}
+    names = _match_modules_to_save(model, config)
+    return {
+        pname: param
+        for pname, param in model.named_parameters()
+        if any(pname.startswith(n + ".") for n in names)
+    }
+
+
+def freeze_base(model: nn.Module) -> nn.Module:
+    """Make only the kernels and ``model.bca_config.modules_to_save`` trainable."""
+    keep = set(_modules_to_save_params(model))
+    for name, param in model.named_parameters():
+        trainable = name.endswith("bca_kernel") and isinstance(
+            model.get_submodule(name.rpartition(".")[0]), BlockCirculantLinear
+        )
+        param.requires_grad_(trainable or name in keep)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# optimisation helpers
+# --------------------------------------------------------------------------------------
+def parameter_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    kernel_weight_decay: float | None = None,
+    divide_by_block_size: bool = True,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups implementing the BCA paper's learning-rate heuristic.
+
+    Each kernel of block size ``p`` gets ``lr / p`` (one group per distinct ``p``); fully
+    trained modules (``modules_to_save``) and any other trainable parameter get ``lr``.
+    Only parameters with ``requires_grad`` are included.
+    """
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive float, got {lr!r}")
+    kwd = weight_decay if kernel_weight_decay is None else kernel_weight_decay
+    by_p: dict[int, list[nn.Parameter]] = {}
+    kernel_ids: set[int] = set()
+    for _, module in adapter_modules(model):
+        if module.bca_kernel.requires_grad:
+            by_p.setdefault(module.block_size, []).append(module.bca_kernel)
+            kernel_ids.add(id(module.bca_kernel))
+    save_ids = {id(p) for p in _modules_to_save_params(model).values()}
+    saved: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in kernel_ids:
+            continue
+        (saved if id(param) in save_ids else other).append(param)
+    groups: list[dict[str, Any]] = []
+    for p in sorted(by_p):
+        groups.append(
+            {
+                "params": by_p[p],
+                "lr": lr / p if divide_by_block_size else lr,
+                "weight_decay": kwd,
+                "name": f"bca_kernels_p{p}",
+            }
+        )
+    if saved:
+        groups.append(
+            {"params": saved, "lr": lr, "weight_decay": weight_decay, "name": "modules_to_save"}
+        )
+    if other:
+        groups.append({"params": other, "lr": lr, "weight_decay": weight_decay, "name": "other"})
+    if not groups:
+        raise ValueError("model has no trainable parameters")
+    return groups
+
+
+class ParameterCount(NamedTuple):
+    """Trainable and total parameter counts (shared parameters counted once)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {100 * self.fraction:.4f}"
+        )
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """``ParameterCount(trainable, total)`` of ``model`` (kernels included in total)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return ParameterCount(trainable, total)
+
+
+# --------------------------------------------------------------------------------------
+# merge
+# --------------------------------------------------------------------------------------
+def merge_adapters(model: nn.Module, *, exact_unmerge: bool = True) -> nn.Module:
+    """Fold every adapter's ``scale * ΔW`` into its base weight (see ``merge``)."""
+    for _, module in adapter_modules(model):
+        if not module.merged:
+            module.merge(exact_unmerge=exact_unmerge)
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters` (bit-exact by default)."""
+    for _, module in adapter_modules(model):
+        if module.merged:
+            module.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base layers back (no bca modules left)."""
+    for name, module in list(adapter_modules(model)):
+        if not module.merged:
+            module.merge(exact_unmerge=False)
+        _replace(model, name, module.base_layer)
+    if hasattr(model, "bca_config"):
+        del model.bca_config
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------
+def _fingerprint(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, BlockCirculantLinear) else module
+        d_in, d_out, conv = layer_features(base)
+        out[name] = {"in_features": d_in, "out_features": d_out, "is_conv1d": conv}
+    return out
+
+
+def _name_or_path(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    value = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or ""
+    return str(value)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
+
+    Tensors: ``<module name>.bca_kernel`` for every adapter and
+    ``modules_to_save.<parameter name>`` for fully trained modules. The JSON records the
+    config, each module's shape and block size, and the base model's fingerprint.
+    """
+    from safetensors.torch import save_file
+
+    config = _config_of(model)
+    modules = dict(adapter_modules(model))
+    if not modules:
+        raise ValueError("model has no bca adapters to save")
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, m in modules.items():
+        tensors[f"{name}.bca_kernel"] = m.bca_kernel.detach().to("cpu").clone().contiguous()
+        info[name] = {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "block_size": m.block_size,
+            "is_conv1d": m.is_conv1d,
+        }
+    for pname, param in _modules_to_save_params(model).items():
+        tensors[MODULES_TO_SAVE_PREFIX + pname] = param.detach().to("cpu").clone().contiguous()
+    targets = config.target_modules
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "block_size": config.block_size,
+        "scale": config.scale,
+        "target_modules": [targets] if isinstance(targets, str) else list(targets),
+        "init": config.init,
+        "pad": config.pad,
+        "modules_to_save": list(config.modules_to_save),
+        "base_model": {
+            "name_or_path": _name_or_path(model),
+            "class": type(model).__name__,
+            "fingerprint": _fingerprint(model, list(modules)),
+        },
+        "modules": info,
+    }
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(path / ADAPTER_CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``adapter_config.json`` (plain JSON, nothing executed)."""
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}")
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a bca adapter config (format != {FORMAT_NAME!r})")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: unsupported format_version {doc.get('format_version')!r} "
+            f"(this bca reads {FORMAT_VERSION})"
+        )
+    for key in ("block_size", "scale", "modules", "base_model"):
+        if key not in doc:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return doc
+
+
+def _check_fingerprint(model: nn.Module, doc: dict[str, Any]) -> None:
+    fingerprint = doc["base_model"].get("fingerprint", {})
+    for name, info in doc["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"adapter module {name!r} not found in {type(model).__name__}: the adapter was "
+                f"saved from a different model ({doc['base_model'].get('class')!r}, "
+                f"{doc['base_model'].get('name_or_path')!r})"
+            ) from None
+        base = module.base_layer if isinstance(module, BlockCirculantLinear) else module
+        if not is_supported_layer(base):
+            raise TypeError(
+                f"adapter module {name!r} is a {type(base).__name__} in this model, expected "
+                "nn.Linear or Conv1D"
+            )
+        got = dict(
+            zip(("in_features", "out_features", "is_conv1d"), layer_features(base), strict=True)
+        )
+        want = fingerprint.get(name, info)
+        expected = {k: want[k] for k in ("in_features", "out_features", "is_conv1d") if k in want}
+        if any(got[k] != v for k, v in expected.items()):
+            raise ValueError(
+                f"adapter module {name!r} does not match this model: saved for "
+                f"(in_features={want.get('in_features')}, out_features={want.get('out_features')}, "
+                f"is_conv1d={want.get('is_conv1d')}), model has (in_features="
+                f"{got['in_features']}, out_features={got['out_features']}, "
+                f"is_conv1d={got['is_conv1d']})"
+            )
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], *, backend: str | None = None
+) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model`` (in place).
+
+    A plain model gets the saved modules injected (with their saved block sizes); a model
+    that already has adapters must have exactly the saved ones. The base model's
+    fingerprint is checked first: a module missing or of another shape raises
+    ``ValueError`` naming the module and both shapes. Loading uses safetensors and JSON
+    only (nothing is unpickled).
+    """
+    from safetensors.torch import load_file
+
+    doc = read_adapter_config(directory)
+    saved_class = doc["base_model"].get("class")
+    if saved_class and saved_class != type(model).__name__:
+        warnings.warn(
+            f"adapter was saved from a {saved_class}, loading into a {type(model).__name__}",
+            stacklevel=2,
+        )
+    _check_fingerprint(model, doc)
+    modules_info: dict[str, dict[str, Any]] = doc["modules"]
+    config = BCAConfig(
+        block_size=int(doc["block_size"]),
+        target_modules=list(doc.get("target_modules") or list(modules_info)),
+        scale=float(doc["scale"]),
+        init=str(doc.get("init", "zeros")),
+        pad=bool(doc.get("pad", True)),
+        backend=backend if backend is not None else "auto",
+        modules_to_save=list(doc.get("modules_to_save") or []),
+    )
+    existing = dict(adapter_modules(model))
+    if existing:
+        if set(existing) != set(modules_info):
+            raise ValueError(
+                "model's adapters differ from the saved ones: missing "
+                f"{sorted(set(modules_info) - set(existing))}, unexpected "
+                f"{sorted(set(existing) - set(modules_info))}"
+            )
+        for name, m in existing.items():
+            if m.merged:
+                raise ValueError(f"adapter {name!r} is merged; unmerge before load_adapter")
+            if m.block_size != int(modules_info[name]["block_size"]):
+                raise ValueError(
+                    f"adapter {name!r} has block_size {m.block_size}, saved block_size "
+                    f"{modules_info[name]['block_size']}"
+                )
+        for m in existing.values():
+            m.scale = float(doc["scale"])
+            if backend is not None:
+                m.backend = backend
+        prior = getattr(model, "bca_config", None)
+        if isinstance(prior, BCAConfig):
+            config.init = prior.init
+    weights_path = Path(directory) / ADAPTER_WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {directory}")
+    tensors = load_file(str(weights_path), device="cpu")
+    expected = {f"{name}.bca_kernel" for name in modules_info}
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ValueError(f"{weights_path} lacks tensors {missing}")
+    for name, info in modules_info.items():
+        t = tensors[f"{name}.bca_kernel"]
+        p = int(info["block_size"])
+        d_in, d_out = int(info["in_features"]), int(info["out_features"])
+        want = (-(-d_out // p), -(-d_in // p), p)
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"tensor {name}.bca_kernel has shape {tuple(t.shape)}, expected {want} for "
+                f"in_features={d_in}, out_features={d_out}, block_size={p}"
+            )
+    params = dict(model.named_parameters())
+    saved_params = {
+        k[len(MODULES_TO_SAVE_PREFIX) :]: v
+        for k, v in tensors.items()
+        if k.startswith(MODULES_TO_SAVE_PREFIX)
+    }
+    for pname, t in saved_params.items():
+        if pname not in params:
+            raise ValueError(f"saved module parameter {pname!r} not found in the model")
+        if tuple(params[pname].shape) != tuple(t.shape):
+            raise ValueError(
+                f"saved module parameter {pname!r} has shape {tuple(t.shape)}, the model's "
+                f"has {tuple(params[pname].shape)}"
+            )
+    unexpected = sorted(
+        k for k in tensors if k not in expected and not k.startswith(MODULES_TO_SAVE_PREFIX)
+    )
+    if unexpected:
+        raise ValueError(f"{weights_path} has unexpected tensors {unexpected}")
+
+    if not existing:
+        _inject(model, {n: int(i["block_size"]) for n, i in modules_info.items()}, config)
+        model.bca_config = config  # type: ignore[assignment]
+        if config.modules_to_save:
+            _match_modules_to_save(model, config)
+        freeze_base(model)
+    else:
+        model.bca_config = config  # type: ignore[assignment]
+    with torch.no_grad():
+        for name, module in adapter_modules(model):
+            k = module.bca_kernel
+            k.copy_(tensors[f"{name}.bca_kernel"].to(device=k.device, dtype=k.dtype))
+        params = dict(model.named_parameters())
+        for pname, t in saved_params.items():
+            dst = params[pname]
+            dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+    return model

@@ -1,0 +1,529 @@
+"""Torch modules for block circulant adapters.
+
+:class:`BlockCirculantLinear` wraps an existing ``nn.Linear`` (or transformers' GPT-2
+``Conv1D``, whose weight is stored ``(in, out)``) without copying it, freezes it, and adds
+a trainable block circulant update::
+
+    y = base_layer(x) + scale * ΔW x
+
+ΔW is a grid of ``q_out × q_in`` circulant ``p × p`` blocks; block ``(i, j)`` is
+``scipy.linalg.circulant(bca_kernel[i, j])`` (first column ``bca_kernel[i, j]``). When ``p``
+does not divide the layer's widths (and ``pad=True``), x is zero-padded to ``q_in * p``
+and the output cut to ``out_features``: ΔW is then the top-left ``out × in`` corner of
+the padded block circulant matrix.
+
+Backends for ΔW x:
+
+* ``"torch"``: ``torch.fft`` real FFTs on any device; the sums over blocks are one
+  complex batched matmul per frequency, laid out ``(F, rows, blocks)``. The backward
+  saves only ``x`` and the kernel (plus the kernel's spectra, parameter-sized) and
+  recomputes the input spectra. In eval mode or under ``no_grad`` the kernel spectra are
+  cached and reused while the kernel is unchanged. Half-precision inputs are computed in
+  float32 and cast back.
+* ``"rust"``: the Rust core through :class:`bca.core.BlockCirculant` (CPU, float32 and
+  float64 only), one operator per module, re-synchronised only when the kernel changes.
+* ``"auto"``: ``"rust"`` for CPU float32/float64 inputs matching the kernel's dtype when
+  the extension imports, ``"torch"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BACKENDS",
+    "INITS",
+    "BlockCirculantLinear",
+    "block_circulant_dense",
+    "is_supported_layer",
+    "layer_features",
+    "rust_available",
+]
+
+BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")
+INITS: tuple[str, ...] = ("zeros", "xavier_uniform", "gaussian", "kaiming")
+
+_RUST_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+_CORE: Any = None
+_CORE_ERROR: str | None = None
+
+
+def _rust_core() -> Any:
+    """The :mod:`bca.core` module, or ``None`` when the Rust extension does not import."""
+    global _CORE, _CORE_ERROR
+    if _CORE is None and _CORE_ERROR is None:
+        try:
+            from . import core
+
+            _CORE = core
+        except ImportError as exc:  # extension not built / not installed
+            _CORE_ERROR = f"{type(exc).__name__}: {exc}"
+    return _CORE
+
+
+def rust_available() -> bool:
+    """Whether the Rust extension (``bca._bca``) imports, i.e. backend ``"rust"`` works."""
+    return _rust_core() is not None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    if type(module).__name__ != "Conv1D":
+        return False
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers missing
+        return False
+    return isinstance(module, Conv1D)
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and transformers' ``Conv1D`` (the layers bca can adapt)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def layer_features(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, is_conv1d)`` of a supported layer.
+
+    Raises:
+        TypeError: for any other layer type.
+    """
+    if isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features), False
+    if _is_conv1d(module):
+        w = module.weight
+        return int(w.shape[0]), int(w.shape[1]), True
+    raise TypeError(
+        f"bca adapts nn.Linear and transformers' Conv1D layers only, got {type(module).__name__}"
+    )
+
+
+def _circulant_index(p: int, device: torch.device) -> torch.Tensor:
+    r = torch.arange(p, device=device)
+    return (r[:, None] - r[None, :]) % p
+
+
+def block_circulant_dense(
+    kernel: torch.Tensor, in_features: int | None = None, out_features: int | None = None
+) -> torch.Tensor:
+    """Dense ΔW ``(out_features, in_features)`` of a kernel ``(q_out, q_in, p)``, exactly.
+
+    Block ``(i, j)`` is ``circulant(kernel[i, j])``; built by indexing (no FFT, so no
+    rounding) and differentiable with respect to ``kernel``.
+    """
+    if kernel.dim() != 3:
+        raise ValueError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
+    q_out, q_in, p = kernel.shape
+    n_in = q_in * p if in_features is None else in_features
+    n_out = q_out * p if out_features is None else out_features
+    _check_padding("in_features", n_in, q_in, p)
+    _check_padding("out_features", n_out, q_out, p)
+    blocks = kernel[:, :, _circulant_index(p, kernel.device)]  # (q_out, q_in, p, p)
+    dense = blocks.permute(0, 2, 1, 3).reshape(q_out * p, q_in * p)
+    return dense[:n_out, :n_in]
+
+
+def _check_padding(name: str, features: int, q: int, p: int) -> None:
+    if not (q - 1) * p < features <= q * p:
+        raise ValueError(
+            f"{name}={features} does not fit {q} blocks of size {p}: need "
+            f"{(q - 1) * p} < {name} <= {q * p}"
+        )
+
+
+def _compute_dtype(x_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
+    """float64 if either is float64, else float32 (torch.fft has no general half path)."""
+    if x_dtype == torch.float64 or k_dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def _kernel_spectra(kernel: torch.Tensor) -> torch.Tensor:
+    """rfft of each kernel block, laid out ``(F, q_in, q_out)`` (contiguous per frequency)."""
+    return torch.fft.rfft(kernel, dim=-1).permute(2, 1, 0).contiguous()
+
+
+def _block_spectra(v: torch.Tensor, q: int, p: int) -> torch.Tensor:
+    """rfft of the length-p blocks of rows ``v`` (N, d) -> ``(F, N, q)`` (zero-padded)."""
+    n, d = v.shape
+    if d != q * p:
+        v = torch.nn.functional.pad(v, (0, q * p - d))
+    return torch.fft.rfft(v.reshape(n, q, p), dim=-1).permute(2, 0, 1)
+
+
+def _inverse_blocks(spec: torch.Tensor, p: int, features: int) -> torch.Tensor:
+    """Inverse of :func:`_block_spectra`: ``(F, N, q)`` -> rows ``(N, features)``."""
+    _, n, q = spec.shape
+    out = torch.fft.irfft(spec.permute(1, 2, 0), n=p, dim=-1).reshape(n, q * p)
+    if features != q * p:
+        out = out[:, :features]
+    return out.contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# autograd functions
+# --------------------------------------------------------------------------------------
+class _TorchBlockCirculant(torch.autograd.Function):
+    """ΔW x with torch.fft; x (N, in) and kernel in the same real dtype."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        kernel: torch.Tensor,
+        spectra: torch.Tensor | None,
+        in_features: int,
+        out_features: int,
+    ) -> torch.Tensor:
+        q_out, q_in, p = kernel.shape
+        if spectra is None:
+            spectra = _kernel_spectra(kernel)
+        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
+        ys = torch.matmul(xs, spectra)  # (F, N, q_out)
+        ctx.save_for_backward(x, kernel)
+        ctx.spectra = spectra  # parameter-sized; activations are recomputed in backward
+        ctx.features = (in_features, out_features)
+        return _inverse_blocks(ys, p, out_features)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, kernel = ctx.saved_tensors
+        spectra: torch.Tensor = ctx.spectra
+        in_features, out_features = ctx.features
+        q_out, q_in, p = kernel.shape
+        gs = _block_spectra(grad_output.to(x.dtype), q_out, p)  # (F, N, q_out)
+        grad_x = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            gxs = torch.matmul(gs, spectra.conj().transpose(1, 2))  # (F, N, q_in)
+            grad_x = _inverse_blocks(gxs, p, in_features)
+        if ctx.needs_input_grad[1]:
+            xs = _block_spectra(x, q_in, p)  # (F, N, q_in), recomputed
+            gks = torch.matmul(gs.transpose(1, 2), xs.conj())  # (F, q_out, q_in)
+            grad_kernel = torch.fft.irfft(gks.permute(1, 2, 0), n=p, dim=-1)
+        return grad_x, grad_kernel, None, None, None
+
+
+class _RustBlockCirculant(torch.autograd.Function):
+    """ΔW x through the Rust core; x (N, in) CPU float32/float64, same dtype as kernel."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, kernel: torch.Tensor, module: BlockCirculantLinear
+    ) -> torch.Tensor:
+        op = module._rust_operator(kernel)
+        y = op.matmul(x.detach().contiguous().numpy())
+        ctx.save_for_backward(x, kernel)
+        ctx.module = module
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, kernel = ctx.saved_tensors
+        need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        if not (need_x or need_k):
+            return None, None, None
+        op = ctx.module._rust_operator(kernel)  # re-sync if another forward moved it
+        g = grad_output.detach().to(x.dtype).contiguous().numpy()
+        gx, gk = op.backward(
+            x.detach().contiguous().numpy() if need_k else None,
+            g,
+            input_grad=need_x,
+            kernel_grad=need_k,
+        )
+        grad_x = torch.from_numpy(gx) if gx is not None else None
+        grad_k = torch.from_numpy(gk) if gk is not None else None
+        return grad_x, grad_k, None
+
+
+# --------------------------------------------------------------------------------------
+# the module
+# --------------------------------------------------------------------------------------
+class BlockCirculantLinear(nn.Module):
+    """A frozen ``nn.Linear``/``Conv1D`` plus a trainable block circulant update.
+
+    Args:
+        base_layer: the layer to adapt (``nn.Linear`` or transformers' ``Conv1D``). It is
+            kept as ``self.base_layer`` (not copied) and its parameters are frozen.
+        block_size: circulant block size ``p``.
+        scale: factor on the update, ``y = base(x) + scale * ΔW x``.
+        init: ``"zeros"`` (default: the adapted layer starts equal to the base layer),
+            ``"xavier_uniform"`` (U(±sqrt(6 / (in + out)))), ``"gaussian"``
+            (N(0, 1 / in²), PEFT C3A's gaussian init in bca's convention) or
+            ``"kaiming"`` (U(±1 / sqrt(in)), torch's default for nn.Linear).
+        backend: ``"auto"``, ``"rust"`` or ``"torch"`` (see the module docstring).
+        pad: allow widths that ``block_size`` does not divide (zero padding); with
+            ``False`` such shapes raise ``ValueError``.
+
+    The kernel ``bca_kernel`` has shape ``(q_out, q_in, p)`` with ``q = ceil(d / p)``, the
+    base weight's dtype (float32 for half-precision bases) and its device.
+    """
+
+    base_layer: nn.Module
+    bca_kernel: nn.Parameter
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        block_size: int,
+        scale: float = 1.0,
+        init: str = "zeros",
+        backend: str = "auto",
+        pad: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Module) or not is_supported_layer(base_layer):
+            raise TypeError(
+                "base_layer must be an nn.Linear or transformers Conv1D, got "
+                f"{type(base_layer).__name__}"
+            )
+        if isinstance(base_layer, BlockCirculantLinear):  # pragma: no cover - defensive
+            raise TypeError("base_layer is already a BlockCirculantLinear")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(pad, bool):
+            raise TypeError(f"pad must be a bool, got {type(pad).__name__}")
+
+        in_features, out_features, is_conv1d = layer_features(base_layer)
+        p = block_size
+        if not pad and (in_features % p or out_features % p):
+            raise ValueError(
+                f"block_size={p} does not divide the layer's shape (in_features={in_features}, "
+                f"out_features={out_features}) and pad=False; use pad=True (zero padding) or "
+                "a block size that divides both"
+            )
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = p
+        self.scale = float(scale)
+        self.init = init
+        self.backend = backend
+        self.pad = pad
+        self.is_conv1d = is_conv1d
+        self.merged = False
+        self.adapter_enabled = True
+
+        weight = base_layer.weight
+        kdtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        q_out, q_in = -(-out_features // p), -(-in_features // p)
+        self.bca_kernel = nn.Parameter(
+            torch.zeros(q_out, q_in, p, dtype=kdtype, device=weight.device)
+        )
+        for param in base_layer.parameters():
+            param.requires_grad_(False)
+        self.reset_adapter_parameters(init)
+
+        self._original_weight: torch.Tensor | None = None
+        self._spectra: torch.Tensor | None = None
+        self._spectra_key: tuple[Any, ...] | None = None
+        self._rust_op: Any = None
+        self._rust_key: tuple[Any, ...] | None = None
+
+    # -- parameters ---------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_adapter_parameters(self, init: str = "zeros") -> None:
+        """(Re)initialise the kernel; see the class docstring for the ``init`` options."""
+        k = self.bca_kernel
+        if init == "zeros":
+            k.zero_()
+        elif init == "xavier_uniform":
+            a = math.sqrt(6.0 / (self.in_features + self.out_features))
+            k.uniform_(-a, a)
+        elif init == "gaussian":
+            k.normal_(0.0, 1.0 / self.in_features)
+        elif init == "kaiming":
+            a = 1.0 / math.sqrt(self.in_features)
+            k.uniform_(-a, a)
+        else:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (for code that reads ``layer.weight``)."""
+        w: torch.Tensor = self.base_layer.weight
+        return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        b: torch.Tensor | None = self.base_layer.bias
+        return b
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int]:
+        q_out, q_in, p = self.bca_kernel.shape
+        return int(q_out), int(q_in), int(p)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.adapter_enabled:
+            return result
+        return result + self.adapter_forward(x).to(result.dtype)
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend that :meth:`adapter_forward` uses for input ``x``."""
+        if self.backend != "auto":
+            return self.backend
+        k = self.bca_kernel
+        if (
+            x.device.type == "cpu"
+            and k.device.type == "cpu"
+            and x.dtype in _RUST_DTYPES
+            and x.dtype == k.dtype
+            and rust_available()
+        ):
+            return "rust"
+        return "torch"
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale * ΔW x`` over the last axis, ``(..., in_features) -> (..., out_features)``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        backend = self.resolve_backend(x)
+        kernel = self.bca_kernel
+        if backend == "rust":
+            self._check_rust_input(x2)
+            y = _RustBlockCirculant.apply(x2, kernel, self)
+        else:
+            cdtype = _compute_dtype(x.dtype, kernel.dtype)
+            spectra = None
+            if not self.training or not torch.is_grad_enabled():
+                spectra = self._cached_spectra(cdtype)
+            y = _TorchBlockCirculant.apply(
+                x2.to(cdtype), kernel.to(cdtype), spectra, self.in_features, self.out_features
+            )
+        if self.scale != 1.0:
+            y = y * self.scale
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    # -- backend state ------------------------------------------------------------------
+    def _cached_spectra(self, cdtype: torch.dtype) -> torch.Tensor:
+        k = self.bca_kernel
+        key = (k._version, k.data_ptr(), k.device, k.dtype, cdtype)
+        if self._spectra is None or self._spectra_key != key:
+            with torch.no_grad():
+                self._spectra = _kernel_spectra(k.detach().to(cdtype))
+            self._spectra_key = key
+        assert self._spectra is not None
+        return self._spectra
+
+    def _check_rust_input(self, x: torch.Tensor) -> None:
+        k = self.bca_kernel
+        core = _rust_core()
+        if core is None:
+            raise RuntimeError(
+                "backend='rust' needs the compiled extension bca._bca, which did not import "
+                f"({_CORE_ERROR}); use backend='torch' or 'auto'"
+            )
+        if x.device.type != "cpu" or k.device.type != "cpu":
+            raise ValueError(
+                f"backend='rust' runs on CPU only, got x on {x.device} and kernel on "
+                f"{k.device}; use backend='torch' (or 'auto') for other devices"
+            )
+        if k.dtype not in _RUST_DTYPES:
+            raise TypeError(
+                f"backend='rust' supports float32/float64 kernels, got bca_kernel {k.dtype}; "
+                "use backend='torch'"
+            )
+        if x.dtype != k.dtype:
+            raise TypeError(
+                f"backend='rust' needs x of the kernel's dtype {k.dtype}, got x {x.dtype}; "
+                "cast x or use backend='torch' (which computes half inputs in float32)"
+            )
+
+    def _rust_operator(self, kernel: torch.Tensor) -> Any:
+        """The Rust operator for ``kernel``, with ``set_kernel`` called only on a change."""
+        core = _rust_core()
+        key = (kernel._version, kernel.data_ptr(), kernel.dtype, tuple(kernel.shape))
+        if self._rust_op is None or self._rust_op.dtype != kernel.detach().numpy().dtype:
+            self._rust_op = core.BlockCirculant(
+                kernel.detach().contiguous().numpy(), self.in_features, self.out_features
+            )
+        elif self._rust_key != key:
+            self._rust_op.set_kernel(kernel.detach().contiguous().numpy())
+        self._rust_key = key
+        return self._rust_op
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_rust_op"] = None
+        state["_rust_key"] = None
+        state["_spectra"] = None
+        state["_spectra_key"] = None
+        return state
+
+    # -- dense update, merge ------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ``scale * ΔW``, shape ``(out_features, in_features)``, kernel's dtype.
+
+        Built exactly from the kernel (no FFT) and differentiable.
+        """
+        dw = block_circulant_dense(self.bca_kernel, self.in_features, self.out_features)
+        return dw * self.scale if self.scale != 1.0 else dw
+
+    @torch.no_grad()
+    def merge(self, exact_unmerge: bool = True) -> None:
+        """Add ``scale * ΔW`` into the base weight; the adapter path is then skipped.
+
+        With ``exact_unmerge=True`` (default) a CPU copy of the original weight is kept so
+        that :meth:`unmerge` restores it bit for bit; with ``False`` no copy is kept and
+        :meth:`unmerge` subtracts ΔW again (equal up to float rounding).
+        """
+        if self.merged:
+            warnings.warn("adapter already merged; merge() ignored", stacklevel=2)
+            return
+        w = self.base_layer.weight
+        self._original_weight = w.detach().to("cpu", copy=True) if exact_unmerge else None
+        dw = self.delta_weight().to(w.dtype)
+        w.add_(dw.T if self.is_conv1d else dw)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (bit-exact when merged with ``exact_unmerge=True``)."""
+        if not self.merged:
+            warnings.warn("adapter is not merged; unmerge() ignored", stacklevel=2)
+            return
+        w = self.base_layer.weight
+        if self._original_weight is not None:
+            w.copy_(self._original_weight.to(w.device))
+        else:
+            dw = self.delta_weight().to(w.dtype)
+            w.sub_(dw.T if self.is_conv1d else dw)
+        self._original_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        q_out, q_in, p = self.kernel_shape
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"block_size={p}, kernel=({q_out}, {q_in}, {p}), scale={self.scale}, "
+            f"backend={self.backend!r}, is_conv1d={self.is_conv1d}, merged={self.merged}"
+        )
