@@ -140,6 +140,35 @@ def _check_padding(name: str, features: int, q: int, p: int) -> None:
         )
 
 
+class _KernelSnapshot:
+    """Detects any change of a kernel tensor since the last :meth:`take`.
+
+    The version counter and storage pointer catch ordinary in-place updates (optimizer
+    steps, ``load_state_dict``) without looking at the values; a value comparison with a
+    parameter-sized copy also catches edits through ``.data``, which have their own version
+    counter.
+    """
+
+    __slots__ = ("key", "values")
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.values: torch.Tensor | None = None
+
+    @staticmethod
+    def _key(kernel: torch.Tensor) -> tuple[Any, ...]:
+        return (kernel._version, kernel.data_ptr(), kernel.device, kernel.dtype, kernel.shape)
+
+    def matches(self, kernel: torch.Tensor) -> bool:
+        if self.key != self._key(kernel) or self.values is None:
+            return False
+        return bool(torch.equal(self.values, kernel.detach()))
+
+    def take(self, kernel: torch.Tensor) -> None:
+        self.key = self._key(kernel)
+        self.values = kernel.detach().clone()
+
+
 def _compute_dtype(x_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
     """float64 if either is float64, else float32 (torch.fft has no general half path)."""
     if x_dtype == torch.float64 or k_dtype == torch.float64:
@@ -332,9 +361,10 @@ class BlockCirculantLinear(nn.Module):
 
         self._original_weight: torch.Tensor | None = None
         self._spectra: torch.Tensor | None = None
-        self._spectra_key: tuple[Any, ...] | None = None
+        self._spectra_dtype: torch.dtype | None = None
+        self._spectra_snapshot = _KernelSnapshot()
         self._rust_op: Any = None
-        self._rust_key: tuple[Any, ...] | None = None
+        self._rust_snapshot = _KernelSnapshot()
 
     # -- parameters ---------------------------------------------------------------------
     @torch.no_grad()
@@ -426,12 +456,12 @@ class BlockCirculantLinear(nn.Module):
     # -- backend state ------------------------------------------------------------------
     def _cached_spectra(self, cdtype: torch.dtype) -> torch.Tensor:
         k = self.bca_kernel
-        key = (k._version, k.data_ptr(), k.device, k.dtype, cdtype)
-        if self._spectra is None or self._spectra_key != key:
+        snap = self._spectra_snapshot
+        if self._spectra is None or self._spectra_dtype != cdtype or not snap.matches(k):
             with torch.no_grad():
                 self._spectra = _kernel_spectra(k.detach().to(cdtype))
-            self._spectra_key = key
-        assert self._spectra is not None
+            self._spectra_dtype = cdtype
+            snap.take(k)
         return self._spectra
 
     def _check_rust_input(self, x: torch.Tensor) -> None:
@@ -459,24 +489,25 @@ class BlockCirculantLinear(nn.Module):
             )
 
     def _rust_operator(self, kernel: torch.Tensor) -> Any:
-        """The Rust operator for ``kernel``, with ``set_kernel`` called only on a change."""
+        """The Rust operator for ``kernel``; ``set_kernel`` is called only on a change."""
         core = _rust_core()
-        key = (kernel._version, kernel.data_ptr(), kernel.dtype, tuple(kernel.shape))
+        snap = self._rust_snapshot
         if self._rust_op is None or self._rust_op.dtype != kernel.detach().numpy().dtype:
             self._rust_op = core.BlockCirculant(
                 kernel.detach().contiguous().numpy(), self.in_features, self.out_features
             )
-        elif self._rust_key != key:
+            snap.take(kernel)
+        elif not snap.matches(kernel):
             self._rust_op.set_kernel(kernel.detach().contiguous().numpy())
-        self._rust_key = key
+            snap.take(kernel)
         return self._rust_op
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_rust_op"] = None
-        state["_rust_key"] = None
+        state["_rust_snapshot"] = _KernelSnapshot()
         state["_spectra"] = None
-        state["_spectra_key"] = None
+        state["_spectra_snapshot"] = _KernelSnapshot()
         return state
 
     # -- dense update, merge ------------------------------------------------------------
