@@ -49,8 +49,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "bca_adapter_dir_to_c3a",
     "bca_kernel_to_c3a",
+    "bca_model_to_c3a",
     "c3a_adapter_dir_to_bca",
     "c3a_kernel_to_bca",
+    "c3a_model_to_bca",
+    "patch_peft_c3a",
+    "unpatch_peft_c3a",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -61,6 +65,15 @@ BCA_SUFFIX = ".bca_kernel"
 MTS_PREFIX = "modules_to_save."
 
 ArrayT = TypeVar("ArrayT")
+
+# PEFT's init_weights -> bca's init name (metadata only: converted kernels carry values)
+_PEFT_INIT_TO_BCA = {
+    "True": "zeros",
+    "False": "xavier_uniform",
+    "xavier_uniform": "xavier_uniform",
+    "gaussian": "gaussian",
+    "kaiming_uniform": "kaiming",
+}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -261,14 +274,14 @@ def c3a_adapter_dir_to_bca(
     block_size = int(cfg.get("block_size") or sizes.most_common(1)[0][0])
     target = cfg.get("target_modules")
     targets = sorted(target) if isinstance(target, (list, set, tuple)) else sorted(modules)
-    init = cfg.get("init_weights", "xavier_uniform")
+    init = _PEFT_INIT_TO_BCA.get(str(cfg.get("init_weights", "xavier_uniform")), "zeros")
     bca_cfg = {
         "format": "bca",
         "format_version": 1,
         "block_size": block_size,
         "scale": 1.0,
         "target_modules": targets,
-        "init": "zeros" if init is True else ("xavier_uniform" if init is False else str(init)),
+        "init": init,
         "pad": False,
         "modules_to_save": sorted(used_mts),
         "base_model": {
@@ -412,3 +425,349 @@ def _float32() -> Any:
     import torch
 
     return torch.float32
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+def _c3a_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    from peft.tuners.c3a import C3ALinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, C3ALinear)]
+
+
+def _inner_model(peft_model: nn.Module) -> nn.Module:
+    """The user's model inside a PeftModel (``peft_model.base_model.model``)."""
+    tuner = getattr(peft_model, "base_model", None)
+    inner = getattr(tuner, "model", None)
+    if inner is None:
+        raise TypeError(
+            "peft_model must be a peft.PeftModel with C3A adapters, got "
+            f"{type(peft_model).__name__}"
+        )
+    return inner  # type: ignore[no-any-return]
+
+
+def _unwrap_peft(inner: nn.Module, adapter_name: str) -> tuple[nn.Module, list[str]]:
+    """Put the base layers back in place of C3A layers and the trained copies of
+    ``modules_to_save`` in place of their wrappers (PEFT 0.21's ``unload()`` fails on
+    ``modules_to_save`` modules without a ``weight``, e.g. RoBERTa's classification head)."""
+    from peft.tuners.c3a import C3ALinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    replace: list[tuple[str, nn.Module]] = []
+    mts: list[str] = []
+    skip: list[str] = []
+    for n, m in inner.named_modules():
+        if any(n.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(m, C3ALinear):
+            replace.append((n, m.get_base_layer()))
+            skip.append(n)
+        elif isinstance(m, ModulesToSaveWrapper):
+            trained = m.modules_to_save[adapter_name] if adapter_name in m.modules_to_save else None
+            replace.append((n, trained if trained is not None else m.original_module))
+            if trained is not None:
+                mts.append(n)
+            skip.append(n)
+        elif isinstance(m, BaseTunerLayer) or type(m).__name__.endswith("Wrapper"):
+            raise ValueError(
+                f"module {n!r} is a {type(m).__name__}; only C3A layers and modules_to_save "
+                "can be converted to bca"
+            )
+    for n, new in replace:
+        parent_name, _, child = n.rpartition(".")
+        parent = inner.get_submodule(parent_name) if parent_name else inner
+        setattr(parent, child, new)
+    if hasattr(inner, "peft_config"):
+        del inner.peft_config
+    return inner, mts
+
+
+def c3a_model_to_bca(
+    peft_model: nn.Module, *, adapter_name: str | None = None, backend: str = "auto"
+) -> nn.Module:
+    """Turn a ``PeftModel`` with C3A adapters into the base model with bca adapters.
+
+    Like PEFT's ``unload()``, this works **in place**: the PeftModel is taken apart and its
+    base model (the one given to ``get_peft_model``, with the trained ``modules_to_save``
+    copies put back) is returned with a :class:`bca.nn.BlockCirculantLinear` on every
+    C3A layer, holding the same ΔW at ``scale=1``. ``copy.deepcopy`` the PeftModel first
+    to keep it. Only ``adapter_name`` (default: the active adapter) is converted.
+    The result is frozen except kernels and ``modules_to_save``, and
+    ``bca.model.save_adapter`` can save it.
+    """
+    from bca.model import BCAConfig, inject_adapters
+    from bca.nn import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    inner = _inner_model(peft_model)
+    configs = getattr(peft_model, "peft_config", {})
+    name = adapter_name if adapter_name is not None else peft_model.active_adapter
+    if not isinstance(name, str) or name not in configs:
+        raise ValueError(f"adapter_name {name!r} not in the model's adapters {sorted(configs)}")
+    cfg = configs[name]
+    if str(getattr(cfg, "peft_type", "")).upper().rsplit(".", 1)[-1] != "C3A":
+        raise ValueError(f"adapter {name!r} is a {cfg.peft_type} adapter, not C3A")
+    if getattr(cfg, "bias", "none") != "none":
+        raise ValueError(
+            f"C3A adapter with bias={cfg.bias!r}: trained biases are not part of a bca adapter"
+        )
+    kernels: dict[str, torch.Tensor] = {}
+    for mod_name, layer in _c3a_layers(inner):
+        if name not in layer.c3a_kernel:
+            continue
+        if layer.merged:
+            raise ValueError(f"C3A layer {mod_name!r} is merged; call unmerge_adapter() first")
+        kernels[mod_name] = layer.c3a_kernel[name].detach().clone()
+    if not kernels:
+        raise ValueError(f"the model has no C3A layer for adapter {name!r}")
+    base, mts = _unwrap_peft(inner, name)
+
+    sizes = Counter(int(k.shape[-1]) for k in kernels.values())
+    default = sizes.most_common(1)[0][0]
+    config = BCAConfig(
+        block_size=default,
+        target_modules=sorted(kernels),
+        scale=1.0,
+        init="zeros",
+        pad=False,
+        backend=backend,
+        modules_to_save=mts,
+        block_size_pattern={
+            n: int(k.shape[-1]) for n, k in kernels.items() if k.shape[-1] != default
+        },
+    )
+    inject_adapters(base, config)
+    import torch
+
+    with torch.no_grad():
+        for mod_name, w in kernels.items():
+            layer = base.get_submodule(mod_name)
+            if layer.kernel_shape != tuple(w.shape):  # pragma: no cover - defensive
+                raise RuntimeError(
+                    f"{mod_name}: kernel shape {layer.kernel_shape} != {tuple(w.shape)}"
+                )
+            c = c3a_kernel_to_bca(w.double(), layer.in_features)
+            layer.bca_kernel.copy_(c.to(layer.bca_kernel.dtype))
+    return base
+
+
+def bca_model_to_c3a(
+    model: nn.Module, *, adapter_name: str = "default", task_type: str | None = None
+) -> Any:
+    """Turn a model with bca adapters into a ``peft.PeftModel`` with C3A adapters.
+
+    In place: each :class:`bca.nn.BlockCirculantLinear` is replaced by its base layer and
+    PEFT's ``get_peft_model`` wraps the model with C3A layers holding the same
+    ``scale · ΔW``; ``modules_to_save`` carry over (with their trained values). Raises
+    ``ValueError`` for padded adapters, Conv1D targets and merged adapters, which PEFT's
+    C3A cannot hold. ``task_type`` (e.g. ``"SEQ_CLS"``) selects the PeftModel subclass.
+    """
+    import peft
+    import torch
+
+    from bca.model import adapter_modules
+
+    modules = dict(adapter_modules(model))
+    if not modules:
+        raise ValueError("model has no bca adapters")
+    problems = []
+    for n, m in modules.items():
+        if m.merged:
+            problems.append(f"module {n!r} is merged; unmerge it first")
+            continue
+        msg = _c3a_refusal(
+            n,
+            {
+                "block_size": m.block_size,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "is_conv1d": m.is_conv1d,
+            },
+        )
+        if msg is not None:
+            problems.append(msg)
+    if problems:
+        raise ValueError("cannot convert to PEFT C3A: " + "; ".join(problems))
+    bca_cfg = getattr(model, "bca_config", None)
+    mts = list(getattr(bca_cfg, "modules_to_save", []) or [])
+    kernels = {
+        n: bca_kernel_to_c3a(m.bca_kernel.detach().double(), m.in_features, m.scale).float()
+        for n, m in modules.items()
+    }
+    info = {
+        n: {
+            "block_size": m.block_size,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+        }
+        for n, m in modules.items()
+    }
+    for n, m in modules.items():
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.base_layer)
+    if hasattr(model, "bca_config"):
+        del model.bca_config
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = _c3a_config_dict(
+        info, getattr(bca_cfg, "block_size", None), mts, name_or_path, task_type
+    )
+    pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    inner = _inner_model(pm)
+    with torch.no_grad():
+        for n, w in kernels.items():
+            layer = inner.get_submodule(n)
+            k = layer.c3a_kernel[adapter_name]
+            if tuple(k.shape) != tuple(w.shape):
+                raise RuntimeError(
+                    f"PEFT built a {tuple(k.shape)} kernel for {n!r}, expected {tuple(w.shape)}"
+                )
+            k.copy_(w.to(device=k.device, dtype=k.dtype))
+    return pm
+
+
+# --------------------------------------------------------------------------- PEFT patch
+
+
+class _CoreBlockCirculant:
+    """ΔW x through bca's Rust core (bca.core.BlockCirculant), as a torch autograd op."""
+
+    @staticmethod
+    def apply(x: torch.Tensor, kernel: torch.Tensor, out_features: int) -> torch.Tensor:
+        return _core_function().apply(x, kernel, out_features)  # type: ignore[no-any-return]
+
+
+_CORE_FN: Any = None
+
+
+def _core_function() -> Any:
+    global _CORE_FN
+    if _CORE_FN is not None:
+        return _CORE_FN
+    import torch
+
+    from bca.core import BlockCirculant
+
+    class CoreBlockCirculant(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, kernel: torch.Tensor, out_features: int) -> Any:
+            op = BlockCirculant(kernel.detach().contiguous().numpy(), x.shape[-1], out_features)
+            ctx.op = op
+            ctx.save_for_backward(x)
+            return torch.from_numpy(op.matmul(x.detach().contiguous().numpy()))
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
+            (x,) = ctx.saved_tensors
+            need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+            if not (need_x or need_k):
+                return None, None, None
+            gx, gk = ctx.op.backward(
+                x.detach().contiguous().numpy() if need_k else None,
+                grad_output.detach().to(x.dtype).contiguous().numpy(),
+                input_grad=need_x,
+                kernel_grad=need_k,
+            )
+            return (
+                torch.from_numpy(gx) if gx is not None else None,
+                torch.from_numpy(gk) if gk is not None else None,
+                None,
+            )
+
+    _CORE_FN = CoreBlockCirculant
+    return _CORE_FN
+
+
+def _torch_block_circulant(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """ΔW x with torch.fft real transforms (autograd through torch.fft; any device)."""
+    import torch
+
+    q_out, q_in, p = kernel.shape
+    xs = torch.fft.rfft(x.reshape(x.shape[0], q_in, p), dim=-1)  # (N, q_in, F)
+    ks = torch.fft.rfft(kernel, dim=-1)  # (q_out, q_in, F)
+    ys = torch.einsum("njf,ijf->nif", xs, ks)
+    return torch.fft.irfft(ys, n=p, dim=-1).reshape(x.shape[0], q_out * p)
+
+
+def _bca_delta(layer: Any, x: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
+    import torch
+
+    from bca.nn import rust_available
+
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x2 = x.reshape(-1, layer.in_features).to(cdtype)
+    c = c3a_kernel_to_bca(w.to(cdtype), layer.in_features)  # differentiable in w
+    use_rust = backend == "rust" or (
+        backend == "auto"
+        and x2.device.type == "cpu"
+        and c.device.type == "cpu"
+        and rust_available()
+    )
+    if use_rust:
+        y = _CoreBlockCirculant.apply(x2, c, layer.out_features)
+    else:
+        y = _torch_block_circulant(x2, c)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def _patched_c3a_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    previous_dtype = x.dtype
+    if self.disable_adapters:
+        if self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+    elif self.merged:
+        result = self.base_layer(x, *args, **kwargs)
+    else:
+        result = self.base_layer(x, *args, **kwargs)
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.c3a_kernel.keys():
+                continue
+            delta = _bca_delta(self, x, self.c3a_kernel[active_adapter], self._bca_backend)
+            result = result + delta.to(result.dtype)
+    return result.to(previous_dtype)  # type: ignore[no-any-return]
+
+
+def patch_peft_c3a(peft_model: nn.Module, *, backend: str = "auto") -> int:
+    """Run every C3A layer of a PEFT model through bca, keeping PEFT's parameters.
+
+    The PEFT workflow stays as it is (``get_peft_model``, training, ``save_pretrained``,
+    ``merge_and_unload``; the ``c3a_kernel`` parameters are unchanged); only each
+    ``C3ALinear``'s forward is replaced by one that maps the kernel to bca's convention
+    (differentiably) and applies it with bca's Rust core (``backend="rust"``, CPU) or real
+    FFTs in torch (``"torch"``, any device); ``"auto"`` picks Rust on CPU. Gradients then
+    match the dense oracle, unlike PEFT 0.21's own C3A backward (wrong input gradient).
+    Several active adapters each see the layer input (PEFT 0.21 feeds the second adapter
+    the first one's output). Returns the number of layers patched; undo with
+    :func:`unpatch_peft_c3a`.
+    """
+    from bca.nn import BACKENDS, rust_available
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "rust" and not rust_available():
+        raise RuntimeError("backend='rust' needs the compiled extension bca._bca")
+    import types
+
+    layers = _c3a_layers(peft_model)
+    if not layers:
+        raise ValueError(f"{type(peft_model).__name__} has no PEFT C3A layers to patch")
+    for _, layer in layers:
+        layer._bca_backend = backend
+        layer.forward = types.MethodType(_patched_c3a_forward, layer)
+    return len(layers)
+
+
+def unpatch_peft_c3a(peft_model: nn.Module) -> int:
+    """Restore PEFT's own C3A forward on layers patched by :func:`patch_peft_c3a`."""
+    n = 0
+    for _, layer in _c3a_layers(peft_model):
+        if "forward" in layer.__dict__:
+            del layer.forward
+            n += 1
+        layer.__dict__.pop("_bca_backend", None)
+    return n
