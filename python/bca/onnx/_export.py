@@ -1,0 +1,401 @@
+"""Export an adapted torch model to ONNX: base graph from torch's exporter, adapters
+spliced in as DFT/MatMul subgraphs (or folded into the base weights)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ._builder import MIN_OPSET
+from ._io import save_checked
+from ._patch import add_adapters
+from ._splice import (
+    AdapterSpec,
+    TargetNotFoundError,
+    find_linear_sites,
+    match_by_values,
+    replace_initializer,
+)
+
+__all__ = ["export_model", "MODES", "DEFAULT_OPSET"]
+
+MODES = ("auto", "dft", "matmul", "folded")
+"""``mode`` values of :func:`export_model`."""
+
+DEFAULT_OPSET = 17
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a dependency of bca[torch]
+        raise ImportError("export_model needs torch: pip install 'bca[torch,onnx]'") from e
+    return torch
+
+
+def _adapter_modules(model: Any) -> list[tuple[str, Any]]:
+    from ..nn import BlockCirculantLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BlockCirculantLinear)]
+
+
+def _flatten_outputs(out: Any) -> tuple[list[str], tuple[Any, ...]]:
+    torch = _torch()
+    if isinstance(out, torch.Tensor):
+        return ["output"], (out,)
+    if isinstance(out, Mapping):  # dict, transformers ModelOutput
+        items = [(k, v) for k, v in out.items() if isinstance(v, torch.Tensor)]
+        return [k for k, _ in items], tuple(v for _, v in items)
+    if isinstance(out, (tuple, list)):
+        vals = [v for v in out if isinstance(v, torch.Tensor)]
+        return [f"output_{i}" for i in range(len(vals))], tuple(vals)
+    raise TypeError(f"model output of type {type(out).__name__} cannot be exported")
+
+
+def _make_wrapper(model: Any, names: list[str], as_kwargs: bool) -> Any:
+    torch = _torch()
+
+    class _ExportWrapper(torch.nn.Module):
+        """Positional tensors in, a flat tuple of tensors out."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: Any) -> tuple[Any, ...]:
+            out = (
+                self.model(**dict(zip(names, args, strict=True)))
+                if as_kwargs
+                else self.model(*args)
+            )
+            return _flatten_outputs(out)[1]
+
+    return _ExportWrapper()
+
+
+def _default_dynamic_axes(
+    names: Sequence[str], tensors: Sequence[Any]
+) -> dict[str, dict[int, str]]:
+    """Integer inputs (ids, masks): dims 0 and 1 are batch and sequence; float inputs:
+    every dim but the last (the features) is dynamic."""
+    torch = _torch()
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in zip(names, tensors, strict=True):
+        if t.dim() == 0:
+            continue
+        if t.dtype in (torch.int64, torch.int32, torch.bool, torch.int8, torch.uint8):
+            dims = list(range(min(t.dim(), 2)))
+        else:
+            dims = list(range(t.dim() - 1))
+        labels = ["batch", "sequence"] + [f"dim{i}" for i in range(2, 8)]
+        if dims:
+            axes[name] = {d: labels[d] for d in dims}
+    return axes
+
+
+@contextlib.contextmanager
+def _export_state(
+    modules: list[tuple[str, Any]], folded: bool, seed: int = 0x6BCA
+) -> Iterator[dict[str, Any]]:
+    """Inside: adapters merged (folded) or disabled and each target's base weight
+    replaced by a unique random tag (so its initializer can be found exactly after
+    export). Everything is restored on exit."""
+    torch = _torch()
+    tags: dict[str, Any] = {}
+    saved: list[tuple[Any, Any, bool]] = []
+    merged: list[Any] = []
+    try:
+        with torch.no_grad():
+            for k, (name, m) in enumerate(modules):
+                if folded:
+                    m.merge(exact_unmerge=True)
+                    merged.append(m)
+                    continue
+                w = m.base_layer.weight
+                gen = torch.Generator().manual_seed(seed + k)
+                tag = torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w.dtype)
+                saved.append((m, w.detach().clone(), bool(m.adapter_enabled)))
+                w.copy_(tag.to(w.device))
+                m.adapter_enabled = False
+                tags[name] = tag
+        yield tags
+    finally:
+        with torch.no_grad():
+            for m, w0, enabled in saved:
+                m.base_layer.weight.copy_(w0)
+                m.adapter_enabled = enabled
+            for m in merged:
+                m.unmerge()
+
+
+def _out_in(w: Any, is_conv1d: bool) -> np.ndarray:
+    a = w.detach().to("cpu").numpy()
+    return np.ascontiguousarray(a.T if is_conv1d else a)
+
+
+def _run_torch_export(
+    wrapper: Any,
+    args: tuple[Any, ...],
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int,
+    exporter: str,
+) -> str:
+    torch = _torch()
+    errors: list[str] = []
+    order = ["legacy", "dynamo"] if exporter == "auto" else [exporter]
+    for kind in order:
+        extra: dict[str, Any] = {}
+        if kind == "legacy":
+            extra = {"do_constant_folding": True, "dynamic_axes": dynamic_axes}
+        else:  # dynamo wants dynamic_shapes; *args of the wrapper take a tuple
+            dim = torch.export.Dim.AUTO
+            extra = {
+                "dynamic_shapes": (
+                    tuple({d: dim for d in dynamic_axes.get(n, {})} or None for n in input_names),
+                )
+            }
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with (
+                    open(os.devnull, "w") as null,
+                    contextlib.redirect_stdout(null),
+                    contextlib.redirect_stderr(null),
+                ):
+                    torch.onnx.export(
+                        wrapper,
+                        args,
+                        str(path),
+                        input_names=input_names,
+                        output_names=output_names,
+                        opset_version=opset,
+                        dynamo=(kind == "dynamo"),
+                        external_data=True,
+                        **extra,
+                    )
+            return kind
+        except Exception as e:  # torch raises many exception types here
+            errors.append(f"{kind}: {type(e).__name__}: {str(e)[:600]}")
+    raise RuntimeError("torch.onnx.export failed for the base model:\n" + "\n".join(errors))
+
+
+def export_model(
+    model: Any,
+    path: str | os.PathLike[str],
+    example_inputs: Any,
+    *,
+    mode: str = "auto",
+    opset: int = DEFAULT_OPSET,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    exporter: str = "auto",
+    verify: bool = True,
+    verify_tolerance: float = 1e-4,
+    external_data: bool | None = None,
+    progress: bool = True,
+) -> Path:
+    """Export a torch model with bca adapters to ONNX.
+
+    Args:
+        model: a module containing :class:`bca.nn.BlockCirculantLinear` layers (from
+            :func:`bca.model.inject_adapters` / ``load_adapter``), unmerged.
+        path: output ``.onnx`` file.
+        example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword
+            tensors (``{"input_ids": ..., "attention_mask": ...}``, the usual form for
+            transformers models; keys become the ONNX input names). Give realistic
+            inputs: torch's tracer may specialise on them (e.g. an all-ones attention
+            mask lets transformers drop the mask from the traced graph).
+        mode: ``"dft"`` (ONNX DFT op), ``"matmul"`` (constant DFT matrices), ``"auto"``
+            (per layer, see :func:`choose_lowering`): ``y = base(x) + adapter(x)`` with
+            the base weights untouched and the kernel spectra stored as initializers;
+            ``"folded"``: ``W + scale ΔW`` merged into the base weights (no runtime
+            overhead, no separate adapter).
+        opset: default-domain opset (>= 17 for ``"dft"``; 17 and 20+ tested).
+        input_names / output_names: ONNX names (defaults: dict keys or ``input_<i>``;
+            output dict keys or ``output_<i>``).
+        dynamic_axes: as in ``torch.onnx.export``; default: dims 0, 1 (batch,
+            sequence) of integer inputs and all but the last dim of float inputs.
+        exporter: ``"legacy"`` (TorchScript-based ``torch.onnx.export(dynamo=False)``),
+            ``"dynamo"``, or ``"auto"`` (legacy, then dynamo if it fails).
+        verify: run the exported model in onnxruntime on ``example_inputs`` and compare
+            each output with torch's (norm-relative error <= ``verify_tolerance``);
+            raises ``RuntimeError`` on a mismatch.
+        external_data: as in :func:`patch_model`.
+        progress: show progress (tqdm).
+
+    Returns the path written. The model is left as it was (weights, merge state).
+    """
+    torch = _torch()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if exporter not in ("auto", "legacy", "dynamo"):
+        raise ValueError(f"exporter must be 'auto', 'legacy' or 'dynamo', got {exporter!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"opset must be an int, got {type(opset).__name__}")
+    need = MIN_OPSET["dft"] if mode == "dft" else 13
+    if opset < need:
+        raise ValueError(f"opset {opset} is too old for mode={mode!r}: it needs opset >= {need}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = _adapter_modules(model)
+    if not modules:
+        raise ValueError(
+            "model has no bca adapters (BlockCirculantLinear layers); use torch.onnx.export "
+            "for a plain model"
+        )
+    for name, m in modules:
+        if m.merged:
+            raise ValueError(
+                f"adapter {name!r} is merged into its base weight; unmerge it first "
+                "(mode='folded' exports merged weights by itself)"
+            )
+
+    as_kwargs = isinstance(example_inputs, Mapping)
+    if as_kwargs:
+        arg_names = list(example_inputs.keys())
+        args = tuple(example_inputs.values())
+    elif isinstance(example_inputs, torch.Tensor):
+        arg_names, args = ["input"], (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+        arg_names = [f"input_{i}" for i in range(len(args))]
+    else:
+        raise TypeError(
+            "example_inputs must be a tensor, a tuple of tensors or a dict of tensors, got "
+            f"{type(example_inputs).__name__}"
+        )
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("example_inputs must hold tensors only")
+    in_names = list(input_names) if input_names is not None else arg_names
+    if len(in_names) != len(args):
+        raise ValueError(f"input_names has {len(in_names)} names for {len(args)} inputs")
+    axes = (
+        {k: dict(v) for k, v in dynamic_axes.items()}
+        if dynamic_axes is not None
+        else _default_dynamic_axes(in_names, args)
+    )
+
+    was_training = model.training
+    model.eval()
+    steps = ["export base", "locate layers", "splice adapters", "save + check", "verify"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(steps), desc="bca export", unit="step")
+
+    def step(label: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+    try:
+        with torch.no_grad():
+            reference = (
+                model(**dict(zip(arg_names, args, strict=True))) if as_kwargs else model(*args)
+            )
+        ref_names, ref_out = _flatten_outputs(reference)
+        out_names = list(output_names) if output_names is not None else ref_names
+        if len(out_names) != len(ref_out):
+            raise ValueError(f"output_names has {len(out_names)} names for {len(ref_out)} outputs")
+        wrapper = _make_wrapper(model, arg_names, as_kwargs)
+        folded = mode == "folded"
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp) / "base.onnx"
+            with _export_state(modules, folded) as tags:
+                _run_torch_export(
+                    wrapper,
+                    args,
+                    tmp_path,
+                    input_names=in_names,
+                    output_names=out_names,
+                    dynamic_axes=axes,
+                    opset=opset,
+                    exporter=exporter,
+                )
+            onnx_model = onnx.load(str(tmp_path))
+        step("locate")
+        if not folded:
+            sites = find_linear_sites(onnx_model)
+            specs: list[AdapterSpec] = []
+            targets: dict[str, str] = {}
+            for name, m in modules:
+                found = match_by_values(onnx_model, sites, _out_in(tags[name], m.is_conv1d))
+                if len(found) != 1:
+                    raise TargetNotFoundError(
+                        f"could not locate the MatMul/Gemm of adapted layer {name!r} in the "
+                        f"exported graph ({len(found)} candidates); try exporter='legacy' or "
+                        "'dynamo', or mode='folded'"
+                    )
+                site = found[0]
+                w = _out_in(m.base_layer.weight, m.is_conv1d)
+                replace_initializer(onnx_model, site.weight_name, w.T if site.weight_in_out else w)
+                targets[name] = site.weight_name
+                specs.append(
+                    AdapterSpec(
+                        name,
+                        m.bca_kernel.detach().to("cpu").numpy(),
+                        m.in_features,
+                        m.out_features,
+                        float(m.scale),
+                    )
+                )
+            step("splice")
+            add_adapters(onnx_model, specs, lowering=mode, targets=targets, progress=progress)
+        else:
+            step("splice")
+        onnx_model.producer_name = "bca"
+        out = save_checked(onnx_model, path, external_data=external_data)
+        step("save")
+        if verify:
+            _verify(out, in_names, args, out_names, ref_out, verify_tolerance)
+        step("verify")
+        return out
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+
+
+def _verify(
+    path: Path,
+    in_names: list[str],
+    args: tuple[Any, ...],
+    out_names: list[str],
+    ref_out: tuple[Any, ...],
+    tol: float,
+) -> None:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    present = {i.name for i in sess.get_inputs()}
+    feed = {
+        n: a.detach().cpu().numpy() for n, a in zip(in_names, args, strict=True) if n in present
+    }
+    got = sess.run(out_names, feed)
+    for name, g, r in zip(out_names, got, ref_out, strict=True):
+        want = r.detach().to("cpu").double().numpy()
+        den = max(float(np.linalg.norm(want)), 1e-30)
+        err = float(np.linalg.norm(np.asarray(g, np.float64) - want)) / den
+        if not np.isfinite(err) or err > tol:
+            raise RuntimeError(
+                f"exported model's output {name!r} differs from torch's: norm-relative error "
+                f"{err:.3g} > {tol:g} (file kept at {str(path)!r}). The base exporter may have "
+                "specialised the graph on example_inputs; try other example inputs or "
+                "exporter='dynamo'"
+            )

@@ -1,0 +1,192 @@
+"""Patch an existing ONNX model of the base model with saved bca adapters (no torch)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ._builder import LOWERINGS, check_opset
+from ._io import SavedAdapter, load_onnx, read_adapter, save_checked
+from ._lowering import choose_lowering
+from ._splice import (
+    AdapterSpec,
+    TargetNotFoundError,
+    find_linear_sites,
+    graph_opset,
+    replace_initializer,
+    resolve_targets,
+    splice_adapters,
+    unique_prefixes,
+)
+
+__all__ = ["patch_model", "add_adapters"]
+
+
+def add_adapters(
+    model: onnx.ModelProto,
+    specs: Sequence[AdapterSpec],
+    *,
+    lowering: str = "auto",
+    targets: Mapping[str, str] | None = None,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+    progress: bool = False,
+    tag: str = "",
+) -> dict[str, str]:
+    """Splice adapters into ``model`` in place; return ``{module: matched node name}``.
+
+    ``lowering`` is ``"dft"``, ``"matmul"`` or ``"auto"`` (chosen per adapter by
+    :func:`bca.onnx.choose_lowering`). Targets are located by ``targets`` (module ->
+    node or initializer name), else by ``base_weights`` (module -> ``(out, in)`` base
+    weight, compared exactly), else by name (see :func:`bca.onnx.match_by_name`).
+    """
+    if lowering != "auto" and lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be 'auto' or one of {LOWERINGS}, got {lowering!r}")
+    opset = graph_opset(model)
+    specs = list(specs)
+    sites = resolve_targets(model, specs, targets=targets, base_weights=base_weights)
+    by_lowering: dict[str, list[tuple[int, str]]] = {}
+    for i, (spec, site) in enumerate(zip(specs, sites, strict=True)):
+        low = lowering
+        if low == "auto":
+            low = choose_lowering(
+                spec.kernel.shape[-1],
+                spec.in_features,
+                spec.out_features,
+                opset=opset,
+                dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(site.elem_type)),
+            )
+        check_opset(opset, low)
+        by_lowering.setdefault(low, []).append((i, low))
+    for low, items in by_lowering.items():
+        pairs = [(sites[i], specs[i]) for i, _ in items]
+        prefixes = unique_prefixes(model, [f"{tag}{specs[i].name}" for i, _ in items])
+        splice_adapters(model, pairs, lowering=low, prefixes=prefixes, progress=progress)
+    return {
+        spec.name: site.node.name or site.output_name
+        for spec, site in zip(specs, sites, strict=True)
+    }
+
+
+def _apply_modules_to_save(
+    model: onnx.ModelProto,
+    adapter: SavedAdapter,
+    base_weights: Mapping[str, np.ndarray] | None,
+) -> list[str]:
+    """Write fully trained parameters (``modules_to_save``) into matching initializers."""
+    if not adapter.modules_to_save:
+        return []
+    inits = {t.name: t for t in model.graph.initializer}
+    sites = find_linear_sites(model)
+    done: list[str] = []
+    for pname, value in adapter.modules_to_save.items():
+        segs = pname.split(".")
+        hits = [n for n in inits if n == pname or n.endswith("." + pname)]
+        if len(hits) == 1:
+            t = inits[hits[0]]
+            shape = tuple(t.dims)
+            if shape == value.shape:
+                replace_initializer(model, hits[0], value)
+            elif value.ndim == 2 and shape == value.shape[::-1]:
+                replace_initializer(model, hits[0], value.T)
+            else:
+                raise ValueError(
+                    f"modules_to_save parameter {pname!r} has shape {value.shape}, initializer "
+                    f"{hits[0]!r} has {shape}"
+                )
+            done.append(pname)
+            continue
+        if len(hits) > 1:
+            raise ValueError(
+                f"modules_to_save parameter {pname!r} matches several initializers: {hits}"
+            )
+        # an anonymous (transposed) weight of a linear layer: locate it like a target
+        module = ".".join(segs[:-1])
+        if segs[-1] == "weight" and value.ndim == 2:
+            cand = []
+            if base_weights is not None and module in base_weights:
+                from ._splice import match_by_values
+
+                cand = match_by_values(model, sites, base_weights[module])
+            else:
+                from ._splice import match_by_name
+
+                cand = match_by_name(module, sites, value.shape[1], value.shape[0])
+            if len(cand) == 1:
+                s = cand[0]
+                replace_initializer(model, s.weight_name, value.T if s.weight_in_out else value)
+                done.append(pname)
+                continue
+        raise TargetNotFoundError(
+            f"the adapter's fully trained parameter {pname!r} (modules_to_save) has no "
+            "matching initializer in the ONNX graph; export the base model with parameter "
+            "names kept, or pass base_weights"
+        )
+    return done
+
+
+def patch_model(
+    base_onnx_path: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out_path: str | os.PathLike[str],
+    *,
+    lowering: str = "auto",
+    targets: Mapping[str, str] | Sequence[Mapping[str, str] | None] | None = None,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+    external_data: bool | None = None,
+    progress: bool = True,
+) -> Path:
+    """Add saved bca adapters to an existing ONNX model of the base model.
+
+    Args:
+        base_onnx_path: the base model's ``.onnx`` file (any exporter; opset >= 17 for the
+            ``"dft"`` lowering, >= 13 for ``"matmul"``).
+        adapter_dir: a directory written by :func:`bca.model.save_adapter`, or a list of
+            them: several adapters go into one graph (adapters on the same layer add up).
+        out_path: where to write the adapted model (checked with ``onnx.checker``).
+        lowering: ``"auto"`` (default, chosen per layer from measurements), ``"dft"`` or
+            ``"matmul"``.
+        targets: ``{module name: ONNX node name or weight initializer name}`` overriding
+            the automatic matching (one mapping, or one per adapter directory).
+        base_weights: ``{module name: weight (out, in) as numpy}`` of the base model; with
+            it, targets are matched by exact weight values (robust to anonymous
+            initializer names such as ``onnx::MatMul_123``).
+        external_data: force (True) or forbid (False) external tensor data; default: only
+            for models of 2 GB or more.
+        progress: show a tqdm progress bar.
+
+    Returns the output path. Raises :class:`TargetNotFoundError` or
+    :class:`AmbiguousTargetError` (both ``ValueError``) naming the module and the
+    candidate nodes when a target cannot be located unambiguously, ``ValueError`` for a
+    malformed adapter or an opset too old, ``FileNotFoundError`` for missing files.
+    """
+    dirs = [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir)
+    if not dirs:
+        raise ValueError("adapter_dir must name at least one adapter directory")
+    if targets is None or isinstance(targets, Mapping):
+        target_list: list[Mapping[str, str] | None] = [targets] * len(dirs)
+    else:
+        target_list = list(targets)
+        if len(target_list) != len(dirs):
+            raise ValueError(
+                f"targets has {len(target_list)} entries for {len(dirs)} adapter directories"
+            )
+    adapters = [read_adapter(d) for d in dirs]  # validate all before the (slow) load
+    model = load_onnx(base_onnx_path)
+    if lowering != "auto":
+        check_opset(graph_opset(model), lowering)
+    for k, (adapter, tg) in enumerate(zip(adapters, target_list, strict=True)):
+        add_adapters(
+            model,
+            adapter.specs,
+            lowering=lowering,
+            targets=tg,
+            base_weights=base_weights,
+            progress=progress,
+            tag=f"a{k}/" if len(adapters) > 1 else "",
+        )
+        _apply_modules_to_save(model, adapter, base_weights)
+    return save_checked(model, out_path, external_data=external_data)
