@@ -316,7 +316,9 @@ def build_adapter_subgraph(
         y2 = b.op("Slice", [y2, b.ints("s", [0]), b.ints("e", [d_out]), b.ints("a", [1])], "y_cut")
     if dt == np.float16:
         y2 = b.op("Cast", [y2], "y_f16", to=TensorProto.FLOAT16)
-    b.op("Reshape", [y2, output_shape], output=output_name)
+    # allowzero=1: a 0 in the (runtime) shape is an empty axis, not "copy this dim"
+    zero = {"allowzero": 1} if opset >= 14 else {}
+    b.op("Reshape", [y2, output_shape], output=output_name, **zero)
     return AdapterSubgraph(
         nodes=b.nodes,
         initializers=b.inits,
