@@ -359,8 +359,12 @@ def test_load_refuses_mismatched_model(tmp_path: Path) -> None:
         match=r"bert\.encoder\.layer\.0\.attention\.self\.query.*in_features=32.*in_features=48",
     ):
         load_adapter(wider, tmp_path)
-    with pytest.raises(ValueError, match="not found"):
-        load_adapter(tiny_gpt2(), tmp_path)
+    gpt2 = tiny_gpt2()
+    with (
+        pytest.warns(UserWarning, match="GPT2LMHeadModel"),
+        pytest.raises(ValueError, match="not found"),
+    ):
+        load_adapter(gpt2, tmp_path)
     other = tiny_bert()
     inject_adapters(other, BCAConfig(block_size=8, target_modules=["query"]))
     with pytest.raises(ValueError, match="differ"):

@@ -218,15 +218,14 @@ class _TorchBlockCirculant(torch.autograd.Function):
             spectra = _kernel_spectra(kernel)
         xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
         ys = torch.matmul(xs, spectra)  # (F, N, q_out)
-        ctx.save_for_backward(x, kernel)
-        ctx.spectra = spectra  # parameter-sized; activations are recomputed in backward
+        # the kernel spectra are parameter-sized; the input spectra are recomputed in backward
+        ctx.save_for_backward(x, kernel, spectra)
         ctx.features = (in_features, out_features)
         return _inverse_blocks(ys, p, out_features)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, kernel = ctx.saved_tensors
-        spectra: torch.Tensor = ctx.spectra
+        x, kernel, spectra = ctx.saved_tensors
         in_features, out_features = ctx.features
         q_out, q_in, p = kernel.shape
         gs = _block_spectra(grad_output.to(x.dtype), q_out, p)  # (F, N, q_out)
