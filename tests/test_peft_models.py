@@ -238,3 +238,37 @@ def test_patch_errors() -> None:
         patch_peft_c3a(tiny_classifier())
     with pytest.raises(ValueError, match="backend"):
         patch_peft_c3a(peft_c3a(), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_patch_and_convert() -> None:
+    dev = torch.device("cuda")
+    labels = torch.tensor([0, 2, 1], device=dev)
+    pm = peft_c3a().to(dev)
+    with torch.no_grad():
+        want = pm(input_ids=ids().to(dev)).logits
+    patch_peft_c3a(pm)  # "auto" -> torch.fft on CUDA
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids().to(dev)).logits, want, rtol=1e-4, atol=1e-5)
+    pm.zero_grad()
+    pm(input_ids=ids().to(dev), labels=labels).loss.backward()
+    patched = {n: p.grad.clone() for n, p in pm.named_parameters() if "c3a_kernel" in n}
+
+    model = c3a_model_to_bca(copy.deepcopy(pm))
+    assert all(m.bca_kernel.is_cuda for _, m in adapter_modules(model))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids().to(dev)).logits, want, rtol=1e-4, atol=1e-5
+        )
+    model.zero_grad()
+    model(input_ids=ids().to(dev), labels=labels).loss.backward()
+    for name, g in patched.items():
+        layer = model.get_submodule(
+            name.removeprefix("base_model.model.").removesuffix(".c3a_kernel.default")
+        )
+        g_ref = c3a_kernel_to_bca(layer.bca_kernel.grad, layer.in_features)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+    back = bca_model_to_c3a(model, task_type="SEQ_CLS").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids().to(dev)).logits, want, rtol=1e-4, atol=1e-5)
