@@ -215,3 +215,24 @@ def test_report_serialises() -> None:
     md = rep.to_markdown()
     assert "| bca p=16 | 1,024 |" in md and "| lora r=2 | 1,024 |" in md
     assert '"method": "lora"' in rep.to_json()
+
+
+@pytest.mark.parametrize(
+    "make,targets,p",
+    [
+        (tiny_roberta, ["query", "value"], 16),
+        (tiny_roberta, ["query", "value", "intermediate.dense", "output.dense"], 24),  # padded
+        (tiny_llama, ["q_proj", "v_proj", "up_proj", "down_proj"], 48),  # 160 padded at 48
+        (tiny_gpt2, ["c_attn", "c_fc"], 32),  # Conv1D, 48 and 144 padded at 32
+    ],
+)
+def test_bca_parameters_match_injected_kernels(make, targets, p: int) -> None:
+    from bca.model import BCAConfig, count_parameters, inject_adapters
+
+    model = make()
+    want = cost_report(model, targets, [Method("bca", block_size=p)]).methods[0].params
+    inject_adapters(model, BCAConfig(block_size=p, target_modules=targets))
+    assert count_parameters(model).trainable == want
+    # the accounting also reads an already adapted model (through each base layer)
+    again = cost_report(model, targets, [Method("bca", block_size=p)]).methods[0].params
+    assert again == want
