@@ -234,6 +234,7 @@ def build_adapter_subgraph(
     prefix: str = "bca",
     dtype: np.dtype | type | str = np.float32,
     output_shape: str | None = None,
+    shared: set[str] | None = None,
 ) -> AdapterSubgraph:
     """Build the nodes and initializers computing ``output = scale * ΔW @ input``.
 
@@ -255,6 +256,10 @@ def build_adapter_subgraph(
         output_shape: optional name of a tensor holding the output's shape (e.g.
             ``Shape`` of the base layer's output); saves two ops. Default: computed from
             ``input``'s shape.
+        shared: names of shared constants already in the target graph. The MatMul
+            lowering's DFT matrices depend only on ``p`` and the dtype, so they are named
+            ``bca/shared/rdft_<p>_<dtype>`` and emitted only when not in ``shared``
+            (which is then updated): one pair per block size per graph.
     """
     check_opset(opset, lowering)
     k, d_in, d_out = _check_kernel(kernel, in_features, out_features)
@@ -288,9 +293,16 @@ def build_adapter_subgraph(
         xb = b.op("Reshape", [x2, b.ints("shape", [-1, q_in, p, 1])], "x_blocks")
         spec = b.dft(xb, axis=2, onesided=1)  # (N, q_in, F, 2)
     else:
-        fwd, inv = _dft_matrices(p)
+        fwd_name = f"bca/shared/rdft_{p}_{cdt.name}"
+        inv_name = f"bca/shared/irdft_{p}_{cdt.name}"
+        if shared is None or fwd_name not in shared:
+            fwd, inv = _dft_matrices(p)
+            b.inits.append(numpy_helper.from_array(fwd.astype(cdt), fwd_name))
+            b.inits.append(numpy_helper.from_array(inv.astype(cdt), inv_name))
+            if shared is not None:
+                shared.update((fwd_name, inv_name))
         xb = b.op("Reshape", [x2, b.ints("shape", [-1, q_in, p])], "x_blocks")
-        spec = b.op("MatMul", [xb, b.const("rdft", fwd.astype(cdt))], "x_spec")  # (N,q_in,2F)
+        spec = b.op("MatMul", [xb, fwd_name], "x_spec")  # (N,q_in,2F)
         spec = b.op("Reshape", [spec, b.ints("shape", [-1, q_in, n_freq, 2])], "x_spec4")
 
     # per-frequency complex product: (N, q_in, F, 2) -> (F, N, 2 q_in) @ G -> (F, N, 2 q_out)
@@ -310,7 +322,7 @@ def build_adapter_subgraph(
         y2 = b.op("Reshape", [yr, b.ints("shape", [-1, q_out * p])], "y2d")
     else:
         ys = b.op("Reshape", [ys, b.ints("shape", [-1, q_out, 2 * n_freq])], "y_spec3")
-        yb = b.op("MatMul", [ys, b.const("irdft", inv.astype(cdt))], "y_blocks")  # (N,q_out,p)
+        yb = b.op("MatMul", [ys, inv_name], "y_blocks")  # (N,q_out,p)
         y2 = b.op("Reshape", [yb, b.ints("shape", [-1, q_out * p])], "y2d")
     if q_out * p != d_out:
         y2 = b.op("Slice", [y2, b.ints("s", [0]), b.ints("e", [d_out]), b.ints("a", [1])], "y_cut")

@@ -265,6 +265,7 @@ def splice_adapters(
     graph = model.graph
     after: dict[str, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
+    shared = {t.name for t in graph.initializer if t.name.startswith("bca/shared/")}
     nodes_by_output = {n.output[0]: n for n in graph.node if n.output}
     original_outputs = [n.output[0] if n.output else "" for n in graph.node]
     it: Iterable[tuple[tuple[LinearSite, AdapterSpec], str]] = zip(pairs, prefixes, strict=True)
@@ -303,6 +304,7 @@ def splice_adapters(
             prefix=prefix,
             dtype=dtype,
             output_shape=shape_name,
+            shared=shared,
         )
         anchor = site.output_name
         chain = [
