@@ -220,7 +220,7 @@ def test_patch_peft_c3a_trains_and_saves(tmp_path: Path) -> None:
         loss = pm(input_ids=ids(), labels=labels).loss
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0]
     pm.eval()
     with torch.no_grad():

@@ -343,7 +343,9 @@ def _c3a_config_dict(
     from peft import C3AConfig
 
     sizes = Counter(int(m["block_size"]) for m in modules.values())
-    default = block_size if block_size in sizes else sizes.most_common(1)[0][0]
+    default = block_size if block_size is not None and block_size in sizes else None
+    if default is None:
+        default = sizes.most_common(1)[0][0]
     pattern = {n: int(m["block_size"]) for n, m in modules.items() if m["block_size"] != default}
     return C3AConfig(
         block_size=int(default),
@@ -499,7 +501,7 @@ def c3a_model_to_bca(
     ``bca.model.save_adapter`` can save it.
     """
     from bca.model import BCAConfig, inject_adapters
-    from bca.nn import BACKENDS
+    from bca.nn import BACKENDS, BlockCirculantLinear
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -546,6 +548,7 @@ def c3a_model_to_bca(
     with torch.no_grad():
         for mod_name, w in kernels.items():
             layer = base.get_submodule(mod_name)
+            assert isinstance(layer, BlockCirculantLinear)
             if layer.kernel_shape != tuple(w.shape):  # pragma: no cover - defensive
                 raise RuntimeError(
                     f"{mod_name}: kernel shape {layer.kernel_shape} != {tuple(w.shape)}"
@@ -620,7 +623,7 @@ def bca_model_to_c3a(
     inner = _inner_model(pm)
     with torch.no_grad():
         for n, w in kernels.items():
-            layer = inner.get_submodule(n)
+            layer: Any = inner.get_submodule(n)
             k = layer.c3a_kernel[adapter_name]
             if tuple(k.shape) != tuple(w.shape):
                 raise RuntimeError(
