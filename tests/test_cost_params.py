@@ -236,3 +236,33 @@ def test_bca_parameters_match_injected_kernels(make, targets, p: int) -> None:
     # the accounting also reads an already adapted model (through each base layer)
     again = cost_report(model, targets, [Method("bca", block_size=p)]).methods[0].params
     assert again == want
+
+
+def test_real_matmul_flops_match_torch_flop_counter() -> None:
+    """The matmul part of the 'real' LoRA and FourierFT counts equals what torch's
+    FlopCounterMode measures on PEFT's layers (it counts matmuls only, not the
+    elementwise scale/add terms, 2·d_out and d_out, nor FFTs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d_in, d_out, tokens = 48, 40, 7
+    lay = LayerShape("lin", d_in, d_out)
+    for method, config, elementwise in (
+        (Method("lora", r=4), peft.LoraConfig(r=4, target_modules=["lin"]), 2 * d_out),
+        (
+            Method("fourierft", n_frequency=30),
+            peft.FourierFTConfig(n_frequency=30, target_modules=["lin"]),
+            d_out,
+        ),
+    ):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential()
+        base.add_module("lin", torch.nn.Linear(d_in, d_out, bias=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(base, config)
+        x = torch.randn(tokens, d_in)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            pm(x)
+        measured = fc.get_total_flops() - 2 * tokens * d_in * d_out  # minus the frozen W x
+        want = adapter_flops(method, lay, "real")
+        assert measured == tokens * (want.per_token - elementwise)
