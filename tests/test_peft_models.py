@@ -272,3 +272,38 @@ def test_cuda_patch_and_convert() -> None:
     back = bca_model_to_c3a(model, task_type="SEQ_CLS").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids().to(dev)).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_c3a_model_to_bca_picks_adapter_and_refuses_merged() -> None:
+    pm = peft_c3a()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter(
+            "other",
+            peft.C3AConfig(
+                block_size=32,
+                target_modules=["query"],
+                init_weights="gaussian",
+                task_type="SEQ_CLS",
+            ),
+        )
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "c3a_kernel.other" in n:
+                p.mul_(0.02)
+    pm.set_adapter("other")
+    with torch.no_grad():
+        want = pm(input_ids=ids()).logits
+    with pytest.raises(ValueError, match="adapter_name 'nope'"):
+        c3a_model_to_bca(copy.deepcopy(pm), adapter_name="nope")
+    model = c3a_model_to_bca(copy.deepcopy(pm), adapter_name="other")
+    mods = dict(adapter_modules(model))
+    assert set(mods) == {Q.format(i, "query") for i in (0, 1)}
+    assert all(m.block_size == 32 for m in mods.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids()).logits, want, rtol=1e-5, atol=1e-6)
+
+    pm.set_adapter("default")
+    pm.base_model.model.roberta.encoder.layer[0].attention.self.query.merge()
+    with pytest.raises(ValueError, match="is merged"):
+        c3a_model_to_bca(pm)
