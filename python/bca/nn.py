@@ -176,9 +176,10 @@ def _compute_dtype(x_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def _kernel_spectra(kernel: torch.Tensor) -> torch.Tensor:
-    """rfft of each kernel block, laid out ``(F, q_in, q_out)`` (contiguous per frequency)."""
-    return torch.fft.rfft(kernel, dim=-1).permute(2, 1, 0).contiguous()
+def _kernel_spectra(kernel: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale *`` rfft of each kernel block, laid out ``(F, q_in, q_out)`` (contiguous)."""
+    spectra = torch.fft.rfft(kernel, dim=-1).permute(2, 1, 0).contiguous()
+    return spectra.mul_(scale) if scale != 1.0 else spectra
 
 
 def _block_spectra(v: torch.Tensor, q: int, p: int) -> torch.Tensor:
@@ -202,7 +203,12 @@ def _inverse_blocks(spec: torch.Tensor, p: int, features: int) -> torch.Tensor:
 # autograd functions
 # --------------------------------------------------------------------------------------
 class _TorchBlockCirculant(torch.autograd.Function):
-    """ΔW x with torch.fft; x (N, in) and kernel in the same real dtype."""
+    """``scale * ΔW x`` with torch.fft; x (N, in) and kernel in the same real dtype.
+
+    ``spectra`` (already scaled) may be passed in from the eval-mode cache; otherwise it is
+    computed here. The scale is folded into the parameter-sized spectra and kernel
+    gradient, so no output-sized multiply (and no extra autograd node) is needed.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -210,47 +216,55 @@ class _TorchBlockCirculant(torch.autograd.Function):
         x: torch.Tensor,
         kernel: torch.Tensor,
         spectra: torch.Tensor | None,
+        scale: float,
         in_features: int,
         out_features: int,
     ) -> torch.Tensor:
         q_out, q_in, p = kernel.shape
         if spectra is None:
-            spectra = _kernel_spectra(kernel)
+            spectra = _kernel_spectra(kernel, scale)
         xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
         ys = torch.matmul(xs, spectra)  # (F, N, q_out)
         # the kernel spectra are parameter-sized; the input spectra are recomputed in backward
         ctx.save_for_backward(x, kernel, spectra)
-        ctx.features = (in_features, out_features)
+        ctx.features = (in_features, out_features, scale)
         return _inverse_blocks(ys, p, out_features)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, kernel, spectra = ctx.saved_tensors
-        in_features, out_features = ctx.features
+        in_features, out_features, scale = ctx.features
         q_out, q_in, p = kernel.shape
-        gs = _block_spectra(grad_output.to(x.dtype), q_out, p)  # (F, N, q_out)
+        if grad_output.dtype != x.dtype:
+            grad_output = grad_output.to(x.dtype)
+        gs = _block_spectra(grad_output, q_out, p)  # (F, N, q_out)
         grad_x = grad_kernel = None
         if ctx.needs_input_grad[0]:
-            gxs = torch.matmul(gs, spectra.conj().transpose(1, 2))  # (F, N, q_in)
+            gxs = torch.matmul(gs, spectra.mH)  # (F, N, q_in); mH: conjugate transpose
             grad_x = _inverse_blocks(gxs, p, in_features)
         if ctx.needs_input_grad[1]:
             xs = _block_spectra(x, q_in, p)  # (F, N, q_in), recomputed
-            gks = torch.matmul(gs.transpose(1, 2), xs.conj())  # (F, q_out, q_in)
-            grad_kernel = torch.fft.irfft(gks.permute(1, 2, 0), n=p, dim=-1)
-        return grad_x, grad_kernel, None, None, None
+            gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
+            grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
+            if scale != 1.0:
+                grad_kernel.mul_(scale)
+        return grad_x, grad_kernel, None, None, None, None
 
 
 class _RustBlockCirculant(torch.autograd.Function):
-    """ΔW x through the Rust core; x (N, in) CPU float32/float64, same dtype as kernel."""
+    """``scale * ΔW x`` through the Rust core; x (N, in) CPU float32/float64 like the kernel."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, kernel: torch.Tensor, module: BlockCirculantLinear
+        ctx: Any, x: torch.Tensor, kernel: torch.Tensor, module: BlockCirculantLinear, scale: float
     ) -> torch.Tensor:
         op = module._rust_operator(kernel)
         y = op.matmul(x.detach().contiguous().numpy())
+        if scale != 1.0:
+            y *= scale
         ctx.save_for_backward(x, kernel)
         ctx.module = module
+        ctx.scale = scale
         return torch.from_numpy(y)
 
     @staticmethod
@@ -258,7 +272,7 @@ class _RustBlockCirculant(torch.autograd.Function):
         x, kernel = ctx.saved_tensors
         need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_x or need_k):
-            return None, None, None
+            return None, None, None, None
         op = ctx.module._rust_operator(kernel)  # re-sync if another forward moved it
         g = grad_output.detach().to(x.dtype).contiguous().numpy()
         gx, gk = op.backward(
@@ -267,9 +281,15 @@ class _RustBlockCirculant(torch.autograd.Function):
             input_grad=need_x,
             kernel_grad=need_k,
         )
+        scale = ctx.scale
+        if scale != 1.0:
+            if gx is not None:
+                gx *= scale
+            if gk is not None:
+                gk *= scale
         grad_x = torch.from_numpy(gx) if gx is not None else None
         grad_k = torch.from_numpy(gk) if gk is not None else None
-        return grad_x, grad_k, None
+        return grad_x, grad_k, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -360,7 +380,7 @@ class BlockCirculantLinear(nn.Module):
 
         self._original_weight: torch.Tensor | None = None
         self._spectra: torch.Tensor | None = None
-        self._spectra_dtype: torch.dtype | None = None
+        self._spectra_meta: tuple[torch.dtype, float] | None = None
         self._spectra_snapshot = _KernelSnapshot()
         self._rust_op: Any = None
         self._rust_snapshot = _KernelSnapshot()
@@ -433,33 +453,38 @@ class BlockCirculantLinear(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         backend = self.resolve_backend(x)
         kernel = self.bca_kernel
         if backend == "rust":
             self._check_rust_input(x2)
-            y = _RustBlockCirculant.apply(x2, kernel, self)
+            y = _RustBlockCirculant.apply(x2, kernel, self, self.scale)
         else:
             cdtype = _compute_dtype(x.dtype, kernel.dtype)
             spectra = None
             if not self.training or not torch.is_grad_enabled():
                 spectra = self._cached_spectra(cdtype)
             y = _TorchBlockCirculant.apply(
-                x2.to(cdtype), kernel.to(cdtype), spectra, self.in_features, self.out_features
+                x2 if x2.dtype == cdtype else x2.to(cdtype),
+                kernel if kernel.dtype == cdtype else kernel.to(cdtype),
+                spectra,
+                self.scale,
+                self.in_features,
+                self.out_features,
             )
-        if self.scale != 1.0:
-            y = y * self.scale
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     # -- backend state ------------------------------------------------------------------
     def _cached_spectra(self, cdtype: torch.dtype) -> torch.Tensor:
         k = self.bca_kernel
         snap = self._spectra_snapshot
-        if self._spectra is None or self._spectra_dtype != cdtype or not snap.matches(k):
+        meta = (cdtype, self.scale)
+        if self._spectra is None or self._spectra_meta != meta or not snap.matches(k):
             with torch.no_grad():
-                self._spectra = _kernel_spectra(k.detach().to(cdtype))
-            self._spectra_dtype = cdtype
+                self._spectra = _kernel_spectra(k.detach().to(cdtype), self.scale)
+            self._spectra_meta = meta
             snap.take(k)
         return self._spectra
 
