@@ -139,8 +139,9 @@ def ids_batch(seed: int = 1) -> torch.Tensor:
 def train_steps(model: nn.Module, steps: int = 3, lr: float = 0.1) -> None:
     model.train()
     opt = torch.optim.Adam(parameter_groups(model, lr=lr))
+    device = next(model.parameters()).device
     for step in range(steps):
-        ids = ids_batch(10 + step)
+        ids = ids_batch(10 + step).to(device)
         loss = logits(model, ids).float().pow(2).mean()
         opt.zero_grad()
         loss.backward()
