@@ -285,8 +285,10 @@ def build_adapter_subgraph(
         output_shape = b.op("Concat", [lead, b.ints("d_out", [d_out])], "out_shape", axis=0)
 
     # (..., d_in) -> (N, d_in) -> zero pad -> (N, q_in, p)
-    x2 = b.op("Reshape", [x, b.ints("shape", [-1, d_in])], "x2d")
+    # (fewer ops when nothing is padded: at one token, per-op overhead dominates)
+    x2 = x
     if q_in * p != d_in:
+        x2 = b.op("Reshape", [x, b.ints("shape", [-1, d_in])], "x2d")
         x2 = b.op("Pad", [x2, b.ints("pads", [0, 0, 0, q_in * p - d_in])], "x_pad")
 
     if lowering == "dft":
@@ -318,13 +320,12 @@ def build_adapter_subgraph(
         if p > n_freq:
             ys = b.op("Pad", [ys, b.ints("pads", [0, 0, 0, 0, 0, 0, p - n_freq, 0])], "y_full")
         yt = b.dft(ys, axis=2, inverse=1)  # (N, q_out, p, 2)
-        yr = b.op("Slice", [yt, b.ints("s", [0]), b.ints("e", [1]), b.ints("a", [3])], "y_real")
-        y2 = b.op("Reshape", [yr, b.ints("shape", [-1, q_out * p])], "y2d")
+        y2 = b.op("Slice", [yt, b.ints("s", [0]), b.ints("e", [1]), b.ints("a", [3])], "y_real")
     else:
         ys = b.op("Reshape", [ys, b.ints("shape", [-1, q_out, 2 * n_freq])], "y_spec3")
-        yb = b.op("MatMul", [ys, inv_name], "y_blocks")  # (N,q_out,p)
-        y2 = b.op("Reshape", [yb, b.ints("shape", [-1, q_out * p])], "y2d")
+        y2 = b.op("MatMul", [ys, inv_name], "y_blocks")  # (N,q_out,p)
     if q_out * p != d_out:
+        y2 = b.op("Reshape", [y2, b.ints("shape", [-1, q_out * p])], "y2d")
         y2 = b.op("Slice", [y2, b.ints("s", [0]), b.ints("e", [d_out]), b.ints("a", [1])], "y_cut")
     if dt == np.float16:
         y2 = b.op("Cast", [y2], "y_f16", to=TensorProto.FLOAT16)
