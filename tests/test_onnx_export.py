@@ -11,6 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -208,6 +209,29 @@ def test_export_plain_linear_stack(tmp_path: Path) -> None:
                 want = model(x).double().numpy()
             got = sess.run(None, {"input": x.numpy()})[0]
             assert rel_err(got, want) <= MODEL_TOL
+
+
+def test_export_float64(tmp_path: Path) -> None:
+    """A float64 model gives a float64 graph, adapters included, at float64 accuracy."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 5))
+    model = model.double()
+    inject_adapters(model, BCAConfig(block_size=8, target_modules=["0", "2"], init="gaussian"))
+    model.eval()
+    for mode in ("dft", "matmul"):
+        path = export_model(
+            model,
+            tmp_path / f"{mode}.onnx",
+            torch.randn(3, 24, dtype=torch.float64),
+            mode=mode,
+            progress=False,
+        )
+        x = torch.randn(6, 24, dtype=torch.float64)
+        with torch.no_grad():
+            want = model(x).numpy()
+        got = _session(path).run(None, {"input": x.numpy()})[0]
+        assert got.dtype == np.float64
+        assert rel_err(got, want) <= 1e-12
 
 
 def test_export_errors(tmp_path: Path) -> None:
