@@ -1,12 +1,12 @@
 //! The block circulant operator: cached kernel spectra, FFT plans and workspaces.
 //!
-//! Data layout. For a chunk of R rows, spectra are stored as split real/imaginary planes
-//! in (F, R, q) order, F = p / 2 + 1, so that for each frequency the rows' block spectra
-//! are contiguous. Kernel spectra are stored per frequency too: (F, q_in, q_out) for the
-//! forward product and (F, q_out, q_in), conjugated, for the gradient with respect to the
-//! input. The per-frequency product is then a sequence of complex "axpy" updates over
-//! contiguous rows of the kernel spectrum, which the compiler vectorises, and the sum over
-//! blocks happens in the frequency domain: one inverse FFT per output block and row.
+//! Data layout. Every spectrum is stored with the frequency innermost, as split
+//! real/imaginary planes: row spectra as (rows, q, F), F = p / 2 + 1, exactly as the
+//! real FFTs produce them, and kernel spectra as (q_out, q_in, F) for the forward product
+//! and (q_in, q_out, F), conjugated, for the gradient with respect to the input. The sum
+//! over blocks is then a run of elementwise complex multiply-accumulates over contiguous
+//! frequencies (see `simd.rs`), done in the frequency domain, followed by one inverse FFT
+//! per output block and row. No transposes, no horizontal sums.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,7 +18,7 @@ use crate::simd;
 use crate::threads;
 use crate::{BcaError, Float, Shape};
 
-/// Most rows processed together: each kernel spectrum row is reused across them.
+/// Most rows processed together by one task.
 const MAX_ROWS_PER_CHUNK: usize = 32;
 /// Below this many (rows × kernel elements) a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -36,18 +36,11 @@ fn fft_err(e: impl std::fmt::Display) -> BcaError {
 
 /// Returns an error naming `arg` when `data` holds NaN or ±Inf.
 pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<(), BcaError> {
-    // Summing |v| * 0 stays 0 for finite values and becomes NaN for NaN/Inf; chunked so
-    // that the loop vectorises and the check can stop early.
-    for chunk in data.chunks(4096) {
-        let mut acc = T::zero();
-        for &v in chunk {
-            acc = acc + v * T::zero();
-        }
-        if acc != T::zero() || acc.is_nan() {
-            return Err(BcaError::NonFinite { arg });
-        }
+    if simd::all_finite(data) {
+        Ok(())
+    } else {
+        Err(BcaError::NonFinite { arg })
     }
-    Ok(())
 }
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
@@ -56,7 +49,7 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
     }
 }
 
-/// Per-thread scratch memory, reused across calls.
+/// Per-task scratch memory, reused across calls.
 struct Workspace<T> {
     time: Vec<T>,
     freq: Vec<Complex<T>>,
@@ -67,18 +60,16 @@ struct Workspace<T> {
     b_im: Vec<T>,
 }
 
-/// Buffers for the kernel gradient, which needs the spectra of every row.
+/// Row spectra of a whole batch, kept for the kernel gradient.
 #[derive(Default)]
 struct GradBuffers<T> {
     x_re: Vec<T>,
     x_im: Vec<T>,
     g_re: Vec<T>,
     g_im: Vec<T>,
-    k_re: Vec<T>,
-    k_im: Vec<T>,
 }
 
-/// Kernel spectra in one orientation: (F, q_a, q_b), split planes.
+/// Kernel spectra in one orientation: (q_b, q_a, F), split planes.
 struct Spectra<T> {
     re: Vec<T>,
     im: Vec<T>,
@@ -90,7 +81,7 @@ struct Spectra<T> {
 ///
 /// `forward` computes ΔW x for a batch of rows, `backward` the gradients with respect to
 /// the input and the kernel, `to_dense` materialises ΔW. The operator is `Sync`: several
-/// threads may call it at once.
+/// threads may call it at once. Results do not depend on the thread count.
 pub struct BlockCirculant<T: Float> {
     shape: Shape,
     kernel: Vec<T>,
@@ -99,6 +90,8 @@ pub struct BlockCirculant<T: Float> {
     r2c: Arc<dyn RealToComplex<T>>,
     c2r: Arc<dyn ComplexToReal<T>>,
     scratch_len: usize,
+    /// Frequency stride of every spectrum buffer (F rounded up to the SIMD tile).
+    f_pad: usize,
     num_threads: usize,
     workspaces: Mutex<Vec<Workspace<T>>>,
     grad_buffers: Mutex<GradBuffers<T>>,
@@ -132,26 +125,23 @@ impl<T: Float> BlockCirculant<T> {
         let r2c = planner.plan_fft_forward(p);
         let c2r = planner.plan_fft_inverse(p);
         let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
-        let f_n = shape.n_freq();
-        let spectra_len = f_n * q_in * q_out;
+        let f_pad = simd::padded_freqs(shape.n_freq());
+        let spectra_len = f_pad * q_in * q_out;
+        let empty = |q_a, q_b| Spectra {
+            re: vec![T::zero(); spectra_len],
+            im: vec![T::zero(); spectra_len],
+            q_a,
+            q_b,
+        };
         let mut op = BlockCirculant {
             shape,
             kernel: Vec::new(),
-            fwd: Spectra {
-                re: vec![T::zero(); spectra_len],
-                im: vec![T::zero(); spectra_len],
-                q_a: q_in,
-                q_b: q_out,
-            },
-            bwd: Spectra {
-                re: vec![T::zero(); spectra_len],
-                im: vec![T::zero(); spectra_len],
-                q_a: q_out,
-                q_b: q_in,
-            },
+            fwd: empty(q_in, q_out),
+            bwd: empty(q_out, q_in),
             r2c,
             c2r,
             scratch_len,
+            f_pad,
             num_threads: 0,
             workspaces: Mutex::new(Vec::new()),
             grad_buffers: Mutex::new(GradBuffers::default()),
@@ -180,15 +170,8 @@ impl<T: Float> BlockCirculant<T> {
         self.num_threads = n;
     }
 
-    fn effective_threads(&self) -> usize {
-        match self.num_threads {
-            0 => threads::default_num_threads(),
-            n => n,
-        }
-        .max(1)
-    }
-
-    /// Replace the kernel values (same shape) and recompute the cached spectra.
+    /// Replace the kernel values (same shape) and recompute the cached spectra. On error
+    /// the operator is unchanged.
     pub fn set_kernel(&mut self, kernel: &[T]) -> Result<(), BcaError> {
         let s = self.shape;
         if kernel.len() != s.kernel_len() {
@@ -205,26 +188,21 @@ impl<T: Float> BlockCirculant<T> {
             ));
         }
         check_finite("kernel", kernel)?;
-        let p = s.p;
-        let f_n = s.n_freq();
-        let mut time = vec![T::zero(); p];
-        let mut freq = vec![Complex::<T>::default(); f_n];
-        let mut scratch = vec![Complex::<T>::default(); self.scratch_len];
-        for i in 0..s.q_out {
-            for j in 0..s.q_in {
-                let block = &kernel[(i * s.q_in + j) * p..(i * s.q_in + j + 1) * p];
-                time.copy_from_slice(block);
-                self.r2c
-                    .process_with_scratch(&mut time, &mut freq, &mut scratch)
-                    .map_err(fft_err)?;
-                for (f, c) in freq.iter().enumerate() {
-                    let fwd = (f * s.q_in + j) * s.q_out + i;
-                    self.fwd.re[fwd] = c.re;
-                    self.fwd.im[fwd] = c.im;
-                    let bwd = (f * s.q_out + i) * s.q_in + j;
-                    self.bwd.re[bwd] = c.re;
-                    self.bwd.im[bwd] = -c.im;
-                }
+        let (p, f_pad) = (s.p, self.f_pad);
+        let mut ws = self.new_workspace();
+        for (b, block) in kernel.chunks_exact(p).enumerate() {
+            let (i, j) = (b / s.q_in, b % s.q_in);
+            ws.time.copy_from_slice(block);
+            self.r2c
+                .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
+                .map_err(fft_err)?;
+            for (f, c) in ws.freq.iter().enumerate() {
+                let fwd = i * s.q_in * f_pad + simd::packed(s.q_in, j, f);
+                let bwd = j * s.q_out * f_pad + simd::packed(s.q_out, i, f);
+                self.fwd.re[fwd] = c.re;
+                self.fwd.im[fwd] = c.im;
+                self.bwd.re[bwd] = c.re;
+                self.bwd.im[bwd] = -c.im;
             }
         }
         self.kernel.clear();
@@ -237,7 +215,7 @@ impl<T: Float> BlockCirculant<T> {
         let s = self.shape;
         let (d_in, d_out, p) = (s.in_features, s.out_features, s.p);
         let mut dense = vec![T::zero(); d_out * d_in];
-        for (r, row) in dense.chunks_exact_mut(d_in.max(1)).enumerate().take(d_out) {
+        for (r, row) in dense.chunks_exact_mut(d_in).enumerate() {
             let (i, a) = (r / p, r % p);
             for (c, v) in row.iter_mut().enumerate() {
                 let (j, b) = (c / p, c % p);
@@ -247,18 +225,25 @@ impl<T: Float> BlockCirculant<T> {
         dense
     }
 
-    fn take_workspace(&self, rows: usize) -> Workspace<T> {
-        let s = self.shape;
-        let mut ws = lock(&self.workspaces).pop().unwrap_or_else(|| Workspace {
-            time: vec![T::zero(); s.p],
-            freq: vec![Complex::default(); s.n_freq()],
+    fn new_workspace(&self) -> Workspace<T> {
+        Workspace {
+            time: vec![T::zero(); self.shape.p],
+            freq: vec![Complex::default(); self.shape.n_freq()],
             scratch: vec![Complex::default(); self.scratch_len],
             a_re: Vec::new(),
             a_im: Vec::new(),
             b_re: Vec::new(),
             b_im: Vec::new(),
-        });
-        let len = s.n_freq() * rows * s.q_in.max(s.q_out);
+        }
+    }
+
+    /// A workspace whose spectra planes hold `rows` rows of the widest side.
+    fn take_workspace(&self, rows: usize) -> Workspace<T> {
+        let s = self.shape;
+        let mut ws = lock(&self.workspaces)
+            .pop()
+            .unwrap_or_else(|| self.new_workspace());
+        let len = rows * s.q_in.max(s.q_out) * self.f_pad;
         for v in [&mut ws.a_re, &mut ws.a_im, &mut ws.b_re, &mut ws.b_im] {
             grow(v, len);
         }
@@ -269,12 +254,12 @@ impl<T: Float> BlockCirculant<T> {
         lock(&self.workspaces).push(ws);
     }
 
-    fn rows_per_chunk(&self, n_rows: usize, threads: usize) -> usize {
-        n_rows.div_ceil(threads).clamp(1, MAX_ROWS_PER_CHUNK)
-    }
-
+    /// A pool when the work is worth splitting, else `None` (run on the caller's thread).
     fn parallel_pool(&self, n_rows: usize) -> Option<Arc<rayon::ThreadPool>> {
-        let threads = self.effective_threads();
+        let threads = match self.num_threads {
+            0 => threads::default_num_threads(),
+            n => n,
+        };
         let work = n_rows.saturating_mul(self.kernel.len());
         if threads <= 1 || n_rows <= 1 || work < PARALLEL_MIN_WORK {
             return None;
@@ -282,16 +267,23 @@ impl<T: Float> BlockCirculant<T> {
         threads::pool(threads)
     }
 
-    /// Spectra of `rows` rows of `src` (row width `d`, `q` blocks) into (F, rows, q) planes.
+    fn rows_per_chunk(n_rows: usize, pool: &Option<Arc<rayon::ThreadPool>>) -> usize {
+        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads());
+        n_rows.div_ceil(threads).clamp(1, MAX_ROWS_PER_CHUNK)
+    }
+
+    /// Spectra of the rows of `src` (row width `d`, `q` blocks) into planes: one packed
+    /// group per row (`by_row` false) or the chunk's row-transposed layout (`by_row` true).
     fn rows_to_spectra(
         &self,
         src: &[T],
         d: usize,
         q: usize,
         (re, im): (&mut [T], &mut [T]),
+        by_row: bool,
         ws: &mut Workspace<T>,
     ) -> Result<(), BcaError> {
-        let p = self.shape.p;
+        let (p, f_pad) = (self.shape.p, self.f_pad);
         let rows = src.len() / d;
         for (r, row) in src.chunks_exact(d).enumerate() {
             for j in 0..q {
@@ -302,42 +294,15 @@ impl<T: Float> BlockCirculant<T> {
                 self.r2c
                     .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
                     .map_err(fft_err)?;
+                let group = r * q * f_pad;
                 for (f, c) in ws.freq.iter().enumerate() {
-                    let idx = (f * rows + r) * q + j;
-                    re[idx] = c.re;
-                    im[idx] = c.im;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Inverse transform of (F, rows, q) planes into `rows` rows of `dst` (width `d`),
-    /// scaled by `scale`.
-    #[allow(clippy::too_many_arguments)]
-    fn spectra_to_rows(
-        &self,
-        re: &[T],
-        im: &[T],
-        rows: usize,
-        q: usize,
-        dst: &mut [T],
-        d: usize,
-        ws: &mut Workspace<T>,
-    ) -> Result<(), BcaError> {
-        let p = self.shape.p;
-        let scale = T::one() / T::from(p).unwrap_or_else(T::one);
-        for (r, row) in dst.chunks_exact_mut(d).enumerate().take(rows) {
-            for i in 0..q {
-                for (f, c) in ws.freq.iter_mut().enumerate() {
-                    let idx = (f * rows + r) * q + i;
-                    *c = Complex::new(re[idx], im[idx]);
-                }
-                self.inverse(ws)?;
-                let lo = i * p;
-                let hi = (lo + p).min(d);
-                for (o, &t) in row[lo..hi].iter_mut().zip(ws.time.iter()) {
-                    *o = t * scale;
+                    let at = if by_row {
+                        simd::packed_by_row(q, rows, r, j, f)
+                    } else {
+                        group + simd::packed(q, j, f)
+                    };
+                    re[at] = c.re;
+                    im[at] = c.im;
                 }
             }
         }
@@ -346,8 +311,8 @@ impl<T: Float> BlockCirculant<T> {
 
     /// Complex-to-real transform of `ws.freq` into `ws.time` (unnormalised).
     fn inverse(&self, ws: &mut Workspace<T>) -> Result<(), BcaError> {
-        // The spectrum of a real signal has real DC and Nyquist bins; rounding (or an
-        // overflow to Inf) must not make realfft refuse it.
+        // The spectrum of a real signal has real DC and Nyquist bins; rounding, or an
+        // overflow to Inf, must not make realfft refuse it.
         let f_n = ws.freq.len();
         ws.freq[0].im = T::zero();
         if self.shape.p % 2 == 0 {
@@ -358,53 +323,102 @@ impl<T: Float> BlockCirculant<T> {
             .map_err(fft_err)
     }
 
-    /// One chunk of rows: `src` (rows × d_a) → `dst` (rows × d_b) through `spectra`.
-    /// `src_spectra`, when given, already holds the chunk's spectra.
-    fn apply_chunk(
+    /// Inverse transform of `q` spectra (F each) into one row of `dst` (width `d`), / p.
+    fn spectra_to_row(
         &self,
-        src: Option<(&[T], usize)>,
-        src_spectra: Option<(&[T], &[T])>,
-        rows: usize,
+        (re, im): (&[T], &[T]),
+        q: usize,
+        dst: &mut [T],
+        ws: &mut Workspace<T>,
+    ) -> Result<(), BcaError> {
+        let p = self.shape.p;
+        let d = dst.len();
+        let scale = T::one() / T::from(p).unwrap_or_else(T::one);
+        for i in 0..q {
+            for (f, c) in ws.freq.iter_mut().enumerate() {
+                let at = simd::packed(q, i, f);
+                *c = Complex::new(re[at], im[at]);
+            }
+            self.inverse(ws)?;
+            let lo = i * p;
+            let hi = (lo + p).min(d);
+            for (o, &t) in dst[lo..hi].iter_mut().zip(ws.time.iter()) {
+                *o = t * scale;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows whose spectra are `src` (rows, q_a, F) → rows of `dst` (width `d_b`) through
+    /// one orientation of the kernel spectra.
+    fn product_to_rows(
+        &self,
+        src: (&[T], &[T]),
         spectra: &Spectra<T>,
         dst: &mut [T],
         d_b: usize,
         ws: &mut Workspace<T>,
     ) -> Result<(), BcaError> {
-        let f_n = self.shape.n_freq();
-        let (q_a, q_b) = (spectra.q_a, spectra.q_b);
+        let f_pad = self.f_pad;
+        let rows = dst.len() / d_b;
+        let n_b = rows * spectra.q_b * f_pad;
+        let mut y_re = std::mem::take(&mut ws.b_re);
+        let mut y_im = std::mem::take(&mut ws.b_im);
+        simd::block_product(
+            f_pad,
+            spectra.q_a,
+            spectra.q_b,
+            src,
+            (&spectra.re, &spectra.im),
+            (&mut y_re[..n_b], &mut y_im[..n_b]),
+        );
+        let row_b = spectra.q_b * f_pad;
+        let result = dst
+            .chunks_exact_mut(d_b)
+            .enumerate()
+            .try_for_each(|(r, row)| {
+                let o = r * row_b;
+                self.spectra_to_row(
+                    (&y_re[o..o + row_b], &y_im[o..o + row_b]),
+                    spectra.q_b,
+                    row,
+                    ws,
+                )
+            });
+        ws.b_re = y_re;
+        ws.b_im = y_im;
+        result
+    }
+
+    /// One chunk of rows: `src` (rows × d_a) → `dst` (rows × d_b).
+    fn apply_chunk(
+        &self,
+        src: &[T],
+        d_a: usize,
+        spectra: &Spectra<T>,
+        dst: &mut [T],
+        d_b: usize,
+    ) -> Result<(), BcaError> {
+        let rows = src.len() / d_a;
+        let n_a = rows * spectra.q_a * self.f_pad;
+        let mut ws = self.take_workspace(rows);
         let mut a_re = std::mem::take(&mut ws.a_re);
         let mut a_im = std::mem::take(&mut ws.a_im);
-        let result = (|| {
-            let (x_re, x_im): (&[T], &[T]) = match (src_spectra, src) {
-                (Some(s), _) => s,
-                (None, Some((x, d_a))) => {
-                    let n = f_n * rows * q_a;
-                    self.rows_to_spectra(x, d_a, q_a, (&mut a_re[..n], &mut a_im[..n]), ws)?;
-                    (&a_re[..n], &a_im[..n])
-                }
-                (None, None) => return Err(BcaError::invalid("src", "no input")),
-            };
-            let n_b = f_n * rows * q_b;
-            let (y_re, y_im) = (&mut ws.b_re[..n_b], &mut ws.b_im[..n_b]);
-            y_re.fill(T::zero());
-            y_im.fill(T::zero());
-            simd::spectral_product(
-                f_n,
-                rows,
-                q_a,
-                q_b,
-                (x_re, x_im),
-                (&spectra.re, &spectra.im),
-                (y_re, y_im),
-            );
-            let (b_re, b_im) = (std::mem::take(&mut ws.b_re), std::mem::take(&mut ws.b_im));
-            let r = self.spectra_to_rows(&b_re, &b_im, rows, q_b, dst, d_b, ws);
-            ws.b_re = b_re;
-            ws.b_im = b_im;
-            r
-        })();
+        let result = self
+            .rows_to_spectra(
+                src,
+                d_a,
+                spectra.q_a,
+                (&mut a_re[..n_a], &mut a_im[..n_a]),
+                false,
+                &mut ws,
+            )
+            .and_then(|()| {
+                self.product_to_rows((&a_re[..n_a], &a_im[..n_a]), spectra, dst, d_b, &mut ws)
+            });
         ws.a_re = a_re;
         ws.a_im = a_im;
+        self.give_back_workspace(ws);
         result
     }
 
@@ -423,24 +437,17 @@ impl<T: Float> BlockCirculant<T> {
             return Ok(());
         }
         let pool = self.parallel_pool(n_rows);
-        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads());
-        let rows_per = self.rows_per_chunk(n_rows, threads);
-        let work = |(s, d): (&[T], &mut [T])| -> Result<(), BcaError> {
-            let rows = s.len() / d_a;
-            let mut ws = self.take_workspace(rows);
-            let r = self.apply_chunk(Some((s, d_a)), None, rows, spectra, d, d_b, &mut ws);
-            self.give_back_workspace(ws);
-            r
-        };
+        let rows = Self::rows_per_chunk(n_rows, &pool);
+        let work = |(s, d): (&[T], &mut [T])| self.apply_chunk(s, d_a, spectra, d, d_b);
         match pool {
             Some(pool) => pool.install(|| {
-                src.par_chunks(rows_per * d_a)
-                    .zip(dst.par_chunks_mut(rows_per * d_b))
+                src.par_chunks(rows * d_a)
+                    .zip(dst.par_chunks_mut(rows * d_b))
                     .try_for_each(work)
             }),
             None => src
-                .chunks(rows_per * d_a)
-                .zip(dst.chunks_mut(rows_per * d_b))
+                .chunks(rows * d_a)
+                .zip(dst.chunks_mut(rows * d_b))
                 .try_for_each(work),
         }
     }
@@ -532,76 +539,91 @@ impl<T: Float> BlockCirculant<T> {
             return Ok(());
         }
 
-        let (d_in, d_out, q_in, q_out) = (s.in_features, s.out_features, s.q_in, s.q_out);
-        let f_n = s.n_freq();
+        let (d_in, d_out, q_in, q_out, p) = (s.in_features, s.out_features, s.q_in, s.q_out, s.p);
+        let f_pad = self.f_pad;
+        let (row_x, row_g) = (q_in * f_pad, q_out * f_pad);
         let pool = self.parallel_pool(n_rows);
-        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads());
-        let rows_per = self.rows_per_chunk(n_rows, threads);
+        let rows = Self::rows_per_chunk(n_rows, &pool);
 
         let mut guard = lock(&self.grad_buffers);
         let bufs = &mut *guard;
-        for (v, q) in [
-            (&mut bufs.x_re, q_in),
-            (&mut bufs.x_im, q_in),
-            (&mut bufs.g_re, q_out),
-            (&mut bufs.g_im, q_out),
-        ] {
-            grow(v, n_rows * f_n * q);
-        }
-        let k_len = f_n * q_out * q_in;
-        grow(&mut bufs.k_re, k_len);
-        grow(&mut bufs.k_im, k_len);
+        grow(&mut bufs.x_re, n_rows * row_x);
+        grow(&mut bufs.x_im, n_rows * row_x);
+        grow(&mut bufs.g_re, n_rows * row_g);
+        grow(&mut bufs.g_im, n_rows * row_g);
+        let (x_re, x_im) = (
+            &mut bufs.x_re[..n_rows * row_x],
+            &mut bufs.x_im[..n_rows * row_x],
+        );
+        let (g_re, g_im) = (
+            &mut bufs.g_re[..n_rows * row_g],
+            &mut bufs.g_im[..n_rows * row_g],
+        );
 
-        // Pass 1, per chunk of rows: spectra of x and of grad_output, kept for pass 2;
+        // Pass 1, per chunk of rows: spectra of x and of grad_output, kept for pass 2, and
         // the input gradient from grad_output's spectra.
         {
-            let xs = bufs.x_re[..n_rows * f_n * q_in]
-                .chunks_mut(rows_per * f_n * q_in)
-                .zip(bufs.x_im.chunks_mut(rows_per * f_n * q_in));
-            let gs = bufs.g_re[..n_rows * f_n * q_out]
-                .chunks_mut(rows_per * f_n * q_out)
-                .zip(bufs.g_im.chunks_mut(rows_per * f_n * q_out));
             let mut gx_chunks: Vec<Option<&mut [T]>> = match grad_x {
-                Some(gx) => gx.chunks_mut(rows_per * d_in).map(Some).collect(),
-                None => (0..n_rows.div_ceil(rows_per)).map(|_| None).collect(),
+                Some(gx) => gx.chunks_mut(rows * d_in).map(Some).collect(),
+                None => (0..n_rows.div_ceil(rows)).map(|_| None).collect(),
             };
-            let items: Vec<_> = x
-                .chunks(rows_per * d_in)
-                .zip(grad_output.chunks(rows_per * d_out))
-                .zip(xs.zip(gs))
+            type Item<'a, T> = (
+                (&'a [T], &'a [T]),
+                (PlanesMutPair<'a, T>, PlanesMutPair<'a, T>),
+                &'a mut Option<&'a mut [T]>,
+            );
+            type PlanesMutPair<'a, T> = (&'a mut [T], &'a mut [T]);
+            let items: Vec<Item<'_, T>> = x
+                .chunks(rows * d_in)
+                .zip(grad_output.chunks(rows * d_out))
+                .zip(
+                    x_re.chunks_mut(rows * row_x)
+                        .zip(x_im.chunks_mut(rows * row_x))
+                        .zip(
+                            g_re.chunks_mut(rows * row_g)
+                                .zip(g_im.chunks_mut(rows * row_g)),
+                        ),
+                )
                 .zip(gx_chunks.iter_mut())
+                .map(|((a, b), c)| (a, b, c))
                 .collect();
-            let work = |(((xc, gc), ((xr, xi), (gr, gi))), gx): (
-                ((&[T], &[T]), ((&mut [T], &mut [T]), (&mut [T], &mut [T]))),
-                &mut Option<&mut [T]>,
-            )|
-             -> Result<(), BcaError> {
-                let rows = xc.len() / d_in;
-                let nx = f_n * rows * q_in;
-                let ng = f_n * rows * q_out;
-                let mut ws = self.take_workspace(rows);
-                let r = (|| {
-                    self.rows_to_spectra(xc, d_in, q_in, (&mut xr[..nx], &mut xi[..nx]), &mut ws)?;
-                    self.rows_to_spectra(
-                        gc,
-                        d_out,
-                        q_out,
-                        (&mut gr[..ng], &mut gi[..ng]),
-                        &mut ws,
-                    )?;
-                    if let Some(gx) = gx.as_deref_mut() {
-                        self.apply_chunk(
-                            None,
-                            Some((&gr[..ng], &gi[..ng])),
-                            rows,
-                            &self.bwd,
-                            gx,
-                            d_in,
-                            &mut ws,
-                        )?;
-                    }
-                    Ok(())
-                })();
+            let work = |((xc, gc), ((xr, xi), (gr, gi)), gx): Item<'_, T>| -> Result<(), BcaError> {
+                let chunk_rows = gc.len() / d_out;
+                let mut ws = self.take_workspace(chunk_rows);
+                let mut a_re = std::mem::take(&mut ws.a_re);
+                let mut a_im = std::mem::take(&mut ws.a_im);
+                let n_g = chunk_rows * row_g;
+                let r = self
+                    .rows_to_spectra(xc, d_in, q_in, (xr, xi), true, &mut ws)
+                    .and_then(|()| {
+                        let g_planes = (&mut a_re[..n_g], &mut a_im[..n_g]);
+                        self.rows_to_spectra(gc, d_out, q_out, g_planes, false, &mut ws)
+                    })
+                    .and_then(|()| {
+                        // The kernel gradient wants grad_output's spectra row-transposed.
+                        for r in 0..chunk_rows {
+                            for i in 0..q_out {
+                                for f in 0..f_pad {
+                                    let from = r * row_g + simd::packed(q_out, i, f);
+                                    let to = simd::packed_by_row(q_out, chunk_rows, r, i, f);
+                                    gr[to] = a_re[from];
+                                    gi[to] = a_im[from];
+                                }
+                            }
+                        }
+                        match gx.as_deref_mut() {
+                            Some(gx) => self.product_to_rows(
+                                (&a_re[..n_g], &a_im[..n_g]),
+                                &self.bwd,
+                                gx,
+                                d_in,
+                                &mut ws,
+                            ),
+                            None => Ok(()),
+                        }
+                    });
+                ws.a_re = a_re;
+                ws.a_im = a_im;
                 self.give_back_workspace(ws);
                 r
             };
@@ -611,80 +633,64 @@ impl<T: Float> BlockCirculant<T> {
             }
         }
 
-        // Pass 2, per frequency: K[f] = Σ_rows G[f]ᵀ conj(X[f]), rows in a fixed order so
-        // the result does not depend on the thread count.
-        let x_re = &bufs.x_re[..];
-        let x_im = &bufs.x_im[..];
-        let g_re = &bufs.g_re[..];
-        let g_im = &bufs.g_im[..];
-        let per_freq = |(f, (kr, ki)): (usize, (&mut [T], &mut [T]))| {
-            kr.fill(T::zero());
-            ki.fill(T::zero());
-            let mut row0 = 0;
-            while row0 < n_rows {
-                let rows = rows_per.min(n_rows - row0);
-                let xo = row0 * f_n * q_in + f * rows * q_in;
-                let go = row0 * f_n * q_out + f * rows * q_out;
-                simd::accumulate_outer_conj(
-                    rows,
+        // Pass 2, per pair of output blocks: K[i, j] = Σ_rows G[r, i] ⊙ conj(X[r, j]), rows
+        // in order and a chunk at a time, then one inverse FFT per kernel block.
+        let (x_re, x_im, g_re, g_im) = (&*x_re, &*x_im, &*g_re, &*g_im);
+        const BLOCKS_PER_TASK: usize = 2;
+        let row_p = q_in * p;
+        let per_task = |(t, out): (usize, &mut [T])| -> Result<(), BcaError> {
+            let i_start = t * BLOCKS_PER_TASK;
+            let i_end = (i_start + BLOCKS_PER_TASK).min(q_out);
+            let k_len = (i_end - i_start) * row_x;
+            let mut ws = self.take_workspace(0);
+            grow(&mut ws.a_re, k_len);
+            grow(&mut ws.a_im, k_len);
+            let mut k_re = std::mem::take(&mut ws.a_re);
+            let mut k_im = std::mem::take(&mut ws.a_im);
+            k_re[..k_len].fill(T::zero());
+            k_im[..k_len].fill(T::zero());
+            // Same chunks as pass 1: each is stored row-transposed on its own.
+            for ((gr, gi), (xr, xi)) in g_re
+                .chunks(rows * row_g)
+                .zip(g_im.chunks(rows * row_g))
+                .zip(x_re.chunks(rows * row_x).zip(x_im.chunks(rows * row_x)))
+            {
+                simd::accumulate_kernel_grad(
+                    f_pad,
                     q_out,
                     q_in,
-                    (&g_re[go..go + rows * q_out], &g_im[go..go + rows * q_out]),
-                    (&x_re[xo..xo + rows * q_in], &x_im[xo..xo + rows * q_in]),
-                    (kr, ki),
+                    (i_start, i_end),
+                    (gr, gi),
+                    (xr, xi),
+                    (&mut k_re[..k_len], &mut k_im[..k_len]),
                 );
-                row0 += rows;
             }
-        };
-        let (k_re, k_im) = (&mut bufs.k_re[..k_len], &mut bufs.k_im[..k_len]);
-        let plane = q_out * q_in;
-        match &pool {
-            Some(pool) => pool.install(|| {
-                k_re.par_chunks_mut(plane)
-                    .zip(k_im.par_chunks_mut(plane))
-                    .enumerate()
-                    .for_each(per_freq)
-            }),
-            None => k_re
-                .chunks_mut(plane)
-                .zip(k_im.chunks_mut(plane))
+            // Kernel row i is a "row" of q_in blocks of width p: reuse the row inverse.
+            let r = out
+                .chunks_exact_mut(row_p)
                 .enumerate()
-                .for_each(per_freq),
-        }
-
-        // Pass 3: one inverse transform per kernel block.
-        let (k_re, k_im) = (&bufs.k_re[..k_len], &bufs.k_im[..k_len]);
-        let p = s.p;
-        let scale = T::one() / T::from(p).unwrap_or_else(T::one);
-        let per_block_row = |(i, out): (usize, &mut [T])| -> Result<(), BcaError> {
-            let mut ws = self.take_workspace(0);
-            let r = (|| {
-                for j in 0..q_in {
-                    for (f, c) in ws.freq.iter_mut().enumerate() {
-                        let idx = (f * q_out + i) * q_in + j;
-                        *c = Complex::new(k_re[idx], k_im[idx]);
-                    }
-                    self.inverse(&mut ws)?;
-                    for (o, &t) in out[j * p..(j + 1) * p].iter_mut().zip(ws.time.iter()) {
-                        *o = t * scale;
-                    }
-                }
-                Ok(())
-            })();
+                .try_for_each(|(b, kernel_row)| {
+                    let o = b * row_x;
+                    let planes = (&k_re[o..o + row_x], &k_im[o..o + row_x]);
+                    self.spectra_to_row(planes, q_in, kernel_row, &mut ws)
+                });
+            ws.a_re = k_re;
+            ws.a_im = k_im;
             self.give_back_workspace(ws);
             r
         };
+        let task_len = BLOCKS_PER_TASK * row_p;
         match &pool {
-            Some(pool) if q_out > 1 => pool.install(|| {
+            Some(pool) if q_out > BLOCKS_PER_TASK => pool.install(|| {
                 grad_kernel
-                    .par_chunks_mut(q_in * p)
+                    .par_chunks_mut(task_len)
                     .enumerate()
-                    .try_for_each(per_block_row)
+                    .try_for_each(per_task)
             }),
             _ => grad_kernel
-                .chunks_mut(q_in * p)
+                .chunks_mut(task_len)
                 .enumerate()
-                .try_for_each(per_block_row),
+                .try_for_each(per_task),
         }
     }
 }

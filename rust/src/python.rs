@@ -116,7 +116,7 @@ struct PyBlockCirculant {
 fn parse_threads(num_threads: Option<i64>) -> PyResult<usize> {
     match num_threads {
         None => Ok(0),
-        Some(n) if n >= 1 && n <= 4096 => Ok(n as usize),
+        Some(n) if (1..=4096).contains(&n) => Ok(n as usize),
         Some(n) => Err(PyValueError::new_err(format!(
             "num_threads must be a positive integer (at most 4096) or None, got {n}"
         ))),

@@ -1,149 +1,364 @@
-//! The two inner loops of the core, written so the compiler vectorises them, and compiled
-//! a second time for AVX2 with a run-time check (wheels target baseline x86-64).
+//! The inner loops of the core: register-tiled complex multiply-accumulates, vectorised
+//! across frequencies, and compiled a second time for AVX2 with a run-time check (wheels
+//! target baseline x86-64).
 //!
-//! Both are sequences of complex "axpy" updates over contiguous split-plane rows: no
-//! horizontal reductions, so the result is the same, bit for bit, on either path.
+//! Spectra are stored as split real/imaginary planes in groups of q spectra (a row's
+//! blocks, or a kernel row's blocks), each group packed as (F / LANES, q, LANES) with F
+//! rounded up to `f_pad`, a multiple of [`LANES`] (see [`packed`]). Every kernel below
+//! works on tiles of `LANES` frequencies, keeps its accumulators in registers across the
+//! summed dimension and never sums across lanes, so results are the same, bit for bit, on
+//! either path and for any thread count. Padding lanes hold finite values and are never
+//! read back into results.
 
 use crate::Float;
+
+/// Frequencies per tile.
+pub(crate) const LANES: usize = 8;
+
+/// Frequency stride for `f_n` frequencies.
+pub(crate) fn padded_freqs(f_n: usize) -> usize {
+    f_n.div_ceil(LANES) * LANES
+}
+
+/// Offset of frequency `f` of block `j` of row `r` in a chunk of `rows` rows stored in the
+/// row-transposed layout (F / LANES, q, rows, LANES) used for the kernel gradient, whose
+/// sums run over rows.
+#[inline(always)]
+pub(crate) fn packed_by_row(q: usize, rows: usize, r: usize, j: usize, f: usize) -> usize {
+    (((f / LANES) * q + j) * rows + r) * LANES + f % LANES
+}
+
+/// Offset of frequency `f` of spectrum `j` inside a group of `q` spectra stored in the
+/// packed layout (F / LANES, q, LANES): for each tile of frequencies the q spectra are
+/// contiguous, so the sums over blocks stream through memory.
+#[inline(always)]
+pub(crate) fn packed(q: usize, j: usize, f: usize) -> usize {
+    ((f / LANES) * q + j) * LANES + f % LANES
+}
 
 /// Complex planes (real part, imaginary part).
 pub(crate) type Planes<'a, T> = (&'a [T], &'a [T]);
 /// Mutable complex planes.
 pub(crate) type PlanesMut<'a, T> = (&'a mut [T], &'a mut [T]);
 
-/// y[f, r, :] += Σ_j x[f, r, j] · s[f, j, :] for every frequency f and row r.
+type Lane<T> = [T; LANES];
+
+macro_rules! dispatch_avx2 {
+    ($generic:ident, $avx2:ident ( $($arg:expr),* )) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { $avx2($($arg),*) };
+            }
+        }
+        $generic($($arg),*)
+    }};
+}
+
+#[inline(always)]
+fn load<T: Float>(src: &[T], at: usize) -> Lane<T> {
+    let mut v = [T::zero(); LANES];
+    v.copy_from_slice(&src[at..at + LANES]);
+    v
+}
+
+/// For every row r and output block i: y[r, i, :] = Σ_j x[r, j, :] ⊙ s[i, j, :].
 ///
-/// Layouts: x (F, rows, q_a), s (F, q_a, q_b), y (F, rows, q_b).
-pub(crate) fn spectral_product<T: Float>(
-    f_n: usize,
-    rows: usize,
+/// Layouts: x has `rows` groups of q_a spectra, s q_b groups of q_a, y `rows` groups of
+/// q_b, each group packed (see [`packed`]). `y` is overwritten.
+pub(crate) fn block_product<T: Float>(
+    f_pad: usize,
     q_a: usize,
     q_b: usize,
     x: Planes<'_, T>,
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            unsafe { spectral_product_avx2(f_n, rows, q_a, q_b, x, s, y) };
-            return;
-        }
-    }
-    spectral_product_body(f_n, rows, q_a, q_b, x, s, y)
+    dispatch_avx2!(
+        block_product_body,
+        block_product_avx2(f_pad, q_a, q_b, x, s, y)
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn spectral_product_avx2<T: Float>(
-    f_n: usize,
-    rows: usize,
+unsafe fn block_product_avx2<T: Float>(
+    f_pad: usize,
     q_a: usize,
     q_b: usize,
     x: Planes<'_, T>,
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
-    spectral_product_body(f_n, rows, q_a, q_b, x, s, y)
+    block_product_body(f_pad, q_a, q_b, x, s, y)
 }
 
 #[inline(always)]
-fn spectral_product_body<T: Float>(
-    f_n: usize,
-    rows: usize,
+fn block_product_body<T: Float>(
+    f_pad: usize,
     q_a: usize,
     q_b: usize,
-    (x_re, x_im): Planes<'_, T>,
-    (s_re, s_im): Planes<'_, T>,
-    (y_re, y_im): PlanesMut<'_, T>,
+    x: Planes<'_, T>,
+    s: Planes<'_, T>,
+    y: PlanesMut<'_, T>,
 ) {
-    let plane = q_a * q_b;
-    for f in 0..f_n {
-        let sr_f = &s_re[f * plane..(f + 1) * plane];
-        let si_f = &s_im[f * plane..(f + 1) * plane];
-        for r in 0..rows {
-            let xa = (f * rows + r) * q_a;
-            let yb = (f * rows + r) * q_b;
-            let xr_row = &x_re[xa..xa + q_a];
-            let xi_row = &x_im[xa..xa + q_a];
-            let yr = &mut y_re[yb..yb + q_b];
-            let yi = &mut y_im[yb..yb + q_b];
-            for ((&xr, &xi), (sr, si)) in xr_row
-                .iter()
-                .zip(xi_row)
-                .zip(sr_f.chunks_exact(q_b).zip(si_f.chunks_exact(q_b)))
-            {
-                axpy(xr, xi, sr, si, yr, yi);
+    // Loop order: frequency tile, then output-block pair, then row pair, so that one
+    // pair of kernel spectra rows stays in L1 while it is applied to every row.
+    let rows = x.0.len() / (q_a * f_pad);
+    let (y_re, y_im) = y;
+    for fb in (0..f_pad).step_by(LANES) {
+        let mut i0 = 0;
+        while i0 < q_b {
+            let ni = (q_b - i0).min(2);
+            let mut r0 = 0;
+            while r0 < rows {
+                let nr = (rows - r0).min(2);
+                let at = Tile {
+                    f_pad,
+                    q_a,
+                    q_b,
+                    r0,
+                    i0,
+                    fb,
+                };
+                match (nr, ni) {
+                    (2, 2) => at.product::<T, 2, 2>(x, s, (&mut *y_re, &mut *y_im)),
+                    (2, _) => at.product::<T, 2, 1>(x, s, (&mut *y_re, &mut *y_im)),
+                    (_, 2) => at.product::<T, 1, 2>(x, s, (&mut *y_re, &mut *y_im)),
+                    _ => at.product::<T, 1, 1>(x, s, (&mut *y_re, &mut *y_im)),
+                }
+                r0 += nr;
+            }
+            i0 += ni;
+        }
+    }
+}
+
+/// Position of one register tile.
+struct Tile {
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    r0: usize,
+    i0: usize,
+    fb: usize,
+}
+
+impl Tile {
+    /// R rows × I output blocks × LANES frequencies of the block product.
+    #[inline(always)]
+    fn product<T: Float, const R: usize, const I: usize>(
+        &self,
+        (x_re, x_im): Planes<'_, T>,
+        (s_re, s_im): Planes<'_, T>,
+        (y_re, y_im): PlanesMut<'_, T>,
+    ) {
+        let (f_pad, q_a) = (self.f_pad, self.q_a);
+        let mut acc_re = [[[T::zero(); LANES]; I]; R];
+        let mut acc_im = [[[T::zero(); LANES]; I]; R];
+        for j in 0..q_a {
+            let mut xr = [[T::zero(); LANES]; R];
+            let mut xi = [[T::zero(); LANES]; R];
+            for r in 0..R {
+                let at = (self.r0 + r) * q_a * f_pad + packed(q_a, j, self.fb);
+                xr[r] = load(x_re, at);
+                xi[r] = load(x_im, at);
+            }
+            let mut sr = [[T::zero(); LANES]; I];
+            let mut si = [[T::zero(); LANES]; I];
+            for i in 0..I {
+                let at = (self.i0 + i) * q_a * f_pad + packed(q_a, j, self.fb);
+                sr[i] = load(s_re, at);
+                si[i] = load(s_im, at);
+            }
+            for r in 0..R {
+                for i in 0..I {
+                    for l in 0..LANES {
+                        acc_re[r][i][l] =
+                            acc_re[r][i][l] + (xr[r][l] * sr[i][l] - xi[r][l] * si[i][l]);
+                        acc_im[r][i][l] =
+                            acc_im[r][i][l] + (xr[r][l] * si[i][l] + xi[r][l] * sr[i][l]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for i in 0..I {
+                let at = (self.r0 + r) * self.q_b * f_pad + packed(self.q_b, self.i0 + i, self.fb);
+                y_re[at..at + LANES].copy_from_slice(&acc_re[r][i]);
+                y_im[at..at + LANES].copy_from_slice(&acc_im[r][i]);
             }
         }
     }
 }
 
-/// (yr + i·yi) += (xr + i·xi) · (sr + i·si), elementwise over the slices.
-#[inline(always)]
-fn axpy<T: Float>(xr: T, xi: T, sr: &[T], si: &[T], yr: &mut [T], yi: &mut [T]) {
-    for (((yr, yi), &sr), &si) in yr.iter_mut().zip(yi.iter_mut()).zip(sr).zip(si) {
-        *yr = *yr + (xr * sr - xi * si);
-        *yi = *yi + (xr * si + xi * sr);
-    }
-}
-
-/// k[i, :] += g[r, i] · conj(x[r, :]) for every row r and output block i.
+/// Kernel gradient for output blocks `i_range`: k[i, j, :] += Σ_r g[r, i, :] ⊙ conj(x[r, j, :]),
+/// over the rows of `g` and `x` in order (callers pass a chunk of rows at a time so that
+/// the chunk stays in cache).
 ///
-/// Layouts: g (rows, q_out), x (rows, q_in), k (q_out, q_in).
-pub(crate) fn accumulate_outer_conj<T: Float>(
-    rows: usize,
+/// Layouts: g and x hold one chunk of rows in the row-transposed layout (see
+/// [`packed_by_row`]); k holds one packed group of q_in spectra per output block in
+/// `i_range` (see [`packed`]).
+pub(crate) fn accumulate_kernel_grad<T: Float>(
+    f_pad: usize,
     q_out: usize,
     q_in: usize,
+    i_range: (usize, usize),
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            unsafe { accumulate_outer_conj_avx2(rows, q_out, q_in, g, x, k) };
-            return;
-        }
-    }
-    accumulate_outer_conj_body(rows, q_out, q_in, g, x, k)
+    dispatch_avx2!(
+        accumulate_kernel_grad_body,
+        accumulate_kernel_grad_avx2(f_pad, q_out, q_in, i_range, g, x, k)
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn accumulate_outer_conj_avx2<T: Float>(
-    rows: usize,
+unsafe fn accumulate_kernel_grad_avx2<T: Float>(
+    f_pad: usize,
     q_out: usize,
     q_in: usize,
+    i_range: (usize, usize),
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T>,
 ) {
-    accumulate_outer_conj_body(rows, q_out, q_in, g, x, k)
+    accumulate_kernel_grad_body(f_pad, q_out, q_in, i_range, g, x, k)
 }
 
-#[inline(always)]
-fn accumulate_outer_conj_body<T: Float>(
-    rows: usize,
+/// Position of one kernel-gradient tile.
+struct GradTile {
+    f_pad: usize,
     q_out: usize,
     q_in: usize,
-    (g_re, g_im): Planes<'_, T>,
-    (x_re, x_im): Planes<'_, T>,
-    (k_re, k_im): PlanesMut<'_, T>,
-) {
-    for r in 0..rows {
-        let xr_row = &x_re[r * q_in..(r + 1) * q_in];
-        let xi_row = &x_im[r * q_in..(r + 1) * q_in];
-        for i in 0..q_out {
-            let (gr, gi) = (g_re[r * q_out + i], g_im[r * q_out + i]);
-            let kr = &mut k_re[i * q_in..(i + 1) * q_in];
-            let ki = &mut k_im[i * q_in..(i + 1) * q_in];
-            for (((kr, ki), &xr), &xi) in kr.iter_mut().zip(ki.iter_mut()).zip(xr_row).zip(xi_row) {
-                *kr = *kr + (gr * xr + gi * xi);
-                *ki = *ki + (gi * xr - gr * xi);
+    rows: usize,
+    i0: usize,
+    k_i0: usize,
+    j0: usize,
+    fb: usize,
+}
+
+impl GradTile {
+    /// I output blocks × J input blocks × LANES frequencies, summed over all rows.
+    #[inline(always)]
+    fn accumulate<T: Float, const I: usize, const J: usize>(
+        &self,
+        (g_re, g_im): Planes<'_, T>,
+        (x_re, x_im): Planes<'_, T>,
+        (k_re, k_im): PlanesMut<'_, T>,
+    ) {
+        let f_pad = self.f_pad;
+        let k_at = |i: usize, j: usize| {
+            (self.i0 - self.k_i0 + i) * self.q_in * f_pad + packed(self.q_in, self.j0 + j, self.fb)
+        };
+        let mut acc_re = [[[T::zero(); LANES]; J]; I];
+        let mut acc_im = [[[T::zero(); LANES]; J]; I];
+        for i in 0..I {
+            for j in 0..J {
+                acc_re[i][j] = load(k_re, k_at(i, j));
+                acc_im[i][j] = load(k_im, k_at(i, j));
+            }
+        }
+        for r in 0..self.rows {
+            let mut gr = [[T::zero(); LANES]; I];
+            let mut gi = [[T::zero(); LANES]; I];
+            for i in 0..I {
+                let at = packed_by_row(self.q_out, self.rows, r, self.i0 + i, self.fb);
+                gr[i] = load(g_re, at);
+                gi[i] = load(g_im, at);
+            }
+            let mut xr = [[T::zero(); LANES]; J];
+            let mut xi = [[T::zero(); LANES]; J];
+            for j in 0..J {
+                let at = packed_by_row(self.q_in, self.rows, r, self.j0 + j, self.fb);
+                xr[j] = load(x_re, at);
+                xi[j] = load(x_im, at);
+            }
+            for i in 0..I {
+                for j in 0..J {
+                    for l in 0..LANES {
+                        // g ⊙ conj(x)
+                        acc_re[i][j][l] =
+                            acc_re[i][j][l] + (gr[i][l] * xr[j][l] + gi[i][l] * xi[j][l]);
+                        acc_im[i][j][l] =
+                            acc_im[i][j][l] + (gi[i][l] * xr[j][l] - gr[i][l] * xi[j][l]);
+                    }
+                }
+            }
+        }
+        for i in 0..I {
+            for j in 0..J {
+                let at = k_at(i, j);
+                k_re[at..at + LANES].copy_from_slice(&acc_re[i][j]);
+                k_im[at..at + LANES].copy_from_slice(&acc_im[i][j]);
             }
         }
     }
+}
+
+#[inline(always)]
+fn accumulate_kernel_grad_body<T: Float>(
+    f_pad: usize,
+    q_out: usize,
+    q_in: usize,
+    (i_start, i_end): (usize, usize),
+    g: Planes<'_, T>,
+    x: Planes<'_, T>,
+    k: PlanesMut<'_, T>,
+) {
+    let rows = g.0.len() / (q_out * f_pad);
+    let (k_re, k_im) = k;
+    for fb in (0..f_pad).step_by(LANES) {
+        let mut i0 = i_start;
+        while i0 < i_end {
+            let ni = (i_end - i0).min(2);
+            let mut j0 = 0;
+            while j0 < q_in {
+                let nj = (q_in - j0).min(2);
+                let t = GradTile {
+                    f_pad,
+                    q_out,
+                    q_in,
+                    rows,
+                    i0,
+                    k_i0: i_start,
+                    j0,
+                    fb,
+                };
+                let k = (&mut *k_re, &mut *k_im);
+                match (ni, nj) {
+                    (2, 2) => t.accumulate::<T, 2, 2>(g, x, k),
+                    (2, _) => t.accumulate::<T, 2, 1>(g, x, k),
+                    (_, 2) => t.accumulate::<T, 1, 2>(g, x, k),
+                    _ => t.accumulate::<T, 1, 1>(g, x, k),
+                }
+                j0 += nj;
+            }
+            i0 += ni;
+        }
+    }
+}
+
+/// True when every value is finite (no NaN, no ±Inf). Branch-free per block so that it
+/// vectorises; stops at the first bad block.
+pub(crate) fn all_finite<T: Float>(data: &[T]) -> bool {
+    dispatch_avx2!(all_finite_body, all_finite_avx2(data))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn all_finite_avx2<T: Float>(data: &[T]) -> bool {
+    all_finite_body(data)
+}
+
+#[inline(always)]
+fn all_finite_body<T: Float>(data: &[T]) -> bool {
+    let inf = T::infinity();
+    data.chunks(1024).all(|block| {
+        // |v| < inf is false for ±Inf and for NaN.
+        block.iter().fold(true, |ok, &v| ok & (v.abs() < inf))
+    })
 }
