@@ -25,8 +25,9 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-def dense_oracle(kernel: np.ndarray, in_features: int | None = None,
-                 out_features: int | None = None) -> np.ndarray:
+def dense_oracle(
+    kernel: np.ndarray, in_features: int | None = None, out_features: int | None = None
+) -> np.ndarray:
     """ΔW in float64 from scipy.linalg.circulant blocks, cut to (out_features, in_features)."""
     q_out, q_in, p = kernel.shape
     k = np.asarray(kernel, dtype=np.float64)
@@ -36,8 +37,9 @@ def dense_oracle(kernel: np.ndarray, in_features: int | None = None,
     return full[:d_out, :d_in]
 
 
-def kernel_grad_oracle(x: np.ndarray, grad_output: np.ndarray, kernel_shape: tuple[int, int, int]
-                       ) -> np.ndarray:
+def kernel_grad_oracle(
+    x: np.ndarray, grad_output: np.ndarray, kernel_shape: tuple[int, int, int]
+) -> np.ndarray:
     """Gradient of sum(g * (ΔW x)) wrt the kernel, from the dense gradient gᵀx (float64)."""
     q_out, q_in, p = kernel_shape
     x2 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
@@ -48,7 +50,7 @@ def kernel_grad_oracle(x: np.ndarray, grad_output: np.ndarray, kernel_shape: tup
     a = np.arange(p)
     for i in range(q_out):
         for j in range(q_in):
-            block = dw[i * p:(i + 1) * p, j * p:(j + 1) * p]
+            block = dw[i * p : (i + 1) * p, j * p : (j + 1) * p]
             for t in range(p):  # entries with (row - col) mod p == t hold kernel[i, j, t]
                 gk[i, j, t] = block[a, (a - t) % p].sum()
     return gk

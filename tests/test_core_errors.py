@@ -39,7 +39,11 @@ def test_bad_kernel(kernel: object, exc: type, pattern: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [
-        ({"in_features": 8}, ValueError, r"in_features: 8 does not fit .* need 8 < in_features <= 12"),
+        (
+            {"in_features": 8},
+            ValueError,
+            r"in_features: 8 does not fit .* need 8 < in_features <= 12",
+        ),
         ({"in_features": 13}, ValueError, "in_features: 13 does not fit"),
         ({"out_features": 4}, ValueError, "out_features: 4 does not fit"),
         ({"in_features": 0}, ValueError, "in_features must be a positive int"),
@@ -61,7 +65,11 @@ def test_bad_features_and_threads(kwargs: dict, exc: type, pattern: str) -> None
         (np.ones((5, 10), np.float64), TypeError, "x must have dtype float32 .*got float64"),
         (np.ones((5, 10), np.int32), TypeError, "x must have dtype float32"),
         ([[0.0] * 10], TypeError, "x must be a numpy.ndarray, got list"),
-        (np.ones((5, 9), np.float32), ValueError, re.escape("x: last dimension must be in_features = 10, got shape (5, 9)")),
+        (
+            np.ones((5, 9), np.float32),
+            ValueError,
+            re.escape("x: last dimension must be in_features = 10, got shape (5, 9)"),
+        ),
         (np.ones((), np.float32), ValueError, "x: last dimension must be in_features"),
         (np.ones((10, 5), np.float32).T, ValueError, "x must be C-contiguous"),
         (np.ones((5, 20), np.float32)[:, ::2], ValueError, "x must be C-contiguous"),

@@ -6,11 +6,11 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import TOL, dense_oracle, kernel_grad_oracle, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
 import bca
+from conftest import TOL, dense_oracle, kernel_grad_oracle, rel_err
 
 BLOCK_SIZES = st.one_of(
     st.sampled_from([1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 31, 32, 64]),
@@ -28,8 +28,16 @@ def layers(draw: st.DrawFn) -> dict:
     leading = draw(st.sampled_from([(0,), (1,), (2,), (7,), (33,), (2, 3), (1, 1, 2)]))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     seed = draw(st.integers(0, 2**32 - 1))
-    return dict(p=p, q_in=q_in, q_out=q_out, d_in=q_in * p - pad_in, d_out=q_out * p - pad_out,
-                leading=leading, dtype=np.dtype(dtype), seed=seed)
+    return dict(
+        p=p,
+        q_in=q_in,
+        q_out=q_out,
+        d_in=q_in * p - pad_in,
+        d_out=q_out * p - pad_out,
+        leading=leading,
+        dtype=np.dtype(dtype),
+        seed=seed,
+    )
 
 
 def make(case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,8 +83,9 @@ def test_dense_matches_scipy_circulant_blocks(case: dict) -> None:
     kernel, _, _ = make(case)
     got = bca.block_circulant_to_dense(kernel, case["d_in"], case["d_out"])
     assert got.dtype == case["dtype"]
-    np.testing.assert_array_equal(got, dense_oracle(kernel, case["d_in"], case["d_out"]).astype(
-        case["dtype"]))
+    np.testing.assert_array_equal(
+        got, dense_oracle(kernel, case["d_in"], case["d_out"]).astype(case["dtype"])
+    )
 
 
 @given(layers())

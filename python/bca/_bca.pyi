@@ -1,13 +1,16 @@
 """Type stub for the Rust extension ``bca._bca`` (see rust/src/python.rs)."""
 
+from typing import final
 
 import numpy as np
 from numpy.typing import NDArray
 
+__all__ = ["BlockCirculantOperator", "set_num_threads", "get_num_threads", "__version__"]
 __version__: str
 
 _Array = NDArray[np.float32] | NDArray[np.float64]
 
+@final
 class BlockCirculantOperator:
     def __new__(
         cls,

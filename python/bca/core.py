@@ -37,8 +37,10 @@ def _check_count(name: str, value: object, *, allow_none: bool = True) -> int | 
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a positive int{' or None' if allow_none else ''}, "
+            f"got {type(value).__name__}"
+        )
     if int(value) < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return int(value)
@@ -179,7 +181,10 @@ def block_circulant_matmul_backward(
     input_grad: bool = True,
     kernel_grad: bool = True,
 ) -> tuple[FloatArray | None, FloatArray | None]:
-    """One-shot gradients of :func:`block_circulant_matmul` (see :meth:`BlockCirculant.backward`)."""
+    """One-shot gradients of :func:`block_circulant_matmul`.
+
+    See :meth:`BlockCirculant.backward`.
+    """
     d_in = _in_features_of(x)
     d_out = _in_features_of(grad_output)
     op = BlockCirculant(kernel, d_in if d_in else None, d_out if d_out else None)
