@@ -100,11 +100,24 @@ def layer_features(module: nn.Module) -> tuple[int, int, bool]:
     if isinstance(module, nn.Linear):
         return int(module.in_features), int(module.out_features), False
     if _is_conv1d(module):
-        w = module.weight
+        w = _weight(module)
         return int(w.shape[0]), int(w.shape[1]), True
     raise TypeError(
         f"bca adapts nn.Linear and transformers' Conv1D layers only, got {type(module).__name__}"
     )
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A layer's parameter by name, typed (``nn.Module.__getattr__`` is untyped)."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = _param(module, "weight")
+    if w is None:
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
 
 
 def _circulant_index(p: int, device: torch.device) -> torch.Tensor:
@@ -368,7 +381,7 @@ class BlockCirculantLinear(nn.Module):
         self.merged = False
         self.adapter_enabled = True
 
-        weight = base_layer.weight
+        weight = _weight(base_layer)
         kdtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         q_out, q_in = -(-out_features // p), -(-in_features // p)
         self.bca_kernel = nn.Parameter(
@@ -406,14 +419,12 @@ class BlockCirculantLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (for code that reads ``layer.weight``)."""
-        w: torch.Tensor = self.base_layer.weight
-        return w
+        return _weight(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
         """The base layer's bias."""
-        b: torch.Tensor | None = self.base_layer.bias
-        return b
+        return _param(self.base_layer, "bias")
 
     @property
     def kernel_shape(self) -> tuple[int, int, int]:
@@ -554,7 +565,7 @@ class BlockCirculantLinear(nn.Module):
         if self.merged:
             warnings.warn("adapter already merged; merge() ignored", stacklevel=2)
             return
-        w = self.base_layer.weight
+        w = _weight(self.base_layer)
         self._original_weight = w.detach().to("cpu", copy=True) if exact_unmerge else None
         dw = self.delta_weight().to(w.dtype)
         w.add_(dw.T if self.is_conv1d else dw)
@@ -566,7 +577,7 @@ class BlockCirculantLinear(nn.Module):
         if not self.merged:
             warnings.warn("adapter is not merged; unmerge() ignored", stacklevel=2)
             return
-        w = self.base_layer.weight
+        w = _weight(self.base_layer)
         if self._original_weight is not None:
             w.copy_(self._original_weight.to(w.device))
         else:
