@@ -32,4 +32,4 @@ def test_docs_examples_run(
         exec(compile(code, f"docs/onnx.md[python block {k}]", "exec"), namespace)  # noqa: S102
     out = capsys.readouterr().out
     assert "(2, 8, 64)" in out
-    assert "(2, 5, 24) matmul matmul dft" in out
+    assert "(2, 5, 24) matmul matmul matmul2" in out

@@ -135,7 +135,7 @@ def _op_types(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("mode", ["dft", "matmul", "folded"])
+@pytest.mark.parametrize("mode", ["dft", "matmul", "matmul2", "folded"])
 def test_export_parity(arch: str, mode: str, tmp_path: Path) -> None:
     model = _adapted(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -125,11 +125,11 @@ def _assert_parity(model: torch.nn.Module, path: Path) -> None:
         assert rel_err(_run(path, feed), want) <= MODEL_TOL
 
 
-@pytest.mark.parametrize("lowering", ["auto", "dft", "matmul"])
+@pytest.mark.parametrize("lowering", ["auto", "dft", "matmul", "matmul2"])
 def test_patch_round_trip(lowering: str, tmp_path: Path) -> None:
     """Legacy-exported base: anonymous weight initializers, matched by node scope."""
     base_onnx = _export_base(_base(), tmp_path / "base.onnx")
-    model, adir = _adapter(tmp_path, "ad", ["query", "value", "output.dense"], 8, seed=1)
+    model, adir = _adapter(tmp_path, "ad", ["query", "value", "output.dense"], 16, seed=1)
     out = patch_model(base_onnx, adir, tmp_path / "patched.onnx", lowering=lowering, progress=False)
     _assert_parity(model, out)
 

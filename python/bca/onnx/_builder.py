@@ -5,7 +5,7 @@ The adapter computes ``y = scale * ΔW x`` for ``x`` of shape ``(..., in_feature
 ``(i, j)`` is ``scipy.linalg.circulant(C[i, j])``), zero-padding ``x`` and cutting the
 output when ``p`` does not divide the widths.
 
-Two lowerings share one pipeline and differ only in how the real DFTs are done:
+Three lowerings share one pipeline and differ only in how the real DFTs are done:
 
 ``"dft"``
     forward: the ONNX ``DFT`` op, one-sided (``onesided=1``, real input);
@@ -16,6 +16,10 @@ Two lowerings share one pipeline and differ only in how the real DFTs are done:
 ``"matmul"``
     both DFTs as ``MatMul`` with constant real DFT matrices (``p × 2F`` and
     ``2F × p``, ``F = p // 2 + 1``); needs only opset 13 ops.
+``"matmul2"``
+    the same in two stages (four-step Cooley-Tukey, ``p = a b``): ``2 p (a + b)``
+    multiply-adds per transform instead of ``2 p (p + 2)``, for three ``Transpose`` ops
+    more each way. Falls back to ``"matmul"`` when ``p`` has no factor ``4 <= a <= sqrt(p)``.
 
 Between the transforms, per frequency ``f``, the sum over input blocks is a complex
 matrix product done as one batched real ``MatMul`` against a constant ``G`` of shape
@@ -27,7 +31,7 @@ computed in float64 from the kernel and stored once as an initializer.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,10 +49,10 @@ __all__ = [
     "check_opset",
 ]
 
-LOWERINGS = ("dft", "matmul")
+LOWERINGS = ("dft", "matmul", "matmul2")
 """Lowerings of the real DFTs that :func:`build_adapter_subgraph` accepts."""
 
-MIN_OPSET = {"dft": 17, "matmul": 13}
+MIN_OPSET = {"dft": 17, "matmul": 13, "matmul2": 13}
 """Smallest default-domain opset each lowering needs (DFT arrived in opset 17)."""
 
 _NP_TO_ONNX = {
@@ -123,7 +127,7 @@ def adapter_spectra(kernel: np.ndarray, scale: float = 1.0, *, lowering: str = "
     if p % 2 == 0:
         weights[-1] = 1.0
     weights *= float(scale)
-    if lowering == "matmul":
+    if lowering in ("matmul", "matmul2"):
         weights /= p
     a = spec.real.transpose(2, 1, 0) * weights[:, None, None]  # (F, q_in, q_out)
     b = spec.imag.transpose(2, 1, 0) * weights[:, None, None]
@@ -134,6 +138,57 @@ def adapter_spectra(kernel: np.ndarray, scale: float = 1.0, *, lowering: str = "
     g[:, :, 0, :, 1] = b
     g[:, :, 1, :, 1] = a
     return g.reshape(n_freq, 2 * q_in, 2 * q_out)
+
+
+def two_stage_factors(p: int) -> tuple[int, int] | None:
+    """``(a, b)`` with ``p = a * b``, ``a`` the largest divisor ``<= sqrt(p)``; None when
+    ``a < 4`` (a two-stage DFT would not pay): then ``"matmul2"`` emits ``"matmul"``."""
+    a = int(np.sqrt(p))
+    while a > 1 and p % a:
+        a -= 1
+    return (a, p // a) if a >= 4 else None
+
+
+def _two_stage_matrices(p: int) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    """Constants of the two-stage (four-step Cooley-Tukey) real DFT, ``p = a b``.
+
+    With ``t = b t1 + t2`` and ``k = k1 + a k2`` (``k2 < K2 = b // 2 + 1``):
+    ``X[k] = sum_t2 e^{-2πi t2 k / p} Z[k1, t2]``, ``Z[k1, t2] = sum_t1 x[t] e^{-2πi t1 k1 / a}``.
+    Returns ``(a, b, K2, stage1 (a, 2a), stage2 (a, 2b, 2 K2))``: ``stage1`` maps ``t1`` to
+    ``(k1, c)``; ``stage2[k1]`` maps ``(c, t2)`` to ``(k2, d)`` (twiddles included). The
+    inverse uses their transposes. Frequencies ``k > p // 2`` come out too and are given
+    zero weight in the kernel spectra.
+    """
+    factors = two_stage_factors(p)
+    assert factors is not None
+    a, b = factors
+    n_k2 = b // 2 + 1
+    ang1 = 2.0 * np.pi * np.outer(np.arange(a), np.arange(a)) / a  # (t1, k1)
+    stage1 = np.empty((a, a, 2))
+    stage1[:, :, 0] = np.cos(ang1)
+    stage1[:, :, 1] = -np.sin(ang1)
+    stage2 = np.empty((a, 2, b, n_k2, 2))
+    t2 = np.arange(b)[:, None]
+    for k1 in range(a):
+        th = 2.0 * np.pi * t2 * (k1 + a * np.arange(n_k2)[None, :]) / p  # (t2, k2)
+        c, s = np.cos(th), np.sin(th)
+        stage2[k1, 0, :, :, 0] = c
+        stage2[k1, 1, :, :, 0] = s
+        stage2[k1, 0, :, :, 1] = -s
+        stage2[k1, 1, :, :, 1] = c
+    return a, b, n_k2, stage1.reshape(a, 2 * a), stage2.reshape(a, 2 * b, 2 * n_k2)
+
+
+def _two_stage_spectra(g: np.ndarray, p: int, a: int, n_k2: int) -> np.ndarray:
+    """Rearrange ``G`` (F, ., .) to the two-stage frequency order ``(k1, k2)``, zeros for
+    ``k1 + a k2 > p // 2``."""
+    out = np.zeros((a * n_k2, *g.shape[1:]), dtype=g.dtype)
+    for k1 in range(a):
+        for k2 in range(n_k2):
+            f = k1 + a * k2
+            if f <= p // 2:
+                out[k1 * n_k2 + k2] = g[f]
+    return out
 
 
 def _dft_matrices(p: int) -> tuple[np.ndarray, np.ndarray]:
@@ -291,39 +346,78 @@ def build_adapter_subgraph(
         x2 = b.op("Reshape", [x, b.ints("shape", [-1, d_in])], "x2d")
         x2 = b.op("Pad", [x2, b.ints("pads", [0, 0, 0, q_in * p - d_in])], "x_pad")
 
-    if lowering == "dft":
-        xb = b.op("Reshape", [x2, b.ints("shape", [-1, q_in, p, 1])], "x_blocks")
-        spec = b.dft(xb, axis=2, onesided=1)  # (N, q_in, F, 2)
-    else:
-        fwd_name = f"bca/shared/rdft_{p}_{cdt.name}"
-        inv_name = f"bca/shared/irdft_{p}_{cdt.name}"
-        if shared is None or fwd_name not in shared:
-            fwd, inv = _dft_matrices(p)
-            b.inits.append(numpy_helper.from_array(fwd.astype(cdt), fwd_name))
-            b.inits.append(numpy_helper.from_array(inv.astype(cdt), inv_name))
-            if shared is not None:
-                shared.update((fwd_name, inv_name))
-        xb = b.op("Reshape", [x2, b.ints("shape", [-1, q_in, p])], "x_blocks")
-        spec = b.op("MatMul", [xb, fwd_name], "x_spec")  # (N,q_in,2F)
-        spec = b.op("Reshape", [spec, b.ints("shape", [-1, q_in, n_freq, 2])], "x_spec4")
-
-    # per-frequency complex product: (N, q_in, F, 2) -> (F, N, 2 q_in) @ G -> (F, N, 2 q_out)
+    factors = two_stage_factors(p) if lowering == "matmul2" else None
+    if lowering == "matmul2" and factors is None:
+        lowering = "matmul"  # p too small or without a useful factorisation
     g = adapter_spectra(k, scale, lowering=lowering).astype(cdt)
-    st = b.op("Transpose", [spec], "spec_t", perm=[2, 0, 1, 3])
-    st = b.op("Reshape", [st, b.ints("shape", [n_freq, -1, 2 * q_in])], "spec_f")
-    yf = b.op("MatMul", [st, b.const("kernel_spectra", g)], "y_spec_f")
-    yf = b.op("Reshape", [yf, b.ints("shape", [n_freq, -1, q_out, 2])], "y_spec_f4")
-    ys = b.op("Transpose", [yf], "y_spec", perm=[1, 2, 0, 3])  # (N, q_out, F, 2)
 
-    if lowering == "dft":
-        # weighted one-sided spectrum, zero-padded to p, complex inverse DFT, real part
-        if p > n_freq:
-            ys = b.op("Pad", [ys, b.ints("pads", [0, 0, 0, 0, 0, 0, p - n_freq, 0])], "y_full")
-        yt = b.dft(ys, axis=2, inverse=1)  # (N, q_out, p, 2)
-        y2 = b.op("Slice", [yt, b.ints("s", [0]), b.ints("e", [1]), b.ints("a", [3])], "y_real")
+    def shared_const(stem: str, make: Callable[[], np.ndarray]) -> str:
+        name = f"bca/shared/{stem}_{p}_{cdt.name}"
+        if shared is None or name not in shared:
+            b.inits.append(numpy_helper.from_array(make().astype(cdt), name))
+            if shared is not None:
+                shared.add(name)
+        return name
+
+    # forward transforms -> spectra laid out (n_freq, N, 2 q_in), (j, c) innermost
+    if lowering == "matmul2":
+        assert factors is not None
+        a, bb = factors
+        _, _, n_k2, st1, st2 = _two_stage_matrices(p)
+        s1 = shared_const("dft2_stage1", lambda: st1)
+        s2 = shared_const("dft2_stage2", lambda: st2)
+        s2t = shared_const("dft2_stage2_t", lambda: st2.transpose(0, 2, 1))
+        s1t = shared_const("dft2_stage1_t", lambda: st1.T)
+        g = _two_stage_spectra(g, p, a, n_k2)
+        n_freq_x = a * n_k2
+        xb = b.op("Reshape", [x2, b.ints("shape", [-1, a, bb])], "x_blocks")  # (M, t1, t2)
+        xt = b.op("Transpose", [xb], "x_t", perm=[0, 2, 1])  # (M, t2, t1)
+        z = b.op("MatMul", [xt, s1], "stage1")  # (M, t2, (k1, c))
+        z = b.op("Reshape", [z, b.ints("shape", [-1, bb, a, 2])], "stage1_4")
+        z = b.op("Transpose", [z], "stage1_t", perm=[2, 0, 3, 1])  # (k1, M, c, t2)
+        z = b.op("Reshape", [z, b.ints("shape", [a, -1, 2 * bb])], "stage1_k1")
+        xs = b.op("MatMul", [z, s2], "stage2")  # (k1, M, (k2, d))
+        xs = b.op("Reshape", [xs, b.ints("shape", [a, -1, q_in, n_k2, 2])], "stage2_5")
+        st = b.op("Transpose", [xs], "spec_t", perm=[0, 3, 1, 2, 4])  # (k1, k2, N, q_in, 2)
     else:
-        ys = b.op("Reshape", [ys, b.ints("shape", [-1, q_out, 2 * n_freq])], "y_spec3")
-        y2 = b.op("MatMul", [ys, inv_name], "y_blocks")  # (N,q_out,p)
+        n_freq_x = n_freq
+        if lowering == "dft":
+            xb = b.op("Reshape", [x2, b.ints("shape", [-1, q_in, p, 1])], "x_blocks")
+            spec = b.dft(xb, axis=2, onesided=1)  # (N, q_in, F, 2)
+        else:
+            fwd_name = shared_const("rdft", lambda: _dft_matrices(p)[0])
+            inv_name = shared_const("irdft", lambda: _dft_matrices(p)[1])
+            xb = b.op("Reshape", [x2, b.ints("shape", [-1, q_in, p])], "x_blocks")
+            spec = b.op("MatMul", [xb, fwd_name], "x_spec")  # (N,q_in,2F)
+            spec = b.op("Reshape", [spec, b.ints("shape", [-1, q_in, n_freq, 2])], "x_spec4")
+        st = b.op("Transpose", [spec], "spec_t", perm=[2, 0, 1, 3])  # (F, N, q_in, 2)
+
+    # per-frequency complex product: (n_freq, N, 2 q_in) @ G -> (n_freq, N, 2 q_out)
+    st = b.op("Reshape", [st, b.ints("shape", [n_freq_x, -1, 2 * q_in])], "spec_f")
+    yf = b.op("MatMul", [st, b.const("kernel_spectra", g)], "y_spec_f")
+
+    if lowering == "matmul2":
+        ys = b.op("Reshape", [yf, b.ints("shape", [a, n_k2, -1, q_out, 2])], "y_spec_5")
+        ys = b.op("Transpose", [ys], "y_spec_t", perm=[0, 2, 3, 1, 4])  # (k1, N, q_out, k2, 2)
+        ys = b.op("Reshape", [ys, b.ints("shape", [a, -1, 2 * n_k2])], "y_spec_k1")
+        u = b.op("MatMul", [ys, s2t], "istage2")  # (k1, M, (c, t2))
+        u = b.op("Reshape", [u, b.ints("shape", [a, -1, 2, bb])], "istage2_4")
+        u = b.op("Transpose", [u], "istage2_t", perm=[1, 3, 0, 2])  # (M, t2, k1, c)
+        u = b.op("Reshape", [u, b.ints("shape", [-1, bb, 2 * a])], "istage2_m")
+        yt = b.op("MatMul", [u, s1t], "istage1")  # (M, t2, t1)
+        y2 = b.op("Transpose", [yt], "y_blocks", perm=[0, 2, 1])  # (M, t1, t2) = (M, p)
+    else:
+        yf = b.op("Reshape", [yf, b.ints("shape", [n_freq, -1, q_out, 2])], "y_spec_f4")
+        ys = b.op("Transpose", [yf], "y_spec", perm=[1, 2, 0, 3])  # (N, q_out, F, 2)
+        if lowering == "dft":
+            # weighted one-sided spectrum, zero-padded to p, complex inverse DFT, real part
+            if p > n_freq:
+                ys = b.op("Pad", [ys, b.ints("pads", [0, 0, 0, 0, 0, 0, p - n_freq, 0])], "y_full")
+            yt = b.dft(ys, axis=2, inverse=1)  # (N, q_out, p, 2)
+            y2 = b.op("Slice", [yt, b.ints("s", [0]), b.ints("e", [1]), b.ints("a", [3])], "y_real")
+        else:
+            ys = b.op("Reshape", [ys, b.ints("shape", [-1, q_out, 2 * n_freq])], "y_spec3")
+            y2 = b.op("MatMul", [ys, inv_name], "y_blocks")  # (N,q_out,p)
     if q_out * p != d_out:
         y2 = b.op("Reshape", [y2, b.ints("shape", [-1, q_out * p])], "y2d")
         y2 = b.op("Slice", [y2, b.ints("s", [0]), b.ints("e", [d_out]), b.ints("a", [1])], "y_cut")

@@ -27,7 +27,7 @@ from ._splice import (
 
 __all__ = ["export_model", "MODES", "DEFAULT_OPSET"]
 
-MODES = ("auto", "dft", "matmul", "folded")
+MODES = ("auto", "dft", "matmul", "matmul2", "folded")
 """``mode`` values of :func:`export_model`."""
 
 DEFAULT_OPSET = 17
@@ -218,8 +218,9 @@ def export_model(
             transformers models; keys become the ONNX input names). Give realistic
             inputs: torch's tracer may specialise on them (e.g. an all-ones attention
             mask lets transformers drop the mask from the traced graph).
-        mode: ``"dft"`` (ONNX DFT op), ``"matmul"`` (constant DFT matrices), ``"auto"``
-            (per layer, see :func:`choose_lowering`): ``y = base(x) + adapter(x)`` with
+        mode: ``"dft"`` (ONNX DFT op), ``"matmul"`` (constant DFT matrices),
+            ``"matmul2"`` (the same in two stages, p = a b), ``"auto"`` (per layer, see
+            :func:`choose_lowering`): ``y = base(x) + adapter(x)`` with
             the base weights untouched and the kernel spectra stored as initializers;
             ``"folded"``: ``W + scale ΔW`` merged into the base weights (no runtime
             overhead, no separate adapter).

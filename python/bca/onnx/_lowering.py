@@ -1,20 +1,19 @@
-"""The default choice between the ``"dft"`` and ``"matmul"`` lowerings.
+"""The default choice among the ``"dft"``, ``"matmul"`` and ``"matmul2"`` lowerings.
 
-The rule comes from measurements in onnxruntime (benches/bench_onnx.py, results in
-benches/results/onnx_*.md and docs/onnx.md):
+The rule comes from measurements in onnxruntime 1.32 (``python benches/bench_onnx.py
+--part lowering``; table in benches/results/onnx_lowering.md and docs/onnx.md): the
+adapter subgraph alone, float32, one intra-op thread, CPU time per call, at
+d = 384, 768, 4096, 1 and 128 rows, p = 16 ... 1024.
 
-* ORT's DFT kernel is accurate only for power-of-two lengths: for other ``p`` its float32
-  error reaches 1e-5..1e-4 (float64: ~1e-8), while the MatMul lowering stays at ~4e-7
-  (float64: ~1e-14). Non-power-of-two ``p`` therefore always gets ``"matmul"``.
-* Opsets below 17 have no DFT op: ``"matmul"``.
-* For power-of-two ``p``, the constant DFT matrices cost ``2 p (p + 2)`` multiply-adds
-  per block and transform against ~``5 p log2 p`` for an FFT, but ORT's DFT kernel is
-  single-threaded and slow (onnxruntime 1.32, 2 threads: at d = 4096 and 128 rows the
-  DFT lowering took 0.5-0.6 of the dense layer's time for every p, the MatMul lowering
-  0.14-0.39 for p <= 512). The MatMul lowering measured faster for p <= 512 at every
-  size tried (d = 384, 768, 4096; 1 and 128 rows); at p = 1024 the DFT lowering won
-  for one row (0.85 vs 1.18 ms at d = 4096) and tied at 128 rows. Hence
-  ``"matmul"`` up to ``MATMUL_MAX_BLOCK = 512``, ``"dft"`` beyond.
+* ORT's DFT kernel is single-threaded and slow: the ``"dft"`` lowering was never the
+  fastest (e.g. d = 4096, 128 rows, p = 256: 0.52 of the dense layer's time, against
+  0.22 for ``"matmul"``), and for block sizes that are not powers of two its float32
+  error reaches 1e-5..1e-4 (float64 ~3e-8) where the MatMul lowerings stay at ~1e-7
+  (float64 ~1e-15). It is never picked automatically.
+* ``"matmul"`` (one-stage constant DFT matrices) was fastest for every p <= 256.
+* ``"matmul2"`` (two stages, ``p = a b``) was fastest at p = 512 and 1024 (d = 4096,
+  128 rows, p = 1024: 0.36 of dense against 0.56 for ``"matmul"`` and 0.59 for
+  ``"dft"``); below that its extra Transposes cost more than the multiply-adds it saves.
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ import numpy as np
 
 __all__ = ["choose_lowering", "MATMUL_MAX_BLOCK"]
 
-MATMUL_MAX_BLOCK = 512
-"""Largest power-of-two block size for which ``"auto"`` picks the MatMul lowering."""
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
+MATMUL_MAX_BLOCK = 256
+"""Largest block size for which ``"auto"`` picks the one-stage ``"matmul"`` lowering;
+larger blocks get ``"matmul2"`` (which itself falls back to ``"matmul"`` for block sizes
+without a factor ``4 <= a <= sqrt(p)``)."""
 
 
 def choose_lowering(
@@ -39,9 +36,9 @@ def choose_lowering(
     opset: int = 17,
     dtype: np.dtype | type | str = np.float32,
 ) -> str:
-    """The lowering ``lowering="auto"`` uses for one adapter: ``"dft"`` or ``"matmul"``."""
-    del in_features, out_features, dtype  # the measured rule depends on p and opset only
+    """The lowering ``lowering="auto"`` uses for one adapter (see the module docstring)."""
+    del in_features, out_features, opset, dtype  # the measured rule depends on p only
     p = int(block_size)
-    if opset < 17 or not _is_pow2(p):
-        return "matmul"
-    return "matmul" if p <= MATMUL_MAX_BLOCK else "dft"
+    if p < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return "matmul" if p <= MATMUL_MAX_BLOCK else "matmul2"
