@@ -236,11 +236,14 @@ class _TorchBlockCirculant(torch.autograd.Function):
         q_out, q_in, p = kernel.shape
         if spectra is None:
             spectra = _kernel_spectra(kernel, scale)
-        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
-        ys = torch.matmul(xs, spectra)  # (F, N, q_out)
-        # the kernel spectra are parameter-sized; the input spectra are recomputed in backward
         ctx.save_for_backward(x, kernel, spectra)
         ctx.features = (in_features, out_features, scale)
+        if x.shape[0] == 0:  # some FFT libraries (MKL) reject empty batches
+            return x.new_zeros(0, out_features)
+        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
+        ys = torch.matmul(xs, spectra)  # (F, N, q_out)
+        # saved: x, the kernel and its (parameter-sized) spectra; the input spectra are
+        # recomputed in backward
         return _inverse_blocks(ys, p, out_features)
 
     @staticmethod
@@ -248,9 +251,13 @@ class _TorchBlockCirculant(torch.autograd.Function):
         x, kernel, spectra = ctx.saved_tensors
         in_features, out_features, scale = ctx.features
         q_out, q_in, p = kernel.shape
+        if x.shape[0] == 0:
+            gx0 = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+            gk0 = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
+            return gx0, gk0, None, None, None, None
         if grad_output.dtype != x.dtype:
             grad_output = grad_output.to(x.dtype)
-        gs = _block_spectra(grad_output, q_out, p)  # (F, N, q_out)
+        gs = _block_spectra(grad_output, q_out, p).contiguous()  # (F, N, q_out), used twice
         grad_x = grad_kernel = None
         if ctx.needs_input_grad[0]:
             gxs = torch.matmul(gs, spectra.mH)  # (F, N, q_in); mH: conjugate transpose
