@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -221,6 +222,13 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
         f"Memory: {meta['memory_note']}",
         "",
     ]
+    if meta.get("loadavg_before") is not None:
+        lines += [
+            f"Machine: {meta['cpu_count']} CPUs, 1-minute load average "
+            f"{meta['loadavg_before'][0]:.1f} before and {meta['loadavg_after'][0]:.1f} after "
+            "the run (other processes share these CPUs; compare ratios, not absolute times).",
+            "",
+        ]
     for scope in ("adapter", "layer"):
         sub = [r for r in rows if r["scope"] == scope]
         if not sub:
@@ -310,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in map(int, args.dims.split(","))
         for n in map(int, args.rows.split(","))
     ]
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []
     for d, p, n, scope in tqdm(cases, desc="cases"):
         rows += bench_case(d, p, n, device, scope, backends, args.repeats, args.budget)
@@ -328,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "memory_note": (
             "peak torch.cuda.max_memory_allocated during one step above the memory held before it"
             if device.type == "cuda"
