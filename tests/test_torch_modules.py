@@ -225,6 +225,10 @@ def test_eval_spectra_cache_follows_kernel_version() -> None:
     with torch.no_grad():
         y4 = m.adapter_forward(x)
     assert rel_err(y4.numpy(), y1.numpy()) < 1e-6
+    m.clear_cache()
+    assert m._spectra is None
+    with torch.no_grad():
+        assert torch.equal(m.adapter_forward(x), y4)
     # training mode with grad enabled does not use the cache
     m.train()
     m._spectra = None
@@ -419,6 +423,13 @@ def test_cuda_training_step_and_rust_refusal() -> None:
         m.merge()
         assert rel_err(m(x).cpu().numpy(), y.cpu().numpy()) < 1e-5
         m.unmerge()
+    with torch.no_grad():  # eval cache on CUDA: version-tracked; .data edits need clear_cache
+        y1 = m.adapter_forward(x)
+        m.bca_kernel.mul_(2.0)
+        assert rel_err(m.adapter_forward(x).cpu().numpy(), 2 * y1.cpu().numpy()) < 1e-5
+        m.bca_kernel.data.mul_(0.5)
+        m.clear_cache()
+        assert rel_err(m.adapter_forward(x).cpu().numpy(), y1.cpu().numpy()) < 1e-5
     if rust_available():
         m.backend = "rust"
         with pytest.raises(ValueError, match="CPU only"):

@@ -154,12 +154,14 @@ def _check_padding(name: str, features: int, q: int, p: int) -> None:
 
 
 class _KernelSnapshot:
-    """Detects any change of a kernel tensor since the last :meth:`take`.
+    """Detects a change of a kernel tensor since the last :meth:`take`.
 
     The version counter and storage pointer catch ordinary in-place updates (optimizer
-    steps, ``load_state_dict``) without looking at the values; a value comparison with a
-    parameter-sized copy also catches edits through ``.data``, which have their own version
-    counter.
+    steps, ``load_state_dict``) without looking at the values. For CPU tensors a value
+    comparison with a parameter-sized copy also catches edits through ``.data`` (which
+    have their own version counter); on other devices that comparison would force a
+    device synchronisation per call, so it is skipped there (call
+    :meth:`BlockCirculantLinear.clear_cache` after editing ``.data`` on a GPU).
     """
 
     __slots__ = ("key", "values")
@@ -173,13 +175,19 @@ class _KernelSnapshot:
         return (kernel._version, kernel.data_ptr(), kernel.device, kernel.dtype, kernel.shape)
 
     def matches(self, kernel: torch.Tensor) -> bool:
-        if self.key != self._key(kernel) or self.values is None:
+        if self.key is None or self.key != self._key(kernel):
             return False
+        if self.values is None:  # non-CPU: version and storage only
+            return True
         return bool(torch.equal(self.values, kernel.detach()))
 
     def take(self, kernel: torch.Tensor) -> None:
         self.key = self._key(kernel)
-        self.values = kernel.detach().clone()
+        self.values = kernel.detach().clone() if kernel.device.type == "cpu" else None
+
+    def clear(self) -> None:
+        self.key = None
+        self.values = None
 
 
 def _compute_dtype(x_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
@@ -495,6 +503,13 @@ class BlockCirculantLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     # -- backend state ------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        """Drop the cached kernel spectra and Rust operator state (recomputed on next use)."""
+        self._spectra = None
+        self._spectra_meta = None
+        self._spectra_snapshot.clear()
+        self._rust_snapshot.clear()
+
     def _cached_spectra(self, cdtype: torch.dtype) -> torch.Tensor:
         k = self.bca_kernel
         snap = self._spectra_snapshot
