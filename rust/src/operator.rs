@@ -19,7 +19,7 @@ use crate::threads;
 use crate::{BcaError, Float, Shape};
 
 /// Most rows processed together by one task.
-const MAX_ROWS_PER_CHUNK: usize = 32;
+const MAX_ROWS_PER_CHUNK: usize = 16;
 /// Below this many (rows × kernel elements) a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
