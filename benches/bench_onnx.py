@@ -392,8 +392,7 @@ def bench_models(args: argparse.Namespace) -> None:
                         p,
                         f"{base_t * 1e3:.2f}",
                         *(
-                            f"{res[m][key] * 1e3:.2f} "
-                            f"({res[m][key] / base_t - 1:+.0%})"
+                            f"{res[m][key] * 1e3:.2f} ({res[m][key] / base_t - 1:+.0%})"
                             for m in modes
                         ),
                         f"{unfolded / base_t - 1:+.1%} / {unfolded_min / base_min - 1:+.1%}",

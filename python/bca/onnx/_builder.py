@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -261,7 +262,7 @@ class _Builder:
         inputs: Sequence[str],
         stem: str | None = None,
         output: str | None = None,
-        **attrs: object,
+        **attrs: Any,
     ) -> str:
         out = output if output is not None else self.name(stem or op_type.lower())
         self.nodes.append(
@@ -424,8 +425,10 @@ def build_adapter_subgraph(
     if dt == np.float16:
         y2 = b.op("Cast", [y2], "y_f16", to=TensorProto.FLOAT16)
     # allowzero=1: a 0 in the (runtime) shape is an empty axis, not "copy this dim"
-    zero = {"allowzero": 1} if opset >= 14 else {}
-    b.op("Reshape", [y2, output_shape], output=output_name, **zero)
+    if opset >= 14:
+        b.op("Reshape", [y2, output_shape], output=output_name, allowzero=1)
+    else:
+        b.op("Reshape", [y2, output_shape], output=output_name)
     return AdapterSubgraph(
         nodes=b.nodes,
         initializers=b.inits,

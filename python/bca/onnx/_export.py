@@ -63,7 +63,7 @@ def _flatten_outputs(out: Any) -> tuple[list[str], tuple[Any, ...]]:
 def _make_wrapper(model: Any, names: list[str], as_kwargs: bool) -> Any:
     torch = _torch()
 
-    class _ExportWrapper(torch.nn.Module):
+    class _ExportWrapper(torch.nn.Module):  # type: ignore[name-defined,misc]
         """Positional tensors in, a flat tuple of tensors out."""
 
         def __init__(self) -> None:
@@ -294,7 +294,7 @@ def export_model(
     steps = ["export base", "locate layers", "splice adapters", "save + check", "verify"]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         bar = tqdm(total=len(steps), desc="bca export", unit="step")
 
@@ -379,7 +379,7 @@ def _verify(
     ref_out: tuple[Any, ...],
     tol: float,
 ) -> None:
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

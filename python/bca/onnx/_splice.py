@@ -270,7 +270,7 @@ def splice_adapters(
     original_outputs = [n.output[0] if n.output else "" for n in graph.node]
     it: Iterable[tuple[tuple[LinearSite, AdapterSpec], str]] = zip(pairs, prefixes, strict=True)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         it = tqdm(list(it), desc="splicing adapters", unit="adapter")
     for (site, spec), prefix in it:
