@@ -10,16 +10,32 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._bca import __version__
-from .core import (
-    BlockCirculant,
-    block_circulant_matmul,
-    block_circulant_matmul_backward,
-    block_circulant_to_dense,
-    get_num_threads,
-    num_blocks,
-    set_num_threads,
+_CORE_NAMES = (
+    "BlockCirculant",
+    "block_circulant_matmul",
+    "block_circulant_matmul_backward",
+    "block_circulant_to_dense",
+    "get_num_threads",
+    "num_blocks",
+    "set_num_threads",
 )
+
+try:
+    from ._bca import __version__
+    from .core import (
+        BlockCirculant,
+        block_circulant_matmul,
+        block_circulant_matmul_backward,
+        block_circulant_to_dense,
+        get_num_threads,
+        num_blocks,
+        set_num_threads,
+    )
+
+    _CORE_IMPORT_ERROR: ImportError | None = None
+except ImportError as _err:  # the Rust extension is not built: the torch backend still works
+    _CORE_IMPORT_ERROR = _err
+    __version__ = "0+unknown"
 
 __all__ = [
     "__version__",
@@ -36,6 +52,12 @@ _LAZY_SUBMODULES = {"nn", "model", "onnx", "cost", "peft_interop", "cli", "demo"
 
 
 def __getattr__(name: str) -> Any:
+    if name in _CORE_NAMES and _CORE_IMPORT_ERROR is not None:
+        raise ImportError(
+            f"bca.{name} needs bca's Rust extension (bca._bca), which failed to import: "
+            f"{_CORE_IMPORT_ERROR}. Reinstall bca (pip install bca) to build it; the torch "
+            'backend (backend="torch") works without it.'
+        ) from _CORE_IMPORT_ERROR
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
