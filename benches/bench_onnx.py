@@ -44,8 +44,9 @@ from _timing import (  # noqa: E402
 def time_cpu_interleaved(
     contenders: dict[str, Any], repeats: int, min_sample_s: float = 5e-3
 ) -> dict[str, dict[str, float]]:
-    """Like ``_timing.time_interleaved`` (round-robin samples, medians), but records the
-    process CPU time per call next to the wall time.
+    """Like ``_timing.time_interleaved`` (round-robin samples, medians; here the order
+    rotates every round), but records the process CPU time per call next to the wall
+    time.
 
     On a shared, oversubscribed machine wall-clock latency mostly measures waiting for a
     core; CPU time measures the work. With one intra-op thread and no spinning, CPU time
@@ -63,8 +64,12 @@ def time_cpu_interleaved(
         inner[name] = max(1, int(min_sample_s / once))
     wall: dict[str, list[float]] = {n: [] for n in contenders}
     cpu: dict[str, list[float]] = {n: [] for n in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
+    names = list(contenders)
+    for r in range(repeats):
+        # rotate the order every round: no contender always runs first (after the
+        # others have evicted its weights from the caches)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = contenders[name]
             k = inner[name]
             w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(k):
