@@ -395,7 +395,7 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
             if o.no_lr_division
             else f"= base lr / p = {s.bca_lr / o.block_size:.3g}"
         )
-        + "; head trained at the base lr.",
+        + f"; classifier head lr {s.head_lr:g} for every adapter method.",
         f"- PEFT LoRA: r={o.lora_rank}, alpha={2 * o.lora_rank}, AdamW lr {s.lora_lr:g}; "
         f"PEFT C3A: block size {o.block_size}, xavier init, AdamW lr {s.c3a_lr:g}; "
         f"linear probe: AdamW lr {s.probe_lr:g} on the head over frozen mean-pooled features.",
