@@ -231,12 +231,12 @@ def test_bad_kernels() -> None:
 
 
 def test_auto_avoids_dft_for_non_power_of_two() -> None:
-    """ "auto" never picks the DFT op (slower everywhere measured, and imprecise in ORT
-    for non-power-of-two lengths); one-stage matrices up to p = 256, two stages above."""
-    for p in (1, 3, 7, 12, 64, 96, 100, 256):
+    """'auto' never picks the DFT op (slower everywhere measured, and imprecise in ORT
+    for non-power-of-two lengths); one-stage matrices up to p = 512, two stages above."""
+    for p in (1, 3, 7, 12, 64, 96, 100, 256, 384, 512):
         assert choose_lowering(p) == "matmul"
         assert choose_lowering(p, opset=13) == "matmul"
-    for p in (384, 512, 768, 1000, 1024, 4096):
+    for p in (513, 768, 1000, 1024, 4096):
         assert choose_lowering(p) == "matmul2"
 
 

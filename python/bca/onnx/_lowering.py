@@ -10,10 +10,13 @@ d = 384, 768, 4096, 1 and 128 rows, p = 16 ... 1024.
   0.22 for ``"matmul"``), and for block sizes that are not powers of two its float32
   error reaches 1e-5..1e-4 (float64 ~3e-8) where the MatMul lowerings stay at ~1e-7
   (float64 ~1e-15). It is never picked automatically.
-* ``"matmul"`` (one-stage constant DFT matrices) was fastest for every p <= 256.
-* ``"matmul2"`` (two stages, ``p = a b``) was fastest at p = 512 and 1024 (d = 4096,
-  128 rows, p = 1024: 0.36 of dense against 0.56 for ``"matmul"`` and 0.59 for
-  ``"dft"``); below that its extra Transposes cost more than the multiply-adds it saves.
+* ``"matmul"`` (one-stage constant DFT matrices) was fastest for every p <= 256, and at
+  p = 512 it tied or won (d = 4096, 128 rows: 0.33 of dense against 0.42 for
+  ``"matmul2"``; one row: 0.040 against 0.035).
+* ``"matmul2"`` (two stages, ``p = a b``) was fastest at p = 1024 (d = 4096, 128 rows:
+  0.47 of dense against 0.59 for ``"matmul"`` and 0.82 for ``"dft"``; one row: 0.05
+  against 0.14 and 0.07); below that its extra Transposes cost more than the
+  multiply-adds it saves.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 __all__ = ["choose_lowering", "MATMUL_MAX_BLOCK"]
 
-MATMUL_MAX_BLOCK = 256
+MATMUL_MAX_BLOCK = 512
 """Largest block size for which ``"auto"`` picks the one-stage ``"matmul"`` lowering;
 larger blocks get ``"matmul2"`` (which itself falls back to ``"matmul"`` for block sizes
 without a factor ``4 <= a <= sqrt(p)``)."""
