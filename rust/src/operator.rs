@@ -60,13 +60,16 @@ struct Workspace<T> {
     b_im: Vec<T>,
 }
 
-/// Row spectra of a whole batch, kept for the kernel gradient.
+/// Row spectra of a whole batch and the kernel-gradient spectra.
 #[derive(Default)]
 struct GradBuffers<T> {
     x_re: Vec<T>,
     x_im: Vec<T>,
     g_re: Vec<T>,
     g_im: Vec<T>,
+    /// Kernel-gradient spectra, one (q_out, q_in, LANES) slab per tile of frequencies.
+    k_re: Vec<T>,
+    k_im: Vec<T>,
 }
 
 /// Kernel spectra in one orientation: (q_b, q_a, F), split planes.
@@ -633,64 +636,86 @@ impl<T: Float> BlockCirculant<T> {
             }
         }
 
-        // Pass 2, per pair of output blocks: K[i, j] = Σ_rows G[r, i] ⊙ conj(X[r, j]), rows
-        // in order and a chunk at a time, then one inverse FFT per kernel block.
+        // Pass 2, per tile of frequencies (in parallel): K[:, :, tile] = Σ_rows
+        // G[r, :, tile]ᵀ ⊙ conj(X[r, :, tile]), chunks and rows in order. Each task keeps its
+        // slab of K in cache and reads every row's spectra once.
         let (x_re, x_im, g_re, g_im) = (&*x_re, &*x_im, &*g_re, &*g_im);
-        const BLOCKS_PER_TASK: usize = 2;
-        let row_p = q_in * p;
-        let per_task = |(t, out): (usize, &mut [T])| -> Result<(), BcaError> {
-            let i_start = t * BLOCKS_PER_TASK;
-            let i_end = (i_start + BLOCKS_PER_TASK).min(q_out);
-            let k_len = (i_end - i_start) * row_x;
-            let mut ws = self.take_workspace(0);
-            grow(&mut ws.a_re, k_len);
-            grow(&mut ws.a_im, k_len);
-            let mut k_re = std::mem::take(&mut ws.a_re);
-            let mut k_im = std::mem::take(&mut ws.a_im);
-            k_re[..k_len].fill(T::zero());
-            k_im[..k_len].fill(T::zero());
-            // Same chunks as pass 1: each is stored row-transposed on its own.
-            for ((gr, gi), (xr, xi)) in g_re
-                .chunks(rows * row_g)
-                .zip(g_im.chunks(rows * row_g))
-                .zip(x_re.chunks(rows * row_x).zip(x_im.chunks(rows * row_x)))
-            {
+        let slab = q_out * q_in * simd::LANES;
+        grow(&mut bufs.k_re, f_pad * q_out * q_in);
+        grow(&mut bufs.k_im, f_pad * q_out * q_in);
+        let (k_re, k_im) = (
+            &mut bufs.k_re[..f_pad * q_out * q_in],
+            &mut bufs.k_im[..f_pad * q_out * q_in],
+        );
+        let per_tile = |(t, (kr, ki)): (usize, (&mut [T], &mut [T]))| {
+            kr.fill(T::zero());
+            ki.fill(T::zero());
+            let mut row0 = 0;
+            while row0 < n_rows {
+                let chunk = rows.min(n_rows - row0);
+                let (xo, go) = (row0 * row_x, row0 * row_g);
+                let (nx, ng) = (chunk * row_x, chunk * row_g);
                 simd::accumulate_kernel_grad(
-                    f_pad,
                     q_out,
                     q_in,
-                    (i_start, i_end),
-                    (gr, gi),
-                    (xr, xi),
-                    (&mut k_re[..k_len], &mut k_im[..k_len]),
+                    chunk,
+                    t * simd::LANES,
+                    (&g_re[go..go + ng], &g_im[go..go + ng]),
+                    (&x_re[xo..xo + nx], &x_im[xo..xo + nx]),
+                    (&mut *kr, &mut *ki),
                 );
+                row0 += chunk;
             }
-            // Kernel row i is a "row" of q_in blocks of width p: reuse the row inverse.
-            let r = out
-                .chunks_exact_mut(row_p)
+        };
+        match &pool {
+            Some(pool) if f_pad > simd::LANES => pool.install(|| {
+                k_re.par_chunks_mut(slab)
+                    .zip(k_im.par_chunks_mut(slab))
+                    .enumerate()
+                    .for_each(per_tile)
+            }),
+            _ => k_re
+                .chunks_mut(slab)
+                .zip(k_im.chunks_mut(slab))
                 .enumerate()
-                .try_for_each(|(b, kernel_row)| {
-                    let o = b * row_x;
-                    let planes = (&k_re[o..o + row_x], &k_im[o..o + row_x]);
-                    self.spectra_to_row(planes, q_in, kernel_row, &mut ws)
+                .for_each(per_tile),
+        }
+
+        // Pass 3, per output block (in parallel): one inverse FFT per kernel block.
+        let (k_re, k_im) = (&*k_re, &*k_im);
+        let scale = T::one() / T::from(p).unwrap_or_else(T::one);
+        let per_block_row = |(i, out): (usize, &mut [T])| -> Result<(), BcaError> {
+            let mut ws = self.take_workspace(0);
+            let r = out
+                .chunks_exact_mut(p)
+                .enumerate()
+                .try_for_each(|(j, block)| {
+                    for (f, c) in ws.freq.iter_mut().enumerate() {
+                        let at = (f / simd::LANES) * slab
+                            + (i * q_in + j) * simd::LANES
+                            + f % simd::LANES;
+                        *c = Complex::new(k_re[at], k_im[at]);
+                    }
+                    self.inverse(&mut ws)?;
+                    for (o, &t) in block.iter_mut().zip(ws.time.iter()) {
+                        *o = t * scale;
+                    }
+                    Ok(())
                 });
-            ws.a_re = k_re;
-            ws.a_im = k_im;
             self.give_back_workspace(ws);
             r
         };
-        let task_len = BLOCKS_PER_TASK * row_p;
         match &pool {
-            Some(pool) if q_out > BLOCKS_PER_TASK => pool.install(|| {
+            Some(pool) if q_out > 1 => pool.install(|| {
                 grad_kernel
-                    .par_chunks_mut(task_len)
+                    .par_chunks_mut(q_in * p)
                     .enumerate()
-                    .try_for_each(per_task)
+                    .try_for_each(per_block_row)
             }),
             _ => grad_kernel
-                .chunks_mut(task_len)
+                .chunks_mut(q_in * p)
                 .enumerate()
-                .try_for_each(per_task),
+                .try_for_each(per_block_row),
         }
     }
 }

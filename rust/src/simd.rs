@@ -193,56 +193,55 @@ impl Tile {
     }
 }
 
-/// Kernel gradient for output blocks `i_range`: k[i, j, :] += Σ_r g[r, i, :] ⊙ conj(x[r, j, :]),
-/// over the rows of `g` and `x` in order (callers pass a chunk of rows at a time so that
-/// the chunk stays in cache).
+/// Kernel gradient for one tile of frequencies `fb`: for every output block i and input
+/// block j, k[i, j, :] += Σ_r g[r, i, fb..fb+LANES] ⊙ conj(x[r, j, fb..fb+LANES]), over the
+/// rows of one chunk in order.
 ///
-/// Layouts: g and x hold one chunk of rows in the row-transposed layout (see
-/// [`packed_by_row`]); k holds one packed group of q_in spectra per output block in
-/// `i_range` (see [`packed`]).
+/// Layouts: g and x hold one chunk of `rows` rows in the row-transposed layout (see
+/// [`packed_by_row`]); k is this tile's slab, (q_out, q_in, LANES).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate_kernel_grad<T: Float>(
-    f_pad: usize,
     q_out: usize,
     q_in: usize,
-    i_range: (usize, usize),
+    rows: usize,
+    fb: usize,
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T>,
 ) {
     dispatch_avx2!(
         accumulate_kernel_grad_body,
-        accumulate_kernel_grad_avx2(f_pad, q_out, q_in, i_range, g, x, k)
+        accumulate_kernel_grad_avx2(q_out, q_in, rows, fb, g, x, k)
     )
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn accumulate_kernel_grad_avx2<T: Float>(
-    f_pad: usize,
     q_out: usize,
     q_in: usize,
-    i_range: (usize, usize),
+    rows: usize,
+    fb: usize,
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T>,
 ) {
-    accumulate_kernel_grad_body(f_pad, q_out, q_in, i_range, g, x, k)
+    accumulate_kernel_grad_body(q_out, q_in, rows, fb, g, x, k)
 }
 
 /// Position of one kernel-gradient tile.
 struct GradTile {
-    f_pad: usize,
     q_out: usize,
     q_in: usize,
     rows: usize,
     i0: usize,
-    k_i0: usize,
     j0: usize,
     fb: usize,
 }
 
 impl GradTile {
-    /// I output blocks × J input blocks × LANES frequencies, summed over all rows.
+    /// I output blocks × J input blocks × LANES frequencies, summed over the chunk's rows.
     #[inline(always)]
     fn accumulate<T: Float, const I: usize, const J: usize>(
         &self,
@@ -250,10 +249,7 @@ impl GradTile {
         (x_re, x_im): Planes<'_, T>,
         (k_re, k_im): PlanesMut<'_, T>,
     ) {
-        let f_pad = self.f_pad;
-        let k_at = |i: usize, j: usize| {
-            (self.i0 - self.k_i0 + i) * self.q_in * f_pad + packed(self.q_in, self.j0 + j, self.fb)
-        };
+        let k_at = |i: usize, j: usize| ((self.i0 + i) * self.q_in + self.j0 + j) * LANES;
         let mut acc_re = [[[T::zero(); LANES]; J]; I];
         let mut acc_im = [[[T::zero(); LANES]; J]; I];
         for i in 0..I {
@@ -301,44 +297,39 @@ impl GradTile {
 
 #[inline(always)]
 fn accumulate_kernel_grad_body<T: Float>(
-    f_pad: usize,
     q_out: usize,
     q_in: usize,
-    (i_start, i_end): (usize, usize),
+    rows: usize,
+    fb: usize,
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T>,
 ) {
-    let rows = g.0.len() / (q_out * f_pad);
     let (k_re, k_im) = k;
-    for fb in (0..f_pad).step_by(LANES) {
-        let mut i0 = i_start;
-        while i0 < i_end {
-            let ni = (i_end - i0).min(2);
-            let mut j0 = 0;
-            while j0 < q_in {
-                let nj = (q_in - j0).min(2);
-                let t = GradTile {
-                    f_pad,
-                    q_out,
-                    q_in,
-                    rows,
-                    i0,
-                    k_i0: i_start,
-                    j0,
-                    fb,
-                };
-                let k = (&mut *k_re, &mut *k_im);
-                match (ni, nj) {
-                    (2, 2) => t.accumulate::<T, 2, 2>(g, x, k),
-                    (2, _) => t.accumulate::<T, 2, 1>(g, x, k),
-                    (_, 2) => t.accumulate::<T, 1, 2>(g, x, k),
-                    _ => t.accumulate::<T, 1, 1>(g, x, k),
-                }
-                j0 += nj;
+    let mut i0 = 0;
+    while i0 < q_out {
+        let ni = (q_out - i0).min(2);
+        let mut j0 = 0;
+        while j0 < q_in {
+            let nj = (q_in - j0).min(2);
+            let t = GradTile {
+                q_out,
+                q_in,
+                rows,
+                i0,
+                j0,
+                fb,
+            };
+            let k = (&mut *k_re, &mut *k_im);
+            match (ni, nj) {
+                (2, 2) => t.accumulate::<T, 2, 2>(g, x, k),
+                (2, _) => t.accumulate::<T, 2, 1>(g, x, k),
+                (_, 2) => t.accumulate::<T, 1, 2>(g, x, k),
+                _ => t.accumulate::<T, 1, 1>(g, x, k),
             }
-            i0 += ni;
+            j0 += nj;
         }
+        i0 += ni;
     }
 }
 
