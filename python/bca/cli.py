@@ -699,7 +699,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.experiment != "stability":
-        parser.parse_args(["experiment", "--help"])
+        print(
+            "bca experiment: error: name an experiment: stability (see bca experiment --help)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     _need("torch", "torch")
     _need("transformers", "hf")

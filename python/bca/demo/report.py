@@ -106,10 +106,18 @@ def plot_accuracy_vs_params(
         ax.annotate(
             label, (params, 100 * acc), textcoords="offset points", xytext=(6, 4), fontsize=8
         )
+    ax.set_xscale("log")
     for name, acc in (reference or {}).items():
         ax.axhline(100 * acc, linestyle="--", linewidth=1, color="gray")
-        ax.text(ax.get_xlim()[0], 100 * acc, f" {name}", va="bottom", fontsize=8, color="gray")
-    ax.set_xscale("log")
+        ax.text(
+            0.01,
+            100 * acc,
+            f" {name}",
+            va="bottom",
+            fontsize=8,
+            color="gray",
+            transform=ax.get_yaxis_transform(),
+        )
     ax.set_xlabel("trainable parameters (log scale, classifier head included)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
