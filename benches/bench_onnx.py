@@ -458,11 +458,11 @@ def bench_models(args: argparse.Namespace) -> None:
         md,
         args.out,
     )
-    _plot(records, args.out / f"{stem}.png")
+    _plot(records, args.out / f"{stem}.png", args.metric)
     print(md)
 
 
-def _plot(records: list[dict[str, Any]], path: Path) -> None:
+def _plot(records: list[dict[str, Any]], path: Path, metric: str = "cpu") -> None:
     try:
         import matplotlib
 
@@ -481,8 +481,9 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.bar(xs + (k - 2) * width, vals, width, label=m)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(xs, labels)
-    ax.set_ylabel("latency vs base model (%)")
-    ax.set_title("bca adapters in onnxruntime: added latency")
+    what = "CPU time per call" if metric == "cpu" else "latency"
+    ax.set_ylabel(f"{what} vs base model (%)")
+    ax.set_title(f"bca adapters in onnxruntime: added {what} (q, v adapted)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -6,7 +6,7 @@ adapter subgraph alone, float32, one intra-op thread, CPU time per call, at
 d = 384, 768, 4096, 1 and 128 rows, p = 16 ... 1024.
 
 * ORT's DFT kernel is single-threaded and slow: the ``"dft"`` lowering was never the
-  fastest (e.g. d = 4096, 128 rows, p = 256: 0.52 of the dense layer's time, against
+  fastest (e.g. d = 4096, 128 rows, p = 256: 0.55 of the dense layer's time, against
   0.22 for ``"matmul"``), and for block sizes that are not powers of two its float32
   error reaches 1e-5..1e-4 (float64 ~3e-8) where the MatMul lowerings stay at ~1e-7
   (float64 ~1e-15). It is never picked automatically.
