@@ -252,3 +252,12 @@ def test_models_pass_checker(rng: np.random.Generator) -> None:
             )
             onnx.checker.check_model(m, full_check=True)
             assert m.opset_import[0].version == opset
+
+
+def test_onnx_name_resolves_to_the_onnx_package() -> None:
+    """Inside the bca.onnx package, ``import onnx`` is the onnx distribution."""
+    import bca.onnx._builder as builder
+
+    assert builder.onnx is onnx
+    assert hasattr(onnx, "helper") and hasattr(onnx, "checker")
+    assert "bca" not in onnx.__name__
