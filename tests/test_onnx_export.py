@@ -234,6 +234,22 @@ def test_export_float64(tmp_path: Path) -> None:
         assert rel_err(got, want) <= 1e-12
 
 
+def test_export_skips_disabled_adapters(tmp_path: Path) -> None:
+    model = _adapted("bert")
+    first = next(m for m in model.modules() if hasattr(m, "bca_kernel"))
+    first.adapter_enabled = False
+    for mode in ("matmul", "folded"):
+        path = export_model(
+            model,
+            tmp_path / f"{mode}.onnx",
+            _inputs(2, 6, 97, seed=5),
+            mode=mode,
+            progress=False,
+        )
+        _check_parity(model, path, [(2, 3)])
+    assert first.adapter_enabled is False
+
+
 def test_export_errors(tmp_path: Path) -> None:
     model = _adapted("bert")
     ex = _inputs(2, 5, 97, seed=4)

@@ -263,6 +263,9 @@ def export_model(
                 f"adapter {name!r} is merged into its base weight; unmerge it first "
                 "(mode='folded' exports merged weights by itself)"
             )
+    # adapters switched off (adapter_enabled=False) are not part of the model's function:
+    # they are exported as plain base layers
+    modules = [(n, m) for n, m in modules if getattr(m, "adapter_enabled", True)]
 
     as_kwargs = isinstance(example_inputs, Mapping)
     if as_kwargs:
