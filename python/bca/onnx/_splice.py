@@ -270,9 +270,12 @@ def splice_adapters(
     original_outputs = [n.output[0] if n.output else "" for n in graph.node]
     it: Iterable[tuple[tuple[LinearSite, AdapterSpec], str]] = zip(pairs, prefixes, strict=True)
     if progress:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
-
-        it = tqdm(list(it), desc="splicing adapters", unit="adapter")
+        try:
+            from tqdm.auto import tqdm  # type: ignore[import-untyped]
+        except ImportError:  # progress is optional: tqdm comes with bca[torch]
+            pass
+        else:
+            it = tqdm(list(it), desc="splicing adapters", unit="adapter")
     for (site, spec), prefix in it:
         if (site.in_features, site.out_features) != (spec.in_features, spec.out_features):
             raise TargetMatchError(
