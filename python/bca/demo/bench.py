@@ -71,16 +71,19 @@ def builtin_bench(
         for n in rows:
             x = torch.randn(n, d)
             with torch.no_grad():
-                t_dense = _median_ms(lambda x=x, w=dense: x @ w.T, repeats)
+                t_dense = _median_ms(lambda x=x, w=dense: x @ w.T, repeats)  # type: ignore[misc]
                 t_rust = float("nan")
                 if rust_available():
                     layer.backend = "rust"
-                    t_rust = _median_ms(lambda x=x, m=layer: m.adapter_forward(x), repeats)
+                    t_rust = _median_ms(lambda x=x, m=layer: m.adapter_forward(x), repeats)  # type: ignore[misc]
                 layer.backend = "torch"
-                t_torch = _median_ms(lambda x=x, m=layer: m.adapter_forward(x), repeats)
+                t_torch = _median_ms(lambda x=x, m=layer: m.adapter_forward(x), repeats)  # type: ignore[misc]
                 t_c3a = float("nan")
                 if c3a is not None:
-                    t_c3a = _median_ms(lambda x=x, m=c3a_layer: m(x) - m.base_layer(x), repeats)
+                    t_c3a = _median_ms(
+                        lambda x=x, m=c3a_layer: m(x) - m.base_layer(x),  # type: ignore[misc]
+                        repeats,
+                    )
             out_rows.append(
                 [
                     d,

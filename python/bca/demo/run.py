@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import platform
@@ -122,7 +123,7 @@ def _onnx_step(
         ref = model(**batch).numpy()
     got = sess.run(None, feeds(batch))[0]
     max_abs = float(np.max(np.abs(got - ref)))
-    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+    rel = float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-30))
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
     one = encode(tokenizer, texts[:1], max_length)
     f1 = feeds(one)
@@ -260,8 +261,10 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
             desc=f"eval {method}",
         )
         with torch.no_grad():
-            r.latency_ms = measure_latency(lambda m=model: m(**enc1), repeats=30)
-            r.latency_batch_ms = measure_latency(lambda m=model: m(**enc32), repeats=5, warmup=1)
+            r.latency_ms = measure_latency(functools.partial(model, **enc1), repeats=30)
+            r.latency_batch_ms = measure_latency(
+                functools.partial(model, **enc32), repeats=5, warmup=1
+            )
         _say(
             f"{label}: accuracy {100 * r.accuracy:.1f}%, {r.trainable_params:,} trainable, "
             f"train {r.train_seconds:.0f}s, latency {r.latency_ms:.1f} ms"

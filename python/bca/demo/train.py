@@ -58,7 +58,10 @@ def minilm_dir() -> Path:
 class MeanPoolClassifier(nn.Module):
     """``head(mean_pool(encoder(input_ids, attention_mask)))``; returns logits."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+    encoder: Any
+    head: nn.Linear
+
+    def __init__(self, encoder: Any, num_labels: int) -> None:
         super().__init__()
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
@@ -146,7 +149,7 @@ def _head_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def build_method(
-    method: str, base: Callable[[], nn.Module], s: TrainSettings
+    method: str, base: Callable[[], MeanPoolClassifier], s: TrainSettings
 ) -> tuple[nn.Module, torch.optim.Optimizer, str, int]:
     """``(model, optimizer, label, adapter_params)`` for one method on a fresh base model."""
     model = base()
@@ -268,7 +271,8 @@ def train_method(
     """
     from tqdm.auto import tqdm
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    getter = getattr(model, "get_base_model", None)
+    inner: Any = getter() if callable(getter) else model
     if norm_params is None:
         head_ids = {id(p) for p in inner.head.parameters()}
         norm_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
