@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         default=None,
-        help="training steps per method (default 200, --quick 24)",
+        help="training steps per method (default 100, --quick 24)",
     )
     d.add_argument(
         "--batch-size",
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bca_lr",
         type=_positive_float,
         default=None,
-        help="BCA base learning rate (kernels get lr/p); default 0.05 for adamw, "
+        help="BCA base learning rate (kernels get lr/p); default 0.02 for adamw, "
         "0.1*p for adadelta",
     )
     d.add_argument(

@@ -40,7 +40,7 @@ class DemoOptions:
     def resolved(self) -> DemoOptions:
         o = copy.copy(self)
         if o.steps is None:
-            o.steps = 24 if o.quick else 200
+            o.steps = 24 if o.quick else 100
         if o.batch_size is None:
             o.batch_size = 8 if o.quick else 16
         if o.eval_examples is None:

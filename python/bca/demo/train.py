@@ -111,7 +111,7 @@ class TrainSettings:
     block_size: int = 64
     bca_targets: tuple[str, ...] = ("query", "value")
     bca_optimizer: str = "adamw"  # or "adadelta" (the paper's)
-    bca_lr: float = 0.05  # base lr; kernels get lr / p (parameter_groups)
+    bca_lr: float = 0.02  # base lr; kernels get lr / p (parameter_groups)
     divide_by_block_size: bool = True
     lora_rank: int = 8
     lora_lr: float = 1e-3
