@@ -427,8 +427,12 @@ impl<T: Float> BlockCirculant<T> {
 
     /// Map `src` (n × d_a) to `dst` (n × d_b) through one orientation of the spectra,
     /// chunk by chunk, in parallel when it pays.
+    /// `arg` names `src` in the error raised when it holds NaN or Inf; each chunk checks
+    /// its own rows, in parallel.
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
+        arg: &'static str,
         src: &[T],
         d_a: usize,
         spectra: &Spectra<T>,
@@ -441,7 +445,10 @@ impl<T: Float> BlockCirculant<T> {
         }
         let pool = self.parallel_pool(n_rows);
         let rows = Self::rows_per_chunk(n_rows, &pool);
-        let work = |(s, d): (&[T], &mut [T])| self.apply_chunk(s, d_a, spectra, d, d_b);
+        let work = |(s, d): (&[T], &mut [T])| {
+            check_finite(arg, s)?;
+            self.apply_chunk(s, d_a, spectra, d, d_b)
+        };
         match pool {
             Some(pool) => pool.install(|| {
                 src.par_chunks(rows * d_a)
@@ -476,8 +483,15 @@ impl<T: Float> BlockCirculant<T> {
         let s = self.shape;
         Self::check_len("x", x, n_rows, s.in_features)?;
         Self::check_len("out", out, n_rows, s.out_features)?;
-        check_finite("x", x)?;
-        self.apply(x, s.in_features, &self.fwd, out, s.out_features, n_rows)
+        self.apply(
+            "x",
+            x,
+            s.in_features,
+            &self.fwd,
+            out,
+            s.out_features,
+            n_rows,
+        )
     }
 
     /// Gradient with respect to the input: ΔWᵀ g for `n_rows` rows of `grad_output`.
@@ -490,8 +504,8 @@ impl<T: Float> BlockCirculant<T> {
         let s = self.shape;
         Self::check_len("grad_output", grad_output, n_rows, s.out_features)?;
         Self::check_len("grad_x", grad_x, n_rows, s.in_features)?;
-        check_finite("grad_output", grad_output)?;
         self.apply(
+            "grad_output",
             grad_output,
             s.out_features,
             &self.bwd,

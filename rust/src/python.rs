@@ -164,11 +164,10 @@ fn forward_impl<'py, T: Float + Element>(
     let arr = typed_array::<T>(x, "x")?;
     let n = rows_of(arr.as_untyped(), "x", shape.in_features, "in_features")?;
     let dims = arr.shape().to_vec();
-    let out = PyArrayDyn::<T>::zeros(
-        py,
-        out_shape(&dims[..dims.len() - 1], shape.out_features),
-        false,
-    );
+    let out_dims = out_shape(&dims[..dims.len() - 1], shape.out_features);
+    // SAFETY: forward writes every element of `out` before it is returned; on error the
+    // array is dropped unread.
+    let out = unsafe { PyArrayDyn::<T>::new(py, out_dims, false) };
     {
         let ro = arr
             .try_readonly()
@@ -226,7 +225,9 @@ fn backward_impl<'py, T: Float + Element>(
         (_, false) => None,
     };
     let gx =
-        input_grad.then(|| PyArrayDyn::<T>::zeros(py, out_shape(leading, s.in_features), false));
+        // SAFETY: backward writes every element of grad_x before it is returned; on error
+        // the array is dropped unread. The kernel gradient is zero-filled by the core.
+        input_grad.then(|| unsafe { PyArrayDyn::<T>::new(py, out_shape(leading, s.in_features), false) });
     let gk = kernel_grad.then(|| PyArray3::<T>::zeros(py, [s.q_out, s.q_in, s.p], false));
     {
         let g_ro = g
