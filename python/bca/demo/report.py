@@ -102,10 +102,9 @@ def plot_accuracy_vs_params(
     for label, params, acc in points:
         if params <= 0 or not math.isfinite(acc):
             continue
-        ax.scatter([params], [100 * acc], s=60, zorder=3)
-        ax.annotate(
-            label, (params, 100 * acc), textcoords="offset points", xytext=(6, 4), fontsize=8
-        )
+        # A legend rather than annotations: methods with equal parameter counts (BCA and
+        # C3A at the same block size) would put their labels on top of each other.
+        ax.scatter([params], [100 * acc], s=60, zorder=3, label=label)
     ax.set_xscale("log")
     for name, acc in (reference or {}).items():
         ax.axhline(100 * acc, linestyle="--", linewidth=1, color="gray")
@@ -122,6 +121,7 @@ def plot_accuracy_vs_params(
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
