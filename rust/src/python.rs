@@ -327,6 +327,13 @@ macro_rules! dispatch {
     };
 }
 
+impl PyBlockCirculant {
+    /// The operator's geometry, whatever its dtype.
+    fn shape(&self) -> crate::Shape {
+        dispatch!(self, l => read(l).shape())
+    }
+}
+
 #[pymethods]
 impl PyBlockCirculant {
     #[new]
@@ -416,27 +423,27 @@ impl PyBlockCirculant {
 
     #[getter]
     fn in_features(&self) -> usize {
-        dispatch!(self, l => read(l).shape().in_features)
+        self.shape().in_features
     }
 
     #[getter]
     fn out_features(&self) -> usize {
-        dispatch!(self, l => read(l).shape().out_features)
+        self.shape().out_features
     }
 
     #[getter]
     fn block_size(&self) -> usize {
-        dispatch!(self, l => read(l).shape().p)
+        self.shape().p
     }
 
     #[getter]
     fn q_in(&self) -> usize {
-        dispatch!(self, l => read(l).shape().q_in)
+        self.shape().q_in
     }
 
     #[getter]
     fn q_out(&self) -> usize {
-        dispatch!(self, l => read(l).shape().q_out)
+        self.shape().q_out
     }
 
     #[getter]
