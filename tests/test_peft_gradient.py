@@ -90,15 +90,13 @@ def test_bca_gradients_right_for_peft_adapter(backend: str, shape) -> None:
 
 
 def _functional(layer: BlockCirculantLinear, x: torch.Tensor, kernel: torch.Tensor):
-    """adapter_forward with ``kernel`` as an explicit differentiable input."""
-    saved = layer.bca_kernel
-    try:
-        del layer.bca_kernel
-        layer.bca_kernel = kernel  # type: ignore[assignment]
-        return layer.adapter_forward(x)
-    finally:
-        del layer.bca_kernel
-        layer.bca_kernel = saved
+    """The adapter's output with ``kernel`` as an explicit differentiable input.
+
+    ``functional_call`` runs the whole layer; the (kernel-independent) base output is
+    subtracted, leaving ``scale * ΔW x``.
+    """
+    y = torch.func.functional_call(layer, {"bca_kernels.default": kernel}, (x,))
+    return y - layer.base_layer(x)
 
 
 @pytest.mark.parametrize("shape", CASES[:3], ids=str)

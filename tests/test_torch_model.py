@@ -169,7 +169,7 @@ def test_inject_train_merge(case: str, backend: str) -> None:
         assert torch.equal(logits(model, ids), want)  # zero init: exactly the base model
     # only kernels and modules_to_save train
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    kernels = {f"{n}.bca_kernel" for n in adapted}
+    kernels = {f"{n}.bca_kernels.default" for n in adapted}
     assert kernels <= trainable
     assert all(n in kernels or ".classifier." in "." + n for n in trainable)
     frozen_before = {
@@ -297,7 +297,7 @@ def test_freeze_base_restores_trainable_set() -> None:
     assert not grads["bert.encoder.layer.0.attention.self.query.base_layer.weight"]
     freeze_base(model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(n.endswith("query.bca_kernel") for n in names)
+    assert names and all(n.endswith("query.bca_kernels.default") for n in names)
 
 
 # ---------------------------------------------------------------------------------------

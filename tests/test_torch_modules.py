@@ -130,7 +130,7 @@ def test_gradcheck_float64(backend: str, shape: tuple[int, int, int]) -> None:
     x = torch.randn(3, d_in, dtype=torch.float64, requires_grad=True)
 
     def f(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = torch.func.functional_call(m, {"bca_kernel": k}, (x,))
+        out: torch.Tensor = torch.func.functional_call(m, {"bca_kernels.default": k}, (x,))
         return out
 
     k = m.bca_kernel.detach().clone().requires_grad_(True)
@@ -214,26 +214,26 @@ def test_eval_spectra_cache_follows_kernel_version() -> None:
     x = torch.randn(3, 8)
     with torch.no_grad():
         y1 = m.adapter_forward(x)
-        cached = m._spectra
+        cached = m._adapters["default"].spectra
         y2 = m.adapter_forward(x)
-        assert m._spectra is cached and torch.equal(y1, y2)
+        assert m._adapters["default"].spectra is cached and torch.equal(y1, y2)
         m.bca_kernel.mul_(2.0)  # in-place change bumps _version
         y3 = m.adapter_forward(x)
-    assert m._spectra is not cached
+    assert m._adapters["default"].spectra is not cached
     assert rel_err(y3.numpy(), 2 * y1.numpy()) < 1e-6
     m.bca_kernel.data.mul_(0.5)  # .data edits have their own version counter: caught by value
     with torch.no_grad():
         y4 = m.adapter_forward(x)
     assert rel_err(y4.numpy(), y1.numpy()) < 1e-6
     m.clear_cache()
-    assert m._spectra is None
+    assert m._adapters["default"].spectra is None
     with torch.no_grad():
         assert torch.equal(m.adapter_forward(x), y4)
     # training mode with grad enabled does not use the cache
     m.train()
-    m._spectra = None
+    m._adapters["default"].spectra = None
     m.adapter_forward(x).sum().backward()
-    assert m._spectra is None
+    assert m._adapters["default"].spectra is None
 
 
 @needs_rust
@@ -241,7 +241,7 @@ def test_rust_operator_resynced_only_on_change() -> None:
     m = make_layer(8, 12, 4, backend="rust", dtype=torch.float32)
     x = torch.randn(3, 8)
     m.adapter_forward(x)
-    op = m._rust_op
+    op = m._adapters["default"].rust_op
     calls = []
     real_set = op.set_kernel
 
@@ -255,7 +255,7 @@ def test_rust_operator_resynced_only_on_change() -> None:
             calls.append(1)
             real_set(k)
 
-    m._rust_op = Spy()
+    m._adapters["default"].rust_op = Spy()
     for _ in range(3):
         y = m.adapter_forward(x)
     assert calls == []
@@ -277,7 +277,7 @@ def test_deepcopy_and_state_dict_after_rust_use() -> None:
     x = torch.randn(3, 8)
     y = m(x)
     m2 = copy.deepcopy(m)
-    assert m2._rust_op is None
+    assert m2._adapters["default"].rust_op is None
     assert torch.equal(m2(x), y)
     m3 = make_layer(8, 12, 4, backend="torch", dtype=torch.float32, seed=9)
     m3.load_state_dict(m.state_dict())

@@ -25,6 +25,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,14 +33,28 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .nn import BACKENDS, INITS, BlockCirculantLinear, is_supported_layer, layer_features
+from .nn import (
+    BACKENDS,
+    DEFAULT_ADAPTER,
+    INITS,
+    BlockCirculantLinear,
+    is_supported_layer,
+    layer_features,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "BCAConfig",
     "ParameterCount",
+    "active_adapters",
     "adapter_modules",
+    "adapter_names",
+    "adapters_disabled",
+    "add_adapter",
+    "delete_adapter",
+    "set_adapter",
+    "set_adapters_enabled",
     "count_parameters",
     "freeze_base",
     "get_bca_model",
@@ -209,16 +224,49 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _inject(
-    model: nn.Module, sizes: dict[str, int], config: BCAConfig
+    model: nn.Module,
+    sizes: dict[str, int],
+    config: BCAConfig,
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    activate: bool = True,
 ) -> dict[str, BlockCirculantLinear]:
+    """Add adapter ``adapter_name`` to the named layers (wrapping plain ones).
+
+    All layers are checked before any is changed. With ``activate=False`` the adapter is
+    added but not made active (newly wrapped layers then have no active adapter).
+    """
     created: dict[str, BlockCirculantLinear] = {}
+    extended: list[tuple[BlockCirculantLinear, int]] = []
     for name, p in sizes.items():
-        base = model.get_submodule(name)
-        created[name] = BlockCirculantLinear(
-            base, p, scale=config.scale, init=config.init, backend=config.backend, pad=config.pad
-        )
-    for name, module in created.items():
-        _replace(model, name, module)
+        module = model.get_submodule(name)
+        if isinstance(module, BlockCirculantLinear):
+            if adapter_name in module.adapter_names:
+                raise ValueError(f"module {name!r} already has an adapter {adapter_name!r}")
+            if not module.pad and (module.in_features % p or module.out_features % p):
+                raise ValueError(
+                    f"module {name!r}: block_size={p} does not divide (in_features="
+                    f"{module.in_features}, out_features={module.out_features}) and pad=False"
+                )
+            extended.append((module, p))
+        else:
+            created[name] = BlockCirculantLinear(
+                module,
+                p,
+                scale=config.scale,
+                init=config.init,
+                backend=config.backend,
+                pad=config.pad,
+                adapter_name=adapter_name,
+            )
+            if not activate:
+                created[name].set_adapter([])
+    for module, p in extended:
+        module.add_adapter(adapter_name, p, scale=config.scale, init=config.init)
+        if activate:
+            module.set_adapter([*module.active_adapters, adapter_name])
+    for name, layer in created.items():
+        _replace(model, name, layer)
     return created
 
 
@@ -235,13 +283,20 @@ def _match_modules_to_save(model: nn.Module, config: BCAConfig) -> list[str]:
     return names
 
 
-def inject_adapters(model: nn.Module, config: BCAConfig, *, freeze: bool = True) -> nn.Module:
+def inject_adapters(
+    model: nn.Module,
+    config: BCAConfig,
+    *,
+    freeze: bool = True,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> nn.Module:
     """Replace the layers named by ``config.target_modules`` with adapted layers, in place.
 
     Every matched module must be an ``nn.Linear`` or transformers ``Conv1D``; every list
     entry of ``target_modules`` must match something. The config is stored as
-    ``model.bca_config``. With ``freeze=True`` (default) only the kernels and
-    ``modules_to_save`` stay trainable (see :func:`freeze_base`).
+    ``model.bca_config`` (and ``model.bca_configs[adapter_name]``); the new adapter is
+    active. With ``freeze=True`` (default) only the kernels and ``modules_to_save`` stay
+    trainable (see :func:`freeze_base`). Further named adapters: :func:`add_adapter`.
 
     Returns:
         ``model`` itself.
@@ -256,14 +311,32 @@ def inject_adapters(model: nn.Module, config: BCAConfig, *, freeze: bool = True)
     if not isinstance(config, BCAConfig):
         raise TypeError(f"config must be a BCAConfig, got {type(config).__name__}")
     if any(True for _ in adapter_modules(model)):
-        raise ValueError("model already has bca adapters; inject_adapters runs once per model")
+        raise ValueError(
+            "model already has bca adapters; inject_adapters runs once per model (use "
+            "add_adapter for another named adapter)"
+        )
+    matched = _match_targets(model, config)
+    save_names = _match_modules_to_save(model, config)
+    overlap = [n for n in matched if any(n == s or n.startswith(s + ".") for s in save_names)]
+    if overlap:
+        raise ValueError(f"modules {overlap} are both adapted and in modules_to_save")
+    _inject(model, {n: config.block_size_for(n) for n in matched}, config, adapter_name)
+    model.bca_config = config  # type: ignore[assignment]
+    model.bca_configs = {adapter_name: config}  # type: ignore[assignment]
+    if freeze:
+        freeze_base(model)
+    return model
+
+
+def _match_targets(model: nn.Module, config: BCAConfig) -> list[str]:
+    """Names of the layers ``config.target_modules`` selects (adapted layers included)."""
     targets = config.target_modules
     matched: list[str] = []
     entry_hits: dict[str, int] = {t: 0 for t in targets} if isinstance(targets, list) else {}
     for name, module in _candidate_modules(model):
         if not _name_matches(name, targets):
             continue
-        if not is_supported_layer(module):
+        if not is_supported_layer(module) and not isinstance(module, BlockCirculantLinear):
             raise TypeError(
                 f"target module {name!r} is a {type(module).__name__}; bca adapts nn.Linear "
                 "and transformers Conv1D layers only (name the linear layers inside it)"
@@ -279,15 +352,7 @@ def inject_adapters(model: nn.Module, config: BCAConfig, *, freeze: bool = True)
             f"target_modules {what} match no module of {type(model).__name__}; "
             f"linear layers it has: {_linear_names(model)}"
         )
-    save_names = _match_modules_to_save(model, config)
-    overlap = [n for n in matched if any(n == s or n.startswith(s + ".") for s in save_names)]
-    if overlap:
-        raise ValueError(f"modules {overlap} are both adapted and in modules_to_save")
-    _inject(model, {n: config.block_size_for(n) for n in matched}, config)
-    model.bca_config = config  # type: ignore[assignment]
-    if freeze:
-        freeze_base(model)
-    return model
+    return matched
 
 
 def get_bca_model(model: nn.Module, config: BCAConfig) -> nn.Module:
@@ -315,13 +380,18 @@ def _modules_to_save_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def freeze_base(model: nn.Module) -> nn.Module:
-    """Make only the kernels and ``model.bca_config.modules_to_save`` trainable."""
+    """Make only the active adapters' kernels and ``modules_to_save`` trainable.
+
+    Kernels of inactive named adapters are frozen too (as in PEFT), so an optimizer built
+    afterwards trains the active adapter(s) only.
+    """
     keep = set(_modules_to_save_params(model))
+    trainable: set[int] = set()
+    for _, module in adapter_modules(model):
+        for adapter in module.active_adapters:
+            trainable.add(id(module.bca_kernels[adapter]))
     for name, param in model.named_parameters():
-        trainable = name.endswith("bca_kernel") and isinstance(
-            model.get_submodule(name.rpartition(".")[0]), BlockCirculantLinear
-        )
-        param.requires_grad_(trainable or name in keep)
+        param.requires_grad_(id(param) in trainable or name in keep)
     return model
 
 
@@ -348,9 +418,10 @@ def parameter_groups(
     by_p: dict[int, list[nn.Parameter]] = {}
     kernel_ids: set[int] = set()
     for _, module in adapter_modules(model):
-        if module.bca_kernel.requires_grad:
-            by_p.setdefault(module.block_size, []).append(module.bca_kernel)
-            kernel_ids.add(id(module.bca_kernel))
+        for adapter, kernel in module.bca_kernels.items():
+            if kernel.requires_grad:
+                by_p.setdefault(module.adapter_block_size(adapter), []).append(kernel)
+                kernel_ids.add(id(kernel))
     save_ids = {id(p) for p in _modules_to_save_params(model).values()}
     saved: list[nn.Parameter] = []
     other: list[nn.Parameter] = []
@@ -409,11 +480,38 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 # --------------------------------------------------------------------------------------
 # merge
 # --------------------------------------------------------------------------------------
-def merge_adapters(model: nn.Module, *, exact_unmerge: bool = True) -> nn.Module:
-    """Fold every adapter's ``scale * ΔW`` into its base weight (see ``merge``)."""
+def merge_adapters(
+    model: nn.Module,
+    adapter_names: str | Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    *,
+    exact_unmerge: bool = True,
+) -> nn.Module:
+    """Fold adapters into the base weights: ``W += Σ_a w_a · scale_a · ΔW_a``.
+
+    ``adapter_names=None`` merges each layer's active adapters with their weights;
+    otherwise the named adapters (on the layers that have them) with ``weights``
+    (default 1.0 each). See :meth:`BlockCirculantLinear.merge`.
+    """
+    names = _check_names(model, adapter_names)
     for _, module in adapter_modules(model):
-        if not module.merged:
-            module.merge(exact_unmerge=exact_unmerge)
+        if names is None:
+            if module.active_adapters and not all(
+                a in module.merged_adapters for a in module.active_adapters
+            ):
+                module.merge(exact_unmerge=exact_unmerge)
+            continue
+        here = [
+            (n, w)
+            for n, w in zip(names, _weights(names, weights), strict=True)
+            if n in module.adapter_names and n not in module.merged_adapters
+        ]
+        if here:
+            module.merge(
+                exact_unmerge=exact_unmerge,
+                adapter_names=[n for n, _ in here],
+                weights=[w for _, w in here],
+            )
     return model
 
 
@@ -425,15 +523,208 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain base layers back (no bca modules left)."""
+def merge_and_unload(
+    model: nn.Module,
+    adapter_names: str | Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+) -> nn.Module:
+    """Merge adapters (the active ones by default) and put the plain base layers back."""
+    names = _check_names(model, adapter_names)
     for name, module in list(adapter_modules(model)):
-        if not module.merged:
-            module.merge(exact_unmerge=False)
+        if module.merged:
+            module.unmerge()
+        if names is None:
+            if module.active_adapters:
+                module.merge(exact_unmerge=False)
+        else:
+            here = [
+                (n, w)
+                for n, w in zip(names, _weights(names, weights), strict=True)
+                if n in module.adapter_names
+            ]
+            if here:
+                module.merge(
+                    exact_unmerge=False,
+                    adapter_names=[n for n, _ in here],
+                    weights=[w for _, w in here],
+                )
         _replace(model, name, module.base_layer)
-    if hasattr(model, "bca_config"):
-        del model.bca_config
+    for attr in ("bca_config", "bca_configs"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
+
+
+# --------------------------------------------------------------------------------------
+# named adapters
+# --------------------------------------------------------------------------------------
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name in ``model`` (in the order first seen)."""
+    names: dict[str, None] = {}
+    for _, module in adapter_modules(model):
+        names.update(dict.fromkeys(module.adapter_names))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The active adapter names (union over layers, in order)."""
+    names: dict[str, None] = {}
+    for _, module in adapter_modules(model):
+        names.update(dict.fromkeys(module.active_adapters))
+    return list(names)
+
+
+def _check_names(model: nn.Module, adapter_names: str | Sequence[str] | None) -> list[str] | None:
+    if adapter_names is None:
+        return None
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = _all_adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; the model has {known}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter_names has duplicates: {names}")
+    return names
+
+
+_all_adapter_names = adapter_names  # for functions whose argument shadows the name
+
+
+def _weights(names: list[str], weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * len(names)
+    ws = [float(w) for w in weights]
+    if len(ws) != len(names):
+        raise ValueError(f"weights has {len(ws)} entries for {len(names)} adapters")
+    if not all(math.isfinite(w) for w in ws):
+        raise ValueError(f"weights must be finite, got {ws}")
+    return ws
+
+
+def add_adapter(
+    model: nn.Module, adapter_name: str, config: BCAConfig, *, activate: bool = False
+) -> nn.Module:
+    """Add another named adapter to the layers ``config.target_modules`` selects.
+
+    Layers already adapted get a second kernel; plain layers are wrapped. The new adapter
+    is not active unless ``activate=True`` (then it is added to the active set). Its
+    kernels are trainable only once active (see :func:`set_adapter`). ``modules_to_save``
+    cannot be combined with named adapters (the modules would be shared between
+    adapters): use it with a single adapter.
+    """
+    if not isinstance(config, BCAConfig):
+        raise TypeError(f"config must be a BCAConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    existing = adapter_names(model)
+    if not existing:
+        return inject_adapters(model, config, adapter_name=adapter_name)
+    if adapter_name in existing:
+        raise ValueError(f"model already has an adapter {adapter_name!r}")
+    configs = _configs_of(model)
+    if config.modules_to_save or any(c.modules_to_save for c in configs.values()):
+        raise ValueError(
+            "modules_to_save cannot be combined with several named adapters (the fully "
+            "trained modules would be shared between them)"
+        )
+    matched = _match_targets(model, config)
+    _inject(
+        model,
+        {n: config.block_size_for(n) for n in matched},
+        config,
+        adapter_name,
+        activate=activate,
+    )
+    configs[adapter_name] = config
+    if activate:
+        freeze_base(model)
+    else:
+        for _, module in adapter_modules(model):
+            if adapter_name in module.adapter_names:
+                module.bca_kernels[adapter_name].requires_grad_(False)
+    return model
+
+
+def _configs_of(model: nn.Module) -> dict[str, BCAConfig]:
+    configs = getattr(model, "bca_configs", None)
+    if not isinstance(configs, dict):
+        configs = {}
+        first = getattr(model, "bca_config", None)
+        names = adapter_names(model)
+        if isinstance(first, BCAConfig) and names:
+            configs[names[0]] = first
+        model.bca_configs = configs  # type: ignore[assignment]
+    return configs
+
+
+def set_adapter(
+    model: nn.Module,
+    adapter_names: str | Sequence[str],
+    weights: Sequence[float] | None = None,
+    *,
+    trainable: bool = True,
+) -> nn.Module:
+    """Make ``adapter_names`` the active adapters of every layer, optionally weighted.
+
+    A layer's output becomes ``base(x) + Σ_a w_a · scale_a · ΔW_a x`` over the named
+    adapters it has (layers without any of them compute their base layer). With
+    ``trainable=True`` the active kernels become trainable and the others frozen (as
+    :func:`freeze_base`). ``[]`` deactivates all (the base model).
+    """
+    names = _check_names(model, adapter_names) or []
+    ws = _weights(names, weights)
+    for _, module in adapter_modules(model):
+        here = [(n, w) for n, w in zip(names, ws, strict=True) if n in module.adapter_names]
+        module.set_adapter([n for n, _ in here], [w for _, w in here])
+    if trainable:
+        freeze_base(model)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove a named adapter everywhere; layers left without adapters become plain again."""
+    _check_names(model, adapter_name)
+    modules = [(n, m) for n, m in adapter_modules(model) if adapter_name in m.adapter_names]
+    merged = [n for n, m in modules if adapter_name in m.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged in {merged}; unmerge first")
+    for name, module in modules:
+        module.delete_adapter(adapter_name)
+        if not module.adapter_names:
+            _replace(model, name, module.base_layer)
+    configs = _configs_of(model)
+    configs.pop(adapter_name, None)
+    if configs:
+        model.bca_config = next(iter(configs.values()))  # type: ignore[assignment]
+    else:
+        for attr in ("bca_config", "bca_configs"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+    return model
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch every adapter off (``False``: the base model) or back on."""
+    for _, module in adapter_modules(model):
+        module.adapter_enabled = enabled
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``with adapters_disabled(model):`` runs the base model, then restores the state."""
+    modules = [m for _, m in adapter_modules(model)]
+    merged = [m for m in modules if m.merged]
+    if merged:
+        raise ValueError("adapters are merged into the base weights; unmerge before disabling")
+    before = [m.adapter_enabled for m in modules]
+    try:
+        for m in modules:
+            m.adapter_enabled = False
+        yield model
+    finally:
+        for m, b in zip(modules, before, strict=True):
+            m.adapter_enabled = b
 
 
 # --------------------------------------------------------------------------------------
@@ -455,27 +746,56 @@ def _name_or_path(model: nn.Module) -> str:
     return str(value)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
+def _resolve_adapter(model: nn.Module, adapter_name: str | None, what: str) -> str:
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("model has no bca adapters")
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise ValueError(f"unknown adapter {adapter_name!r}; the model has {names}")
+        return adapter_name
+    if len(names) == 1:
+        return names[0]
+    active = active_adapters(model)
+    if len(active) == 1:
+        return active[0]
+    raise ValueError(
+        f"model has adapters {names} ({len(active)} active); pass adapter_name to {what}"
+    )
 
-    Tensors: ``<module name>.bca_kernel`` for every adapter and
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], adapter_name: str | None = None
+) -> Path:
+    """Write one adapter as ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+    ``adapter_name`` picks the adapter (default: the only one, else the only active one).
+    Tensors: ``<module name>.bca_kernel`` for every layer with that adapter and
     ``modules_to_save.<parameter name>`` for fully trained modules. The JSON records the
-    config, each module's shape and block size, and the base model's fingerprint.
+    config, the adapter's name, each module's shape and block size, and the base model's
+    fingerprint.
     """
     from safetensors.torch import save_file
 
-    config = _config_of(model)
-    modules = dict(adapter_modules(model))
-    if not modules:
-        raise ValueError("model has no bca adapters to save")
+    _config_of(model)
+    adapter = _resolve_adapter(model, adapter_name, "save_adapter")
+    config = _configs_of(model).get(adapter) or _config_of(model)
+    modules = {n: m for n, m in adapter_modules(model) if adapter in m.adapter_names}
+    scales = {m.adapter_scale(adapter) for m in modules.values()}
+    if len(scales) != 1:
+        raise ValueError(
+            f"adapter {adapter!r} has different scales on different layers {sorted(scales)}; "
+            "the adapter format stores one scale"
+        )
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     for name, m in modules.items():
-        tensors[f"{name}.bca_kernel"] = m.bca_kernel.detach().to("cpu").clone().contiguous()
+        kernel = m.bca_kernels[adapter]
+        tensors[f"{name}.bca_kernel"] = kernel.detach().to("cpu").clone().contiguous()
         info[name] = {
             "in_features": m.in_features,
             "out_features": m.out_features,
-            "block_size": m.block_size,
+            "block_size": m.adapter_block_size(adapter),
             "is_conv1d": m.is_conv1d,
         }
     for pname, param in _modules_to_save_params(model).items():
@@ -484,8 +804,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "adapter_name": adapter,
         "block_size": config.block_size,
-        "scale": config.scale,
+        "scale": scales.pop(),
         "target_modules": [targets] if isinstance(targets, str) else list(targets),
         "init": config.init,
         "pad": config.pad,
@@ -559,15 +880,25 @@ def _check_fingerprint(model: nn.Module, doc: dict[str, Any]) -> None:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], *, backend: str | None = None
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    backend: str | None = None,
+    activate: bool | None = None,
 ) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` (in place).
 
-    A plain model gets the saved modules injected (with their saved block sizes); a model
-    that already has adapters must have exactly the saved ones. The base model's
-    fingerprint is checked first: a module missing or of another shape raises
-    ``ValueError`` naming the module and both shapes. Loading uses safetensors and JSON
-    only (nothing is unpickled).
+    * A plain model gets the saved modules injected (with their saved block sizes) as
+      adapter ``adapter_name`` (default ``"default"``), active.
+    * A model with adapters: when ``adapter_name`` names one of them (default: the
+      model's only adapter), its kernels are overwritten, and the saved modules must be
+      exactly the layers that carry it; a new ``adapter_name`` is added beside the others
+      (not active unless ``activate=True``; switch with :func:`set_adapter`).
+
+    The base model's fingerprint is checked first: a module missing or of another shape
+    raises ``ValueError`` naming the module and both shapes. Loading uses safetensors and
+    JSON only (nothing is unpickled).
     """
     from safetensors.torch import load_file
 
@@ -589,29 +920,51 @@ def load_adapter(
         backend=backend if backend is not None else "auto",
         modules_to_save=list(doc.get("modules_to_save") or []),
     )
-    existing = dict(adapter_modules(model))
-    if existing:
+    names_now = adapter_names(model)
+    if adapter_name is None:
+        target = names_now[0] if len(names_now) == 1 else DEFAULT_ADAPTER
+    else:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"adapter_name must be a non-empty str without '.', got {adapter_name!r}"
+            )
+        target = adapter_name
+    mode = "new" if not names_now else ("overwrite" if target in names_now else "add")
+    existing = {n: m for n, m in adapter_modules(model) if target in m.adapter_names}
+    if mode == "overwrite":
         if set(existing) != set(modules_info):
             raise ValueError(
-                "model's adapters differ from the saved ones: missing "
+                f"model's adapter {target!r} differs from the saved one in its layers: missing "
                 f"{sorted(set(modules_info) - set(existing))}, unexpected "
                 f"{sorted(set(existing) - set(modules_info))}"
             )
         for name, m in existing.items():
-            if m.merged:
+            if target in m.merged_adapters:
                 raise ValueError(f"adapter {name!r} is merged; unmerge before load_adapter")
-            if m.block_size != int(modules_info[name]["block_size"]):
+            if m.adapter_block_size(target) != int(modules_info[name]["block_size"]):
                 raise ValueError(
-                    f"adapter {name!r} has block_size {m.block_size}, saved block_size "
-                    f"{modules_info[name]['block_size']}"
+                    f"adapter {name!r} has block_size {m.adapter_block_size(target)}, saved "
+                    f"block_size {modules_info[name]['block_size']}"
                 )
-        for m in existing.values():
-            m.scale = float(doc["scale"])
-            if backend is not None:
-                m.backend = backend
-        prior = getattr(model, "bca_config", None)
+        prior = _configs_of(model).get(target)
         if isinstance(prior, BCAConfig):
             config.init = prior.init
+    elif mode == "add":
+        if config.modules_to_save or any(c.modules_to_save for c in _configs_of(model).values()):
+            raise ValueError(
+                f"cannot load {directory} as another named adapter {target!r}: "
+                "modules_to_save cannot be combined with several named adapters (the fully "
+                "trained modules would be shared between them)"
+            )
+        for name, info in modules_info.items():
+            module = model.get_submodule(name)
+            p = int(info["block_size"])
+            if (
+                isinstance(module, BlockCirculantLinear)
+                and not module.pad
+                and (module.in_features % p or module.out_features % p)
+            ):
+                raise ValueError(f"module {name!r} has pad=False and block_size {p} needs padding")
     weights_path = Path(directory) / ADAPTER_WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {directory}")
@@ -630,6 +983,8 @@ def load_adapter(
                 f"tensor {name}.bca_kernel has shape {tuple(t.shape)}, expected {want} for "
                 f"in_features={d_in}, out_features={d_out}, block_size={p}"
             )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"tensor {name}.bca_kernel in {weights_path} contains NaN or Inf")
     params = dict(model.named_parameters())
     saved_params = {
         k[len(MODULES_TO_SAVE_PREFIX) :]: v
@@ -650,20 +1005,44 @@ def load_adapter(
     if unexpected:
         raise ValueError(f"{weights_path} has unexpected tensors {unexpected}")
 
-    if not existing:
-        _inject(model, {n: int(i["block_size"]) for n, i in modules_info.items()}, config)
+    sizes = {n: int(i["block_size"]) for n, i in modules_info.items()}
+    if mode == "new":
+        _inject(model, sizes, config, target)
         model.bca_config = config  # type: ignore[assignment]
+        model.bca_configs = {target: config}  # type: ignore[assignment]
         if config.modules_to_save:
             _match_modules_to_save(model, config)
         freeze_base(model)
+    elif mode == "add":
+        _inject(model, sizes, config, target, activate=bool(activate))
+        _configs_of(model)[target] = config
     else:
-        model.bca_config = config  # type: ignore[assignment]
+        for m in existing.values():
+            m.set_adapter_scale(target, float(doc["scale"]))
+            if backend is not None:
+                m.backend = backend
+        configs = _configs_of(model)
+        configs[target] = config
+        if next(iter(configs)) == target:
+            model.bca_config = config  # type: ignore[assignment]
     with torch.no_grad():
-        for name, module in adapter_modules(model):
-            k = module.bca_kernel
+        for name in modules_info:
+            module = model.get_submodule(name)
+            assert isinstance(module, BlockCirculantLinear)
+            k = module.bca_kernels[target]
             k.copy_(tensors[f"{name}.bca_kernel"].to(device=k.device, dtype=k.dtype))
         params = dict(model.named_parameters())
         for pname, t in saved_params.items():
             dst = params[pname]
             dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+    if mode == "add":
+        if activate:
+            set_adapter(model, [*active_adapters(model), target])
+        else:
+            for name in modules_info:
+                module = model.get_submodule(name)
+                assert isinstance(module, BlockCirculantLinear)
+                module.bca_kernels[target].requires_grad_(False)
+    elif activate is False:
+        set_adapter(model, [a for a in active_adapters(model) if a != target])
     return model

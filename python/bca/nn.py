@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from torch import nn
 __all__ = [
     "BACKENDS",
     "INITS",
+    "DEFAULT_ADAPTER",
     "BlockCirculantLinear",
     "block_circulant_dense",
     "is_supported_layer",
@@ -284,14 +286,20 @@ class _RustBlockCirculant(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, kernel: torch.Tensor, module: BlockCirculantLinear, scale: float
+        ctx: Any,
+        x: torch.Tensor,
+        kernel: torch.Tensor,
+        state: _AdapterState,
+        features: tuple[int, int],
+        scale: float,
     ) -> torch.Tensor:
-        op = module._rust_operator(kernel)
+        op = state.rust_operator(kernel, *features)
         y = op.matmul(x.detach().contiguous().numpy())
         if scale != 1.0:
             y *= scale
         ctx.save_for_backward(x, kernel)
-        ctx.module = module
+        ctx.state = state
+        ctx.features = features
         ctx.scale = scale
         return torch.from_numpy(y)
 
@@ -300,8 +308,8 @@ class _RustBlockCirculant(torch.autograd.Function):
         x, kernel = ctx.saved_tensors
         need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_x or need_k):
-            return None, None, None, None
-        op = ctx.module._rust_operator(kernel)  # re-sync if another forward moved it
+            return None, None, None, None, None
+        op = ctx.state.rust_operator(kernel, *ctx.features)  # re-sync if another forward moved it
         g = grad_output.detach().to(x.dtype).contiguous().numpy()
         gx, gk = op.backward(
             x.detach().contiguous().numpy() if need_k else None,
@@ -317,19 +325,88 @@ class _RustBlockCirculant(torch.autograd.Function):
                 gk *= scale
         grad_x = torch.from_numpy(gx) if gx is not None else None
         grad_k = torch.from_numpy(gk) if gk is not None else None
-        return grad_x, grad_k, None, None
+        return grad_x, grad_k, None, None, None
 
 
 # --------------------------------------------------------------------------------------
 # the module
 # --------------------------------------------------------------------------------------
+DEFAULT_ADAPTER = "default"
+
+
+def _check_adapter_name(name: object, arg: str = "adapter_name") -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{arg} must be a non-empty str, got {name!r}")
+    if "." in name:
+        raise ValueError(f"{arg} must not contain '.', got {name!r} (it is a parameter name)")
+    return name
+
+
+def _check_scale(scale: object, arg: str = "scale") -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{arg} must be a float, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{arg} must be finite, got {scale}")
+    return float(scale)
+
+
+class _AdapterState:
+    """One named adapter's settings and backend caches (the kernel is a parameter)."""
+
+    def __init__(self, block_size: int, scale: float, init: str) -> None:
+        self.block_size = block_size
+        self.scale = scale
+        self.init = init
+        self.spectra: torch.Tensor | None = None
+        self.spectra_meta: tuple[torch.dtype, float] | None = None
+        self.spectra_snapshot = _KernelSnapshot()
+        self.rust_op: Any = None
+        self.rust_snapshot = _KernelSnapshot()
+
+    def clear(self) -> None:
+        self.spectra = None
+        self.spectra_meta = None
+        self.spectra_snapshot.clear()
+        self.rust_snapshot.clear()
+
+    def fresh(self) -> _AdapterState:
+        """The same settings without caches (for pickling and deepcopy)."""
+        return _AdapterState(self.block_size, self.scale, self.init)
+
+    def cached_spectra(
+        self, kernel: torch.Tensor, cdtype: torch.dtype, scale: float
+    ) -> torch.Tensor:
+        snap = self.spectra_snapshot
+        meta = (cdtype, scale)
+        if self.spectra is None or self.spectra_meta != meta or not snap.matches(kernel):
+            with torch.no_grad():
+                self.spectra = _kernel_spectra(kernel.detach().to(cdtype), scale)
+            self.spectra_meta = meta
+            snap.take(kernel)
+        return self.spectra
+
+    def rust_operator(self, kernel: torch.Tensor, in_features: int, out_features: int) -> Any:
+        """The Rust operator for ``kernel``; ``set_kernel`` is called only on a change."""
+        core = _rust_core()
+        snap = self.rust_snapshot
+        if self.rust_op is None or self.rust_op.dtype != kernel.detach().numpy().dtype:
+            self.rust_op = core.BlockCirculant(
+                kernel.detach().contiguous().numpy(), in_features, out_features
+            )
+            snap.take(kernel)
+        elif not snap.matches(kernel):
+            self.rust_op.set_kernel(kernel.detach().contiguous().numpy())
+            snap.take(kernel)
+        return self.rust_op
+
+
 class BlockCirculantLinear(nn.Module):
-    """A frozen ``nn.Linear``/``Conv1D`` plus a trainable block circulant update.
+    """A frozen ``nn.Linear``/``Conv1D`` plus trainable block circulant updates.
 
     Args:
         base_layer: the layer to adapt (``nn.Linear`` or transformers' ``Conv1D``). It is
             kept as ``self.base_layer`` (not copied) and its parameters are frozen.
-        block_size: circulant block size ``p``.
+        block_size: circulant block size ``p`` of the first adapter.
         scale: factor on the update, ``y = base(x) + scale * ΔW x``.
         init: ``"zeros"`` (default: the adapted layer starts equal to the base layer),
             ``"xavier_uniform"`` (U(±sqrt(6 / (in + out)))), ``"gaussian"``
@@ -338,13 +415,24 @@ class BlockCirculantLinear(nn.Module):
         backend: ``"auto"``, ``"rust"`` or ``"torch"`` (see the module docstring).
         pad: allow widths that ``block_size`` does not divide (zero padding); with
             ``False`` such shapes raise ``ValueError``.
+        adapter_name: name of the first adapter (default ``"default"``).
 
-    The kernel ``bca_kernel`` has shape ``(q_out, q_in, p)`` with ``q = ceil(d / p)``, the
-    base weight's dtype (float32 for half-precision bases) and its device.
+    **Named adapters.** A layer holds any number of named adapters, each with its own
+    kernel (``bca_kernels[name]``, shape ``(q_out, q_in, p)`` with ``q = ceil(d / p)``),
+    block size and scale; :meth:`add_adapter`, :meth:`delete_adapter`,
+    :meth:`set_adapter` (one or several active adapters, optionally weighted). The
+    output is ``base(x) + Σ_a w_a · scale_a · ΔW_a x`` over the active adapters (weights
+    ``w_a`` default to 1), which equals the base layer with every active adapter merged
+    (:meth:`merge`). ``adapter_enabled = False`` gives the base layer.
+
+    ``bca_kernel``, ``block_size`` and ``scale`` refer to the *current* adapter: the first
+    active one, or the first added one when none is active.
+
+    Kernels have the base weight's dtype (float32 for half-precision bases) and device.
     """
 
     base_layer: nn.Module
-    bca_kernel: nn.Parameter
+    bca_kernels: nn.ParameterDict
 
     def __init__(
         self,
@@ -354,6 +442,7 @@ class BlockCirculantLinear(nn.Module):
         init: str = "zeros",
         backend: str = "auto",
         pad: bool = True,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Module) or not is_supported_layer(base_layer):
@@ -363,61 +452,146 @@ class BlockCirculantLinear(nn.Module):
             )
         if isinstance(base_layer, BlockCirculantLinear):  # pragma: no cover - defensive
             raise TypeError("base_layer is already a BlockCirculantLinear")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be finite, got {scale}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(pad, bool):
             raise TypeError(f"pad must be a bool, got {type(pad).__name__}")
 
         in_features, out_features, is_conv1d = layer_features(base_layer)
-        p = block_size
-        if not pad and (in_features % p or out_features % p):
-            raise ValueError(
-                f"block_size={p} does not divide the layer's shape (in_features={in_features}, "
-                f"out_features={out_features}) and pad=False; use pad=True (zero padding) or "
-                "a block size that divides both"
-            )
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
-        self.block_size = p
-        self.scale = float(scale)
-        self.init = init
         self.backend = backend
         self.pad = pad
         self.is_conv1d = is_conv1d
-        self.merged = False
-        self.adapter_enabled = True
-
-        weight = _weight(base_layer)
-        kdtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        q_out, q_in = -(-out_features // p), -(-in_features // p)
-        self.bca_kernel = nn.Parameter(
-            torch.zeros(q_out, q_in, p, dtype=kdtype, device=weight.device)
-        )
+        self.bca_kernels = nn.ParameterDict()
+        self._adapters: dict[str, _AdapterState] = {}
+        self.active_adapters: list[str] = []
+        self.adapter_weights: dict[str, float] = {}
+        self.merged_adapters: dict[str, float] = {}
+        self._adapter_enabled = True
+        self._original_weight: torch.Tensor | None = None
         for param in base_layer.parameters():
             param.requires_grad_(False)
-        self.reset_adapter_parameters(init)
+        self.add_adapter(adapter_name, block_size, scale=scale, init=init)
+        self.set_adapter(adapter_name)
 
-        self._original_weight: torch.Tensor | None = None
-        self._spectra: torch.Tensor | None = None
-        self._spectra_meta: tuple[torch.dtype, float] | None = None
-        self._spectra_snapshot = _KernelSnapshot()
-        self._rust_op: Any = None
-        self._rust_snapshot = _KernelSnapshot()
+    # -- named adapters -----------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter of this layer, in the order added."""
+        return list(self._adapters)
+
+    def add_adapter(
+        self, adapter_name: str, block_size: int, *, scale: float = 1.0, init: str = "zeros"
+    ) -> nn.Parameter:
+        """Add a named adapter (not made active; see :meth:`set_adapter`); return its kernel.
+
+        Raises:
+            ValueError: the name exists, or ``block_size`` does not fit the layer.
+        """
+        name = _check_adapter_name(adapter_name)
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} already exists; delete_adapter it first")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        scale = _check_scale(scale)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        p = block_size
+        if not self.pad and (self.in_features % p or self.out_features % p):
+            raise ValueError(
+                f"block_size={p} does not divide the layer's shape (in_features="
+                f"{self.in_features}, out_features={self.out_features}) and pad=False; use "
+                "pad=True (zero padding) or a block size that divides both"
+            )
+        weight = _weight(self.base_layer)
+        kdtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        q_out, q_in = -(-self.out_features // p), -(-self.in_features // p)
+        kernel = nn.Parameter(torch.zeros(q_out, q_in, p, dtype=kdtype, device=weight.device))
+        self.bca_kernels[name] = kernel
+        self._adapters[name] = _AdapterState(p, scale, init)
+        self.reset_adapter_parameters(init, adapter_name=name)
+        return kernel
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove a named adapter (it must not be merged); it also leaves the active set."""
+        name = self._known(adapter_name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before delete_adapter")
+        del self.bca_kernels[name]
+        del self._adapters[name]
+        if name in self.active_adapters:
+            self.active_adapters = [a for a in self.active_adapters if a != name]
+            self.adapter_weights.pop(name, None)
+
+    def set_adapter(
+        self, adapter_names: str | Sequence[str], weights: Sequence[float] | None = None
+    ) -> None:
+        """Make ``adapter_names`` the active adapters (``[]``: none), optionally weighted.
+
+        The output becomes ``base(x) + Σ_a w_a · scale_a · ΔW_a x``; ``weights`` default
+        to 1.0 each. Unknown names raise ``ValueError`` listing the known ones.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            self._known(n)
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter_names has duplicates: {names}")
+        if weights is None:
+            ws = [1.0] * len(names)
+        else:
+            ws = [_check_scale(w, "weights") for w in weights]
+            if len(ws) != len(names):
+                raise ValueError(f"weights has {len(ws)} entries for {len(names)} adapters")
+        self.active_adapters = names
+        self.adapter_weights = dict(zip(names, ws, strict=True))
+
+    def _known(self, adapter_name: str) -> str:
+        if adapter_name not in self._adapters:
+            raise ValueError(
+                f"unknown adapter {adapter_name!r}; this layer has {self.adapter_names}"
+            )
+        return adapter_name
+
+    @property
+    def current_adapter(self) -> str:
+        """The adapter ``bca_kernel``/``block_size``/``scale`` refer to."""
+        if self.active_adapters:
+            return self.active_adapters[0]
+        if not self._adapters:
+            raise ValueError("this layer has no adapters")
+        return next(iter(self._adapters))
+
+    @property
+    def adapter_enabled(self) -> bool:
+        """``False``: the layer computes its base layer only (adapters kept)."""
+        return self._adapter_enabled
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"adapter_enabled must be a bool, got {type(value).__name__}")
+        if not value and self.merged_adapters:
+            raise ValueError(
+                f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
+                "unmerge before disabling adapters"
+            )
+        self._adapter_enabled = value
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
 
     # -- parameters ---------------------------------------------------------------------
     @torch.no_grad()
-    def reset_adapter_parameters(self, init: str = "zeros") -> None:
-        """(Re)initialise the kernel; see the class docstring for the ``init`` options."""
-        k = self.bca_kernel
+    def reset_adapter_parameters(
+        self, init: str = "zeros", adapter_name: str | None = None
+    ) -> None:
+        """(Re)initialise a kernel (default: the current adapter's); see ``init`` above."""
+        name = self.current_adapter if adapter_name is None else self._known(adapter_name)
+        k = self.bca_kernels[name]
         if init == "zeros":
             k.zero_()
         elif init == "xavier_uniform":
@@ -430,6 +604,43 @@ class BlockCirculantLinear(nn.Module):
             k.uniform_(-a, a)
         else:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+    @property
+    def bca_kernel(self) -> nn.Parameter:
+        """The current adapter's kernel ``(q_out, q_in, p)``."""
+        kernel: nn.Parameter = self.bca_kernels[self.current_adapter]
+        return kernel
+
+    @property
+    def block_size(self) -> int:
+        """The current adapter's block size ``p``."""
+        return self._adapters[self.current_adapter].block_size
+
+    @property
+    def scale(self) -> float:
+        """The current adapter's scale."""
+        return self._adapters[self.current_adapter].scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        state = self._adapters[self.current_adapter]
+        state.scale = _check_scale(value)
+        state.clear()
+
+    @property
+    def init(self) -> str:
+        return self._adapters[self.current_adapter].init
+
+    def adapter_block_size(self, adapter_name: str) -> int:
+        return self._adapters[self._known(adapter_name)].block_size
+
+    def adapter_scale(self, adapter_name: str) -> float:
+        return self._adapters[self._known(adapter_name)].scale
+
+    def set_adapter_scale(self, adapter_name: str, scale: float) -> None:
+        state = self._adapters[self._known(adapter_name)]
+        state.scale = _check_scale(scale)
+        state.clear()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -447,17 +658,27 @@ class BlockCirculantLinear(nn.Module):
         return int(q_out), int(q_in), int(p)
 
     # -- forward ------------------------------------------------------------------------
+    def _live_adapters(self) -> list[tuple[str, float]]:
+        """``(name, weight)`` of the active adapters that are not merged."""
+        if not self._adapter_enabled:
+            return []
+        return [
+            (n, self.adapter_weights.get(n, 1.0))
+            for n in self.active_adapters
+            if n not in self.merged_adapters
+        ]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        if self.merged or not self.adapter_enabled:
-            return result
-        return result + self.adapter_forward(x).to(result.dtype)
+        for name, w in self._live_adapters():
+            result = result + self._adapter_forward(x, name, w).to(result.dtype)
+        return result
 
-    def resolve_backend(self, x: torch.Tensor) -> str:
+    def resolve_backend(self, x: torch.Tensor, adapter_name: str | None = None) -> str:
         """The backend that :meth:`adapter_forward` uses for input ``x``."""
         if self.backend != "auto":
             return self.backend
-        k = self.bca_kernel
+        k = self.bca_kernels[self.current_adapter if adapter_name is None else adapter_name]
         if (
             x.device.type == "cpu"
             and k.device.type == "cpu"
@@ -468,8 +689,25 @@ class BlockCirculantLinear(nn.Module):
             return "rust"
         return "torch"
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``scale * ΔW x`` over the last axis, ``(..., in_features) -> (..., out_features)``."""
+    def adapter_forward(self, x: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor:
+        """The update alone, ``(..., in_features) -> (..., out_features)``.
+
+        ``adapter_name=None``: ``Σ_a w_a · scale_a · ΔW_a x`` over the active adapters
+        (merged ones included, disabled state ignored); a name: ``scale · ΔW x`` of that
+        adapter alone.
+        """
+        if adapter_name is not None:
+            return self._adapter_forward(x, self._known(adapter_name), 1.0)
+        if not self.active_adapters:
+            raise ValueError("no active adapter; call set_adapter or pass adapter_name")
+        out: torch.Tensor | None = None
+        for name in self.active_adapters:
+            y = self._adapter_forward(x, name, self.adapter_weights.get(name, 1.0))
+            out = y if out is None else out + y
+        assert out is not None
+        return out
+
+    def _adapter_forward(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -480,21 +718,25 @@ class BlockCirculantLinear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        backend = self.resolve_backend(x)
-        kernel = self.bca_kernel
+        backend = self.resolve_backend(x, name)
+        kernel = self.bca_kernels[name]
+        state = self._adapters[name]
+        scale = state.scale * weight
         if backend == "rust":
-            self._check_rust_input(x2)
-            y = _RustBlockCirculant.apply(x2, kernel, self, self.scale)
+            self._check_rust_input(x2, kernel)
+            y = _RustBlockCirculant.apply(
+                x2, kernel, state, (self.in_features, self.out_features), scale
+            )
         else:
             cdtype = _compute_dtype(x.dtype, kernel.dtype)
             spectra = None
             if not self.training or not torch.is_grad_enabled():
-                spectra = self._cached_spectra(cdtype)
+                spectra = state.cached_spectra(kernel, cdtype, scale)
             y = _TorchBlockCirculant.apply(
                 x2 if x2.dtype == cdtype else x2.to(cdtype),
                 kernel if kernel.dtype == cdtype else kernel.to(cdtype),
                 spectra,
-                self.scale,
+                scale,
                 self.in_features,
                 self.out_features,
             )
@@ -505,24 +747,10 @@ class BlockCirculantLinear(nn.Module):
     # -- backend state ------------------------------------------------------------------
     def clear_cache(self) -> None:
         """Drop the cached kernel spectra and Rust operator state (recomputed on next use)."""
-        self._spectra = None
-        self._spectra_meta = None
-        self._spectra_snapshot.clear()
-        self._rust_snapshot.clear()
+        for state in self._adapters.values():
+            state.clear()
 
-    def _cached_spectra(self, cdtype: torch.dtype) -> torch.Tensor:
-        k = self.bca_kernel
-        snap = self._spectra_snapshot
-        meta = (cdtype, self.scale)
-        if self._spectra is None or self._spectra_meta != meta or not snap.matches(k):
-            with torch.no_grad():
-                self._spectra = _kernel_spectra(k.detach().to(cdtype), self.scale)
-            self._spectra_meta = meta
-            snap.take(k)
-        return self._spectra
-
-    def _check_rust_input(self, x: torch.Tensor) -> None:
-        k = self.bca_kernel
+    def _check_rust_input(self, x: torch.Tensor, k: torch.Tensor) -> None:
         core = _rust_core()
         if core is None:
             raise RuntimeError(
@@ -545,73 +773,136 @@ class BlockCirculantLinear(nn.Module):
                 "cast x or use backend='torch' (which computes half inputs in float32)"
             )
 
-    def _rust_operator(self, kernel: torch.Tensor) -> Any:
-        """The Rust operator for ``kernel``; ``set_kernel`` is called only on a change."""
-        core = _rust_core()
-        snap = self._rust_snapshot
-        if self._rust_op is None or self._rust_op.dtype != kernel.detach().numpy().dtype:
-            self._rust_op = core.BlockCirculant(
-                kernel.detach().contiguous().numpy(), self.in_features, self.out_features
-            )
-            snap.take(kernel)
-        elif not snap.matches(kernel):
-            self._rust_op.set_kernel(kernel.detach().contiguous().numpy())
-            snap.take(kernel)
-        return self._rust_op
-
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_rust_op"] = None
-        state["_rust_snapshot"] = _KernelSnapshot()
-        state["_spectra"] = None
-        state["_spectra_snapshot"] = _KernelSnapshot()
+        state["_adapters"] = {n: s.fresh() for n, s in self._adapters.items()}
         return state
 
-    # -- dense update, merge ------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """Dense ``scale * ΔW``, shape ``(out_features, in_features)``, kernel's dtype.
+    def _selection(
+        self, adapter_names: str | Sequence[str] | None, weights: Sequence[float] | None
+    ) -> tuple[list[str], list[float]]:
+        """``(names, weights)``: the active adapters by default, else the given ones."""
+        if adapter_names is None:
+            if weights is not None:
+                raise ValueError("weights needs adapter_names")
+            names = list(self.active_adapters)
+            return names, [self.adapter_weights.get(n, 1.0) for n in names]
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            self._known(n)
+        if weights is None:
+            return names, [1.0] * len(names)
+        ws = [_check_scale(w, "weights") for w in weights]
+        if len(ws) != len(names):
+            raise ValueError(f"weights has {len(ws)} entries for {len(names)} adapters")
+        return names, ws
 
-        Built exactly from the kernel (no FFT) and differentiable.
+    # -- dense update, merge ------------------------------------------------------------
+    def delta_weight(
+        self,
+        adapter_names: str | Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """Dense update ``(out_features, in_features)`` in the kernels' dtype.
+
+        ``adapter_names=None``: ``Σ_a w_a · scale_a · ΔW_a`` over the active adapters with
+        their weights; a name or list: those adapters with ``weights`` (default 1.0).
+        Built exactly from the kernels (no FFT) and differentiable.
         """
-        dw = block_circulant_dense(self.bca_kernel, self.in_features, self.out_features)
-        return dw * self.scale if self.scale != 1.0 else dw
+        names, ws = self._selection(adapter_names, weights)
+        if not names:
+            raise ValueError("no adapter to build ΔW from (no active adapter)")
+        total: torch.Tensor | None = None
+        for name, w in zip(names, ws, strict=True):
+            state = self._adapters[self._known(name)]
+            dw = block_circulant_dense(self.bca_kernels[name], self.in_features, self.out_features)
+            factor = state.scale * w
+            if factor != 1.0:
+                dw = dw * factor
+            total = dw if total is None else total + dw
+        assert total is not None
+        return total
+
+    def combined_kernel(self) -> tuple[torch.Tensor, float] | None:
+        """One ``(kernel, scale)`` equal to the active, unmerged adapters together.
+
+        ΔW is linear in the kernel, so adapters of one block size combine exactly into
+        ``Σ_a w_a · scale_a · kernel_a`` (returned with scale 1; a single adapter is
+        returned as is with ``w · scale``). ``None`` when no adapter is live (disabled,
+        none active, or all merged). Raises ``ValueError`` for live adapters of different
+        block sizes (export them one at a time, or merge them).
+        """
+        live = self._live_adapters()
+        if not live:
+            return None
+        if len(live) == 1:
+            name, w = live[0]
+            return self.bca_kernels[name].detach(), self._adapters[name].scale * w
+        sizes = {self._adapters[n].block_size for n, _ in live}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"active adapters {[n for n, _ in live]} have different block sizes "
+                f"{sorted(sizes)}; they cannot be combined into one kernel"
+            )
+        total = torch.zeros_like(self.bca_kernels[live[0][0]].detach())
+        for name, w in live:
+            total.add_(self.bca_kernels[name].detach(), alpha=self._adapters[name].scale * w)
+        return total, 1.0
 
     @torch.no_grad()
-    def merge(self, exact_unmerge: bool = True) -> None:
-        """Add ``scale * ΔW`` into the base weight; the adapter path is then skipped.
+    def merge(
+        self,
+        exact_unmerge: bool = True,
+        adapter_names: str | Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        """Add ``Σ w_a · scale_a · ΔW_a`` into the base weight; merged adapters are skipped.
 
-        With ``exact_unmerge=True`` (default) a CPU copy of the original weight is kept so
-        that :meth:`unmerge` restores it bit for bit; with ``False`` no copy is kept and
-        :meth:`unmerge` subtracts ΔW again (equal up to float rounding).
+        ``adapter_names=None`` merges the active adapters with their weights. With
+        ``exact_unmerge=True`` (default) a CPU copy of the original weight is kept so that
+        :meth:`unmerge` restores it bit for bit; with ``False`` no copy is kept and
+        :meth:`unmerge` subtracts the merged update again (equal up to float rounding).
         """
-        if self.merged:
-            warnings.warn("adapter already merged; merge() ignored", stacklevel=2)
+        names, ws = self._selection(adapter_names, weights)
+        for n in names:
+            self._known(n)
+        if not self._adapter_enabled:
+            raise ValueError("adapters are disabled; enable them before merge()")
+        todo = [(n, w) for n, w in zip(names, ws, strict=True) if n not in self.merged_adapters]
+        if not todo:
+            warnings.warn("adapter already merged (or none active); merge() ignored", stacklevel=2)
             return
         w = _weight(self.base_layer)
-        self._original_weight = w.detach().to("cpu", copy=True) if exact_unmerge else None
-        dw = self.delta_weight().to(w.dtype)
+        if not self.merged_adapters:
+            self._original_weight = w.detach().to("cpu", copy=True) if exact_unmerge else None
+        dw = self.delta_weight([n for n, _ in todo], [x for _, x in todo]).to(w.dtype)
         w.add_(dw.T if self.is_conv1d else dw)
-        self.merged = True
+        self.merged_adapters.update(todo)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (bit-exact when merged with ``exact_unmerge=True``)."""
-        if not self.merged:
+        """Undo :meth:`merge` for every merged adapter (bit-exact with ``exact_unmerge``)."""
+        if not self.merged_adapters:
             warnings.warn("adapter is not merged; unmerge() ignored", stacklevel=2)
             return
         w = _weight(self.base_layer)
         if self._original_weight is not None:
             w.copy_(self._original_weight.to(w.device))
         else:
-            dw = self.delta_weight().to(w.dtype)
+            names = list(self.merged_adapters)
+            dw = self.delta_weight(names, [self.merged_adapters[n] for n in names]).to(w.dtype)
             w.sub_(dw.T if self.is_conv1d else dw)
         self._original_weight = None
-        self.merged = False
+        self.merged_adapters = {}
 
     def extra_repr(self) -> str:
-        q_out, q_in, p = self.kernel_shape
+        parts = []
+        for name, s in self._adapters.items():
+            q_out, q_in, p = self.bca_kernels[name].shape
+            flag = "*" if name in self.active_adapters else ""
+            parts.append(f"{name}{flag}(p={p}, kernel=({q_out}, {q_in}, {p}), scale={s.scale})")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"block_size={p}, kernel=({q_out}, {q_in}, {p}), scale={self.scale}, "
-            f"backend={self.backend!r}, is_conv1d={self.is_conv1d}, merged={self.merged}"
+            f"adapters=[{', '.join(parts)}], backend={self.backend!r}, "
+            f"is_conv1d={self.is_conv1d}, merged={sorted(self.merged_adapters)}"
         )

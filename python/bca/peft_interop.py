@@ -582,6 +582,12 @@ def bca_model_to_c3a(
         if m.merged:
             problems.append(f"module {n!r} is merged; unmerge it first")
             continue
+        if len(m.adapter_names) != 1:
+            problems.append(
+                f"module {n!r} has adapters {m.adapter_names}; convert one adapter "
+                "(bca.model.delete_adapter the others)"
+            )
+            continue
         msg = _c3a_refusal(
             n,
             {
@@ -613,8 +619,9 @@ def bca_model_to_c3a(
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, m.base_layer)
-    if hasattr(model, "bca_config"):
-        del model.bca_config
+    for attr in ("bca_config", "bca_configs"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = _c3a_config_dict(
         info, getattr(bca_cfg, "block_size", None), mts, name_or_path, task_type

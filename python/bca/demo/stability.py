@@ -95,7 +95,7 @@ def run_stability(opts: StabilityOptions) -> StabilityOutcome:
                 opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
             else:
                 opt = torch.optim.SGD(groups, lr=lr)
-            kernels = [m for n, m in model.named_parameters() if n.endswith("bca_kernel")]
+            kernels = [m for n, m in model.named_parameters() if ".bca_kernels." in n]
             tag = f"p={p} {'lr/p' if divide else 'lr'}"
             losses, norms, secs = train_method(
                 model,

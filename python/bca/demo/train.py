@@ -187,7 +187,7 @@ def build_method(
             raise ValueError(
                 f"bca optimizer must be adamw, adadelta or sgd, got {s.bca_optimizer!r}"
             )
-        n_adapter = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bca_kernel"))
+        n_adapter = sum(p.numel() for n, p in model.named_parameters() if ".bca_kernels." in n)
         where = "+".join(s.bca_targets)
         label = f"BCA p={s.block_size} ({where})"
         return model, opt, label, n_adapter
