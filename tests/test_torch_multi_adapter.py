@@ -212,6 +212,8 @@ def test_layer_errors() -> None:
         m.set_adapter(["a"], [1.0, 2.0])
     with pytest.raises(ValueError, match="weights must be finite"):
         m.set_adapter(["a"], [float("nan")])
+    with pytest.raises(ValueError, match="'copy' is reserved"):
+        m.add_adapter("copy", 4)
     with pytest.raises(ValueError, match="must not contain"):
         m.add_adapter("x.y", 4)
     with pytest.raises(TypeError, match="adapter_name"):

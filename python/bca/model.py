@@ -38,6 +38,7 @@ from .nn import (
     DEFAULT_ADAPTER,
     INITS,
     BlockCirculantLinear,
+    _check_adapter_name,
     is_supported_layer,
     layer_features,
 )
@@ -310,6 +311,7 @@ def inject_adapters(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, BCAConfig):
         raise TypeError(f"config must be a BCAConfig, got {type(config).__name__}")
+    _check_adapter_name(adapter_name)
     if any(True for _ in adapter_modules(model)):
         raise ValueError(
             "model already has bca adapters; inject_adapters runs once per model (use "
@@ -614,8 +616,7 @@ def add_adapter(
     """
     if not isinstance(config, BCAConfig):
         raise TypeError(f"config must be a BCAConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    _check_adapter_name(adapter_name)
     existing = adapter_names(model)
     if not existing:
         return inject_adapters(model, config, adapter_name=adapter_name)
@@ -924,11 +925,7 @@ def load_adapter(
     if adapter_name is None:
         target = names_now[0] if len(names_now) == 1 else DEFAULT_ADAPTER
     else:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(
-                f"adapter_name must be a non-empty str without '.', got {adapter_name!r}"
-            )
-        target = adapter_name
+        target = _check_adapter_name(adapter_name)
     mode = "new" if not names_now else ("overwrite" if target in names_now else "add")
     existing = {n: m for n, m in adapter_modules(model) if target in m.adapter_names}
     if mode == "overwrite":

@@ -334,11 +334,18 @@ class _RustBlockCirculant(torch.autograd.Function):
 DEFAULT_ADAPTER = "default"
 
 
+_RESERVED = nn.ParameterDict()
+
+
 def _check_adapter_name(name: object, arg: str = "adapter_name") -> str:
     if not isinstance(name, str) or not name:
         raise TypeError(f"{arg} must be a non-empty str, got {name!r}")
     if "." in name:
         raise ValueError(f"{arg} must not contain '.', got {name!r} (it is a parameter name)")
+    if hasattr(_RESERVED, name):
+        raise ValueError(
+            f"{arg} {name!r} is reserved (an attribute of torch's ParameterDict); pick another"
+        )
     return name
 
 
