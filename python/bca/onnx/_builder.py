@@ -45,6 +45,7 @@ __all__ = [
     "AdapterSubgraph",
     "adapter_spectra",
     "build_adapter_subgraph",
+    "lowered_spectra",
     "make_adapter_model",
     "sanitize_name",
     "check_opset",
@@ -192,6 +193,31 @@ def _two_stage_spectra(g: np.ndarray, p: int, a: int, n_k2: int) -> np.ndarray:
     return out
 
 
+def lowered_spectra(
+    kernel: np.ndarray, scale: float = 1.0, *, lowering: str = "dft"
+) -> tuple[np.ndarray, str]:
+    """``(G, lowering)``: the kernel-spectra constant exactly as the subgraph of
+    ``lowering`` multiplies it (float64), and the lowering actually emitted.
+
+    For ``"dft"`` and ``"matmul"`` this is :func:`adapter_spectra`; for ``"matmul2"`` its
+    frequencies are rearranged to the two-stage order ``(k1, k2)`` (zeros for
+    ``k1 + a k2 > p // 2``), and a block size without a useful factorisation falls back to
+    ``"matmul"`` (the returned lowering says which). ``G`` is linear in ``scale * kernel``.
+    """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+    p = int(np.shape(kernel)[-1])
+    factors = two_stage_factors(p) if lowering == "matmul2" else None
+    if lowering == "matmul2" and factors is None:
+        lowering = "matmul"
+    g = adapter_spectra(kernel, scale, lowering=lowering)
+    if lowering == "matmul2":
+        assert factors is not None
+        a, bb = factors
+        g = _two_stage_spectra(g, p, a, bb // 2 + 1)
+    return g, lowering
+
+
 def _dft_matrices(p: int) -> tuple[np.ndarray, np.ndarray]:
     """Forward ``(p, 2F)`` and inverse ``(2F, p)`` real DFT matrices (float64).
 
@@ -291,6 +317,7 @@ def build_adapter_subgraph(
     dtype: np.dtype | type | str = np.float32,
     output_shape: str | None = None,
     shared: set[str] | None = None,
+    spectra_name: str | None = None,
 ) -> AdapterSubgraph:
     """Build the nodes and initializers computing ``output = scale * ΔW @ input``.
 
@@ -316,6 +343,9 @@ def build_adapter_subgraph(
             lowering's DFT matrices depend only on ``p`` and the dtype, so they are named
             ``bca/shared/rdft_<p>_<dtype>`` and emitted only when not in ``shared``
             (which is then updated): one pair per block size per graph.
+        spectra_name: name of the kernel-spectra initializer ``G`` (see
+            :func:`lowered_spectra`); default ``<prefix>/kernel_spectra_<n>``. Servable
+            graphs (:mod:`bca.onnx._serving`) give it a stable name and override it per run.
     """
     check_opset(opset, lowering)
     k, d_in, d_out = _check_kernel(kernel, in_features, out_features)
@@ -347,10 +377,10 @@ def build_adapter_subgraph(
         x2 = b.op("Reshape", [x, b.ints("shape", [-1, d_in])], "x2d")
         x2 = b.op("Pad", [x2, b.ints("pads", [0, 0, 0, q_in * p - d_in])], "x_pad")
 
+    # "matmul2" falls back to "matmul" for p too small or without a useful factorisation
+    g64, lowering = lowered_spectra(k, scale, lowering=lowering)
+    g = g64.astype(cdt)
     factors = two_stage_factors(p) if lowering == "matmul2" else None
-    if lowering == "matmul2" and factors is None:
-        lowering = "matmul"  # p too small or without a useful factorisation
-    g = adapter_spectra(k, scale, lowering=lowering).astype(cdt)
 
     def shared_const(stem: str, make: Callable[[], np.ndarray]) -> str:
         name = f"bca/shared/{stem}_{p}_{cdt.name}"
@@ -369,7 +399,6 @@ def build_adapter_subgraph(
         s2 = shared_const("dft2_stage2", lambda: st2)
         s2t = shared_const("dft2_stage2_t", lambda: st2.transpose(0, 2, 1))
         s1t = shared_const("dft2_stage1_t", lambda: st1.T)
-        g = _two_stage_spectra(g, p, a, n_k2)
         n_freq_x = a * n_k2
         xb = b.op("Reshape", [x2, b.ints("shape", [-1, a, bb])], "x_blocks")  # (M, t1, t2)
         xt = b.op("Transpose", [xb], "x_t", perm=[0, 2, 1])  # (M, t2, t1)
@@ -395,7 +424,12 @@ def build_adapter_subgraph(
 
     # per-frequency complex product: (n_freq, N, 2 q_in) @ G -> (n_freq, N, 2 q_out)
     st = b.op("Reshape", [st, b.ints("shape", [n_freq_x, -1, 2 * q_in])], "spec_f")
-    yf = b.op("MatMul", [st, b.const("kernel_spectra", g)], "y_spec_f")
+    if spectra_name is None:
+        g_name = b.const("kernel_spectra", g)
+    else:
+        b.inits.append(numpy_helper.from_array(np.ascontiguousarray(g), spectra_name))
+        g_name = spectra_name
+    yf = b.op("MatMul", [st, g_name], "y_spec_f")
 
     if lowering == "matmul2":
         ys = b.op("Reshape", [yf, b.ints("shape", [a, n_k2, -1, q_out, 2])], "y_spec_5")

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._builder import build_adapter_subgraph, check_opset, sanitize_name
+from ._builder import AdapterSubgraph, build_adapter_subgraph, check_opset, sanitize_name
 
 __all__ = [
     "TargetMatchError",
@@ -252,13 +252,15 @@ def splice_adapters(
     lowering: str,
     prefixes: list[str],
     progress: bool = False,
-) -> None:
+    spectra_names: list[str] | None = None,
+) -> list[AdapterSubgraph]:
     """Add each spec's adapter beside its site in ``model`` (in place).
 
     For a node with output ``t``, the output is renamed ``<prefix>/base_output`` and ``t``
     becomes ``Add(base, adapter(x))``; the adapter's nodes go right after the base node
     so the node list stays topologically sorted. Several adapters may share a site (they
-    chain). The node list is rebuilt once.
+    chain). The node list is rebuilt once. ``spectra_names`` (one per pair) names each
+    adapter's kernel-spectra initializer. Returns the subgraphs built, in order.
     """
     opset = graph_opset(model)
     check_opset(opset, lowering)
@@ -268,7 +270,13 @@ def splice_adapters(
     shared = {t.name for t in graph.initializer if t.name.startswith("bca/shared/")}
     nodes_by_output = {n.output[0]: n for n in graph.node if n.output}
     original_outputs = [n.output[0] if n.output else "" for n in graph.node]
-    it: Iterable[tuple[tuple[LinearSite, AdapterSpec], str]] = zip(pairs, prefixes, strict=True)
+    names: list[str | None] = [None] * len(pairs) if spectra_names is None else list(spectra_names)
+    if len(names) != len(pairs):
+        raise ValueError(f"{len(names)} spectra names for {len(pairs)} adapters")
+    subgraphs: list[AdapterSubgraph] = []
+    it: Iterable[tuple[tuple[LinearSite, AdapterSpec], str, str | None]] = zip(
+        pairs, prefixes, names, strict=True
+    )
     if progress:
         try:
             from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -276,7 +284,7 @@ def splice_adapters(
             pass
         else:
             it = tqdm(list(it), desc="splicing adapters", unit="adapter")
-    for (site, spec), prefix in it:
+    for (site, spec), prefix, g_name in it:
         if (site.in_features, site.out_features) != (spec.in_features, spec.out_features):
             raise TargetMatchError(
                 f"adapter {spec.name!r} is for in_features={spec.in_features}, "
@@ -308,7 +316,9 @@ def splice_adapters(
             dtype=dtype,
             output_shape=shape_name,
             shared=shared,
+            spectra_name=g_name,
         )
+        subgraphs.append(sub)
         anchor = site.output_name
         chain = [
             helper.make_node("Shape", [base_out], [shape_name], name=f"{prefix}/Shape_out"),
@@ -328,6 +338,7 @@ def splice_adapters(
     del graph.node[:]
     graph.node.extend(rebuilt)
     graph.initializer.extend(new_inits)
+    return subgraphs
 
 
 def replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
