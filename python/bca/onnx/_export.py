@@ -78,7 +78,9 @@ def _make_wrapper(model: Any, names: list[str], as_kwargs: bool) -> Any:
             )
             return _flatten_outputs(out)[1]
 
-    return _ExportWrapper()
+    # a new module is in training mode; torch.onnx.export restores the wrapper's mode
+    # after tracing, recursively, so it must match the model's (else dropout comes back on)
+    return _ExportWrapper().train(model.training)
 
 
 def _default_dynamic_axes(
