@@ -9,6 +9,9 @@ Public API (see docs/onnx.md):
 * :func:`add_adapters` — the same on an in-memory ``onnx.ModelProto``.
 * :func:`make_adapter_model` / :func:`build_adapter_subgraph` — the adapter alone.
 * :func:`choose_lowering` — the ``"auto"`` rule.
+* Serving many adapters with one graph (``servable=True``): :func:`servable_layout`,
+  :func:`adapter_feeds`, :func:`write_ort_adapter`, :func:`read_ort_adapter`,
+  :class:`AdapterSession`.
 
 Inside this package ``import onnx`` is the ``onnx`` distribution (absolute imports), not
 this package.
@@ -22,12 +25,26 @@ from ._builder import (
     AdapterSubgraph,
     adapter_spectra,
     build_adapter_subgraph,
+    lowered_spectra,
     make_adapter_model,
 )
 from ._export import DEFAULT_OPSET, MODES, export_model  # torch imported on use
 from ._io import SavedAdapter, read_adapter
 from ._lowering import MATMUL_MAX_BLOCK, choose_lowering
 from ._patch import add_adapters, patch_model
+from ._serving import (
+    ADAPTER_FILE_SUFFIX,
+    LAYOUT_METADATA_KEY,
+    SERVABLE_DEFAULTS,
+    AdapterSession,
+    ServableLayer,
+    ServableLayout,
+    adapter_feeds,
+    read_ort_adapter,
+    servable_layout,
+    spectra_parameter_name,
+    write_ort_adapter,
+)
 from ._splice import (
     AdapterSpec,
     AmbiguousTargetError,
@@ -38,25 +55,37 @@ from ._splice import (
 )
 
 __all__ = [
+    "ADAPTER_FILE_SUFFIX",
     "DEFAULT_OPSET",
+    "LAYOUT_METADATA_KEY",
     "LOWERINGS",
     "MIN_OPSET",
     "MATMUL_MAX_BLOCK",
     "MODES",
+    "SERVABLE_DEFAULTS",
+    "AdapterSession",
     "AdapterSpec",
     "AdapterSubgraph",
     "AmbiguousTargetError",
     "LinearSite",
     "SavedAdapter",
+    "ServableLayer",
+    "ServableLayout",
     "TargetMatchError",
     "TargetNotFoundError",
+    "adapter_feeds",
     "adapter_spectra",
     "add_adapters",
     "build_adapter_subgraph",
     "choose_lowering",
     "export_model",
     "find_linear_sites",
+    "lowered_spectra",
     "make_adapter_model",
     "patch_model",
     "read_adapter",
+    "read_ort_adapter",
+    "servable_layout",
+    "spectra_parameter_name",
+    "write_ort_adapter",
 ]

@@ -17,6 +17,7 @@ import onnx
 from ._builder import MIN_OPSET
 from ._io import save_checked
 from ._patch import add_adapters
+from ._serving import ServableLayout, check_servable_default, servable_layout
 from ._splice import (
     AdapterSpec,
     TargetNotFoundError,
@@ -138,6 +139,31 @@ def _export_state(
                 m.unmerge()
 
 
+@contextlib.contextmanager
+def _adapters_off(modules: list[Any]) -> Iterator[None]:
+    """Adapters switched off (the base model) inside; restored on exit."""
+    saved = [bool(m.adapter_enabled) for m in modules]
+    try:
+        for m in modules:
+            m.adapter_enabled = False
+        yield
+    finally:
+        for m, enabled in zip(modules, saved, strict=True):
+            m.adapter_enabled = enabled
+
+
+def _spectra_feeds(layout: ServableLayout, specs: Sequence[AdapterSpec]) -> dict[str, np.ndarray]:
+    """Feeds of the exported specs' own spectra (every layer of the layout)."""
+    from ._builder import lowered_spectra
+
+    feeds = layout.zero_feeds()
+    for spec in specs:
+        layer = layout.layer(spec.name)
+        g, _ = lowered_spectra(spec.kernel, spec.scale, lowering=layer.lowering)
+        feeds[layer.parameter] = g.astype(layer.dtype)
+    return feeds
+
+
 def _out_in(w: Any, is_conv1d: bool) -> np.ndarray:
     a = w.detach().to("cpu").numpy()
     return np.ascontiguousarray(a.T if is_conv1d else a)
@@ -208,6 +234,8 @@ def export_model(
     verify_tolerance: float = 1e-4,
     external_data: bool | None = None,
     progress: bool = True,
+    servable: bool = False,
+    servable_default: str = "zeros",
 ) -> Path:
     """Export a torch model with bca adapters to ONNX.
 
@@ -238,6 +266,16 @@ def export_model(
             raises ``RuntimeError`` on a mismatch.
         external_data: as in :func:`patch_model`.
         progress: show progress (tqdm).
+        servable: export a servable graph (docs/onnx.md, "Serving many adapters"): each
+            adapted layer's kernel spectra become an overridable initializer
+            ``bca.<module name>.spectra`` (an initializer that is also a graph input), so
+            one session serves many adapters; the layout is recorded in the model's
+            ``metadata_props`` (:func:`servable_layout`). Not with ``mode="folded"``, nor for
+            models with fully trained modules (``modules_to_save``).
+        servable_default: the spectra's stored value: ``"zeros"`` (the graph computes the
+            base model unless spectra are supplied) or ``"adapter"`` (this model's).
+            ``verify`` then checks both the default (against the base model for
+            ``"zeros"``) and the graph fed with this model's spectra (against the model).
 
     Returns the path written. The model is left as it was (weights, merge state).
     """
@@ -253,6 +291,16 @@ def export_model(
         raise ValueError(f"opset {opset} is too old for mode={mode!r}: it needs opset >= {need}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if servable:
+        check_servable_default(servable_default)
+        if mode == "folded":
+            raise ValueError("servable=True needs the adapters as subgraphs, not mode='folded'")
+        mts = getattr(getattr(model, "bca_config", None), "modules_to_save", None)
+        if mts:
+            raise ValueError(
+                f"model has fully trained modules (modules_to_save {mts}), which a servable "
+                "graph cannot swap per run; export it without servable=True"
+            )
     modules = _adapter_modules(model)
     if not modules:
         raise ValueError(
@@ -360,14 +408,38 @@ def export_model(
                     )
                 )
             step("splice")
-            add_adapters(onnx_model, specs, lowering=mode, targets=targets, progress=progress)
+            add_adapters(
+                onnx_model,
+                specs,
+                lowering=mode,
+                targets=targets,
+                progress=progress,
+                servable=servable,
+                servable_default=servable_default,
+            )
         else:
             step("splice")
         onnx_model.producer_name = "bca"
         out = save_checked(onnx_model, path, external_data=external_data)
         step("save")
-        if verify:
+        if verify and not servable:
             _verify(out, in_names, args, out_names, ref_out, verify_tolerance)
+        elif verify:
+            layout = servable_layout(onnx_model)
+            own = _spectra_feeds(layout, specs)
+            # the graph fed with this model's spectra is the model
+            _verify(out, in_names, args, out_names, ref_out, verify_tolerance, own, "fed")
+            if servable_default == "zeros":  # its default is the base model
+                model.eval()
+                with torch.no_grad(), _adapters_off([m for _, m in modules]):
+                    base_out = _flatten_outputs(
+                        model(**dict(zip(arg_names, args, strict=True)))
+                        if as_kwargs
+                        else model(*args)
+                    )[1]
+                _verify(out, in_names, args, out_names, base_out, verify_tolerance, {}, "default")
+            else:
+                _verify(out, in_names, args, out_names, ref_out, verify_tolerance, {}, "default")
         step("verify")
         return out
     finally:
@@ -383,6 +455,8 @@ def _verify(
     out_names: list[str],
     ref_out: tuple[Any, ...],
     tol: float,
+    extra_feeds: Mapping[str, np.ndarray] | None = None,
+    what: str = "",
 ) -> None:
     import onnxruntime as ort  # type: ignore[import-untyped]
 
@@ -393,14 +467,17 @@ def _verify(
     feed = {
         n: a.detach().cpu().numpy() for n, a in zip(in_names, args, strict=True) if n in present
     }
+    feed.update(extra_feeds or {})
     got = sess.run(out_names, feed)
+    label = {"fed": " (fed the model's own spectra)", "default": " (default spectra)"}.get(what, "")
     for name, g, r in zip(out_names, got, ref_out, strict=True):
         want = r.detach().to("cpu").double().numpy()
         den = max(float(np.linalg.norm(want)), 1e-30)
         err = float(np.linalg.norm(np.asarray(g, np.float64) - want)) / den
         if not np.isfinite(err) or err > tol:
             raise RuntimeError(
-                f"exported model's output {name!r} differs from torch's: norm-relative error "
+                f"exported model's output {name!r}{label} differs from torch's: norm-relative "
+                "error "
                 f"{err:.3g} > {tol:g} (file kept at {str(path)!r}). The base exporter may have "
                 "specialised the graph on example_inputs; try other example inputs or "
                 "exporter='dynamo'"

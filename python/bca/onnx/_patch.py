@@ -12,6 +12,12 @@ import onnx
 from ._builder import LOWERINGS, check_opset
 from ._io import SavedAdapter, load_onnx, read_adapter, save_checked
 from ._lowering import choose_lowering
+from ._serving import (
+    check_servable_default,
+    combine_specs,
+    make_overridable,
+    reserve_spectra_names,
+)
 from ._splice import (
     AdapterSpec,
     TargetNotFoundError,
@@ -35,18 +41,31 @@ def add_adapters(
     base_weights: Mapping[str, np.ndarray] | None = None,
     progress: bool = False,
     tag: str = "",
+    servable: bool = False,
+    servable_default: str = "zeros",
 ) -> dict[str, str]:
     """Splice adapters into ``model`` in place; return ``{module: matched node name}``.
 
-    ``lowering`` is ``"dft"``, ``"matmul"`` or ``"auto"`` (chosen per adapter by
-    :func:`bca.onnx.choose_lowering`). Targets are located by ``targets`` (module ->
-    node or initializer name), else by ``base_weights`` (module -> ``(out, in)`` base
-    weight, compared exactly), else by name (see :func:`bca.onnx.match_by_name`).
+    ``lowering`` is ``"dft"``, ``"matmul"``, ``"matmul2"`` or ``"auto"`` (chosen per
+    adapter by :func:`bca.onnx.choose_lowering`). Targets are located by ``targets``
+    (module -> node or initializer name), else by ``base_weights`` (module -> ``(out, in)``
+    base weight, compared exactly), else by name (see :func:`bca.onnx.match_by_name`).
+
+    With ``servable=True`` each layer's kernel spectra become an overridable initializer
+    ``bca.<module>.spectra`` (initializer and graph input) holding ``servable_default``:
+    ``"zeros"`` (the graph computes the base model) or ``"adapter"`` (these specs); specs
+    on the same module are added up into one; the layout goes into ``metadata_props``
+    (see :func:`bca.onnx.servable_layout`).
     """
     if lowering != "auto" and lowering not in LOWERINGS:
         raise ValueError(f"lowering must be 'auto' or one of {LOWERINGS}, got {lowering!r}")
     opset = graph_opset(model)
     specs = list(specs)
+    spectra_names: list[str] | None = None
+    if servable:
+        check_servable_default(servable_default)
+        specs = combine_specs(specs)
+        spectra_names = reserve_spectra_names(model, specs)
     sites = resolve_targets(model, specs, targets=targets, base_weights=base_weights)
     by_lowering: dict[str, list[tuple[int, str]]] = {}
     for i, (spec, site) in enumerate(zip(specs, sites, strict=True)):
@@ -61,10 +80,22 @@ def add_adapters(
             )
         check_opset(opset, low)
         by_lowering.setdefault(low, []).append((i, low))
+    emitted: dict[int, str] = {}
     for low, items in by_lowering.items():
         pairs = [(sites[i], specs[i]) for i, _ in items]
         prefixes = unique_prefixes(model, [f"{tag}{specs[i].name}" for i, _ in items])
-        splice_adapters(model, pairs, lowering=low, prefixes=prefixes, progress=progress)
+        subs = splice_adapters(
+            model,
+            pairs,
+            lowering=low,
+            prefixes=prefixes,
+            progress=progress,
+            spectra_names=None if spectra_names is None else [spectra_names[i] for i, _ in items],
+        )
+        for (i, _), sub in zip(items, subs, strict=True):
+            emitted[i] = sub.lowering
+    if servable:
+        make_overridable(model, specs, [emitted[i] for i in range(len(specs))], servable_default)
     return {
         spec.name: site.node.name or site.output_name
         for spec, site in zip(specs, sites, strict=True)
@@ -138,6 +169,8 @@ def patch_model(
     base_weights: Mapping[str, np.ndarray] | None = None,
     external_data: bool | None = None,
     progress: bool = True,
+    servable: bool = False,
+    servable_default: str = "zeros",
 ) -> Path:
     """Add saved bca adapters to an existing ONNX model of the base model.
 
@@ -157,6 +190,14 @@ def patch_model(
         external_data: force (True) or forbid (False) external tensor data; default: only
             for models of 2 GB or more.
         progress: show a tqdm progress bar.
+        servable: make a servable graph (see :func:`add_adapters` and docs/onnx.md,
+            "Serving many adapters"): the adapters' layers get overridable kernel spectra
+            ``bca.<module>.spectra`` and the adapters define the layout (several adapter
+            directories: the union of their modules; adapters on one module must share the
+            block size). Adapters with fully trained modules (``modules_to_save``) are
+            refused: those cannot be swapped per run.
+        servable_default: ``"zeros"`` (the servable graph computes the base model) or
+            ``"adapter"`` (the sum of the given adapters).
 
     Returns the output path. Raises :class:`TargetNotFoundError` or
     :class:`AmbiguousTargetError` (both ``ValueError``) naming the module and the
@@ -178,6 +219,32 @@ def patch_model(
     model = load_onnx(base_onnx_path)
     if lowering != "auto":
         check_opset(graph_opset(model), lowering)
+    if servable:
+        with_mts = [str(a.path) for a in adapters if a.modules_to_save]
+        if with_mts:
+            raise ValueError(
+                f"adapter(s) {with_mts} have fully trained modules (modules_to_save), which a "
+                "servable graph cannot swap per run; patch them without servable=True"
+            )
+        merged_targets: dict[str, str] = {}
+        for tg in target_list:
+            for module, ref in (tg or {}).items():
+                if merged_targets.setdefault(module, ref) != ref:
+                    raise ValueError(
+                        f"targets disagree for module {module!r}: {merged_targets[module]!r} "
+                        f"and {ref!r}"
+                    )
+        add_adapters(
+            model,
+            [spec for a in adapters for spec in a.specs],
+            lowering=lowering,
+            targets=merged_targets or None,
+            base_weights=base_weights,
+            progress=progress,
+            servable=True,
+            servable_default=servable_default,
+        )
+        return save_checked(model, out_path, external_data=external_data)
     for k, (adapter, tg) in enumerate(zip(adapters, target_list, strict=True)):
         add_adapters(
             model,
