@@ -1,0 +1,810 @@
+"""Serving many adapters with one servable ONNX graph (docs/onnx.md, "Serving many adapters").
+
+One onnxruntime session of a servable graph serves several adapters chosen per run
+(onnxruntime adapter files + RunOptions.add_active_adapter, or plain spectra feeds); each
+run equals the corresponding torch model, runs from several threads with different adapters
+each get their own adapter's output, a weighted combination equals the merged weights, and
+adapters or adapter files for another model, shape, lowering or dtype give a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import TOL, rel_err
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+from bca.cli import main  # noqa: E402
+from bca.model import BCAConfig, adapter_modules, inject_adapters, save_adapter  # noqa: E402
+from bca.nn import block_circulant_dense  # noqa: E402
+from bca.onnx import (  # noqa: E402
+    LAYOUT_METADATA_KEY,
+    AdapterSession,
+    ServableLayout,
+    adapter_feeds,
+    export_model,
+    patch_model,
+    read_ort_adapter,
+    servable_layout,
+    spectra_parameter_name,
+    write_ort_adapter,
+)
+
+HAS_ADAPTER_API = hasattr(ort, "AdapterFormat") and hasattr(ort, "LoraAdapter")
+needs_adapter_api = pytest.mark.skipif(
+    not HAS_ADAPTER_API, reason="onnxruntime without AdapterFormat/LoraAdapter (< 1.20)"
+)
+
+VOCAB = 61
+HIDDEN = 24
+OUTPUTS = ("last_hidden_state", "pooler_output")
+
+
+# --------------------------------------------------------------------------------------
+# tiny models
+# --------------------------------------------------------------------------------------
+def _config(hidden: int = HIDDEN) -> Any:
+    return transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=32,
+        initializer_range=0.2,  # larger than BERT's 0.02: adapters change outputs visibly
+        hidden_act="relu",  # onnxruntime has no float64 Erf (GELU)
+    )
+
+
+def _base(dtype: torch.dtype = torch.float32, hidden: int = HIDDEN, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    return transformers.BertModel(_config(hidden)).to(dtype).eval()
+
+
+def _adapted(
+    base: Any,
+    targets: list[str],
+    p: int,
+    seed: int,
+    scale: float = 0.7,
+) -> Any:
+    """A copy of ``base`` with random (xavier) adapters on ``targets``."""
+    model = transformers.BertModel(base.config).to(base.dtype).eval()
+    model.load_state_dict(base.state_dict())
+    torch.manual_seed(seed)
+    inject_adapters(
+        model,
+        BCAConfig(block_size=p, target_modules=targets, scale=scale, init="xavier_uniform"),
+    )
+    return model.eval()
+
+
+def _merged(base: Any, terms: Sequence[tuple[Any, float]]) -> Any:
+    """``base`` with ``Σ weight · scale · ΔW`` of every adapter added into its weights."""
+    model = transformers.BertModel(base.config).to(base.dtype).eval()
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for adapted, weight in terms:
+            for name, m in adapter_modules(adapted):
+                dw = block_circulant_dense(m.bca_kernel, m.in_features, m.out_features)
+                model.get_submodule(name).weight += weight * m.scale * dw
+    return model
+
+
+def _inputs(b: int, s: int, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, s, dtype=torch.long)
+    if b > 1 and s > 2:
+        mask[-1, s // 2 :] = 0
+    return {"input_ids": torch.randint(0, VOCAB, (b, s), generator=g), "attention_mask": mask}
+
+
+def _np(feed: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in feed.items()}
+
+
+def _torch_out(model: Any, feed: dict[str, Any]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(**feed)
+    return [out[k].double().numpy() for k in OUTPUTS]
+
+
+def _assert_close(got: Sequence[np.ndarray], want: Sequence[np.ndarray], tol: float) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        err = rel_err(g, w)
+        assert err <= tol, f"norm-relative error {err:.3g} > {tol:g}"
+
+
+def _opts() -> Any:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def _plain_session(path: Path) -> Any:
+    return ort.InferenceSession(str(path), _opts(), providers=["CPUExecutionProvider"])
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return TOL[np.dtype(np.float32 if dtype == torch.float32 else np.float64)]
+
+
+def _export_base_onnx(base: Any, path: Path) -> Path:
+    """A plain base-model ONNX file (legacy exporter), as a user would have."""
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask)
+            return out.last_hidden_state, out.pooler_output
+
+    ex = _inputs(2, 6, 0)
+    axes = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Wrap(base).eval(),  # a wrapper in training mode would put base there on exit
+            (ex["input_ids"], ex["attention_mask"]),
+            str(path),
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=list(OUTPUTS),
+            dynamic_axes=axes,
+            opset_version=17,
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# fixtures: one servable graph per dtype with three adapters
+# --------------------------------------------------------------------------------------
+@dataclass
+class Served:
+    dtype: Any
+    base: Any
+    models: dict[str, Any]  # adapter name -> torch model
+    dirs: dict[str, Path]  # adapter name -> saved adapter folder
+    files: dict[str, Path]  # adapter name -> .onnx_adapter
+    graph: Path
+    tol: float
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["f32", "f64"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Served:
+    dtype = request.param
+    tmp = tmp_path_factory.mktemp(f"served_{str(dtype).split('.')[-1]}")
+    base = _base(dtype)
+    models = {
+        "a": _adapted(base, ["query", "value"], 8, seed=1),
+        "b": _adapted(base, ["query", "value"], 8, seed=2, scale=1.3),
+        "c": _adapted(base, ["query"], 8, seed=3),  # a subset of the layers
+    }
+    dirs = {k: save_adapter(m, tmp / f"dir_{k}") for k, m in models.items()}
+    graph = export_model(
+        models["a"], tmp / "servable.onnx", _inputs(2, 6, 0), servable=True, progress=False
+    )
+    files: dict[str, Path] = {}
+    if HAS_ADAPTER_API:
+        for k in models:  # from the torch model and from the saved folder: the same file
+            src = models[k] if k == "a" else dirs[k]
+            files[k] = write_ort_adapter(src, graph, tmp / f"{k}.onnx_adapter")
+    return Served(dtype, base, models, dirs, files, graph, _tol(dtype))
+
+
+# --------------------------------------------------------------------------------------
+# the graph and its layout
+# --------------------------------------------------------------------------------------
+def test_layout_recorded(served: Served) -> None:
+    layout = servable_layout(served.graph)
+    model = onnx.load(str(served.graph))
+    onnx.checker.check_model(model, full_check=True)
+    modules = [
+        f"encoder.layer.{i}.attention.self.{n}" for i in range(2) for n in ("query", "value")
+    ]
+    assert sorted(layout.modules) == sorted(modules)
+    assert layout.default == "zeros"
+    inputs = {i.name for i in model.graph.input}
+    inits = {t.name: t for t in model.graph.initializer}
+    want_dtype = "float32" if served.dtype == torch.float32 else "float64"
+    for layer in layout.layers:
+        assert layer.parameter == spectra_parameter_name(layer.module)
+        assert layer.parameter == f"bca.{layer.module}.spectra"
+        assert layer.parameter in inputs and layer.parameter in inits
+        assert layer.shape == (5, 6, 6)  # (p/2 + 1, 2 q_in, 2 q_out) at p = 8, width 24
+        assert (layer.block_size, layer.in_features, layer.out_features) == (8, HIDDEN, HIDDEN)
+        assert layer.lowering == "matmul" and layer.dtype == want_dtype
+        assert not onnx.numpy_helper.to_array(inits[layer.parameter]).any()  # zeros
+    doc = json.loads(next(p.value for p in model.metadata_props if p.key == LAYOUT_METADATA_KEY))
+    assert doc["layout_hash"] == layout.layout_hash
+    assert doc["model_version"] == layout.model_version
+    assert ServableLayout.from_json(layout.to_json()) == layout
+    # session inputs: the model's real inputs only; the spectra are overridable
+    sess = _plain_session(served.graph)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert sorted(i.name for i in sess.get_overridable_initializers()) == sorted(
+        layout.parameter_names
+    )
+
+
+def test_zero_default_is_base_model(served: Served) -> None:
+    sess = _plain_session(served.graph)
+    for k, (b, s) in enumerate([(1, 3), (3, 7)]):
+        feed = _inputs(b, s, 20 + k)
+        _assert_close(sess.run(list(OUTPUTS), _np(feed)), _torch_out(served.base, feed), served.tol)
+
+
+# --------------------------------------------------------------------------------------
+# switching adapters per run
+# --------------------------------------------------------------------------------------
+@needs_adapter_api
+def test_switch_adapters_per_run(served: Served) -> None:
+    sess = AdapterSession(served.graph, sess_options=_opts())
+    for name, path in served.files.items():
+        sess.load_adapter(name, path)
+    assert sess.adapter_names == ["a", "b", "c"]
+    assert sess.input_names == ["input_ids", "attention_mask"]
+    refs = {**served.models, None: served.base}
+    order: list[str | None] = ["a", "b", None, "c", "a", "a", None, "b", "c", "b", "a"]
+    for k, name in enumerate(order):
+        feed = _inputs(1 + k % 3, 3 + k % 5, 100 + k)
+        got = sess.run(list(OUTPUTS), _np(feed), adapter=name)
+        _assert_close(got, _torch_out(refs[name], feed), served.tol)
+    # the adapters really differ: a run with the wrong one would be caught above
+    feed = _inputs(2, 5, 7)
+    outs = {n: sess.run(["last_hidden_state"], _np(feed), adapter=n)[0] for n in refs}
+    for x in outs:
+        for y in outs:
+            if x != y:
+                assert rel_err(outs[x], outs[y]) > 100 * served.tol
+    sess.unload_adapter("c")
+    assert sess.adapter_names == ["a", "b"]
+    with pytest.raises(KeyError, match="no adapter named 'c'"):
+        sess.run(None, _np(feed), adapter="c")
+
+
+def test_switch_with_plain_feeds(served: Served) -> None:
+    """No adapter API: the same graph takes the spectra as ordinary inputs."""
+    sess = _plain_session(served.graph)
+    layout = servable_layout(served.graph)
+    feeds = {k: adapter_feeds(d, layout) for k, d in served.dirs.items()}
+    feeds["a_torch"] = adapter_feeds(served.models["a"], served.graph)
+    for name in ("a", "b", "c"):
+        assert sorted(feeds[name]) == sorted(layout.parameter_names)  # every layer, always
+    c_value = feeds["c"][spectra_parameter_name("encoder.layer.0.attention.self.value")]
+    assert not c_value.any()  # c adapts no value layer: zeros
+    for n in feeds["a"]:
+        np.testing.assert_array_equal(feeds["a"][n], feeds["a_torch"][n])
+    refs = {"a": served.models["a"], "b": served.models["b"], "c": served.models["c"]}
+    for k, name in enumerate(["b", "a", "c", "b", "base", "a"]):
+        feed = _inputs(2, 4 + k, 200 + k)
+        extra = layout.zero_feeds() if name == "base" else feeds[name]
+        want = _torch_out(served.base if name == "base" else refs[name], feed)
+        _assert_close(sess.run(list(OUTPUTS), {**_np(feed), **extra}), want, served.tol)
+
+
+@needs_adapter_api
+def test_threads_each_get_their_adapter(served: Served) -> None:
+    """Several threads share one session, each running its own adapter many times."""
+    sess = AdapterSession(served.graph, sess_options=_opts())
+    for name, path in served.files.items():
+        sess.load_adapter(name, path)
+    refs = {**served.models, None: served.base}
+    feeds = [_inputs(2, 5, 300 + k) for k in range(3)]
+    want = {(n, k): _torch_out(m, f) for n, m in refs.items() for k, f in enumerate(feeds)}
+    names: list[str | None] = ["a", "b", "c", None, "b", "a"]
+    errors: list[str] = []
+    start = threading.Barrier(len(names))
+
+    def worker(t: int) -> None:
+        start.wait()
+        for i in range(30):
+            name = names[(t + i) % len(names)] if t % 2 else names[t]  # fixed or rotating
+            k = (t + i) % len(feeds)
+            got = sess.run(list(OUTPUTS), _np(feeds[k]), adapter=name)
+            for g, w in zip(got, want[(name, k)], strict=True):
+                err = rel_err(g, w)
+                if err > served.tol:
+                    errors.append(f"thread {t} iter {i} adapter {name}: error {err:.3g}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(names))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:5]
+
+
+# --------------------------------------------------------------------------------------
+# combined adapters
+# --------------------------------------------------------------------------------------
+@needs_adapter_api
+def test_combined_adapter_equals_merged_weights(served: Served, tmp_path: Path) -> None:
+    terms = [(served.models["a"], 0.5), (served.models["b"], -1.25), (served.models["c"], 2.0)]
+    merged = _merged(served.base, terms)
+    mix = [(served.models["a"], 0.5), (served.dirs["b"], -1.25), (served.dirs["c"], 2.0)]
+    path = write_ort_adapter(mix, served.graph, tmp_path / "mix.onnx_adapter", adapter_version=3)
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    assert fmt.get_adapter_version() == 3
+    assert fmt.get_model_version() == servable_layout(served.graph).model_version
+    sess = AdapterSession(served.graph, sess_options=_opts())
+    sess.load_adapter("mix", path)
+    for k in range(2):
+        feed = _inputs(2, 5, 400 + k)
+        want = _torch_out(merged, feed)
+        _assert_close(sess.run(list(OUTPUTS), _np(feed), adapter="mix"), want, served.tol)
+        fed = {**_np(feed), **adapter_feeds(mix, served.graph)}
+        _assert_close(sess.run(list(OUTPUTS), fed), want, served.tol)
+
+
+@needs_adapter_api
+def test_ort_does_not_add_active_adapters(served: Served) -> None:
+    """Raw onnxruntime with two active adapters of the same parameters does not add them
+    (1.32: the first one added wins, silently); AdapterSession activates one per run and
+    refuses a RunOptions that already carries an adapter, and spectra feeds together with
+    an active adapter (which onnxruntime would ignore, silently)."""
+    sess = _plain_session(served.graph)
+    a = ort.LoraAdapter()
+    a.Load(str(served.files["a"]))
+    b = ort.LoraAdapter()
+    b.Load(str(served.files["b"]))
+    feed = _inputs(2, 5, 500)
+    ro = ort.RunOptions()
+    ro.add_active_adapter(a)
+    ro.add_active_adapter(b)
+    both = sess.run(["last_hidden_state"], _np(feed), ro)[0]
+    summed = _torch_out(
+        _merged(served.base, [(served.models["a"], 1), (served.models["b"], 1)]), feed
+    )
+    assert rel_err(both, summed[0]) > 1e-2  # not the sum
+    single = [_torch_out(served.models[n], feed)[0] for n in ("a", "b")]
+    assert min(rel_err(both, s) for s in single) <= served.tol  # one of them
+
+    ses = AdapterSession(served.graph, sess_options=_opts())
+    ses.load_adapter("a", served.files["a"])
+    ses.load_adapter("b", served.files["b"])
+    ro = ort.RunOptions()
+    ses.run(None, _np(feed), adapter="a", run_options=ro)
+    with pytest.raises(ValueError, match="fresh RunOptions"):
+        ses.run(None, _np(feed), adapter="b", run_options=ro)
+    with pytest.raises(ValueError, match="fresh RunOptions"):
+        ses.run(None, _np(feed), run_options=ro)
+    spectra = adapter_feeds(served.dirs["b"], served.graph)
+    with pytest.raises(ValueError, match="use one or the other"):
+        ses.run(None, {**_np(feed), **spectra}, adapter="a")
+    # without an adapter, spectra feeds are the plain-feeds path
+    got = ses.run(["last_hidden_state"], {**_np(feed), **spectra})[0]
+    assert rel_err(got, single[1]) <= served.tol
+
+
+# --------------------------------------------------------------------------------------
+# defaults, padding, lowerings (servable graphs made by patching a base ONNX file)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("patched")
+    base = _base()
+    base_onnx = _export_base_onnx(base, tmp / "base.onnx")
+    # p = 16 does not divide 24: padded; 16 = 4 x 4 gives a real two-stage "matmul2"
+    models = {
+        "x": _adapted(base, ["query", "value"], 16, seed=11),
+        "y": _adapted(base, ["query", "value"], 16, seed=12, scale=0.4),
+    }
+    dirs = {k: save_adapter(m, tmp / f"dir_{k}") for k, m in models.items()}
+    return {"tmp": tmp, "base": base, "base_onnx": base_onnx, "models": models, "dirs": dirs}
+
+
+@pytest.mark.parametrize("lowering", ["dft", "matmul", "matmul2"])
+def test_lowerings_and_padding(lowering: str, patched: dict[str, Any]) -> None:
+    tmp: Path = patched["tmp"]
+    graph = patch_model(
+        patched["base_onnx"],
+        patched["dirs"]["x"],
+        tmp / f"servable_{lowering}.onnx",
+        lowering=lowering,
+        servable=True,
+        progress=False,
+    )
+    layout = servable_layout(graph)
+    assert {x.lowering for x in layout.layers} == {lowering}
+    assert {x.block_size for x in layout.layers} == {16}
+    # dft lowering: ORT's DFT for p = 16 (a power of two) is exact to float32 rounding
+    tol = 1e-5
+    sess = _plain_session(graph)
+    refs = {"x": patched["models"]["x"], "y": patched["models"]["y"], None: patched["base"]}
+    feeds = {k: adapter_feeds(d, layout) for k, d in patched["dirs"].items()}
+    if HAS_ADAPTER_API:
+        files = {
+            k: write_ort_adapter(d, layout, tmp / f"{lowering}_{k}.onnx_adapter")
+            for k, d in patched["dirs"].items()
+        }
+        ases = AdapterSession(graph, sess_options=_opts())
+        for k, f in files.items():
+            ases.load_adapter(k, f)
+    for k, name in enumerate(["x", None, "y", "x"]):
+        feed = _inputs(2, 3 + k, 600 + k)
+        want = _torch_out(refs[name], feed)
+        extra = layout.zero_feeds() if name is None else feeds[name]
+        _assert_close(sess.run(list(OUTPUTS), {**_np(feed), **extra}), want, tol)
+        if HAS_ADAPTER_API:
+            _assert_close(ases.run(list(OUTPUTS), _np(feed), adapter=name), want, tol)
+
+
+def test_adapter_default_and_several_dirs(patched: dict[str, Any]) -> None:
+    """servable_default="adapter" stores the given adapters (two folders: their sum);
+    AdapterSession(adapter=None) is still the base model."""
+    tmp: Path = patched["tmp"]
+    graph = patch_model(
+        patched["base_onnx"],
+        [patched["dirs"]["x"], patched["dirs"]["y"]],
+        tmp / "servable_sum.onnx",
+        servable=True,
+        servable_default="adapter",
+        progress=False,
+    )
+    layout = servable_layout(graph)
+    assert layout.default == "adapter" and len(layout.layers) == 4
+    models = patched["models"]
+    both = _merged(patched["base"], [(models["x"], 1.0), (models["y"], 1.0)])
+    feed = _inputs(2, 5, 700)
+    sess = _plain_session(graph)
+    _assert_close(sess.run(list(OUTPUTS), _np(feed)), _torch_out(both, feed), 1e-5)
+    fed = {**_np(feed), **adapter_feeds(patched["dirs"]["y"], layout)}
+    _assert_close(sess.run(list(OUTPUTS), fed), _torch_out(models["y"], feed), 1e-5)
+    if HAS_ADAPTER_API:
+        ases = AdapterSession(graph, sess_options=_opts())
+        _assert_close(ases.run(list(OUTPUTS), _np(feed)), _torch_out(patched["base"], feed), 1e-5)
+
+
+def test_export_adapter_default(tmp_path: Path) -> None:
+    """export_model(servable_default="adapter"): the graph alone is the adapted model."""
+    base = _base(seed=5)
+    model = _adapted(base, ["value"], 12, seed=13)  # p = 12: 24 = 2 blocks, F = 7
+    graph = export_model(
+        model,
+        tmp_path / "g.onnx",
+        _inputs(2, 6, 0),
+        mode="matmul2",  # no factor 4 <= a <= sqrt(12): falls back to "matmul", recorded
+        servable=True,
+        servable_default="adapter",
+        progress=False,
+    )
+    layout = servable_layout(graph)
+    assert [x.lowering for x in layout.layers] == ["matmul", "matmul"]
+    assert layout.default == "adapter"
+    feed = _inputs(3, 4, 800)
+    sess = _plain_session(graph)
+    _assert_close(sess.run(list(OUTPUTS), _np(feed)), _torch_out(model, feed), 1e-5)
+    fed = {**_np(feed), **layout.zero_feeds()}
+    _assert_close(sess.run(list(OUTPUTS), fed), _torch_out(base, feed), 1e-5)
+
+
+def test_export_servable_refusals(tmp_path: Path) -> None:
+    base = _base()
+    model = _adapted(base, ["query"], 8, seed=1)
+    ex = _inputs(2, 6, 0)
+    with pytest.raises(ValueError, match="folded"):
+        export_model(model, tmp_path / "g.onnx", ex, mode="folded", servable=True, progress=False)
+    with pytest.raises(ValueError, match="servable_default"):
+        export_model(model, tmp_path / "g.onnx", ex, servable=True, servable_default="base")
+    with_head = transformers.BertModel(base.config).eval()
+    inject_adapters(
+        with_head, BCAConfig(block_size=8, target_modules=["query"], modules_to_save=["pooler"])
+    )
+    with pytest.raises(ValueError, match="modules_to_save"):
+        export_model(with_head, tmp_path / "h.onnx", ex, servable=True, progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# adapters or files for another model, shape, lowering or dtype
+# --------------------------------------------------------------------------------------
+def test_adapter_dir_mismatches(served: Served, tmp_path: Path) -> None:
+    base = served.base
+    graph = served.graph
+    # another block size
+    p4 = save_adapter(_adapted(base, ["query"], 4, seed=21), tmp_path / "p4")
+    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention\.self\.query") as e:
+        adapter_feeds(p4, graph)
+    assert "block_size=4" in str(e.value) and "block_size=8" in str(e.value)
+    assert "(6, 6, 4)" in str(e.value) and "(3, 3, 8)" in str(e.value)
+    # another hidden size (another model)
+    wide = save_adapter(
+        _adapted(_base(served.dtype, hidden=32), ["query"], 8, seed=22), tmp_path / "wide"
+    )
+    with pytest.raises(ValueError, match="in_features=32") as e:
+        adapter_feeds(wide, graph)
+    assert "in_features=24" in str(e.value)
+    # a module the graph has no slot for
+    key = save_adapter(_adapted(base, ["key"], 8, seed=23), tmp_path / "key")
+    with pytest.raises(ValueError, match=r"attention\.self\.key.*no adapter slot"):
+        adapter_feeds(key, graph)
+    with pytest.raises(ValueError, match="no adapter slot"):
+        adapter_feeds([(served.dirs["a"], 1.0), (key, 1.0)], graph)
+    # another dtype
+    other = torch.float64 if served.dtype == torch.float32 else torch.float32
+    typed = save_adapter(_adapted(_base(other), ["query"], 8, seed=24), tmp_path / "typed")
+    with pytest.raises(ValueError, match="kernel dtype"):
+        adapter_feeds(typed, graph)
+    if HAS_ADAPTER_API:
+        with pytest.raises(ValueError, match="block_size=4"):
+            write_ort_adapter(p4, graph, tmp_path / "never.onnx_adapter")
+        assert not (tmp_path / "never.onnx_adapter").exists()
+    # malformed weighted lists and inputs
+    with pytest.raises(ValueError, match="empty"):
+        adapter_feeds([], graph)
+    with pytest.raises(TypeError, match="pairs"):
+        adapter_feeds([served.dirs["a"]], graph)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="finite"):
+        adapter_feeds([(served.dirs["a"], float("nan"))], graph)
+    with pytest.raises(TypeError, match="saved adapter directory"):
+        adapter_feeds(42, graph)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        adapter_feeds(tmp_path / "nope", graph)
+
+
+def _export_other(
+    tmp: Path, name: str, base: Any, p: int, mode: str = "auto", targets: list[str] | None = None
+) -> tuple[Path, Any]:
+    model = _adapted(base, targets or ["query", "value"], p, seed=31)
+    graph = export_model(
+        model, tmp / f"{name}.onnx", _inputs(2, 6, 0), mode=mode, servable=True, progress=False
+    )
+    return graph, model
+
+
+@needs_adapter_api
+def test_adapter_file_mismatches(served: Served, tmp_path: Path) -> None:
+    sess = AdapterSession(served.graph, sess_options=_opts())
+    feed = _np(_inputs(2, 5, 900))
+    # a file for another model (hidden 32): same parameter names, other shapes
+    wide_graph, wide = _export_other(tmp_path, "wide", _base(served.dtype, hidden=32), 8)
+    wide_file = write_ort_adapter(wide, wide_graph, tmp_path / "wide.onnx_adapter")
+    with pytest.raises(ValueError, match="expects") as e:
+        sess.load_adapter("wide", wide_file)
+    msg = str(e.value)
+    assert "encoder.layer.0.attention.self.query" in msg and "(5, 8, 8)" in msg
+    assert "(5, 6, 6)" in msg
+    with pytest.raises(ValueError, match="expects"):
+        read_ort_adapter(wide_file, served.graph)
+    # raw onnxruntime with that file: an error at run time, never an answer
+    raw = _plain_session(served.graph)
+    lora = ort.LoraAdapter()
+    lora.Load(str(wide_file))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(lora)
+    with pytest.raises(Exception, match="(?i)dimension"):
+        raw.run(None, feed, ro)
+    # another block size: p = 4 gives spectra (3, 12, 12)
+    p4_graph, p4 = _export_other(tmp_path, "p4", served.base, 4)
+    p4_file = write_ort_adapter(p4, p4_graph, tmp_path / "p4.onnx_adapter")
+    with pytest.raises(ValueError, match=r"\(3, 12, 12\)"):
+        sess.load_adapter("p4", p4_file)
+    # a graph with only the query layers: the file lacks the value layers
+    q_graph, q = _export_other(tmp_path, "q", served.base, 8, targets=["query"])
+    q_file = write_ort_adapter(q, q_graph, tmp_path / "q.onnx_adapter")
+    with pytest.raises(ValueError, match=r"lacks the spectra of module\(s\)"):
+        sess.load_adapter("q", q_file)
+    # ... and the other way round: a file with layers this graph lacks
+    q_sess = AdapterSession(q_graph, sess_options=_opts())
+    with pytest.raises(ValueError, match="does not have"):
+        q_sess.load_adapter("a", served.files["a"])
+    # another dtype (spectra written by hand)
+    layout = servable_layout(served.graph)
+    other = np.float64 if layout.layers[0].dtype == "float32" else np.float32
+    arrays = {k: v.astype(other) for k, v in layout.zero_feeds().items()}
+    typed = _write_raw(tmp_path / "typed.onnx_adapter", arrays, layout.model_version)
+    with pytest.raises(ValueError, match=np.dtype(other).name):
+        sess.load_adapter("typed", typed)
+    lora = ort.LoraAdapter()
+    lora.Load(str(typed))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(lora)
+    with pytest.raises(Exception, match="(?i)type"):
+        raw.run(None, feed, ro)
+    # not an adapter file at all
+    with pytest.raises(ValueError, match="not a readable ONNX Runtime adapter file"):
+        sess.load_adapter("junk", served.graph)
+    with pytest.raises(FileNotFoundError):
+        sess.load_adapter("missing", tmp_path / "missing.onnx_adapter")
+    assert sess.adapter_names == []
+
+
+@needs_adapter_api
+def test_same_shapes_other_lowering(served: Served, tmp_path: Path) -> None:
+    """The "dft" and "matmul" lowerings have spectra of equal shapes but other scaling:
+    raw onnxruntime silently computes a wrong answer with a file written for the other
+    graph; the model version in the file lets AdapterSession refuse it."""
+    dft_graph, _ = _export_other(tmp_path, "dft", served.base, 8, mode="dft")
+    dft_layout = servable_layout(dft_graph)
+    layout = servable_layout(served.graph)
+    assert [x.shape for x in dft_layout.layers] == [x.shape for x in layout.layers]
+    assert dft_layout.model_version != layout.model_version
+    for_dft = write_ort_adapter(served.dirs["b"], dft_graph, tmp_path / "b_dft.onnx_adapter")
+    sess = AdapterSession(served.graph, sess_options=_opts())
+    with pytest.raises(ValueError, match="another servable graph"):
+        sess.load_adapter("b", for_dft)
+    with pytest.raises(ValueError, match="model version"):
+        read_ort_adapter(for_dft, served.graph)
+    raw = _plain_session(served.graph)
+    lora = ort.LoraAdapter()
+    lora.Load(str(for_dft))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(lora)
+    feed = _inputs(2, 5, 950)
+    wrong = raw.run(["last_hidden_state"], _np(feed), ro)[0]
+    assert rel_err(wrong, _torch_out(served.models["b"], feed)[0]) > 1e-2
+    assert read_ort_adapter(for_dft).keys() == set(layout.parameter_names)  # no check: reads
+
+
+def _write_raw(path: Path, arrays: dict[str, np.ndarray], model_version: int) -> Path:
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(model_version)
+    keep = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in keep.items()})
+    fmt.export_adapter(str(path))
+    return path
+
+
+def test_not_servable_and_tampered(served: Served, tmp_path: Path) -> None:
+    plain = export_model(
+        served.models["a"], tmp_path / "plain.onnx", _inputs(2, 6, 0), progress=False
+    )
+    with pytest.raises(ValueError, match="not a servable bca graph"):
+        servable_layout(plain)
+    with pytest.raises(ValueError, match="not a servable bca graph"):
+        adapter_feeds(served.dirs["a"], plain)
+    if HAS_ADAPTER_API:
+        with pytest.raises(ValueError, match="not a servable bca graph"):
+            AdapterSession(plain)
+    model = onnx.load(str(served.graph))
+    entry = next(p for p in model.metadata_props if p.key == LAYOUT_METADATA_KEY)
+    doc = json.loads(entry.value)
+    doc["layers"][0]["block_size"] = 4
+    entry.value = json.dumps(doc)
+    with pytest.raises(ValueError, match="hash"):
+        servable_layout(model)
+    # a spectra input removed from the graph inputs (no longer overridable)
+    model = onnx.load(str(served.graph))
+    keep = [i for i in model.graph.input if not i.name.endswith(".spectra")]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    with pytest.raises(ValueError, match="not an overridable initializer"):
+        servable_layout(model)
+    # making a servable graph servable again
+    with pytest.raises(ValueError, match="servable graph already"):
+        patch_model(served.graph, served.dirs["a"], tmp_path / "again.onnx", servable=True)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+@needs_adapter_api
+def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = _base(seed=7)
+    folder = tmp_path / "base_model"
+    base.save_pretrained(folder)
+    models = {
+        "ad_one": _adapted(base, ["query", "value"], 8, seed=41),
+        "ad_two": _adapted(base, ["query"], 8, seed=42, scale=2.0),
+    }
+    dirs = {k: save_adapter(m, tmp_path / k) for k, m in models.items()}
+    graph = tmp_path / "servable.onnx"
+    run: Callable[..., int] = lambda *argv: main([str(a) for a in argv])  # noqa: E731
+    assert run("serve", "export", dirs["ad_one"], "--base", folder, "-o", graph) == 0
+    assert "servable: 4 layers, default zeros" in capsys.readouterr().out
+    out_dir = tmp_path / "adapters"
+    assert run("serve", "adapter", *dirs.values(), "--graph", graph, "--out-dir", out_dir) == 0
+    assert run(
+        "serve", "adapter", *dirs.values(), "--graph", graph, "--out-dir", out_dir,
+        "--combine", "mix", "--weights", "0.5,-1",
+    ) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed.count("wrote ") == 3
+    assert run("serve", "info", graph) == 0
+    info = capsys.readouterr().out
+    assert "encoder.layer.1.attention.self.value" in info and "matmul" in info
+    assert run("serve", "info", graph, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["default"] == "zeros"
+
+    sess = AdapterSession(graph, sess_options=_opts())
+    for name in ("ad_one", "ad_two", "mix"):
+        sess.load_adapter(name, out_dir / f"{name}.onnx_adapter")
+    mix = _merged(base, [(models["ad_one"], 0.5), (models["ad_two"], -1.0)])
+    refs = {**models, "mix": mix, None: base}
+    for k, name in enumerate(["ad_one", "mix", None, "ad_two"]):
+        feed = _inputs(2, 4, 1000 + k)
+        got = sess.run(list(OUTPUTS), _np(feed), adapter=name)
+        _assert_close(got, _torch_out(refs[name], feed), 1e-5)
+
+    # the patch form: a servable graph from a base ONNX file and adapter folders
+    base_onnx = _export_base_onnx(base, tmp_path / "base.onnx")
+    patched = tmp_path / "patched.onnx"
+    assert (
+        run("serve", "export", "--patch", base_onnx, *dirs.values(), "-o", patched, "--mode", "dft")
+        == 0
+    )
+    capsys.readouterr()
+    layout = servable_layout(patched)
+    assert {x.lowering for x in layout.layers} == {"dft"} and len(layout.layers) == 4
+    # files written for the exported graph do not fit the patched one (other lowering)
+    code = run("serve", "adapter", dirs["ad_one"], "--graph", patched, "--out-dir", out_dir)
+    assert code == 0  # written anew for this graph: fine
+    capsys.readouterr()
+    psess = AdapterSession(patched, sess_options=_opts())
+    psess.load_adapter("one", out_dir / "ad_one.onnx_adapter")
+    feed = _inputs(2, 4, 1100)
+    _assert_close(
+        psess.run(list(OUTPUTS), _np(feed), adapter="one"),
+        _torch_out(models["ad_one"], feed),
+        1e-5,
+    )
+    with pytest.raises(ValueError, match="another servable graph"):
+        sess.load_adapter("stale", out_dir / "ad_one.onnx_adapter")
+
+
+def _one_line_error(code: int, capsys: pytest.CaptureFixture[str], *needles: str) -> None:
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("bca serve: error:") and "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+def test_cli_errors(served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve"]) == 2
+    assert "name a command" in capsys.readouterr().err
+    for argv in (
+        ["serve", "--help"],
+        ["serve", "export", "--help"],
+        ["serve", "adapter", "--help"],
+    ):
+        assert main(argv) == 0
+        assert "usage: bca serve" in capsys.readouterr().out
+    assert main(["serve", "adapter", str(served.dirs["a"])]) == 2  # --graph, --out-dir missing
+    capsys.readouterr()
+    p4 = save_adapter(_adapted(served.base, ["query"], 4, seed=51), tmp_path / "p4")
+    out = tmp_path / "out"
+    argv = ["serve", "adapter", str(served.dirs["a"]), str(p4), "--graph", str(served.graph)]
+    _one_line_error(main([*argv, "--out-dir", str(out)]), capsys, "block_size=4", "block_size=8")
+    assert not out.exists() or not list(out.iterdir())  # checked all before writing any
+    _one_line_error(
+        main(["serve", "adapter", str(p4), "--graph", str(tmp_path / "no.onnx"), "--out-dir", "x"]),
+        capsys,
+        "no such file",
+    )
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(served.graph.read_bytes())
+    model = onnx.load(str(plain))
+    del model.metadata_props[:]
+    onnx.save(model, str(plain))
+    _one_line_error(main(["serve", "info", str(plain)]), capsys, "not a servable bca graph")
+    _one_line_error(
+        main([*argv[:3], "--graph", str(served.graph), "--out-dir", str(out), "--weights", "1"]),
+        capsys,
+        "--combine",
+    )
+    _one_line_error(
+        main(["serve", "export", str(served.dirs["a"]), "-o", str(tmp_path / "x.bin")]),
+        capsys,
+        ".onnx",
+    )
