@@ -808,3 +808,85 @@ def test_cli_errors(served: Served, tmp_path: Path, capsys: pytest.CaptureFixtur
         capsys,
         ".onnx",
     )
+
+
+# --------------------------------------------------------------------------------------
+# torch models with several named adapters (bca.model.add_adapter / set_adapter)
+# --------------------------------------------------------------------------------------
+def test_named_torch_adapters_export_and_serve(tmp_path: Path) -> None:
+    from bca.model import add_adapter, set_adapter
+
+    base = _base()
+    model = transformers.BertModel(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    torch.manual_seed(5)
+    inject_adapters(
+        model,
+        BCAConfig(block_size=8, target_modules=["query", "value"], init="xavier_uniform"),
+        adapter_name="a",
+    )
+    add_adapter(
+        model,
+        "b",
+        BCAConfig(block_size=8, target_modules=["query"], scale=1.3, init="xavier_uniform"),
+    )
+    add_adapter(
+        model, "c", BCAConfig(block_size=4, target_modules=["value"], init="xavier_uniform")
+    )
+    feed = _inputs(2, 6, 3)
+    tol = _tol(torch.float32)
+
+    # several active adapters of one block size export as their weighted sum
+    set_adapter(model, ["a", "b"], [1.0, -0.5])
+    want = _torch_out(model, feed)
+    path = export_model(model, tmp_path / "ab.onnx", _inputs(2, 6, 0), progress=False)
+    _assert_close(_plain_session(path).run(list(OUTPUTS), _np(feed)), want, tol)
+
+    # a servable graph of the same layers takes them as one set of feeds or one file
+    graph = export_model(
+        model, tmp_path / "servable.onnx", _inputs(2, 6, 0), servable=True, progress=False
+    )
+    sess = _plain_session(graph)
+    got = sess.run(list(OUTPUTS), {**_np(feed), **adapter_feeds(model, graph)})
+    _assert_close(got, want, tol)
+    served = AdapterSession(graph, sess_options=_opts())
+    for names in (["a"], ["b"], ["a", "b"]):
+        set_adapter(model, names)
+        out = tmp_path / f"{'+'.join(names)}.onnx_adapter"
+        served.load_adapter("+".join(names), write_ort_adapter(model, graph, out))
+    for names in (["b"], ["a", "b"], ["a"]):
+        set_adapter(model, names)
+        got = served.run(list(OUTPUTS), _np(feed), adapter="+".join(names))
+        _assert_close(got, _torch_out(model, feed), tol)
+
+    # active adapters of different block sizes: no single kernel, a clear error
+    set_adapter(model, ["a", "c"])
+    with pytest.raises(ValueError, match="different block sizes"):
+        export_model(model, tmp_path / "ac.onnx", _inputs(2, 6, 0), progress=False)
+    with pytest.raises(ValueError, match="different block sizes"):
+        adapter_feeds(model, graph)
+    # ... but they fold into the base weights
+    folded = export_model(
+        model, tmp_path / "ac_folded.onnx", _inputs(2, 6, 0), mode="folded", progress=False
+    )
+    got = _plain_session(folded).run(list(OUTPUTS), _np(feed))
+    _assert_close(got, _torch_out(model, feed), tol)
+
+
+@needs_adapter_api
+def test_rewriting_a_loaded_adapter_file_keeps_the_session_right(
+    served: Served, tmp_path: Path
+) -> None:
+    """onnxruntime memory-maps adapter files: write_ort_adapter replaces them atomically."""
+    path = write_ort_adapter(served.dirs["a"], served.graph, tmp_path / "live.onnx_adapter")
+    sess = AdapterSession(served.graph, sess_options=_opts())
+    sess.load_adapter("live", path)
+    feed = _inputs(2, 6, 4)
+    want_a = _torch_out(served.models["a"], feed)
+    _assert_close(sess.run(list(OUTPUTS), _np(feed), adapter="live"), want_a, served.tol)
+    write_ort_adapter(served.dirs["b"], served.graph, path)  # same path, another adapter
+    _assert_close(sess.run(list(OUTPUTS), _np(feed), adapter="live"), want_a, served.tol)
+    sess.load_adapter("new", path)
+    want_b = _torch_out(served.models["b"], feed)
+    _assert_close(sess.run(list(OUTPUTS), _np(feed), adapter="new"), want_b, served.tol)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.onnx_adapter"]  # no temp left

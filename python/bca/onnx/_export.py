@@ -316,6 +316,10 @@ def export_model(
     # adapters switched off (adapter_enabled=False) are not part of the model's function:
     # they are exported as plain base layers
     modules = [(n, m) for n, m in modules if getattr(m, "adapter_enabled", True)]
+    # so are layers with no active adapter (named adapters, bca.model.set_adapter)
+    modules = [(n, m) for n, m in modules if m.active_adapters]
+    if not modules:
+        raise ValueError("no adapter of the model is enabled and active; nothing to export")
 
     as_kwargs = isinstance(example_inputs, Mapping)
     if as_kwargs:
@@ -398,13 +402,18 @@ def export_model(
                 w = _out_in(m.base_layer.weight, m.is_conv1d)
                 replace_initializer(onnx_model, site.weight_name, w.T if site.weight_in_out else w)
                 targets[name] = site.weight_name
+                # the active adapters (weighted) as one kernel; several active adapters of
+                # different block sizes raise here (mode='folded' handles them)
+                live = m.combined_kernel()
+                assert live is not None  # filtered above: enabled, active, not merged
+                kernel, scale = live
                 specs.append(
                     AdapterSpec(
                         name,
-                        m.bca_kernel.detach().to("cpu").numpy(),
+                        kernel.detach().to("cpu").numpy(),
                         m.in_features,
                         m.out_features,
-                        float(m.scale),
+                        float(scale),
                     )
                 )
             step("splice")

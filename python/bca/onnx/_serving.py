@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -453,23 +454,26 @@ def _torch_kernels(model: Any) -> list[_Kernel]:
     for name, m in adapter_modules(model):
         if not getattr(m, "adapter_enabled", True):
             continue  # switched off: the layer computes the base layer
-        active = getattr(m, "active_adapters", None)
-        if active is not None and len(active) == 0:
+        if not m.active_adapters:
             continue
-        if active is not None and len(active) > 1:
-            raise ValueError(
-                f"module {name!r} has several active adapters {list(active)}; serve them as a "
-                "weighted list [(model_with_a, 1.0), (model_with_b, 1.0)] or activate one"
-            )
-        if getattr(m, "merged", False):
+        if m.merged:
             raise ValueError(
                 f"module {name!r}: the adapter is merged into the base weight; unmerge it first"
             )
+        try:  # the active adapters with their weights, as one kernel
+            live = m.combined_kernel()
+        except ValueError as exc:
+            raise ValueError(
+                f"module {name!r}: {exc}; serve them as a weighted list of saved adapters"
+            ) from None
+        if live is None:
+            continue
+        kernel, scale = live
         out.append(
             _Kernel(
                 name,
-                m.bca_kernel.detach().to("cpu").numpy().copy(),
-                float(m.scale),
+                kernel.detach().to("cpu").numpy().copy(),
+                float(scale),
                 int(m.in_features),
                 int(m.out_features),
             )
@@ -613,8 +617,18 @@ def write_ort_adapter(
     fmt.set_adapter_version(adapter_version)
     fmt.set_model_version(layout.model_version)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    fmt.export_adapter(str(out))
-    read_ort_adapter(out, layout)  # what was written reads back and fits
+    # onnxruntime.LoraAdapter memory-maps its file: rewriting a loaded file in place would
+    # change what a running session serves. Write a temporary file and rename it over
+    # ``out`` (atomic), so sessions that loaded the old file keep the old contents.
+    fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        fmt.export_adapter(str(tmp))
+        read_ort_adapter(tmp, layout)  # what was written reads back and fits
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
