@@ -17,7 +17,7 @@ import onnx
 from ._builder import MIN_OPSET
 from ._io import save_checked
 from ._patch import add_adapters
-from ._serving import ServableLayout, check_servable_default, servable_layout
+from ._serving import SavedSlot, ServableLayout, check_servable_default, servable_layout
 from ._splice import (
     AdapterSpec,
     TargetNotFoundError,
@@ -152,6 +152,100 @@ def _adapters_off(modules: list[Any]) -> Iterator[None]:
             m.adapter_enabled = enabled
 
 
+@contextlib.contextmanager
+def _params_set(params: Mapping[str, Any], values: Mapping[str, Any]) -> Iterator[None]:
+    """``params[name]`` holds ``values[name]`` inside (copied in); restored on exit."""
+    torch = _torch()
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                v = values[n]
+                p.copy_(torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v))
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+def _tags(params: Mapping[str, Any], seed: int = 0x5A7E) -> dict[str, np.ndarray]:
+    """A unique random tag per fully trained parameter (its shape and dtype), to find its
+    initializer in the exported graph exactly."""
+    torch = _torch()
+    out: dict[str, np.ndarray] = {}
+    for k, (name, p) in enumerate(params.items()):
+        gen = torch.Generator().manual_seed(seed + k)
+        tag = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+        out[name] = tag.numpy()
+    return out
+
+
+def _locate_tags(
+    model: onnx.ModelProto, tags: Mapping[str, np.ndarray]
+) -> dict[str, tuple[str, bool]]:
+    """{parameter: (initializer, stored transposed)}: the one initializer equal to its tag
+    (or, for a matrix, to its transpose)."""
+    by_shape: dict[tuple[int, ...], list[onnx.TensorProto]] = {}
+    for t in model.graph.initializer:
+        by_shape.setdefault(tuple(int(d) for d in t.dims), []).append(t)
+    found: dict[str, tuple[str, bool]] = {}
+    for name, tag in tags.items():
+        hits: list[tuple[str, bool]] = []
+        for t in by_shape.get(tag.shape, []):
+            if np.array_equal(onnx.numpy_helper.to_array(t), tag):
+                hits.append((t.name, False))
+        if tag.ndim == 2:  # a random tag is not symmetric
+            for t in by_shape.get(tag.shape[::-1], []):
+                if np.array_equal(onnx.numpy_helper.to_array(t), tag.T):
+                    hits.append((t.name, True))
+        if len(hits) != 1:
+            raise ValueError(
+                f"fully trained parameter {name!r} (modules_to_save) is "
+                + (
+                    "not held as an initializer of the exported graph (unused by the "
+                    "exported outputs, or folded with other constants)"
+                    if not hits
+                    else f"held by several initializers {[h[0] for h in hits]}"
+                )
+                + "; a servable graph cannot override it per run"
+            )
+        found[name] = hits[0]
+    return found
+
+
+def _base_saved_values(params: Mapping[str, Any], base: Any) -> dict[str, np.ndarray]:
+    """The base model's values of the fully trained parameters, from ``servable_base`` (a
+    torch module or a mapping such as its ``state_dict()``)."""
+    if base is None:
+        raise ValueError(
+            f"the model has fully trained parameters (modules_to_save: {sorted(params)[:6]}); "
+            "a servable graph also serves adapters without them and the base model, so it "
+            "needs the base model's values of those: pass servable_base=<the base model or "
+            "its state_dict()>"
+        )
+    if hasattr(base, "state_dict") and callable(base.state_dict):
+        base = base.state_dict()
+    if not isinstance(base, Mapping):
+        raise TypeError(
+            f"servable_base must be a torch module or a mapping, got {type(base).__name__}"
+        )
+    torch = _torch()
+    out: dict[str, np.ndarray] = {}
+    for name, p in params.items():
+        if name not in base:
+            raise ValueError(f"servable_base has no value for fully trained parameter {name!r}")
+        v = base[name]
+        a = v.detach().to("cpu").numpy() if hasattr(v, "detach") else np.asarray(v)
+        if tuple(a.shape) != tuple(p.shape):
+            raise ValueError(
+                f"servable_base[{name!r}] has shape {tuple(a.shape)}, the model's parameter "
+                f"{tuple(p.shape)}"
+            )
+        out[name] = torch.as_tensor(np.array(a, copy=True)).to(p.dtype).numpy()
+    return out
+
+
 def _spectra_feeds(layout: ServableLayout, specs: Sequence[AdapterSpec]) -> dict[str, np.ndarray]:
     """Feeds of the exported specs' own spectra (every layer of the layout)."""
     from ._builder import lowered_spectra
@@ -236,6 +330,7 @@ def export_model(
     progress: bool = True,
     servable: bool = False,
     servable_default: str = "zeros",
+    servable_base: Any = None,
 ) -> Path:
     """Export a torch model with bca adapters to ONNX.
 
@@ -270,12 +365,20 @@ def export_model(
             adapted layer's kernel spectra become an overridable initializer
             ``bca.<module name>.spectra`` (an initializer that is also a graph input), so
             one session serves many adapters; the layout is recorded in the model's
-            ``metadata_props`` (:func:`servable_layout`). Not with ``mode="folded"``, nor for
-            models with fully trained modules (``modules_to_save``).
-        servable_default: the spectra's stored value: ``"zeros"`` (the graph computes the
-            base model unless spectra are supplied) or ``"adapter"`` (this model's).
-            ``verify`` then checks both the default (against the base model for
-            ``"zeros"``) and the graph fed with this model's spectra (against the model).
+            ``metadata_props`` (:func:`servable_layout`). Not with ``mode="folded"``. Fully
+            trained parameters (``modules_to_save``, e.g. a classifier head) become
+            overridable initializers ``bca.modules_to_save.<parameter name>`` too (as the
+            exporter stores them, possibly transposed); they need ``servable_base``.
+        servable_default: the stored values: ``"zeros"`` (zero spectra and the base
+            values of the fully trained parameters: the graph computes the base model
+            unless an adapter is supplied) or ``"adapter"`` (this model's spectra and fully
+            trained parameters). ``verify`` then checks both the default (against the base
+            model for ``"zeros"``) and the graph fed with this model's spectra and
+            parameters (against the model).
+        servable_base: for a model with ``modules_to_save`` and ``servable=True``: the base
+            model (a torch module) or a mapping holding at least the base values of those
+            parameters by name (e.g. the base model's ``state_dict()``): served to adapters
+            without them and for the base model.
 
     Returns the path written. The model is left as it was (weights, merge state).
     """
@@ -295,12 +398,14 @@ def export_model(
         check_servable_default(servable_default)
         if mode == "folded":
             raise ValueError("servable=True needs the adapters as subgraphs, not mode='folded'")
-        mts = getattr(getattr(model, "bca_config", None), "modules_to_save", None)
-        if mts:
-            raise ValueError(
-                f"model has fully trained modules (modules_to_save {mts}), which a servable "
-                "graph cannot swap per run; export it without servable=True"
-            )
+    saved_params: dict[str, Any] = {}
+    saved_base: dict[str, np.ndarray] = {}
+    if servable:
+        from ..model import _modules_to_save_params
+
+        saved_params = dict(_modules_to_save_params(model))
+        if saved_params:
+            saved_base = _base_saved_values(saved_params, servable_base)
     modules = _adapter_modules(model)
     if not modules:
         raise ValueError(
@@ -371,9 +476,13 @@ def export_model(
             raise ValueError(f"output_names has {len(out_names)} names for {len(ref_out)} outputs")
         wrapper = _make_wrapper(model, arg_names, as_kwargs)
         folded = mode == "folded"
+        saved_tags = _tags(saved_params)
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp) / "base.onnx"
-            with _export_state(modules, folded) as tags:
+            with (
+                _export_state(modules, folded) as tags,
+                _params_set(saved_params, saved_tags),
+            ):
                 _run_torch_export(
                     wrapper,
                     args,
@@ -416,6 +525,21 @@ def export_model(
                         float(scale),
                     )
                 )
+            slots: list[SavedSlot] = []
+            saved_own: dict[str, np.ndarray] = {}
+            for pname, (init, transposed) in _locate_tags(onnx_model, saved_tags).items():
+                own = saved_params[pname].detach().to("cpu").numpy().copy()
+                saved_own[pname] = own
+                base_v = saved_base[pname]
+                slots.append(
+                    SavedSlot(
+                        pname,
+                        init,
+                        transposed,
+                        own.T if transposed else own,
+                        base_v.T if transposed else base_v,
+                    )
+                )
             step("splice")
             add_adapters(
                 onnx_model,
@@ -425,6 +549,7 @@ def export_model(
                 progress=progress,
                 servable=servable,
                 servable_default=servable_default,
+                servable_saved=slots,
             )
         else:
             step("splice")
@@ -434,21 +559,43 @@ def export_model(
         if verify and not servable:
             _verify(out, in_names, args, out_names, ref_out, verify_tolerance)
         elif verify:
-            layout = servable_layout(onnx_model)
+            layout = servable_layout(out)
             own = _spectra_feeds(layout, specs)
-            # the graph fed with this model's spectra is the model
+            for x in layout.saved:
+                v = saved_own[x.name]
+                own[x.initializer] = np.ascontiguousarray(
+                    (v.T if x.transposed else v).astype(x.dtype)
+                )
+            # the graph fed with this model's spectra (and parameters) is the model
             _verify(out, in_names, args, out_names, ref_out, verify_tolerance, own, "fed")
-            if servable_default == "zeros":  # its default is the base model
+            base_out: tuple[Any, ...] = ()
+            if servable_default == "zeros" or layout.saved:
                 model.eval()
-                with torch.no_grad(), _adapters_off([m for _, m in modules]):
+                with (
+                    torch.no_grad(),
+                    _adapters_off([m for _, m in modules]),
+                    _params_set(saved_params, saved_base),
+                ):
                     base_out = _flatten_outputs(
                         model(**dict(zip(arg_names, args, strict=True)))
                         if as_kwargs
                         else model(*args)
                     )[1]
+            if servable_default == "zeros":  # its default is the base model
                 _verify(out, in_names, args, out_names, base_out, verify_tolerance, {}, "default")
             else:
                 _verify(out, in_names, args, out_names, ref_out, verify_tolerance, {}, "default")
+                if layout.saved:  # and its base feeds are the base model
+                    _verify(
+                        out,
+                        in_names,
+                        args,
+                        out_names,
+                        base_out,
+                        verify_tolerance,
+                        layout.base_feeds(),
+                        "base",
+                    )
         step("verify")
         return out
     finally:
@@ -478,7 +625,11 @@ def _verify(
     }
     feed.update(extra_feeds or {})
     got = sess.run(out_names, feed)
-    label = {"fed": " (fed the model's own spectra)", "default": " (default spectra)"}.get(what, "")
+    label = {
+        "fed": " (fed the model's own spectra)",
+        "default": " (default spectra)",
+        "base": " (fed the base model's spectra and parameters)",
+    }.get(what, "")
     for name, g, r in zip(out_names, got, ref_out, strict=True):
         want = r.detach().to("cpu").double().numpy()
         den = max(float(np.linalg.norm(want)), 1e-30)

@@ -13,10 +13,13 @@ from ._builder import LOWERINGS, check_opset
 from ._io import SavedAdapter, load_onnx, read_adapter, save_checked
 from ._lowering import choose_lowering
 from ._serving import (
+    SavedSlot,
+    check_saved_slots,
     check_servable_default,
     combine_specs,
     make_overridable,
     reserve_spectra_names,
+    tensor_uses,
 )
 from ._splice import (
     AdapterSpec,
@@ -43,6 +46,7 @@ def add_adapters(
     tag: str = "",
     servable: bool = False,
     servable_default: str = "zeros",
+    servable_saved: Sequence[SavedSlot] = (),
 ) -> dict[str, str]:
     """Splice adapters into ``model`` in place; return ``{module: matched node name}``.
 
@@ -55,7 +59,9 @@ def add_adapters(
     ``bca.<module>.spectra`` (initializer and graph input) holding ``servable_default``:
     ``"zeros"`` (the graph computes the base model) or ``"adapter"`` (these specs); specs
     on the same module are added up into one; the layout goes into ``metadata_props``
-    (see :func:`bca.onnx.servable_layout`).
+    (see :func:`bca.onnx.servable_layout`). ``servable_saved`` lists fully trained
+    parameters (``modules_to_save``) whose initializers become overridable too, renamed
+    ``bca.modules_to_save.<name>``.
     """
     if lowering != "auto" and lowering not in LOWERINGS:
         raise ValueError(f"lowering must be 'auto' or one of {LOWERINGS}, got {lowering!r}")
@@ -66,6 +72,9 @@ def add_adapters(
         check_servable_default(servable_default)
         specs = combine_specs(specs)
         spectra_names = reserve_spectra_names(model, specs)
+        check_saved_slots(model, servable_saved, servable_default)
+    elif servable_saved:
+        raise ValueError("servable_saved needs servable=True")
     sites = resolve_targets(model, specs, targets=targets, base_weights=base_weights)
     by_lowering: dict[str, list[tuple[int, str]]] = {}
     for i, (spec, site) in enumerate(zip(specs, sites, strict=True)):
@@ -95,11 +104,64 @@ def add_adapters(
         for (i, _), sub in zip(items, subs, strict=True):
             emitted[i] = sub.lowering
     if servable:
-        make_overridable(model, specs, [emitted[i] for i in range(len(specs))], servable_default)
+        make_overridable(
+            model,
+            specs,
+            [emitted[i] for i in range(len(specs))],
+            servable_default,
+            servable_saved,
+        )
     return {
         spec.name: site.node.name or site.output_name
         for spec, site in zip(specs, sites, strict=True)
     }
+
+
+def _locate_saved(
+    model: onnx.ModelProto,
+    pname: str,
+    shape: tuple[int, ...],
+    base_weights: Mapping[str, np.ndarray] | None,
+) -> tuple[str, bool]:
+    """(initializer or Constant name, stored transposed) of fully trained parameter
+    ``pname`` of ``shape``: an initializer named ``pname`` (up to a prefix), else, for a
+    linear weight, the MatMul/Gemm weight located like a target."""
+    inits = {t.name: t for t in model.graph.initializer}
+    hits = [n for n in inits if n == pname or n.endswith("." + pname)]
+    if len(hits) == 1:
+        got = tuple(int(d) for d in inits[hits[0]].dims)
+        if got == shape:
+            return hits[0], False
+        if len(shape) == 2 and got == shape[::-1]:
+            return hits[0], True
+        raise ValueError(
+            f"modules_to_save parameter {pname!r} has shape {shape}, initializer "
+            f"{hits[0]!r} has {got}"
+        )
+    if len(hits) > 1:
+        raise ValueError(
+            f"modules_to_save parameter {pname!r} matches several initializers: {hits}"
+        )
+    # an anonymous (transposed) weight of a linear layer: locate it like a target
+    segs = pname.split(".")
+    module = ".".join(segs[:-1])
+    if segs[-1] == "weight" and len(shape) == 2:
+        sites = find_linear_sites(model)
+        if base_weights is not None and module in base_weights:
+            from ._splice import match_by_values
+
+            cand = match_by_values(model, sites, base_weights[module])
+        else:
+            from ._splice import match_by_name
+
+            cand = match_by_name(module, sites, shape[1], shape[0])
+        if len(cand) == 1:
+            return cand[0].weight_name, cand[0].weight_in_out
+    raise TargetNotFoundError(
+        f"the adapter's fully trained parameter {pname!r} (modules_to_save) has no "
+        "matching initializer in the ONNX graph; export the base model with parameter "
+        "names kept, or pass base_weights"
+    )
 
 
 def _apply_modules_to_save(
@@ -108,55 +170,54 @@ def _apply_modules_to_save(
     base_weights: Mapping[str, np.ndarray] | None,
 ) -> list[str]:
     """Write fully trained parameters (``modules_to_save``) into matching initializers."""
-    if not adapter.modules_to_save:
-        return []
-    inits = {t.name: t for t in model.graph.initializer}
-    sites = find_linear_sites(model)
     done: list[str] = []
     for pname, value in adapter.modules_to_save.items():
-        segs = pname.split(".")
-        hits = [n for n in inits if n == pname or n.endswith("." + pname)]
-        if len(hits) == 1:
-            t = inits[hits[0]]
-            shape = tuple(t.dims)
-            if shape == value.shape:
-                replace_initializer(model, hits[0], value)
-            elif value.ndim == 2 and shape == value.shape[::-1]:
-                replace_initializer(model, hits[0], value.T)
-            else:
-                raise ValueError(
-                    f"modules_to_save parameter {pname!r} has shape {value.shape}, initializer "
-                    f"{hits[0]!r} has {shape}"
-                )
-            done.append(pname)
-            continue
-        if len(hits) > 1:
-            raise ValueError(
-                f"modules_to_save parameter {pname!r} matches several initializers: {hits}"
-            )
-        # an anonymous (transposed) weight of a linear layer: locate it like a target
-        module = ".".join(segs[:-1])
-        if segs[-1] == "weight" and value.ndim == 2:
-            cand = []
-            if base_weights is not None and module in base_weights:
-                from ._splice import match_by_values
-
-                cand = match_by_values(model, sites, base_weights[module])
-            else:
-                from ._splice import match_by_name
-
-                cand = match_by_name(module, sites, value.shape[1], value.shape[0])
-            if len(cand) == 1:
-                s = cand[0]
-                replace_initializer(model, s.weight_name, value.T if s.weight_in_out else value)
-                done.append(pname)
-                continue
-        raise TargetNotFoundError(
-            f"the adapter's fully trained parameter {pname!r} (modules_to_save) has no "
-            "matching initializer in the ONNX graph; export the base model with parameter "
-            "names kept, or pass base_weights"
-        )
+        name, transposed = _locate_saved(model, pname, tuple(value.shape), base_weights)
+        replace_initializer(model, name, value.T if transposed else value)
+        done.append(pname)
     return done
+
+
+def _servable_slots(
+    model: onnx.ModelProto,
+    adapters: Sequence[SavedAdapter],
+    base_weights: Mapping[str, np.ndarray] | None,
+    default: str,
+) -> list[SavedSlot]:
+    """The fully trained parameters of ``adapters`` (their union) as overridable slots; the
+    base value is the graph's. For the ``"adapter"`` default the adapters must agree."""
+    values: dict[str, tuple[np.ndarray, str]] = {}
+    for a in adapters:
+        for pname, value in a.modules_to_save.items():
+            prev = values.get(pname)
+            if prev is None:
+                values[pname] = (np.asarray(value), str(a.path))
+                continue
+            if prev[0].shape != value.shape:
+                raise ValueError(
+                    f"adapters {prev[1]!r} and {str(a.path)!r} have fully trained parameter "
+                    f"{pname!r} of different shapes {prev[0].shape} and {value.shape}"
+                )
+            if default == "adapter" and not np.array_equal(prev[0], value):
+                raise ValueError(
+                    f"adapters {prev[1]!r} and {str(a.path)!r} have different values of fully "
+                    f"trained parameter {pname!r}; servable_default='adapter' stores one "
+                    "value (a sum of heads is not the combined model): use "
+                    "servable_default='zeros' or one adapter with modules_to_save"
+                )
+    slots: list[SavedSlot] = []
+    for pname, (value, _) in values.items():
+        name, transposed = _locate_saved(model, pname, tuple(value.shape), base_weights)
+        uses = tensor_uses(model.graph, name)
+        if uses != 1:
+            raise ValueError(
+                f"fully trained parameter {pname!r} is stored in {name!r}, which {uses} node "
+                "inputs read (an exporter may have merged equal tensors into one); overriding "
+                "it per run would change them all: make the servable graph with export_model, "
+                "or from a base ONNX file where the parameter has its own initializer"
+            )
+        slots.append(SavedSlot(pname, name, transposed, value.T if transposed else value))
+    return slots
 
 
 def patch_model(
@@ -194,10 +255,13 @@ def patch_model(
             "Serving many adapters"): the adapters' layers get overridable kernel spectra
             ``bca.<module>.spectra`` and the adapters define the layout (several adapter
             directories: the union of their modules; adapters on one module must share the
-            block size). Adapters with fully trained modules (``modules_to_save``) are
-            refused: those cannot be swapped per run.
-        servable_default: ``"zeros"`` (the servable graph computes the base model) or
-            ``"adapter"`` (the sum of the given adapters).
+            block size). Fully trained parameters (``modules_to_save``, e.g. a classifier
+            head) of the adapters become overridable initializers
+            ``bca.modules_to_save.<name>`` (each must be its own initializer, read by one
+            node); the base file's values are the base model's.
+        servable_default: ``"zeros"`` (the servable graph computes the base model: base
+            head included) or ``"adapter"`` (the sum of the given adapters, with their
+            fully trained parameters, which must then agree between adapters).
 
     Returns the output path. Raises :class:`TargetNotFoundError` or
     :class:`AmbiguousTargetError` (both ``ValueError``) naming the module and the
@@ -220,12 +284,8 @@ def patch_model(
     if lowering != "auto":
         check_opset(graph_opset(model), lowering)
     if servable:
-        with_mts = [str(a.path) for a in adapters if a.modules_to_save]
-        if with_mts:
-            raise ValueError(
-                f"adapter(s) {with_mts} have fully trained modules (modules_to_save), which a "
-                "servable graph cannot swap per run; patch them without servable=True"
-            )
+        check_servable_default(servable_default)
+        slots = _servable_slots(model, adapters, base_weights, servable_default)
         merged_targets: dict[str, str] = {}
         for tg in target_list:
             for module, ref in (tg or {}).items():
@@ -243,6 +303,7 @@ def patch_model(
             progress=progress,
             servable=True,
             servable_default=servable_default,
+            servable_saved=slots,
         )
         return save_checked(model, out_path, external_data=external_data)
     for k, (adapter, tg) in enumerate(zip(adapters, target_list, strict=True)):

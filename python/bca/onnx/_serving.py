@@ -18,6 +18,11 @@ block size, widths, lowering) as JSON in ``metadata_props["bca.servable_layout"]
 hash of it; adapter files carry a model version derived from the hash, so an adapter
 written for another graph is refused with a clear error instead of computing a wrong
 answer.
+
+Fully trained parameters (``modules_to_save``, e.g. a classification head) of the adapter
+the graph is made from are overridable initializers too, named
+``bca.modules_to_save.<parameter name>`` and stored as the graph stores the parameter
+(possibly transposed); every adapter supplies them (its own, or the base model's).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -53,8 +59,10 @@ __all__ = [
     "AdapterSession",
     "ServableLayer",
     "ServableLayout",
+    "ServableSaved",
     "adapter_feeds",
     "read_ort_adapter",
+    "saved_parameter_name",
     "servable_layout",
     "spectra_parameter_name",
     "write_ort_adapter",
@@ -65,6 +73,10 @@ LAYOUT_METADATA_KEY = "bca.servable_layout"
 
 LAYOUT_FORMAT = "bca.servable"
 LAYOUT_FORMAT_VERSION = 1
+LAYOUT_FORMAT_VERSION_SAVED = 2
+"""Layouts with fully trained parameters (``modules_to_save``) are written as format
+version 2 (older readers refuse them); layouts without stay version 1 with unchanged
+hashes, so adapter files written before keep fitting their graphs."""
 
 SERVABLE_DEFAULTS = ("zeros", "adapter")
 """Default values of the spectra in a servable graph: ``"zeros"`` (the base model) or
@@ -78,6 +90,16 @@ _DTYPES = ("float32", "float64")
 def spectra_parameter_name(module: str) -> str:
     """The overridable initializer of ``module``'s kernel spectra: ``bca.<module>.spectra``."""
     return f"bca.{module}.spectra"
+
+
+SAVED_PREFIX = "bca.modules_to_save."
+BASE_SUFFIX = ".base"
+
+
+def saved_parameter_name(parameter: str) -> str:
+    """The overridable initializer of a fully trained parameter (``modules_to_save``):
+    ``bca.modules_to_save.<parameter name>``, e.g. ``bca.modules_to_save.classifier.weight``."""
+    return f"{SAVED_PREFIX}{parameter}"
 
 
 # --------------------------------------------------------------------------------------
@@ -134,23 +156,78 @@ class ServableLayer:
 
 
 @dataclass(frozen=True)
-class ServableLayout:
-    """The adapted layers of a servable graph and the default of their spectra.
+class ServableSaved:
+    """One fully trained parameter (``modules_to_save``) of a servable graph.
 
-    ``layout_hash`` (sha256 of the layers, the default excluded) identifies which adapters
-    fit the graph; ``model_version`` is a 31-bit integer derived from it, written into
-    every ``.onnx_adapter`` file for the graph.
+    ``name`` is the parameter's name in the torch model (``classifier.weight``);
+    ``initializer`` the overridable initializer holding it
+    (:func:`saved_parameter_name`); ``shape`` and ``dtype`` are the initializer's, which is
+    the parameter's transpose when ``transposed`` (a ``MatMul`` weight stored ``(in, out)``).
+    """
+
+    name: str
+    initializer: str
+    transposed: bool
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def parameter_shape(self) -> tuple[int, ...]:
+        """The shape of the parameter as torch holds it (and adapters save it)."""
+        return self.shape[::-1] if self.transposed else self.shape
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ServableSaved:
+        transposed = d["transposed"]
+        if not isinstance(transposed, bool):
+            raise TypeError(f"transposed must be a bool, got {transposed!r}")
+        return cls(
+            name=str(d["name"]),
+            initializer=str(d["initializer"]),
+            transposed=transposed,
+            shape=tuple(int(v) for v in d["shape"]),
+            dtype=str(d["dtype"]),
+        )
+
+
+@dataclass(frozen=True)
+class ServableLayout:
+    """The adapted layers of a servable graph, its fully trained parameters and defaults.
+
+    ``layout_hash`` (sha256 of the layers and the fully trained parameters, the default
+    excluded) identifies which adapters fit the graph; ``model_version`` is a 31-bit integer
+    derived from it, written into every ``.onnx_adapter`` file for the graph.
+
+    ``saved`` lists the fully trained parameters (``modules_to_save``) that are overridable
+    initializers; ``base_values`` (``{initializer: array}``, storage layout) holds the base
+    model's values of them when the layout was read from a graph (not part of the JSON, nor
+    of equality): adapters without those parameters get them.
     """
 
     layers: tuple[ServableLayer, ...]
     default: str = "zeros"
+    saved: tuple[ServableSaved, ...] = ()
+    base_values: Mapping[str, np.ndarray] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+
+    @property
+    def format_version(self) -> int:
+        return LAYOUT_FORMAT_VERSION_SAVED if self.saved else LAYOUT_FORMAT_VERSION
 
     @property
     def layout_hash(self) -> str:
-        doc = {
-            "format_version": LAYOUT_FORMAT_VERSION,
+        doc: dict[str, Any] = {
+            "format_version": self.format_version,
             "layers": [layer.to_dict() for layer in sorted(self.layers, key=lambda x: x.module)],
         }
+        if self.saved:
+            doc["modules_to_save"] = [x.to_dict() for x in sorted(self.saved, key=lambda x: x.name)]
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -163,8 +240,19 @@ class ServableLayout:
         return tuple(layer.module for layer in self.layers)
 
     @property
-    def parameter_names(self) -> tuple[str, ...]:
+    def spectra_names(self) -> tuple[str, ...]:
+        """The spectra initializers, one per layer."""
         return tuple(layer.parameter for layer in self.layers)
+
+    @property
+    def saved_names(self) -> tuple[str, ...]:
+        """The fully trained parameters' initializers (``bca.modules_to_save.<name>``)."""
+        return tuple(x.initializer for x in self.saved)
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """Every overridable initializer: the spectra, then the fully trained parameters."""
+        return self.spectra_names + self.saved_names
 
     def layer(self, module: str) -> ServableLayer:
         for layer in self.layers:
@@ -172,22 +260,47 @@ class ServableLayout:
                 return layer
         raise KeyError(module)
 
+    def base_initializer(self, saved: ServableSaved) -> str:
+        """The initializer holding the base model's value of ``saved``: the overridable
+        initializer itself in a zeros-default graph, ``<initializer>.base`` (a plain
+        initializer no node reads) in an adapter-default one."""
+        return saved.initializer if self.default == "zeros" else saved.initializer + BASE_SUFFIX
+
     def zero_feeds(self) -> dict[str, np.ndarray]:
-        """Zero spectra for every layer: the base model."""
+        """Zero spectra for every layer. The base model when the graph has no fully trained
+        parameters or its default is zeros; :meth:`base_feeds` always is."""
         return {x.parameter: np.zeros(x.shape, dtype=x.dtype) for x in self.layers}
 
+    def base_feeds(self) -> dict[str, np.ndarray]:
+        """Feeds of the base model: zero spectra and the base values of the fully trained
+        parameters (needs :attr:`base_values`: a layout read from the graph)."""
+        feeds = self.zero_feeds()
+        for x in self.saved:
+            feeds[x.initializer] = self.saved_base_value(x)
+        return feeds
+
+    def saved_base_value(self, saved: ServableSaved) -> np.ndarray:
+        values = self.base_values
+        if values is None or saved.initializer not in values:
+            raise ValueError(
+                f"the base value of fully trained parameter {saved.name!r} is not known: this "
+                "layout was not read from its graph (pass the graph's path, ModelProto or "
+                "AdapterSession instead of a bare ServableLayout)"
+            )
+        return values[saved.initializer]
+
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": LAYOUT_FORMAT,
-                "format_version": LAYOUT_FORMAT_VERSION,
-                "default": self.default,
-                "layout_hash": self.layout_hash,
-                "model_version": self.model_version,
-                "layers": [layer.to_dict() for layer in self.layers],
-            },
-            indent=1,
-        )
+        doc: dict[str, Any] = {
+            "format": LAYOUT_FORMAT,
+            "format_version": self.format_version,
+            "default": self.default,
+            "layout_hash": self.layout_hash,
+            "model_version": self.model_version,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+        if self.saved:
+            doc["modules_to_save"] = [x.to_dict() for x in self.saved]
+        return json.dumps(doc, indent=1)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "servable layout") -> ServableLayout:
@@ -197,13 +310,15 @@ class ServableLayout:
             raise ValueError(f"{source}: servable layout is not valid JSON: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != LAYOUT_FORMAT:
             raise ValueError(f"{source}: not a bca servable layout")
-        if doc.get("format_version") != LAYOUT_FORMAT_VERSION:
+        version = doc.get("format_version")
+        if version not in (LAYOUT_FORMAT_VERSION, LAYOUT_FORMAT_VERSION_SAVED):
             raise ValueError(
-                f"{source}: unsupported servable layout format_version "
-                f"{doc.get('format_version')!r} (reads {LAYOUT_FORMAT_VERSION})"
+                f"{source}: unsupported servable layout format_version {version!r} (reads "
+                f"{LAYOUT_FORMAT_VERSION} and {LAYOUT_FORMAT_VERSION_SAVED})"
             )
         try:
             layers = tuple(ServableLayer.from_dict(d) for d in doc["layers"])
+            saved = tuple(ServableSaved.from_dict(d) for d in doc.get("modules_to_save") or [])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: malformed servable layout ({e!r})") from None
         default = doc.get("default")
@@ -212,8 +327,8 @@ class ServableLayout:
                 f"{source}: servable layout default must be one of "
                 f"{SERVABLE_DEFAULTS}, got {default!r}"
             )
-        layout = cls(layers, str(default))
-        if doc.get("layout_hash") != layout.layout_hash:
+        layout = cls(layers, str(default), saved)
+        if version != layout.format_version or doc.get("layout_hash") != layout.layout_hash:
             raise ValueError(
                 f"{source}: servable layout hash {doc.get('layout_hash')!r} does not match its "
                 f"layers ({layout.layout_hash!r}); the metadata was edited or corrupted"
@@ -221,7 +336,11 @@ class ServableLayout:
         return layout
 
 
-def _layout_from_model(model: onnx.ModelProto, source: str) -> ServableLayout:
+def _tensor_dtype(t: onnx.TensorProto) -> str:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).name
+
+
+def _layout_from_model(model: onnx.ModelProto, source: str, base_dir: str = "") -> ServableLayout:
     entries = [p.value for p in model.metadata_props if p.key == LAYOUT_METADATA_KEY]
     if not entries:
         raise ValueError(
@@ -238,13 +357,38 @@ def _layout_from_model(model: onnx.ModelProto, source: str) -> ServableLayout:
                 f"{source}: spectra {layer.parameter!r} of module {layer.module!r} is not an "
                 "overridable initializer (initializer and graph input) of the graph"
             )
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).name
+        dtype = _tensor_dtype(t)
         if tuple(t.dims) != layer.shape or dtype != layer.dtype:
             raise ValueError(
                 f"{source}: initializer {layer.parameter!r} is {tuple(t.dims)} {dtype}, its "
                 f"layout says {layer.shape} {layer.dtype}"
             )
-    return layout
+    if not layout.saved:
+        return layout
+    base: dict[str, np.ndarray] = {}
+    for x in layout.saved:
+        t = inits.get(x.initializer)
+        if t is None or x.initializer not in inputs:
+            raise ValueError(
+                f"{source}: fully trained parameter {x.name!r} ({x.initializer!r}) is not an "
+                "overridable initializer (initializer and graph input) of the graph"
+            )
+        b = inits.get(layout.base_initializer(x))
+        if b is None:
+            raise ValueError(
+                f"{source}: the base value of fully trained parameter {x.name!r} "
+                f"({layout.base_initializer(x)!r}) is missing from the graph"
+            )
+        for u in (t, b):
+            if tuple(u.dims) != x.shape or _tensor_dtype(u) != x.dtype:
+                raise ValueError(
+                    f"{source}: initializer {u.name!r} is {tuple(u.dims)} {_tensor_dtype(u)}, "
+                    f"its layout says {x.shape} {x.dtype}"
+                )
+        value = onnx.numpy_helper.to_array(b, base_dir=base_dir)
+        value.flags.writeable = False
+        base[x.initializer] = value
+    return dataclasses.replace(layout, base_values=MappingProxyType(base))
 
 
 @lru_cache(maxsize=16)
@@ -256,7 +400,7 @@ def _layout_from_file(path: str, mtime_ns: int, size: int) -> ServableLayout:
         model = onnx.load(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - load_onnx gives the one-line error
         model = load_onnx(path)
-    return _layout_from_model(model, repr(path))
+    return _layout_from_model(model, repr(path), str(Path(path).parent))
 
 
 ServableSource: TypeAlias = (
@@ -349,14 +493,149 @@ def reserve_spectra_names(model: onnx.ModelProto, specs: Sequence[AdapterSpec]) 
     return names
 
 
+@dataclass
+class SavedSlot:
+    """A fully trained parameter (``modules_to_save``) to make overridable (for
+    :func:`add_adapters`): its name, the initializer holding it now, whether that stores it
+    transposed, and values in that storage layout: the adapter's (needed for the
+    ``"adapter"`` default) and the base model's (None: the initializer's current value)."""
+
+    name: str
+    initializer: str
+    transposed: bool
+    adapter_value: np.ndarray | None = None
+    base_value: np.ndarray | None = None
+
+
+def _defines(graph: onnx.GraphProto, name: str) -> bool:
+    return (
+        any(t.name == name for t in graph.initializer)
+        or any(i.name == name for i in graph.input)
+        or any(name in n.output for n in graph.node)
+    )
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def tensor_uses(graph: onnx.GraphProto, name: str) -> int:
+    """How many node inputs read tensor ``name`` (subgraphs included, unless they define
+    a tensor of that name themselves)."""
+    count = 0
+    for node in graph.node:
+        count += sum(1 for i in node.input if i == name)
+        for g in _subgraphs(node):
+            if not _defines(g, name):
+                count += tensor_uses(g, name)
+    return count
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for k, i in enumerate(node.input):
+            if i == old:
+                node.input[k] = new
+        for g in _subgraphs(node):
+            if not _defines(g, old):
+                _rename_tensor(g, old, new)
+    for vi in graph.value_info:
+        if vi.name == old:
+            vi.name = new
+
+
+def check_saved_slots(model: onnx.ModelProto, slots: Sequence[SavedSlot], default: str) -> None:
+    """ValueError unless every slot names a distinct plain initializer of the right shape
+    and its new names are free."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    taken = set(inits) | inputs | {o for n in graph.node for o in n.output}
+    seen: dict[str, str] = {}
+    for slot in slots:
+        t = inits.get(slot.initializer)
+        if t is None:
+            raise ValueError(
+                f"fully trained parameter {slot.name!r}: {slot.initializer!r} is not an "
+                "initializer of the graph (a Constant node?), so it cannot be overridable"
+            )
+        if slot.initializer in inputs or slot.initializer in outputs:
+            raise ValueError(
+                f"fully trained parameter {slot.name!r}: initializer {slot.initializer!r} is "
+                "a graph input or output already"
+            )
+        if slot.initializer in seen:
+            raise ValueError(
+                f"fully trained parameters {seen[slot.initializer]!r} and {slot.name!r} are "
+                f"both stored in initializer {slot.initializer!r}"
+            )
+        seen[slot.initializer] = slot.name
+        new = saved_parameter_name(slot.name)
+        for n in (new, new + BASE_SUFFIX):
+            if n in taken:
+                raise ValueError(f"tensor name {n!r} exists in the graph already")
+        shape = tuple(int(d) for d in t.dims)
+        for what, v in (("adapter", slot.adapter_value), ("base", slot.base_value)):
+            if v is not None and tuple(v.shape) != shape:
+                raise ValueError(
+                    f"fully trained parameter {slot.name!r}: {what} value {tuple(v.shape)} "
+                    f"(storage layout) does not fit initializer {slot.initializer!r} {shape}"
+                )
+        if default == "adapter" and slot.adapter_value is None:  # pragma: no cover - callers
+            raise ValueError(f"fully trained parameter {slot.name!r} has no adapter value")
+
+
+def _make_saved_overridable(
+    model: onnx.ModelProto, slots: Sequence[SavedSlot], default: str
+) -> list[ServableSaved]:
+    graph = model.graph
+    out: list[ServableSaved] = []
+    for slot in slots:
+        idx = next(k for k, t in enumerate(graph.initializer) if t.name == slot.initializer)
+        t = graph.initializer[idx]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        base = onnx.numpy_helper.to_array(t) if slot.base_value is None else slot.base_value
+        base = np.ascontiguousarray(np.asarray(base).astype(dtype))
+        value = base if default == "zeros" else np.asarray(slot.adapter_value).astype(dtype)
+        new = saved_parameter_name(slot.name)
+        _rename_tensor(graph, slot.initializer, new)
+        graph.initializer[idx].CopyFrom(
+            onnx.numpy_helper.from_array(np.ascontiguousarray(value), new)
+        )
+        graph.input.append(helper.make_tensor_value_info(new, t.data_type, list(base.shape)))
+        if default == "adapter":  # the base value, for adapters without this parameter
+            graph.initializer.append(onnx.numpy_helper.from_array(base, new + BASE_SUFFIX))
+        out.append(
+            ServableSaved(
+                name=slot.name,
+                initializer=new,
+                transposed=bool(slot.transposed),
+                shape=tuple(int(d) for d in base.shape),
+                dtype=dtype.name,
+            )
+        )
+    return out
+
+
 def make_overridable(
     model: onnx.ModelProto,
     specs: Sequence[AdapterSpec],
     lowerings: Sequence[str],
     default: str,
+    saved: Sequence[SavedSlot] = (),
 ) -> ServableLayout:
     """List each spec's spectra initializer as a graph input, set its default (zeros or
-    kept), record the layout in ``metadata_props``; returns the layout."""
+    kept); rename each fully trained parameter's initializer to
+    ``bca.modules_to_save.<name>``, list it as a graph input, set its default (base or
+    adapter value; an adapter default keeps the base value in ``<name>.base``); record the
+    layout in ``metadata_props``; returns the layout (without base values)."""
     check_servable_default(default)
     inits = {t.name: t for t in model.graph.initializer}
     layers: list[ServableLayer] = []
@@ -380,7 +659,9 @@ def make_overridable(
                 lowering=low,
             )
         )
-    layout = ServableLayout(tuple(layers), default)
+    layout = ServableLayout(
+        tuple(layers), default, tuple(_make_saved_overridable(model, saved, default))
+    )
     entry = model.metadata_props.add()
     entry.key = LAYOUT_METADATA_KEY
     entry.value = layout.to_json()
@@ -415,25 +696,25 @@ def _describe_source(adapter: object) -> str:
     return f"adapter {type(adapter).__name__}"
 
 
-def _kernels_of(adapter: object) -> tuple[str, list[_Kernel]]:
-    """(description, kernels) of one adapter source."""
+def _kernels_of(adapter: object) -> tuple[str, list[_Kernel], dict[str, np.ndarray]]:
+    """(description, kernels, fully trained parameters) of one adapter source."""
     if isinstance(adapter, (str, os.PathLike)):
         adapter = read_adapter(adapter)
     if isinstance(adapter, SavedAdapter):
         label = _describe_source(adapter)
-        if adapter.modules_to_save:
-            raise ValueError(
-                f"{label} has fully trained modules (modules_to_save: "
-                f"{sorted(adapter.modules_to_save)}); a servable graph swaps only the circulant "
-                "adapters, so serving it would compute a wrong answer: patch it into its own "
-                "graph (patch_model) instead"
-            )
-        return label, [
+        kernels = [
             _Kernel(s.name, np.asarray(s.kernel), float(s.scale), s.in_features, s.out_features)
             for s in adapter.specs
         ]
+        return label, kernels, {k: np.asarray(v) for k, v in adapter.modules_to_save.items()}
     if hasattr(adapter, "named_modules"):
-        return _describe_source(adapter), _torch_kernels(adapter)
+        from ..model import _modules_to_save_params
+
+        saved = {
+            k: p.detach().to("cpu").numpy().copy()
+            for k, p in _modules_to_save_params(adapter).items()  # type: ignore[arg-type]
+        }
+        return _describe_source(adapter), _torch_kernels(adapter), saved
     raise TypeError(
         "adapter must be a saved adapter directory, a SavedAdapter, a torch model with bca "
         f"adapters, or a list of (adapter, weight) pairs; got {type(adapter).__name__}"
@@ -444,12 +725,6 @@ def _torch_kernels(model: Any) -> list[_Kernel]:
     from ..model import adapter_modules
 
     label = _describe_source(model)
-    mts = getattr(getattr(model, "bca_config", None), "modules_to_save", None)
-    if mts:
-        raise ValueError(
-            f"{label} has fully trained modules (modules_to_save: {mts}); a servable graph "
-            "swaps only the circulant adapters"
-        )
     out: list[_Kernel] = []
     for name, m in adapter_modules(model):
         if not getattr(m, "adapter_enabled", True):
@@ -483,11 +758,15 @@ def _torch_kernels(model: Any) -> list[_Kernel]:
     return out
 
 
-def _terms(adapter: AdapterInput) -> list[tuple[str, list[_Kernel], float]]:
+_Term: TypeAlias = "tuple[str, list[_Kernel], dict[str, np.ndarray], float]"
+
+
+def _terms(adapter: AdapterInput) -> list[_Term]:
+    """(description, kernels, fully trained parameters, weight) per adapter."""
     if isinstance(adapter, (list, tuple)):
         if not adapter:
             raise ValueError("the weighted list of adapters is empty")
-        terms = []
+        terms: list[_Term] = []
         for item in adapter:
             if not (isinstance(item, (list, tuple)) and len(item) == 2):
                 raise TypeError(
@@ -499,11 +778,56 @@ def _terms(adapter: AdapterInput) -> list[tuple[str, list[_Kernel], float]]:
                 raise TypeError(f"adapter weight must be a number, got {type(weight).__name__}")
             if not np.isfinite(float(weight)):
                 raise ValueError(f"adapter weight must be finite, got {weight}")
-            label, kernels = _kernels_of(src)
-            terms.append((label, kernels, float(weight)))
+            label, kernels, saved = _kernels_of(src)
+            if saved:
+                raise ValueError(
+                    f"{label} has fully trained parameters (modules_to_save: "
+                    f"{sorted(saved)[:4]}); a weighted combination of adapters adds up their "
+                    "circulant adapters only, and a weighted sum of heads is not the combined "
+                    "model: serve such an adapter on its own"
+                )
+            terms.append((label, kernels, saved, float(weight)))
         return terms
-    label, kernels = _kernels_of(adapter)
-    return [(label, kernels, 1.0)]
+    label, kernels, saved = _kernels_of(adapter)
+    return [(label, kernels, saved, 1.0)]
+
+
+def _saved_feeds(
+    label: str, saved: Mapping[str, np.ndarray], layout: ServableLayout
+) -> dict[str, np.ndarray]:
+    """The fully trained parameters' feeds, storage layout: the adapter's, else the base
+    model's."""
+    by_name = {x.name: x for x in layout.saved}
+    unknown = sorted(n for n in saved if n not in by_name)
+    if unknown:
+        raise ValueError(
+            f"{label} has fully trained parameter(s) {unknown[:8]} (modules_to_save) that the "
+            f"servable graph has no slot for (its fully trained parameters: "
+            f"{sorted(by_name)[:8]}); make the servable graph from an adapter with these "
+            "modules_to_save"
+        )
+    out: dict[str, np.ndarray] = {}
+    for x in layout.saved:
+        value = saved.get(x.name)
+        if value is None:
+            out[x.initializer] = np.asarray(layout.saved_base_value(x), dtype=x.dtype)
+            continue
+        if tuple(value.shape) != x.parameter_shape:
+            raise ValueError(
+                f"{label}: fully trained parameter {x.name!r} has shape {tuple(value.shape)}; "
+                f"the servable graph's is {x.parameter_shape} (another head, e.g. another "
+                "num_labels?)"
+            )
+        if value.dtype.kind != "f":
+            raise ValueError(
+                f"{label}: fully trained parameter {x.name!r} has dtype {value.dtype}; the "
+                f"servable graph's is {x.dtype}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{label}: fully trained parameter {x.name!r} contains NaN or Inf")
+        stored = value.T if x.transposed else value
+        out[x.initializer] = np.ascontiguousarray(stored.astype(x.dtype))
+    return out
 
 
 def _check_kernel_fits(label: str, k: _Kernel, layer: ServableLayer) -> None:
@@ -532,7 +856,8 @@ def _check_kernel_fits(label: str, k: _Kernel, layer: ServableLayer) -> None:
 
 
 def adapter_feeds(adapter: AdapterInput, servable: ServableSource) -> dict[str, np.ndarray]:
-    """The spectra of ``adapter`` for every layer of a servable graph, as run feeds.
+    """The spectra of ``adapter`` for every layer of a servable graph, as run feeds, and
+    its fully trained parameters for every one the graph has.
 
     ``sess.run(None, {**inputs, **adapter_feeds(adapter, layout)})`` computes the base model
     plus ``adapter``, with any ONNX runtime (no adapter API needed). ``adapter`` is a saved
@@ -541,14 +866,20 @@ def adapter_feeds(adapter: AdapterInput, servable: ServableSource) -> dict[str, 
     are linear in the kernels: this is how combined adapters are served).
 
     Every layer of the graph gets a feed (zeros where the adapter has no module), so a
-    non-zero default never leaks in. Raises ``ValueError`` naming the module and both
-    shapes when block size, widths or dtype differ from the graph's layout, and when the
-    adapter has modules the graph lacks.
+    non-zero default never leaks in. Likewise every fully trained parameter of the graph
+    (``bca.modules_to_save.<name>``, storage layout): the adapter's ``modules_to_save``
+    values (a saved adapter's, or a torch model's parameters of those names), else the base
+    model's (read from the graph: pass the graph, not a bare layout). Raises ``ValueError``
+    naming the module and both shapes when block size, widths or dtype differ from the
+    graph's layout, naming the parameter and both shapes for a fully trained parameter of
+    another shape, when the adapter has modules or fully trained parameters the graph
+    lacks, and for a weighted list with fully trained parameters.
     """
     layout = servable_layout(servable)
     by_module = {x.module: x for x in layout.layers}
     acc = {x.parameter: np.zeros(x.shape, np.float64) for x in layout.layers}
-    for label, kernels, weight in _terms(adapter):
+    terms = _terms(adapter)
+    for label, kernels, _, weight in terms:
         unknown = [k.module for k in kernels if k.module not in by_module]
         if unknown:
             raise ValueError(
@@ -565,7 +896,11 @@ def adapter_feeds(adapter: AdapterInput, servable: ServableSource) -> dict[str, 
                     f"graph's {layer.shape} ({layer.lowering})"
                 )
             acc[layer.parameter] += g
-    return {x.parameter: acc[x.parameter].astype(x.dtype) for x in layout.layers}
+    feeds = {x.parameter: acc[x.parameter].astype(x.dtype) for x in layout.layers}
+    if layout.saved or any(t[2] for t in terms):
+        label, _, saved, _ = terms[0]
+        feeds.update(_saved_feeds(label, saved if len(terms) == 1 else {}, layout))
+    return feeds
 
 
 # --------------------------------------------------------------------------------------
@@ -597,7 +932,8 @@ def write_ort_adapter(
     """Write ``adapter``'s spectra for a servable graph as an ONNX Runtime adapter file.
 
     The file (``onnxruntime.AdapterFormat``, conventionally ``*.onnx_adapter``) holds one
-    tensor per layer of the graph (see :func:`adapter_feeds`, which validates the adapter),
+    tensor per layer of the graph and one per fully trained parameter of the graph (the
+    adapter's, else the base model's; see :func:`adapter_feeds`, which validates the adapter),
     ``adapter_version`` and, as model version, the graph layout's ``model_version``: load
     it with ``onnxruntime.LoraAdapter`` (or :class:`AdapterSession`, which checks it) and
     activate it per run with ``RunOptions.add_active_adapter``. Returns the path.
@@ -671,11 +1007,13 @@ def _check_adapter_file(
     arrays: Mapping[str, np.ndarray], model_version: int, layout: ServableLayout, source: str
 ) -> None:
     want = {x.parameter: x for x in layout.layers}
-    extra = sorted(set(arrays) - set(want))
+    want_saved = {x.initializer: x for x in layout.saved}
+    names = set(want) | set(want_saved)
+    extra = sorted(set(arrays) - names)
     if extra:
         raise ValueError(
             f"adapter file {source!r} has parameters {extra[:8]} that the servable graph does "
-            f"not have (written for another model?); the graph's: {sorted(want)[:8]}"
+            f"not have (written for another model?); the graph's: {sorted(names)[:8]}"
         )
     missing = sorted(set(want) - set(arrays))
     if missing:
@@ -683,6 +1021,13 @@ def _check_adapter_file(
             f"adapter file {source!r} lacks the spectra of module(s) "
             f"{[want[n].module for n in missing]} of the servable graph (written for another "
             "model?)"
+        )
+    missing = sorted(set(want_saved) - set(arrays))
+    if missing:
+        raise ValueError(
+            f"adapter file {source!r} lacks fully trained parameter(s) "
+            f"{[want_saved[n].name for n in missing]} of the servable graph (written for "
+            "another graph?)"
         )
     for name, layer in want.items():
         a = arrays[name]
@@ -694,12 +1039,21 @@ def _check_adapter_file(
             )
         if not np.all(np.isfinite(a)):
             raise ValueError(f"adapter file {source!r}: spectra {name!r} contain NaN or Inf")
+    for name, x in want_saved.items():
+        a = arrays[name]
+        if tuple(a.shape) != x.shape or a.dtype.name != x.dtype:
+            raise ValueError(
+                f"adapter file {source!r}: fully trained parameter {x.name!r} ({name!r}) is "
+                f"{tuple(a.shape)} {a.dtype}; the servable graph expects {x.shape} {x.dtype}"
+            )
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"adapter file {source!r}: {name!r} contains NaN or Inf")
     if model_version != layout.model_version:
         raise ValueError(
             f"adapter file {source!r} was written for another servable graph (model version "
             f"{model_version}, this graph's layout has {layout.model_version}): the shapes "
-            "agree but the layout (lowering, block sizes or layers) differs; write it again "
-            "for this graph with write_ort_adapter / `bca serve adapter`"
+            "agree but the layout (lowering, block sizes, layers or fully trained parameters) "
+            "differs; write it again for this graph with write_ort_adapter / `bca serve adapter`"
         )
 
 
@@ -743,11 +1097,14 @@ class AdapterSession:
         self._adapters: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._used: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._zeros = None if self.layout.default == "zeros" else self.layout.zero_feeds()
+        # an adapter-default graph: adapter=None feeds the base model (zero spectra, base
+        # values of the fully trained parameters)
+        self._base = None if self.layout.default == "zeros" else self.layout.base_feeds()
 
     @property
     def input_names(self) -> list[str]:
-        """The model's real inputs (the spectra are not among them)."""
+        """The model's real inputs (the overridable spectra and fully trained parameters are
+        not among them)."""
         return [i.name for i in self.session.get_inputs() if i.name not in self._params]
 
     @property
@@ -806,12 +1163,12 @@ class AdapterSession:
                 "RunOptions per call"
             )
         if adapter is None:
-            if self._zeros is not None:  # the graph's default is an adapter: override it
-                feeds = {**self._zeros, **feeds}
+            if self._base is not None:  # the graph's default is an adapter: override it
+                feeds = {**self._base, **feeds}
             return self.session.run(names, dict(feeds), run_options)  # type: ignore[no-any-return]
         if fed:
             raise ValueError(
-                f"feeds hold kernel spectra {fed[:4]} and adapter={adapter!r} is active; "
+                f"feeds hold overridable parameters {fed[:4]} and adapter={adapter!r} is active; "
                 "onnxruntime would ignore the feeds: use one or the other"
             )
         with self._lock:
