@@ -436,13 +436,50 @@ def _adapter_dir(text: str) -> Path:
     return path
 
 
-def _load_adapted(adapter: Path, base: str | None) -> tuple[Any, Any, dict[str, Any] | None]:
-    """(tokenizer or None, adapted model, demo info or None) for a saved adapter."""
+def _saved_parameter_names(adapter: Path) -> list[str]:
+    """The fully trained parameters (``modules_to_save``) a saved adapter holds."""
+    from safetensors import safe_open
+
+    from .model import ADAPTER_WEIGHTS_NAME, MODULES_TO_SAVE_PREFIX
+
+    path = adapter / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        return []
+    with safe_open(str(path), "np") as f:
+        keys = list(f.keys())
+    return [k[len(MODULES_TO_SAVE_PREFIX) :] for k in keys if k.startswith(MODULES_TO_SAVE_PREFIX)]
+
+
+def _keep_base_values(adapter: Path, into: dict[str, Any] | None) -> Any:
+    """A hook copying the base model's values of the adapter's fully trained parameters
+    into ``into`` (None: no hook)."""
+    if into is None:
+        return None
+    names = _saved_parameter_names(adapter)
+
+    def hook(model: Any) -> None:
+        params = dict(model.named_parameters())
+        for n in names:
+            if n in params:
+                into[n] = params[n].detach().clone()
+
+    return hook
+
+
+def _load_adapted(
+    adapter: Path, base: str | None, *, base_values: dict[str, Any] | None = None
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(tokenizer or None, adapted model, demo info or None) for a saved adapter.
+
+    ``base_values`` (optional) receives the base model's values of the adapter's fully
+    trained parameters (``modules_to_save``), taken before the adapter is loaded.
+    """
     _need("torch", "torch")
     from .demo.run import DEMO_MODEL_FILE, load_demo_model
 
+    hook = _keep_base_values(adapter, base_values)
     if (adapter / DEMO_MODEL_FILE).is_file() and base is None:
-        tok, model, info = load_demo_model(adapter)
+        tok, model, info = load_demo_model(adapter, before_adapter=hook)
         return tok, model, info
     if base is None:
         raise CLIError(
@@ -463,6 +500,8 @@ def _load_adapted(adapter: Path, base: str | None) -> tuple[Any, Any, dict[str, 
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel
     model = cls.from_pretrained(base)
+    if hook is not None:
+        hook(model)
     load_adapter(model, adapter)
     model.eval()
     tok = None
@@ -874,7 +913,8 @@ def cmd_serve_export(args: argparse.Namespace) -> int:
     else:
         if len(dirs) != 1:
             raise CLIError("serve export takes one adapter folder (several only with --patch)")
-        tok, model, _ = _load_adapted(dirs[0], args.base)
+        base_values: dict[str, Any] = {}
+        tok, model, _ = _load_adapted(dirs[0], args.base, base_values=base_values)
         from .onnx import export_model
 
         kwargs: dict[str, Any] = {
@@ -882,6 +922,7 @@ def cmd_serve_export(args: argparse.Namespace) -> int:
             "verify": not args.no_verify,
             "servable": True,
             "servable_default": args.servable_default,
+            "servable_base": base_values,
             "progress": False,
         }
         if args.opset is not None:
@@ -890,9 +931,11 @@ def cmd_serve_export(args: argparse.Namespace) -> int:
     from .onnx import servable_layout
 
     layout = servable_layout(path)
+    saved = f", {len(layout.saved)} fully trained parameters" if layout.saved else ""
     print(
         f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, servable: "
-        f"{len(layout.layers)} layers, default {layout.default}, layout {layout.layout_hash[:12]})"
+        f"{len(layout.layers)} layers{saved}, default {layout.default}, layout "
+        f"{layout.layout_hash[:12]})"
     )
     return 0
 
@@ -961,6 +1004,15 @@ def cmd_serve_info(args: argparse.Namespace) -> int:
             f"{x.lowering:>8} {shape:>16}"
         )
     print(f"{len(layout.layers)} layers; spectra parameters are named bca.<module>.spectra")
+    if layout.saved:
+        print(f"\n{'fully trained parameter (modules_to_save)':<48} {'shape':>16} transposed")
+        for y in layout.saved:
+            shape = "x".join(str(d) for d in y.parameter_shape)
+            print(f"{y.name:<48} {shape:>16} {'yes' if y.transposed else 'no'}")
+        print(
+            f"{len(layout.saved)} fully trained parameters, named "
+            "bca.modules_to_save.<parameter>; adapters without them get the base model's"
+        )
     return 0
 
 

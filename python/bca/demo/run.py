@@ -8,6 +8,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,14 @@ def _targets(ffn: bool) -> tuple[str, ...]:
     return ("query", "value", "intermediate.dense", "output.dense") if ffn else ("query", "value")
 
 
-def load_demo_model(directory: Path) -> tuple[Any, Any, dict[str, Any]]:
+def load_demo_model(
+    directory: Path, *, before_adapter: Callable[[Any], None] | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
     """Rebuild the demo's adapted classifier from a saved adapter folder.
 
     Returns ``(tokenizer, model, info)``; ``info`` is the folder's ``demo_model.json``.
+    ``before_adapter`` (optional) is called with the base model (seed-0 head) before the
+    adapter is loaded into it, e.g. to keep the base values of the fully trained head.
     """
     from ..model import load_adapter
     from .train import load_minilm
@@ -81,6 +86,8 @@ def load_demo_model(directory: Path) -> tuple[Any, Any, dict[str, Any]]:
     if info.get("kind") != "minilm-meanpool-classifier":
         raise ValueError(f"{info_path}: unknown demo model kind {info.get('kind')!r}")
     tokenizer, model = load_minilm(int(info["num_labels"]), seed=0)
+    if before_adapter is not None:
+        before_adapter(model)
     load_adapter(model, directory)
     model.eval()
     return tokenizer, model, info
