@@ -5,6 +5,8 @@ One onnxruntime session of a servable graph serves several adapters chosen per r
 run equals the corresponding torch model, runs from several threads with different adapters
 each get their own adapter's output, a weighted combination equals the merged weights, and
 adapters or adapter files for another model, shape, lowering or dtype give a clear error.
+Adapters with fully trained modules (modules_to_save: a classification head each) are
+served the same way, the head swapped per run; adapters without a head get the base head.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bca.onnx import (  # noqa: E402
     export_model,
     patch_model,
     read_ort_adapter,
+    saved_parameter_name,
     servable_layout,
     spectra_parameter_name,
     write_ort_adapter,
@@ -509,7 +512,7 @@ def test_export_servable_refusals(tmp_path: Path) -> None:
     inject_adapters(
         with_head, BCAConfig(block_size=8, target_modules=["query"], modules_to_save=["pooler"])
     )
-    with pytest.raises(ValueError, match="modules_to_save"):
+    with pytest.raises(ValueError, match="modules_to_save.*servable_base"):
         export_model(with_head, tmp_path / "h.onnx", ex, servable=True, progress=False)
 
 
@@ -890,3 +893,397 @@ def test_rewriting_a_loaded_adapter_file_keeps_the_session_right(
     want_b = _torch_out(served.models["b"], feed)
     _assert_close(sess.run(list(OUTPUTS), _np(feed), adapter="new"), want_b, served.tol)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.onnx_adapter"]  # no temp left
+
+
+# --------------------------------------------------------------------------------------
+# adapters with fully trained modules (modules_to_save): one classification head each
+# --------------------------------------------------------------------------------------
+LABELS = 3
+HEAD = ("classifier.weight", "classifier.bias")
+
+
+def _cls_base(
+    dtype: torch.dtype = torch.float32, seed: int = 0, labels: int = LABELS, kind: str = "seq"
+) -> Any:
+    """A tiny BERT classifier (sequence or token classification) with a non-zero base head
+    (exporters merge equal tensors, such as all-zero biases, into one initializer)."""
+    cls = (
+        transformers.BertForSequenceClassification
+        if kind == "seq"
+        else transformers.BertForTokenClassification
+    )
+    cfg = _config()
+    cfg.num_labels = labels
+    torch.manual_seed(seed)
+    model = cls(cfg).to(dtype).eval()
+    with torch.no_grad():
+        model.classifier.bias.normal_(0.0, 0.5)
+    return model
+
+
+def _cls_adapted(
+    base: Any,
+    targets: list[str],
+    p: int,
+    seed: int,
+    *,
+    head: bool = True,
+    scale: float = 0.7,
+    save: Sequence[str] = ("classifier",),
+) -> Any:
+    """A copy of ``base`` with random adapters on ``targets`` and, with ``head``, a
+    ("trained") random classifier head in ``modules_to_save``."""
+    model = type(base)(base.config).to(base.dtype).eval()
+    model.load_state_dict(base.state_dict())
+    torch.manual_seed(seed)
+    inject_adapters(
+        model,
+        BCAConfig(
+            block_size=p,
+            target_modules=targets,
+            scale=scale,
+            init="xavier_uniform",
+            modules_to_save=list(save) if head else [],
+        ),
+    )
+    if head:
+        with torch.no_grad():
+            for name in save:
+                for param in model.get_submodule(name).parameters():
+                    param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def _logits(model: Any, feed: dict[str, Any]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [model(**feed).logits.double().numpy()]
+
+
+@dataclass
+class Headed:
+    dtype: Any
+    base: Any
+    models: dict[str, Any]  # "h1", "h2": with heads; "n": without
+    dirs: dict[str, Path]
+    files: dict[str, Path]
+    graph: Path
+    tol: float
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["f32", "f64"])
+def headed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Headed:
+    dtype = request.param
+    tmp = tmp_path_factory.mktemp(f"headed_{str(dtype).split('.')[-1]}")
+    base = _cls_base(dtype)
+    models = {
+        "h1": _cls_adapted(base, ["query", "value"], 8, seed=61),
+        "h2": _cls_adapted(base, ["query", "value"], 8, seed=62, scale=1.3),
+        "n": _cls_adapted(base, ["query"], 8, seed=63, head=False),
+    }
+    dirs = {k: save_adapter(m, tmp / f"dir_{k}") for k, m in models.items()}
+    graph = export_model(
+        models["h1"],
+        tmp / "servable.onnx",
+        _inputs(2, 6, 0),
+        servable=True,
+        servable_base=base,
+        progress=False,
+    )
+    files: dict[str, Path] = {}
+    if HAS_ADAPTER_API:
+        for k in models:  # from the torch model and from saved folders
+            src = models[k] if k == "h1" else dirs[k]
+            files[k] = write_ort_adapter(src, graph, tmp / f"{k}.onnx_adapter")
+    return Headed(dtype, base, models, dirs, files, graph, _tol(dtype))
+
+
+def _stored(layout: ServableLayout, name: str, value: Any) -> np.ndarray:
+    """``value`` (a torch parameter) as the graph stores parameter ``name``."""
+    x = next(s for s in layout.saved if s.name == name)
+    a = value.detach().double().numpy()
+    return a.T if x.transposed else a
+
+
+def test_heads_layout_and_switch(headed: Headed) -> None:
+    layout = servable_layout(headed.graph)
+    assert sorted(x.name for x in layout.saved) == sorted(HEAD)
+    assert layout.format_version == 2 and layout.default == "zeros"
+    assert ServableLayout.from_json(layout.to_json()) == layout
+    want_dtype = "float32" if headed.dtype == torch.float32 else "float64"
+    for x in layout.saved:
+        assert x.initializer == saved_parameter_name(x.name) == f"bca.modules_to_save.{x.name}"
+        assert x.parameter_shape == tuple(headed.base.get_parameter(x.name).shape)
+        assert x.dtype == want_dtype
+        # the default is the base model's head
+        base_value = _stored(layout, x.name, headed.base.get_parameter(x.name))
+        np.testing.assert_array_equal(layout.base_values[x.initializer], base_value)
+    model = onnx.load(str(headed.graph))
+    assert not [t.name for t in model.graph.initializer if t.name.startswith("classifier.")]
+    sess = _plain_session(headed.graph)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert sorted(i.name for i in sess.get_overridable_initializers()) == sorted(
+        layout.parameter_names
+    )
+    # the headless adapter's file and feeds carry the base head, the others their own
+    if HAS_ADAPTER_API:
+        n_file = read_ort_adapter(headed.files["n"], headed.graph)
+        h2_file = read_ort_adapter(headed.files["h2"], headed.graph)
+        for name in HEAD:
+            init = saved_parameter_name(name)
+            np.testing.assert_array_equal(
+                n_file[init], _stored(layout, name, headed.base.get_parameter(name))
+            )
+            np.testing.assert_array_equal(
+                h2_file[init], _stored(layout, name, headed.models["h2"].get_parameter(name))
+            )
+    refs = {**headed.models, None: headed.base}
+    feeds = {k: adapter_feeds(d, headed.graph) for k, d in headed.dirs.items()}
+    ases = AdapterSession(headed.graph, sess_options=_opts()) if HAS_ADAPTER_API else None
+    if ases is not None:
+        for name, path in headed.files.items():
+            ases.load_adapter(name, path)
+        assert ases.input_names == ["input_ids", "attention_mask"]
+    order: list[str | None] = ["h1", "h2", None, "n", "h1", "n", "h2", None]
+    for k, name in enumerate(order):
+        feed = _inputs(1 + k % 3, 3 + k % 4, 1200 + k)
+        want = _logits(refs[name], feed)
+        extra = layout.zero_feeds() if name is None else feeds[name]
+        _assert_close(sess.run(["logits"], {**_np(feed), **extra}), want, headed.tol)
+        if ases is not None:
+            _assert_close(ases.run(["logits"], _np(feed), adapter=name), want, headed.tol)
+    # the heads really differ: a run with the wrong head would be caught above
+    feed = _inputs(2, 5, 1300)
+    outs = {n: _logits(m, feed)[0] for n, m in refs.items()}
+    for x in outs:
+        for y in outs:
+            if x != y:
+                assert rel_err(outs[x], outs[y]) > 100 * headed.tol
+
+
+@needs_adapter_api
+def test_heads_threads(headed: Headed) -> None:
+    sess = AdapterSession(headed.graph, sess_options=_opts())
+    for name, path in headed.files.items():
+        sess.load_adapter(name, path)
+    refs = {**headed.models, None: headed.base}
+    feeds = [_inputs(2, 5, 1400 + k) for k in range(2)]
+    want = {(n, k): _logits(m, f)[0] for n, m in refs.items() for k, f in enumerate(feeds)}
+    names: list[str | None] = ["h1", "h2", "n", None]
+    errors: list[str] = []
+    start = threading.Barrier(len(names))
+
+    def worker(t: int) -> None:
+        start.wait()
+        for i in range(15):
+            name = names[(t + i) % len(names)]
+            k = (t + i) % len(feeds)
+            got = sess.run(["logits"], _np(feeds[k]), adapter=name)[0]
+            err = rel_err(got, want[(name, k)])
+            if err > headed.tol:
+                errors.append(f"thread {t} iter {i} adapter {name}: error {err:.3g}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(names))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:5]
+
+
+def test_heads_mismatches(headed: Headed, tmp_path: Path) -> None:
+    graph = headed.graph
+    layout = servable_layout(graph)
+    # another number of labels: the head has another shape
+    five = _cls_base(headed.dtype, labels=5)
+    other = save_adapter(_cls_adapted(five, ["query"], 8, seed=64), tmp_path / "five")
+    with pytest.raises(ValueError, match=r"classifier\.weight") as e:
+        adapter_feeds(other, graph)
+    assert "(5, 24)" in str(e.value) and "(3, 24)" in str(e.value)
+    if HAS_ADAPTER_API:
+        with pytest.raises(ValueError, match=r"\(5, 24\)"):
+            write_ort_adapter(other, graph, tmp_path / "never.onnx_adapter")
+        assert not (tmp_path / "never.onnx_adapter").exists()
+    # fully trained parameters the graph has no slot for
+    pooled = _cls_adapted(headed.base, ["query"], 8, seed=65, save=("bert.pooler",))
+    with pytest.raises(ValueError, match=r"bert\.pooler\.dense\.bias.*no slot"):
+        adapter_feeds(save_adapter(pooled, tmp_path / "pooled"), graph)
+    with pytest.raises(ValueError, match="no slot"):
+        adapter_feeds(pooled, graph)  # the torch model: the same
+    # weighted combinations with heads are refused; without heads they get the base head
+    with pytest.raises(ValueError, match="weighted sum of heads"):
+        adapter_feeds([(headed.dirs["h1"], 0.5), (headed.dirs["n"], 0.5)], graph)
+    with pytest.raises(ValueError, match="weighted sum of heads"):
+        adapter_feeds([(headed.models["h2"], 1.0)], graph)
+    mix = adapter_feeds([(headed.dirs["n"], 0.5), (headed.models["n"], 0.5)], graph)
+    one = adapter_feeds(headed.dirs["n"], graph)
+    for name in layout.parameter_names:
+        np.testing.assert_allclose(mix[name], one[name], rtol=1e-6, atol=1e-7)
+    # a bare layout (no graph) knows no base head: fine for adapters with heads only
+    bare = ServableLayout.from_json(layout.to_json())
+    assert bare.base_values is None
+    assert sorted(adapter_feeds(headed.dirs["h2"], bare)) == sorted(layout.parameter_names)
+    with pytest.raises(ValueError, match="not read from its graph"):
+        adapter_feeds(headed.dirs["n"], bare)
+    # an adapter file without the head parameters
+    if HAS_ADAPTER_API:
+        spectra_only = adapter_feeds(headed.dirs["h1"], graph)
+        for name in HEAD:
+            del spectra_only[saved_parameter_name(name)]
+        raw = _write_raw(tmp_path / "no_head.onnx_adapter", spectra_only, layout.model_version)
+        sess = AdapterSession(graph, sess_options=_opts())
+        with pytest.raises(ValueError, match=r"lacks fully trained parameter\(s\)"):
+            sess.load_adapter("no_head", raw)
+    # the head parameters are part of the layout: a graph of the same layers without them
+    # has another model version (its adapter files do not fit)
+    assert layout.model_version != ServableLayout(layout.layers, layout.default).model_version
+    # a servable export of a model with heads needs the base head
+    with pytest.raises(ValueError, match="servable_base"):
+        export_model(
+            headed.models["h1"], tmp_path / "g.onnx", _inputs(2, 6, 0), servable=True,
+            progress=False,
+        )  # fmt: skip
+
+
+def test_heads_adapter_default(headed: Headed, tmp_path: Path) -> None:
+    """servable_default="adapter": the graph alone is the adapted model with its head; the
+    base head is kept for adapters without one and for adapter=None."""
+    graph = export_model(
+        headed.models["h2"],
+        tmp_path / "g.onnx",
+        _inputs(2, 6, 0),
+        servable=True,
+        servable_default="adapter",
+        servable_base=headed.base.state_dict(),
+        progress=False,
+    )
+    layout = servable_layout(graph)
+    assert layout.default == "adapter" and len(layout.saved) == 2
+    assert layout.base_initializer(layout.saved[0]).endswith(".base")
+    feed = _inputs(2, 5, 1500)
+    sess = _plain_session(graph)
+    _assert_close(sess.run(["logits"], _np(feed)), _logits(headed.models["h2"], feed), headed.tol)
+    fed = {**_np(feed), **layout.base_feeds()}
+    _assert_close(sess.run(["logits"], fed), _logits(headed.base, feed), headed.tol)
+    fed = {**_np(feed), **adapter_feeds(headed.dirs["n"], graph)}
+    _assert_close(sess.run(["logits"], fed), _logits(headed.models["n"], feed), headed.tol)
+    if HAS_ADAPTER_API:
+        ases = AdapterSession(graph, sess_options=_opts())
+        ases.load_adapter("n", write_ort_adapter(headed.dirs["n"], graph, tmp_path / "n.oa"))
+        _assert_close(ases.run(["logits"], _np(feed)), _logits(headed.base, feed), headed.tol)
+        got = ases.run(["logits"], _np(feed), adapter="n")
+        _assert_close(got, _logits(headed.models["n"], feed), headed.tol)
+
+
+def _export_token_base_onnx(base: Any, path: Path) -> Path:
+    class Wrap(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    ex = _inputs(2, 6, 0)
+    axes = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Wrap(base).eval(),
+            (ex["input_ids"], ex["attention_mask"]),
+            str(path),
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=17,
+        )
+    return path
+
+
+def test_heads_transposed_patch_and_export(tmp_path: Path) -> None:
+    """Token classification: the head is a MatMul whose weight the exporter stores
+    transposed under an anonymous name; patch_model and export_model both find it."""
+    base = _cls_base(kind="token", seed=3)
+    models = {
+        "t1": _cls_adapted(base, ["query", "value"], 8, seed=71),
+        "t2": _cls_adapted(base, ["query", "value"], 8, seed=72, scale=1.3),
+        "n": _cls_adapted(base, ["value"], 8, seed=73, head=False),
+    }
+    dirs = {k: save_adapter(m, tmp_path / k) for k, m in models.items()}
+    base_onnx = _export_token_base_onnx(base, tmp_path / "base.onnx")
+    anonymous = [t.name for t in onnx.load(str(base_onnx)).graph.initializer if "MatMul" in t.name]
+    assert anonymous  # the transposed head weight has no parameter name
+    patched = patch_model(
+        base_onnx, [dirs["t1"], dirs["n"]], tmp_path / "patched.onnx", servable=True,
+        progress=False,
+    )  # fmt: skip
+    exported = export_model(
+        models["t1"], tmp_path / "exported.onnx", _inputs(2, 6, 0), servable=True,
+        servable_base=base, progress=False,
+    )  # fmt: skip
+    refs = {**models, None: base}
+    tol = _tol(torch.float32)
+    for graph in (patched, exported):
+        layout = servable_layout(graph)
+        weight = next(x for x in layout.saved if x.name == "classifier.weight")
+        assert weight.transposed and weight.shape == (HIDDEN, LABELS)
+        sess = _plain_session(graph)
+        for k, name in enumerate(["t1", None, "t2", "n"]):
+            feed = _inputs(2, 4 + k, 1600 + k)
+            extra = layout.zero_feeds() if name is None else adapter_feeds(dirs[name], graph)
+            _assert_close(
+                sess.run(["logits"], {**_np(feed), **extra}), _logits(refs[name], feed), tol
+            )
+    # a head initializer that other nodes read too cannot be overridden per run
+    model = onnx.load(str(base_onnx))
+    model.graph.node.append(onnx.helper.make_node("Identity", ["m.classifier.bias"], ["echo"]))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("echo", onnx.TensorProto.FLOAT, [LABELS])
+    )
+    shared = tmp_path / "shared.onnx"
+    onnx.save(model, str(shared))
+    with pytest.raises(ValueError, match=r"classifier\.bias.*2 node inputs"):
+        patch_model(shared, dirs["t1"], tmp_path / "x.onnx", servable=True, progress=False)
+    # servable_default="adapter" from several folders: their heads must agree
+    with pytest.raises(ValueError, match="different values"):
+        patch_model(
+            base_onnx, [dirs["t1"], dirs["t2"]], tmp_path / "y.onnx", servable=True,
+            servable_default="adapter", progress=False,
+        )  # fmt: skip
+
+
+@needs_adapter_api
+def test_cli_round_trip_heads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = _cls_base(seed=9)
+    folder = tmp_path / "base_model"
+    base.save_pretrained(folder)
+    models = {
+        "hd_one": _cls_adapted(base, ["query", "value"], 8, seed=81),
+        "hd_two": _cls_adapted(base, ["query", "value"], 8, seed=82, scale=2.0),
+        "plain": _cls_adapted(base, ["query"], 8, seed=83, head=False),
+    }
+    dirs = {k: save_adapter(m, tmp_path / k) for k, m in models.items()}
+    graph = tmp_path / "servable.onnx"
+    run: Callable[..., int] = lambda *argv: main([str(a) for a in argv])  # noqa: E731
+    assert run("serve", "export", dirs["hd_one"], "--base", folder, "-o", graph) == 0
+    assert "4 layers, 2 fully trained parameters, default zeros" in capsys.readouterr().out
+    out_dir = tmp_path / "adapters"
+    assert run("serve", "adapter", *dirs.values(), "--graph", graph, "--out-dir", out_dir) == 0
+    assert capsys.readouterr().out.count("wrote ") == 3
+    assert run("serve", "info", graph) == 0
+    info = capsys.readouterr().out
+    assert "classifier.weight" in info and "bca.modules_to_save" in info
+    code = run(
+        "serve", "adapter", dirs["hd_one"], dirs["plain"], "--graph", graph, "--out-dir",
+        out_dir, "--combine", "mix",
+    )  # fmt: skip
+    _one_line_error(code, capsys, "weighted sum of heads")
+    sess = AdapterSession(graph, sess_options=_opts())
+    for name in models:
+        sess.load_adapter(name, out_dir / f"{name}.onnx_adapter")
+    refs = {**models, None: base}
+    for k, name in enumerate(["hd_one", "plain", None, "hd_two", "hd_one"]):
+        feed = _inputs(2, 4, 1700 + k)
+        _assert_close(
+            sess.run(["logits"], _np(feed), adapter=name), _logits(refs[name], feed), 1e-5
+        )
