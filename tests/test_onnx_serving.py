@@ -1287,3 +1287,16 @@ def test_cli_round_trip_heads(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         _assert_close(
             sess.run(["logits"], _np(feed), adapter=name), _logits(refs[name], feed), 1e-5
         )
+
+
+@needs_adapter_api
+def test_adapter_file_mode_follows_umask(served: Served, tmp_path: Path) -> None:
+    """The atomic write goes through mkstemp (0600); the file gets open()'s usual mode."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = write_ort_adapter(served.dirs["a"], served.graph, tmp_path / "m.onnx_adapter")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -962,10 +962,25 @@ def write_ort_adapter(
     try:
         fmt.export_adapter(str(tmp))
         read_ort_adapter(tmp, layout)  # what was written reads back and fits
+        os.chmod(tmp, _new_file_mode())  # mkstemp creates 0600; a plain open() would not
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe, hence only without /proc
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _first_line(e: BaseException) -> str:
