@@ -1591,8 +1591,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         backends = {a.backend for a in arts.values()}
         results["provenance"] = {
-            "command": "python benches/bench_serving.py "
-            + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": " ".join(
+                ["python benches/bench_serving.py", *(sys.argv[1:] if argv is None else argv)]
+            ),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(),
             "platform": platform.platform(),
