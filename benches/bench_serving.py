@@ -1520,11 +1520,11 @@ def main(argv: list[str] | None = None) -> int:
     ks = args.ks or ([1, 4] if quick else [1, 8, 32])
     k_switch = args.k_switch or (4 if quick else 8)
     repeats = args.repeats or (8 if quick else 40)
-    n_new = 3 if quick else 10
-    n_create = 2 if quick else 7
+    n_new = 2 if quick else 10
+    n_create = 1 if quick else 7
     n_mem = 1 if quick else 3
-    levels = ("EXTENDED", "ALL") if quick else LEVELS
-    switch_budget_s = 4.0 if quick else 80.0
+    levels = ("ALL",) if quick else LEVELS
+    switch_budget_s = 2.0 if quick else 80.0
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(max(threads))
     import onnx
@@ -1587,7 +1587,9 @@ def main(argv: list[str] | None = None) -> int:
         results["layers"] = []
         for hidden in sorted({CONFIGS[k].hidden for k in models}):
             bar.set_postfix_str(f"one adapter layer alone, d = {hidden}")
-            results["layers"].append(bench_layer(hidden, 64, SEQ, 3 * repeats, levels))
+            results["layers"].append(
+                bench_layer(hidden, 64, SEQ, (2 if quick else 3) * repeats, levels)
+            )
         bar.update(1)
         backends = {a.backend for a in arts.values()}
         results["provenance"] = {
