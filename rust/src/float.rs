@@ -2,12 +2,37 @@
 pub trait Float: realfft::FftNum + num_traits::Float + Default + Send + Sync + 'static {
     /// Name used in messages ("float32" / "float64").
     const NAME: &'static str;
+    /// Wide type for sums over many rows (the kernel gradient): `f64` for both, so that a
+    /// float32 product `g · x` is exact and the sum rounds far less than in float32.
+    type Acc: Float;
+    /// `self` in the wide type (exact).
+    fn widen(self) -> Self::Acc;
+    /// Round a wide value to `Self` (once).
+    fn narrow(a: Self::Acc) -> Self;
 }
 
 impl Float for f32 {
     const NAME: &'static str = "float32";
+    type Acc = f64;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        f64::from(self)
+    }
+    #[inline(always)]
+    fn narrow(a: f64) -> f32 {
+        a as f32
+    }
 }
 
 impl Float for f64 {
     const NAME: &'static str = "float64";
+    type Acc = f64;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(a: f64) -> f64 {
+        a
+    }
 }

@@ -61,15 +61,27 @@ struct Workspace<T> {
 }
 
 /// Row spectra of a whole batch and the kernel-gradient spectra.
-#[derive(Default)]
-struct GradBuffers<T> {
+struct GradBuffers<T: Float> {
     x_re: Vec<T>,
     x_im: Vec<T>,
     g_re: Vec<T>,
     g_im: Vec<T>,
     /// Kernel-gradient spectra, one (q_out, q_in, LANES) slab per tile of frequencies.
-    k_re: Vec<T>,
-    k_im: Vec<T>,
+    k_re: Vec<T::Acc>,
+    k_im: Vec<T::Acc>,
+}
+
+impl<T: Float> Default for GradBuffers<T> {
+    fn default() -> Self {
+        Self {
+            x_re: Vec::new(),
+            x_im: Vec::new(),
+            g_re: Vec::new(),
+            g_im: Vec::new(),
+            k_re: Vec::new(),
+            k_im: Vec::new(),
+        }
+    }
 }
 
 /// Kernel spectra in one orientation: (q_b, q_a, F), split planes.
@@ -661,9 +673,9 @@ impl<T: Float> BlockCirculant<T> {
             &mut bufs.k_re[..f_pad * q_out * q_in],
             &mut bufs.k_im[..f_pad * q_out * q_in],
         );
-        let per_tile = |(t, (kr, ki)): (usize, (&mut [T], &mut [T]))| {
-            kr.fill(T::zero());
-            ki.fill(T::zero());
+        let per_tile = |(t, (kr, ki)): (usize, simd::PlanesMut<'_, T::Acc>)| {
+            kr.fill(<T::Acc as num_traits::Zero>::zero());
+            ki.fill(<T::Acc as num_traits::Zero>::zero());
             let mut row0 = 0;
             while row0 < n_rows {
                 let chunk = rows.min(n_rows - row0);
@@ -708,7 +720,7 @@ impl<T: Float> BlockCirculant<T> {
                         let at = (f / simd::LANES) * slab
                             + (i * q_in + j) * simd::LANES
                             + f % simd::LANES;
-                        *c = Complex::new(k_re[at], k_im[at]);
+                        *c = Complex::new(T::narrow(k_re[at]), T::narrow(k_im[at]));
                     }
                     self.inverse(&mut ws)?;
                     for (o, &t) in block.iter_mut().zip(ws.time.iter()) {

@@ -207,7 +207,7 @@ pub(crate) fn accumulate_kernel_grad<T: Float>(
     fb: usize,
     g: Planes<'_, T>,
     x: Planes<'_, T>,
-    k: PlanesMut<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
 ) {
     dispatch_avx2!(
         accumulate_kernel_grad_body,
@@ -225,7 +225,7 @@ unsafe fn accumulate_kernel_grad_avx2<T: Float>(
     fb: usize,
     g: Planes<'_, T>,
     x: Planes<'_, T>,
-    k: PlanesMut<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
 ) {
     accumulate_kernel_grad_body(q_out, q_in, rows, fb, g, x, k)
 }
@@ -247,11 +247,14 @@ impl GradTile {
         &self,
         (g_re, g_im): Planes<'_, T>,
         (x_re, x_im): Planes<'_, T>,
-        (k_re, k_im): PlanesMut<'_, T>,
+        (k_re, k_im): PlanesMut<'_, T::Acc>,
     ) {
+        // Accumulated in T::Acc (f64): each product of two float32 values is exact there,
+        // so the sum over many rows does not lose the float32 result to cancellation.
         let k_at = |i: usize, j: usize| ((self.i0 + i) * self.q_in + self.j0 + j) * LANES;
-        let mut acc_re = [[[T::zero(); LANES]; J]; I];
-        let mut acc_im = [[[T::zero(); LANES]; J]; I];
+        let zero = <T::Acc as num_traits::Zero>::zero();
+        let mut acc_re = [[[zero; LANES]; J]; I];
+        let mut acc_im = [[[zero; LANES]; J]; I];
         for i in 0..I {
             for j in 0..J {
                 acc_re[i][j] = load(k_re, k_at(i, j));
@@ -259,19 +262,19 @@ impl GradTile {
             }
         }
         for r in 0..self.rows {
-            let mut gr = [[T::zero(); LANES]; I];
-            let mut gi = [[T::zero(); LANES]; I];
+            let mut gr = [[zero; LANES]; I];
+            let mut gi = [[zero; LANES]; I];
             for i in 0..I {
                 let at = packed_by_row(self.q_out, self.rows, r, self.i0 + i, self.fb);
-                gr[i] = load(g_re, at);
-                gi[i] = load(g_im, at);
+                gr[i] = widen(load(g_re, at));
+                gi[i] = widen(load(g_im, at));
             }
-            let mut xr = [[T::zero(); LANES]; J];
-            let mut xi = [[T::zero(); LANES]; J];
+            let mut xr = [[zero; LANES]; J];
+            let mut xi = [[zero; LANES]; J];
             for j in 0..J {
                 let at = packed_by_row(self.q_in, self.rows, r, self.j0 + j, self.fb);
-                xr[j] = load(x_re, at);
-                xi[j] = load(x_im, at);
+                xr[j] = widen(load(x_re, at));
+                xi[j] = widen(load(x_im, at));
             }
             for i in 0..I {
                 for j in 0..J {
@@ -296,6 +299,15 @@ impl GradTile {
 }
 
 #[inline(always)]
+fn widen<T: Float>(v: Lane<T>) -> Lane<T::Acc> {
+    let mut out = [<T::Acc as num_traits::Zero>::zero(); LANES];
+    for l in 0..LANES {
+        out[l] = v[l].widen();
+    }
+    out
+}
+
+#[inline(always)]
 fn accumulate_kernel_grad_body<T: Float>(
     q_out: usize,
     q_in: usize,
@@ -303,7 +315,7 @@ fn accumulate_kernel_grad_body<T: Float>(
     fb: usize,
     g: Planes<'_, T>,
     x: Planes<'_, T>,
-    k: PlanesMut<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
 ) {
     let (k_re, k_im) = k;
     let mut i0 = 0;
