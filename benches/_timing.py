@@ -77,6 +77,37 @@ def time_interleaved(
     }
 
 
+def time_rounds(
+    contenders: dict[str, Callable[[], Any]], repeats: int, min_sample_s: float = 0.02
+) -> dict[str, dict[str, list[float]]]:
+    """Per contender, ``repeats`` samples of (process CPU, wall) seconds per call, one
+    sample per contender per round, the order rotating every round (no contender always
+    runs first, after the others have evicted its data from the caches). Each sample runs
+    enough calls to last ``min_sample_s`` of CPU time.
+
+    On a shared, oversubscribed machine wall-clock latency mostly measures waiting for a
+    core; CPU time measures the work (with one intra-op thread and no spinning, the
+    latency the call has on an idle core)."""
+    inner: dict[str, int] = {}
+    for name, fn in contenders.items():
+        fn()
+        t0 = time.process_time()
+        fn()
+        once = max(time.process_time() - t0, 1e-6)
+        inner[name] = max(1, int(min_sample_s / once))
+    out: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "wall": []} for n in contenders}
+    names = list(contenders)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, k = contenders[name], inner[name]
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(k):
+                fn()
+            out[name]["cpu"].append((time.process_time() - c0) / k)
+            out[name]["wall"].append((time.perf_counter() - w0) / k)
+    return out
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),

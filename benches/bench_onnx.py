@@ -37,6 +37,7 @@ from _timing import (  # noqa: E402
     machine_info,
     markdown_table,
     pin_threads,
+    time_rounds,
     write_results,
 )
 
@@ -44,48 +45,20 @@ from _timing import (  # noqa: E402
 def time_cpu_interleaved(
     contenders: dict[str, Any], repeats: int, min_sample_s: float = 5e-3
 ) -> dict[str, dict[str, float]]:
-    """Like ``_timing.time_interleaved`` (round-robin samples, medians; here the order
-    rotates every round), but records the process CPU time per call next to the wall
-    time.
-
-    On a shared, oversubscribed machine wall-clock latency mostly measures waiting for a
-    core; CPU time measures the work. With one intra-op thread and no spinning, CPU time
-    per call is the latency the call has on an idle core.
-    """
+    """Medians of :func:`_timing.time_rounds`: process CPU time per call next to the wall
+    time (round-robin samples, the order rotating every round)."""
     import statistics
-    import time
 
-    inner: dict[str, int] = {}
-    for name, fn in contenders.items():
-        fn()
-        t0 = time.process_time()
-        fn()
-        once = max(time.process_time() - t0, 1e-6)
-        inner[name] = max(1, int(min_sample_s / once))
-    wall: dict[str, list[float]] = {n: [] for n in contenders}
-    cpu: dict[str, list[float]] = {n: [] for n in contenders}
-    names = list(contenders)
-    for r in range(repeats):
-        # rotate the order every round: no contender always runs first (after the
-        # others have evicted its weights from the caches)
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn = contenders[name]
-            k = inner[name]
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(k):
-                fn()
-            cpu[name].append((time.process_time() - c0) / k)
-            wall[name].append((time.perf_counter() - w0) / k)
+    rounds = time_rounds(contenders, repeats, min_sample_s)
     return {
         n: {
-            "cpu_median_s": statistics.median(cpu[n]),
-            "cpu_min_s": min(cpu[n]),
-            "wall_median_s": statistics.median(wall[n]),
-            "wall_min_s": min(wall[n]),
-            "calls_per_sample": inner[n],
+            "cpu_median_s": statistics.median(r["cpu"]),
+            "cpu_min_s": min(r["cpu"]),
+            "wall_median_s": statistics.median(r["wall"]),
+            "wall_min_s": min(r["wall"]),
             "samples": repeats,
         }
-        for n in contenders
+        for n, r in rounds.items()
     }
 
 

@@ -69,7 +69,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 if importlib.util.find_spec("bca") is None:  # run from a checkout without an install
     sys.path.insert(0, str(HERE.parent / "python"))
-from _timing import machine_info, markdown_table, write_results  # noqa: E402
+from _timing import machine_info, markdown_table, time_rounds, write_results  # noqa: E402
 
 SEQ = 32
 LEVELS = ("BASIC", "EXTENDED", "ALL")
@@ -593,32 +593,6 @@ def _check(art: Artifacts) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------
-def time_rounds(
-    contenders: dict[str, Callable[[], Any]], repeats: int, min_sample_s: float = 0.02
-) -> dict[str, dict[str, list[float]]]:
-    """Per contender, ``repeats`` samples of (process CPU, wall) seconds per call, one
-    sample per contender per round, the order rotating every round (no contender always
-    follows the same one). Each sample runs enough calls to last ``min_sample_s``."""
-    inner: dict[str, int] = {}
-    for name, fn in contenders.items():
-        fn()
-        t0 = time.process_time()
-        fn()
-        once = max(time.process_time() - t0, 1e-6)
-        inner[name] = max(1, int(min_sample_s / once))
-    out: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "wall": []} for n in contenders}
-    names = list(contenders)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn, k = contenders[name], inner[name]
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(k):
-                fn()
-            out[name]["cpu"].append((time.process_time() - c0) / k)
-            out[name]["wall"].append((time.perf_counter() - w0) / k)
-    return out
-
-
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
     return q[0], statistics.median(xs), q[2]
