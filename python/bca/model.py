@@ -496,6 +496,7 @@ def merge_adapters(
     (default 1.0 each). See :meth:`BlockCirculantLinear.merge`.
     """
     names = _check_names(model, adapter_names)
+    ws = _weights(names, weights) if names is not None else []
     for _, module in adapter_modules(model):
         if names is None:
             if module.active_adapters and not all(
@@ -503,17 +504,9 @@ def merge_adapters(
             ):
                 module.merge(exact_unmerge=exact_unmerge)
             continue
-        here = [
-            (n, w)
-            for n, w in zip(names, _weights(names, weights), strict=True)
-            if n in module.adapter_names and n not in module.merged_adapters
-        ]
+        here, here_ws = _on_layer(module, names, ws, skip_merged=True)
         if here:
-            module.merge(
-                exact_unmerge=exact_unmerge,
-                adapter_names=[n for n, _ in here],
-                weights=[w for _, w in here],
-            )
+            module.merge(exact_unmerge=exact_unmerge, adapter_names=here, weights=here_ws)
     return model
 
 
@@ -532,6 +525,7 @@ def merge_and_unload(
 ) -> nn.Module:
     """Merge adapters (the active ones by default) and put the plain base layers back."""
     names = _check_names(model, adapter_names)
+    ws = _weights(names, weights) if names is not None else []
     for name, module in list(adapter_modules(model)):
         if module.merged:
             module.unmerge()
@@ -539,17 +533,9 @@ def merge_and_unload(
             if module.active_adapters:
                 module.merge(exact_unmerge=False)
         else:
-            here = [
-                (n, w)
-                for n, w in zip(names, _weights(names, weights), strict=True)
-                if n in module.adapter_names
-            ]
+            here, here_ws = _on_layer(module, names, ws)
             if here:
-                module.merge(
-                    exact_unmerge=False,
-                    adapter_names=[n for n, _ in here],
-                    weights=[w for _, w in here],
-                )
+                module.merge(exact_unmerge=False, adapter_names=here, weights=here_ws)
         _replace(model, name, module.base_layer)
     for attr in ("bca_config", "bca_configs"):
         if hasattr(model, attr):
@@ -590,6 +576,18 @@ def _check_names(model: nn.Module, adapter_names: str | Sequence[str] | None) ->
 
 
 _all_adapter_names = adapter_names  # for functions whose argument shadows the name
+
+
+def _on_layer(
+    module: BlockCirculantLinear, names: list[str], ws: list[float], *, skip_merged: bool = False
+) -> tuple[list[str], list[float]]:
+    """The named adapters (and their weights) that ``module`` carries, in order."""
+    pairs = [
+        (n, w)
+        for n, w in zip(names, ws, strict=True)
+        if n in module.adapter_names and not (skip_merged and n in module.merged_adapters)
+    ]
+    return [n for n, _ in pairs], [w for _, w in pairs]
 
 
 def _weights(names: list[str], weights: Sequence[float] | None) -> list[float]:
@@ -675,8 +673,7 @@ def set_adapter(
     names = _check_names(model, adapter_names) or []
     ws = _weights(names, weights)
     for _, module in adapter_modules(model):
-        here = [(n, w) for n, w in zip(names, ws, strict=True) if n in module.adapter_names]
-        module.set_adapter([n for n, _ in here], [w for _, w in here])
+        module.set_adapter(*_on_layer(module, names, ws))
     if trainable:
         freeze_base(model)
     return model

@@ -540,17 +540,9 @@ class BlockCirculantLinear(nn.Module):
         The output becomes ``base(x) + Σ_a w_a · scale_a · ΔW_a x``; ``weights`` default
         to 1.0 each. Unknown names raise ``ValueError`` listing the known ones.
         """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for n in names:
-            self._known(n)
+        names, ws = self._selection(adapter_names, weights)
         if len(set(names)) != len(names):
             raise ValueError(f"adapter_names has duplicates: {names}")
-        if weights is None:
-            ws = [1.0] * len(names)
-        else:
-            ws = [_check_scale(w, "weights") for w in weights]
-            if len(ws) != len(names):
-                raise ValueError(f"weights has {len(ws)} entries for {len(names)} adapters")
         self.active_adapters = names
         self.adapter_weights = dict(zip(names, ws, strict=True))
 
