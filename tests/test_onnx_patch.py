@@ -240,6 +240,50 @@ def test_patch_modules_to_save(tmp_path: Path) -> None:
     out = patch_model(base_onnx, adir, tmp_path / "p.onnx", progress=False)
     _assert_parity(model, out)
 
+    # one graph holds one head: adapters with different heads are refused, equal ones not
+    other = Logits(transformers.BertForSequenceClassification(cfg)).eval()
+    other.m.load_state_dict(model.m.state_dict(), strict=False)  # the same trained head
+    torch.manual_seed(5)
+    inject_adapters(
+        other,
+        BCAConfig(
+            block_size=8, target_modules=["key"], init="xavier_uniform",
+            modules_to_save=["classifier"],
+        ),
+    )  # fmt: skip
+    other.eval()
+    same_head = save_adapter(other, tmp_path / "same_head")
+    both = patch_model(base_onnx, [adir, same_head], tmp_path / "both.onnx", progress=False)
+    onnx.checker.check_model(str(both), full_check=True)
+    with torch.no_grad():
+        other.m.classifier.bias.add_(0.5)
+    diff_head = save_adapter(other, tmp_path / "diff_head")
+    with pytest.raises(ValueError, match=r"different values of fully trained parameter"):
+        patch_model(base_onnx, [adir, diff_head], tmp_path / "never.onnx", progress=False)
+    assert not (tmp_path / "never.onnx").exists()
+    # a head initializer that another node reads too (an exporter's merged constants):
+    # writing the trained value would change that node as well, so it is refused ...
+    shared = onnx.load(str(base_onnx))
+    bias = next(t.name for t in shared.graph.initializer if t.name.endswith("classifier.bias"))
+    shared.graph.node.append(onnx.helper.make_node("Identity", [bias], ["echo"]))
+    shared.graph.output.append(
+        onnx.helper.make_tensor_value_info("echo", onnx.TensorProto.FLOAT, [3])
+    )
+    shared_path = tmp_path / "shared.onnx"
+    onnx.save(shared, str(shared_path))
+    with pytest.raises(ValueError, match=r"classifier\.bias.*2 node inputs"):
+        patch_model(shared_path, adir, tmp_path / "never.onnx", progress=False)
+    assert not (tmp_path / "never.onnx").exists()
+    # ... unless the trained value equals the stored one (nothing changes for the reader)
+    with torch.no_grad():
+        model.m.classifier.bias.copy_(base.classifier.bias)
+    untouched = save_adapter(model, tmp_path / "bias_untouched")
+    out = patch_model(shared_path, untouched, tmp_path / "shared_ok.onnx", progress=False)
+    _assert_parity(model, out)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    echo = sess.run(["echo"], {k: v.numpy() for k, v in _inputs(1, 3, 0).items()})[0]
+    np.testing.assert_array_equal(echo, base.classifier.bias.detach().numpy())
+
 
 # --------------------------------------------------------------------------------------
 # error paths

@@ -164,18 +164,50 @@ def _locate_saved(
     )
 
 
-def _apply_modules_to_save(
+def _saved_writes(
     model: onnx.ModelProto,
-    adapter: SavedAdapter,
+    adapters: Sequence[SavedAdapter],
     base_weights: Mapping[str, np.ndarray] | None,
-) -> list[str]:
-    """Write fully trained parameters (``modules_to_save``) into matching initializers."""
-    done: list[str] = []
-    for pname, value in adapter.modules_to_save.items():
+) -> list[tuple[str, np.ndarray]]:
+    """``(initializer name, new value)`` for the fully trained parameters
+    (``modules_to_save``) of ``adapters``, checked before the graph is touched.
+
+    Refused: two adapters with different values of one parameter (one graph holds one
+    head; the later would silently win), and a new value for an initializer that other
+    nodes read too (an exporter may merge equal tensors, e.g. zero biases or tied
+    weights, into one: overwriting it would change them all)."""
+    values: dict[str, tuple[np.ndarray, str]] = {}
+    for a in adapters:
+        for pname, value in a.modules_to_save.items():
+            prev = values.get(pname)
+            if prev is None:
+                values[pname] = (np.asarray(value), str(a.path))
+            elif prev[0].shape != value.shape or not np.array_equal(prev[0], value):
+                raise ValueError(
+                    f"adapters {prev[1]!r} and {str(a.path)!r} have different values of fully "
+                    f"trained parameter {pname!r}; one graph holds one value (a sum of heads "
+                    "is not the combined model): patch one adapter with modules_to_save, or "
+                    "serve both with servable=True"
+                )
+    inits = {t.name: t for t in model.graph.initializer}
+    writes: list[tuple[str, np.ndarray]] = []
+    for pname, (value, _) in values.items():
         name, transposed = _locate_saved(model, pname, tuple(value.shape), base_weights)
-        replace_initializer(model, name, value.T if transposed else value)
-        done.append(pname)
-    return done
+        new = value.T if transposed else value
+        uses = tensor_uses(model.graph, name)
+        if uses > 1:
+            current = onnx.numpy_helper.to_array(inits[name])
+            if not np.array_equal(current, new.astype(current.dtype)):
+                raise ValueError(
+                    f"fully trained parameter {pname!r} is stored in initializer {name!r}, "
+                    f"which {uses} node inputs read (an exporter may have merged equal "
+                    "tensors, such as zero biases or tied weights, into one); writing the "
+                    "trained value would change them all: export the adapted model with "
+                    "bca.onnx.export_model, or patch a base ONNX file where the parameter "
+                    "has its own initializer"
+                )
+        writes.append((name, new))
+    return writes
 
 
 def _servable_slots(
@@ -306,6 +338,7 @@ def patch_model(
             servable_saved=slots,
         )
         return save_checked(model, out_path, external_data=external_data)
+    writes = _saved_writes(model, adapters, base_weights)
     for k, (adapter, tg) in enumerate(zip(adapters, target_list, strict=True)):
         add_adapters(
             model,
@@ -316,5 +349,6 @@ def patch_model(
             progress=progress,
             tag=f"a{k}/" if len(adapters) > 1 else "",
         )
-        _apply_modules_to_save(model, adapter, base_weights)
+    for name, value in writes:
+        replace_initializer(model, name, value)
     return save_checked(model, out_path, external_data=external_data)
