@@ -28,8 +28,10 @@ Backends for ΔW x:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -281,8 +283,55 @@ class _TorchBlockCirculant(torch.autograd.Function):
         return grad_x, grad_kernel, None, None, None, None
 
 
+def _rust_forward(
+    state: _AdapterState, x: torch.Tensor, kernel: torch.Tensor, features: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """``scale * ΔW x`` by the Rust core (shared by the eager and the compiled path)."""
+    op = state.rust_operator(kernel, *features)
+    y = op.matmul(x.detach().contiguous().numpy())
+    if scale != 1.0:
+        y *= scale
+    return torch.from_numpy(y)
+
+
+def _rust_backward(
+    state: _AdapterState,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    features: tuple[int, int],
+    scale: float,
+    need_x: bool,
+    need_k: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(input gradient, kernel gradient) by the Rust core; ``None`` where not needed."""
+    op = state.rust_operator(kernel, *features)  # re-sync if another forward moved it
+    g = grad_output.detach().to(x.dtype).contiguous().numpy()
+    gx, gk = op.backward(
+        x.detach().contiguous().numpy() if need_k else None,
+        g,
+        input_grad=need_x,
+        kernel_grad=need_k,
+    )
+    if scale != 1.0:
+        if gx is not None:
+            gx *= scale
+        if gk is not None:
+            gk *= scale
+    return (
+        torch.from_numpy(gx) if gx is not None else None,
+        torch.from_numpy(gk) if gk is not None else None,
+    )
+
+
 class _RustBlockCirculant(torch.autograd.Function):
-    """``scale * ΔW x`` through the Rust core; x (N, in) CPU float32/float64 like the kernel."""
+    """``scale * ΔW x`` through the Rust core; x (N, in) CPU float32/float64 like the kernel.
+
+    The eager path (lowest per-call overhead). Under ``torch.compile`` the same
+    computation runs as the custom operator ``torch.ops.bca.rust_block_circulant``
+    (below), which the compiler treats as an opaque node instead of a graph break.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -293,15 +342,11 @@ class _RustBlockCirculant(torch.autograd.Function):
         features: tuple[int, int],
         scale: float,
     ) -> torch.Tensor:
-        op = state.rust_operator(kernel, *features)
-        y = op.matmul(x.detach().contiguous().numpy())
-        if scale != 1.0:
-            y *= scale
         ctx.save_for_backward(x, kernel)
         ctx.state = state
         ctx.features = features
         ctx.scale = scale
-        return torch.from_numpy(y)
+        return _rust_forward(state, x, kernel, features, scale)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -309,23 +354,97 @@ class _RustBlockCirculant(torch.autograd.Function):
         need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_x or need_k):
             return None, None, None, None, None
-        op = ctx.state.rust_operator(kernel, *ctx.features)  # re-sync if another forward moved it
-        g = grad_output.detach().to(x.dtype).contiguous().numpy()
-        gx, gk = op.backward(
-            x.detach().contiguous().numpy() if need_k else None,
-            g,
-            input_grad=need_x,
-            kernel_grad=need_k,
+        gx, gk = _rust_backward(
+            ctx.state, x, kernel, grad_output, ctx.features, ctx.scale, need_x, need_k
         )
-        scale = ctx.scale
-        if scale != 1.0:
-            if gx is not None:
-                gx *= scale
-            if gk is not None:
-                gk *= scale
-        grad_x = torch.from_numpy(gx) if gx is not None else None
-        grad_k = torch.from_numpy(gk) if gk is not None else None
-        return grad_x, grad_k, None, None, None
+        return gx, gk, None, None, None
+
+
+# The compiled path: torch.compile cannot trace into the Rust call (numpy views, an
+# operator object), so it is registered as a custom operator with a fake (shape-only)
+# implementation and an autograd formula. Operators take tensors and scalars only: the
+# adapter's state (its Rust operator) is found through an integer handle.
+@torch.library.custom_op("bca::rust_block_circulant", mutates_args=(), device_types="cpu")
+def _rust_op(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+) -> torch.Tensor:
+    return _rust_forward(_state_of(handle), x, kernel, (in_features, out_features), scale)
+
+
+@_rust_op.register_fake
+def _rust_op_fake(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("bca::rust_block_circulant_backward", mutates_args=(), device_types="cpu")
+def _rust_op_backward(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gx, gk = _rust_backward(
+        _state_of(handle), x, kernel, grad_output, (in_features, out_features), scale,
+        input_grad, kernel_grad,
+    )  # fmt: skip
+    # operators cannot return None: an empty tensor stands for "not asked for"
+    return (
+        gx if gx is not None else x.new_empty(0),
+        gk if gk is not None else kernel.new_empty(0),
+    )
+
+
+@_rust_op_backward.register_fake
+def _rust_op_backward_fake(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        x.new_empty(x.shape) if input_grad else x.new_empty(0),
+        kernel.new_empty(kernel.shape) if kernel_grad else kernel.new_empty(0),
+    )
+
+
+def _rust_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, kernel, handle, in_features, out_features, scale = inputs
+    ctx.save_for_backward(x, kernel)
+    ctx.args = (handle, in_features, out_features, scale)
+
+
+def _rust_op_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, kernel = ctx.saved_tensors
+    need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    if not (need_x or need_k):
+        return None, None, None, None, None, None
+    gx, gk = _rust_op_backward(x, kernel, grad_output, *ctx.args, need_x, need_k)
+    return (gx if need_x else None), (gk if need_k else None), None, None, None, None
+
+
+_rust_op.register_autograd(_rust_op_grad, setup_context=_rust_op_setup)
 
 
 # --------------------------------------------------------------------------------------
@@ -357,13 +476,29 @@ def _check_scale(scale: object, arg: str = "scale") -> float:
     return float(scale)
 
 
+_STATES: weakref.WeakValueDictionary[int, _AdapterState] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+def _state_of(handle: int) -> _AdapterState:
+    state = _STATES.get(handle)
+    if state is None:  # only reachable through a stale compiled graph of a deleted adapter
+        raise RuntimeError(f"bca adapter state {handle} no longer exists (adapter deleted?)")
+    return state
+
+
 class _AdapterState:
-    """One named adapter's settings and backend caches (the kernel is a parameter)."""
+    """One named adapter's settings and backend caches (the kernel is a parameter).
+
+    ``handle`` names the state for the custom operator of the compiled Rust path; copies
+    (pickle, deepcopy) get a fresh state and handle, never the caches."""
 
     def __init__(self, block_size: int, scale: float, init: str) -> None:
         self.block_size = block_size
         self.scale = scale
         self.init = init
+        self.handle = next(_HANDLES)
+        _STATES[self.handle] = self
         self.spectra: torch.Tensor | None = None
         self.spectra_meta: tuple[torch.dtype, float] | None = None
         self.spectra_snapshot = _KernelSnapshot()
@@ -379,6 +514,9 @@ class _AdapterState:
     def fresh(self) -> _AdapterState:
         """The same settings without caches (for pickling and deepcopy)."""
         return _AdapterState(self.block_size, self.scale, self.init)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_AdapterState, (self.block_size, self.scale, self.init))
 
     def cached_spectra(
         self, kernel: torch.Tensor, cdtype: torch.dtype, scale: float
@@ -723,13 +861,18 @@ class BlockCirculantLinear(nn.Module):
         scale = state.scale * weight
         if backend == "rust":
             self._check_rust_input(x2, kernel)
-            y = _RustBlockCirculant.apply(
-                x2, kernel, state, (self.in_features, self.out_features), scale
-            )
+            if torch.compiler.is_compiling():
+                y = _rust_op(x2, kernel, state.handle, self.in_features, self.out_features, scale)
+            else:
+                y = _RustBlockCirculant.apply(
+                    x2, kernel, state, (self.in_features, self.out_features), scale
+                )
         else:
             cdtype = _compute_dtype(x.dtype, kernel.dtype)
             spectra = None
-            if not self.training or not torch.is_grad_enabled():
+            if (not self.training or not torch.is_grad_enabled()) and (
+                not torch.compiler.is_compiling()
+            ):  # a compiled graph computes the (parameter-sized) spectra itself
                 spectra = state.cached_spectra(kernel, cdtype, scale)
             y = _TorchBlockCirculant.apply(
                 x2 if x2.dtype == cdtype else x2.to(cdtype),
