@@ -81,9 +81,9 @@ def test_compiled_layer_equals_eager_and_oracle(
         x64 = x.double().numpy()
         base = m.base_layer(x).detach().double().numpy()
         assert rel_err(got[0], base + x64 @ dw.T) <= TOL[NP[dtype]]
-        assert rel_err(got[1], g.double().numpy() @ (m.weight.double().numpy() + dw)) <= TOL[
-            NP[dtype]
-        ]
+        assert (
+            rel_err(got[1], g.double().numpy() @ (m.weight.double().numpy() + dw)) <= TOL[NP[dtype]]
+        )
         gk = m.scale * kernel_grad_oracle(x64, g.double().numpy(), m.kernel_shape)
         assert rel_err(got[2], gk) <= TOL[NP[dtype]]
 
