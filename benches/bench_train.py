@@ -18,6 +18,13 @@ between forward and backward, not transient buffers (and nothing inside the Rust
 
     python benches/bench_train.py                   # CPU, 2 threads
     python benches/bench_train.py --device cuda     # GPU (backend rust skipped)
+    python benches/bench_train.py --device cuda --compile reduce-overhead
+
+``--compile MODE`` adds a ``torch.compile(fn, mode=MODE)`` twin of every contender
+(named ``<contender>+compile``) to the same round robin, and a ratio against the
+compiled PEFT C3A. ``reduce-overhead`` replays CUDA graphs, which removes most of the
+per-kernel launch cost that dominates small steps on a GPU. On CPU the memory proxy is
+not measured for compiled twins (their saved tensors live inside the compiled graph).
 
 Writes ``benches/results/train_<device>.json``, ``.md`` and ``.png``.
 """
@@ -55,6 +62,7 @@ class Contender:
     name: str
     step: Callable[[], None]  # one forward + backward
     params: list[torch.Tensor]  # trainable parameters (grads reset between steps)
+    compiled: bool = False
 
 
 def _sync(device: torch.device) -> None:
@@ -63,7 +71,13 @@ def _sync(device: torch.device) -> None:
 
 
 def build_contenders(
-    d: int, p: int, n: int, device: torch.device, scope: str, backends: list[str]
+    d: int,
+    p: int,
+    n: int,
+    device: torch.device,
+    scope: str,
+    backends: list[str],
+    compile_mode: str | None = None,
 ) -> tuple[list[Contender], list[torch.Tensor]]:
     """Contenders for one (d, p, N, scope); all share the same input and output grad."""
     from peft import C3AConfig, LoraConfig, get_peft_model
@@ -86,9 +100,11 @@ def build_contenders(
 
         return step
 
+    bca_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for backend in backends:
         m = BlockCirculantLinear(base, p, backend=backend, init="xavier_uniform").to(device)
         fn = m.adapter_forward if scope == "adapter" else m
+        bca_fns[f"bca-{backend}"] = fn
         out.append(Contender(f"bca-{backend}", make_step(fn, [m.bca_kernel]), [m.bca_kernel]))
 
     c3a = get_peft_model(
@@ -125,6 +141,17 @@ def build_contenders(
     else:
         lora_fn = lora_layer
     out.append(Contender("peft-lora-r8", make_step(lora_fn, lora_params), lora_params))
+    if compile_mode is not None:
+        fns = {**bca_fns, "peft-c3a": c3a_fn, "peft-lora-r8": lora_fn}
+        out += [
+            Contender(
+                f"{c.name}+compile",
+                make_step(torch.compile(fns[c.name], mode=compile_mode), c.params),
+                c.params,
+                compiled=True,
+            )
+            for c in list(out)
+        ]
     return out, list(base.parameters())
 
 
@@ -162,10 +189,11 @@ def bench_case(
     backends: list[str],
     repeats: int,
     budget_s: float,
+    compile_mode: str | None = None,
 ) -> list[dict[str, Any]]:
-    contenders, base_params = build_contenders(d, p, n, device, scope, backends)
-    for c in contenders:  # warm-up (plans, caches, lazy init)
-        for _ in range(2):
+    contenders, base_params = build_contenders(d, p, n, device, scope, backends, compile_mode)
+    for c in contenders:  # warm-up (plans, caches, lazy init; compilation, CUDA graphs)
+        for _ in range(5 if c.compiled else 2):
             c.step()
     _sync(device)
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
@@ -183,8 +211,11 @@ def bench_case(
     frozen = {prm.untyped_storage().data_ptr() for prm in base_params}
     for c in contenders:
         param_ids = frozen | {prm.untyped_storage().data_ptr() for prm in c.params}
+        mem: int | None
         if device.type == "cuda":
             mem, mem_kind = cuda_peak_bytes(c.step, device), "cuda_peak_allocated"
+        elif c.compiled:  # saved tensors live inside the compiled graph: not seen by hooks
+            mem, mem_kind = None, "not_measured"
         else:
             mem, mem_kind = saved_bytes(c.step, param_ids), "saved_for_backward"
         ts = times[c.name]
@@ -204,10 +235,15 @@ def bench_case(
             }
         )
     ref = next(r for r in rows if r["contender"] == "peft-c3a")
+    ref_c = next((r for r in rows if r["contender"] == "peft-c3a+compile"), None)
     for r in rows:
         r["speedup_vs_c3a"] = ref["median_ms"] / r["median_ms"]
+        # against PEFT C3A run the same way (both compiled, or both eager)
+        same = ref_c if r["contender"].endswith("+compile") and ref_c is not None else ref
+        r["speedup_vs_c3a_same_mode"] = same["median_ms"] / r["median_ms"]
+        mref = same["memory_bytes"]
         r["memory_vs_c3a"] = (
-            r["memory_bytes"] / ref["memory_bytes"] if ref["memory_bytes"] else None
+            r["memory_bytes"] / mref if mref and r["memory_bytes"] is not None else None
         )
     return rows
 
@@ -222,6 +258,14 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
         f"Memory: {meta['memory_note']}",
         "",
     ]
+    compiled = bool(meta.get("compile"))
+    if compiled:
+        lines += [
+            f"`+compile`: the contender under `torch.compile(mode={meta['compile']!r})`, in "
+            "the same round robin. `vs C3A` compares with eager PEFT C3A; `same mode` with "
+            "PEFT C3A run the same way (compiled twins against compiled C3A).",
+            "",
+        ]
     if meta.get("loadavg_before") is not None:
         lines += [
             f"Machine: {meta['cpu_count']} CPUs, 1-minute load average "
@@ -233,18 +277,21 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
         sub = [r for r in rows if r["scope"] == scope]
         if not sub:
             continue
+        same_h, same_a = (" speedup same mode |", "---:|") if compiled else ("", "")
         lines += [
             f"## scope: {scope}",
             "",
-            "| d | p | N | contender | median ms | speedup vs C3A | memory MiB | memory vs C3A |",
-            "|---:|---:|---:|---|---:|---:|---:|---:|",
+            f"| d | p | N | contender | median ms | speedup vs C3A |{same_h} memory MiB "
+            "| memory vs C3A |",
+            f"|---:|---:|---:|---|---:|---:|{same_a}---:|---:|",
         ]
         for r in sub:
             mvs = "" if r["memory_vs_c3a"] is None else f"{r['memory_vs_c3a']:.2f}"
+            mem = "" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.3f}"
+            same = f" {r['speedup_vs_c3a_same_mode']:.2f} |" if compiled else ""
             lines.append(
                 f"| {r['d']} | {r['block_size']} | {r['rows']} | {r['contender']} | "
-                f"{r['median_ms']:.3f} | {r['speedup_vs_c3a']:.2f} | "
-                f"{r['memory_bytes'] / 2**20:.3f} | {mvs} |"
+                f"{r['median_ms']:.3f} | {r['speedup_vs_c3a']:.2f} |{same} {mem} | {mvs} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))
@@ -296,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per case (soft)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default=None, help="file name suffix (default: device)")
+    ap.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="also run every contender under torch.compile(mode=MODE), e.g. default or "
+        "reduce-overhead (CUDA graphs)",
+    )
     args = ap.parse_args(argv)
 
     import peft
@@ -321,8 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []
     for d, p, n, scope in tqdm(cases, desc="cases"):
-        rows += bench_case(d, p, n, device, scope, backends, args.repeats, args.budget)
-        last = [r for r in rows[-(len(backends) + 2) :]]
+        case_rows = bench_case(
+            d, p, n, device, scope, backends, args.repeats, args.budget, args.compile
+        )
+        rows += case_rows
+        last = case_rows
         tqdm.write(
             f"{scope:7s} d={d:5d} p={p:4d} N={n:4d}  "
             + "  ".join(f"{r['contender']}={r['median_ms']:.3f}ms" for r in last)
@@ -337,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "repeats": args.repeats,
+        "compile": args.compile,
         "cpu_count": os.cpu_count(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
