@@ -164,6 +164,31 @@ def _locate_saved(
     )
 
 
+def _union_saved(adapters: Sequence[SavedAdapter], one_value: str | None) -> dict[str, np.ndarray]:
+    """The fully trained parameters (``modules_to_save``) of ``adapters``, by name.
+
+    Adapters that carry the same parameter must agree on its shape and, where
+    ``one_value`` is given (why the target holds one value only), on its values."""
+    values: dict[str, tuple[np.ndarray, str]] = {}
+    for a in adapters:
+        for pname, value in a.modules_to_save.items():
+            prev = values.get(pname)
+            if prev is None:
+                values[pname] = (np.asarray(value), str(a.path))
+                continue
+            if prev[0].shape != value.shape:
+                raise ValueError(
+                    f"adapters {prev[1]!r} and {str(a.path)!r} have fully trained parameter "
+                    f"{pname!r} of different shapes {prev[0].shape} and {value.shape}"
+                )
+            if one_value is not None and not np.array_equal(prev[0], value):
+                raise ValueError(
+                    f"adapters {prev[1]!r} and {str(a.path)!r} have different values of fully "
+                    f"trained parameter {pname!r}; {one_value}"
+                )
+    return {pname: v for pname, (v, _) in values.items()}
+
+
 def _saved_writes(
     model: onnx.ModelProto,
     adapters: Sequence[SavedAdapter],
@@ -176,22 +201,14 @@ def _saved_writes(
     head; the later would silently win), and a new value for an initializer that other
     nodes read too (an exporter may merge equal tensors, e.g. zero biases or tied
     weights, into one: overwriting it would change them all)."""
-    values: dict[str, tuple[np.ndarray, str]] = {}
-    for a in adapters:
-        for pname, value in a.modules_to_save.items():
-            prev = values.get(pname)
-            if prev is None:
-                values[pname] = (np.asarray(value), str(a.path))
-            elif prev[0].shape != value.shape or not np.array_equal(prev[0], value):
-                raise ValueError(
-                    f"adapters {prev[1]!r} and {str(a.path)!r} have different values of fully "
-                    f"trained parameter {pname!r}; one graph holds one value (a sum of heads "
-                    "is not the combined model): patch one adapter with modules_to_save, or "
-                    "serve both with servable=True"
-                )
+    values = _union_saved(
+        adapters,
+        "one graph holds one value (a sum of heads is not the combined model): patch one "
+        "adapter with modules_to_save, or serve both with servable=True",
+    )
     inits = {t.name: t for t in model.graph.initializer}
     writes: list[tuple[str, np.ndarray]] = []
-    for pname, (value, _) in values.items():
+    for pname, value in values.items():
         name, transposed = _locate_saved(model, pname, tuple(value.shape), base_weights)
         new = value.T if transposed else value
         uses = tensor_uses(model.graph, name)
@@ -218,27 +235,15 @@ def _servable_slots(
 ) -> list[SavedSlot]:
     """The fully trained parameters of ``adapters`` (their union) as overridable slots; the
     base value is the graph's. For the ``"adapter"`` default the adapters must agree."""
-    values: dict[str, tuple[np.ndarray, str]] = {}
-    for a in adapters:
-        for pname, value in a.modules_to_save.items():
-            prev = values.get(pname)
-            if prev is None:
-                values[pname] = (np.asarray(value), str(a.path))
-                continue
-            if prev[0].shape != value.shape:
-                raise ValueError(
-                    f"adapters {prev[1]!r} and {str(a.path)!r} have fully trained parameter "
-                    f"{pname!r} of different shapes {prev[0].shape} and {value.shape}"
-                )
-            if default == "adapter" and not np.array_equal(prev[0], value):
-                raise ValueError(
-                    f"adapters {prev[1]!r} and {str(a.path)!r} have different values of fully "
-                    f"trained parameter {pname!r}; servable_default='adapter' stores one "
-                    "value (a sum of heads is not the combined model): use "
-                    "servable_default='zeros' or one adapter with modules_to_save"
-                )
+    values = _union_saved(
+        adapters,
+        "servable_default='adapter' stores one value (a sum of heads is not the combined "
+        "model): use servable_default='zeros' or one adapter with modules_to_save"
+        if default == "adapter"
+        else None,
+    )
     slots: list[SavedSlot] = []
-    for pname, (value, _) in values.items():
+    for pname, value in values.items():
         name, transposed = _locate_saved(model, pname, tuple(value.shape), base_weights)
         uses = tensor_uses(model.graph, name)
         if uses != 1:
