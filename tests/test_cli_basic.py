@@ -200,3 +200,26 @@ def test_console_script_subprocess_error_has_no_traceback(tmp_path: Path) -> Non
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_run_options_come_from_the_command_line() -> None:
+    """Every field of the demo's and the stability experiment's options has a
+    command-line option (no silent default), and the options reach the dataclass."""
+    pytest.importorskip("torch")
+    from bca.cli import _options, build_parser
+    from bca.demo.run import DemoOptions
+    from bca.demo.stability import StabilityOptions
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["demo", "--dataset", "bbc-news", "--steps", "7", "--methods", "bca", "--no-onnx"]
+    )
+    demo = _options(DemoOptions, args, onnx=not args.no_onnx, progress=not args.no_progress)
+    assert (demo.dataset, demo.steps, demo.methods, demo.onnx) == ("bbc-news", 7, ("bca",), False)
+    args = parser.parse_args(
+        ["experiment", "stability", "--dataset", "bbc-news", "--block-sizes", "16,64"]
+    )
+    st = _options(StabilityOptions, args, progress=not args.no_progress)
+    assert (st.dataset, st.block_sizes, st.progress) == ("bbc-news", (16, 64), True)
+    with pytest.raises(AssertionError, match=r"DemoOptions\.\w+ has no command-line option"):
+        _options(DemoOptions, args, progress=True)

@@ -10,13 +10,16 @@ traceback (set ``BCA_DEBUG=1`` to see it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -284,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "stability.json and stability.png.",
     )
     st.add_argument("--out", default="bca-report/stability", help="output folder")
+    st.add_argument(
+        "--dataset",
+        default="tweets",
+        choices=["tweets", "bbc-news"],
+        help="corpus (see docs/demo.md for provenance)",
+    )
     st.add_argument("--block-sizes", type=_int_list, default=[16, 64, 384], help="block sizes p")
     st.add_argument(
         "--steps", type=_positive_int, default=None, help="steps per run (default 60, --quick 8)"
@@ -515,35 +524,37 @@ def _load_adapted(
 # --------------------------------------------------------------------------------------
 # commands
 # --------------------------------------------------------------------------------------
+def _options(cls: type[_T], args: argparse.Namespace, **given: Any) -> _T:
+    """A run's options dataclass from the parsed command line: every field comes from
+    ``given`` or from the option of the same name (lists become tuples); a field with
+    neither is a programming error, not a silent default."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif hasattr(args, f.name):
+            v = getattr(args, f.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+        else:
+            raise AssertionError(f"{cls.__name__}.{f.name} has no command-line option")
+    return cls(**values)
+
+
+def _report(table: str, path: Path) -> int:
+    print()
+    print(table)
+    print(f"\nreport: {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _need("torch", "torch")
     _need("transformers", "hf")
     from .demo.run import DemoOptions, run_demo
 
-    opts = DemoOptions(
-        out=args.out,
-        dataset=args.dataset,
-        quick=args.quick,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        eval_examples=args.eval_examples,
-        block_size=args.block_size,
-        ffn=args.ffn,
-        methods=tuple(args.methods),
-        bca_optimizer=args.bca_optimizer,
-        bca_lr=args.bca_lr,
-        no_lr_division=args.no_lr_division,
-        lora_rank=args.lora_rank,
-        seed=args.seed,
-        threads=args.threads,
-        onnx=not args.no_onnx,
-        progress=not args.no_progress,
-    )
+    opts = _options(DemoOptions, args, onnx=not args.no_onnx, progress=not args.no_progress)
     outcome = run_demo(opts)
-    print()
-    print(outcome.table)
-    print(f"\nreport: {outcome.out / 'report.md'}")
-    return 0
+    return _report(outcome.table, outcome.out / "report.md")
 
 
 def _example_inputs(tok: Any, model: Any, seq_len: int) -> dict[str, Any]:
@@ -862,24 +873,9 @@ def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     _need("transformers", "hf")
     from .demo.stability import StabilityOptions, run_stability
 
-    opts = StabilityOptions(
-        out=args.out,
-        block_sizes=tuple(args.block_sizes),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        eval_examples=args.eval_examples,
-        quick=args.quick,
-        seed=args.seed,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
+    opts = _options(StabilityOptions, args, progress=not args.no_progress)
     outcome = run_stability(opts)
-    print()
-    print(outcome.table)
-    print(f"\nreport: {outcome.out / 'stability.md'}")
-    return 0
+    return _report(outcome.table, outcome.out / "stability.md")
 
 
 def _serve_graph(text: str) -> Path:
