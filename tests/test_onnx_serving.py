@@ -7,10 +7,13 @@ each get their own adapter's output, a weighted combination equals the merged we
 adapters or adapter files for another model, shape, lowering or dtype give a clear error.
 Adapters with fully trained modules (modules_to_save: a classification head each) are
 served the same way, the head swapped per run; adapters without a head get the base head.
+A float16 base model patched (or exported) servable serves its adapters the same way, within
+float16 rounding; its spectra are float32, so float32-graph adapter files fit it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import warnings
@@ -1300,3 +1303,273 @@ def test_adapter_file_mode_follows_umask(served: Served, tmp_path: Path) -> None
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------------------
+# float16 graphs: one half-precision base model, adapters served per run
+# --------------------------------------------------------------------------------------
+F16_U = 2.0**-11
+"""float16 unit roundoff (half the machine epsilon 2**-10)."""
+
+F16_TOL = 4 * F16_U
+"""Norm-relative tolerance of a float16 graph against a float64 reference computed from the
+same half weights and inputs (≈ 1.95e-3; test_onnx_adapter's float16 graph uses 2e-3).
+
+Why: even an exact graph rounds its float16 output, an error of up to ``u`` per element
+(about ``u/2`` norm-relative in practice: the measured output-rounding level). The graph
+holds every layer's result in float16 (the base MatMul, its bias Add, the adapter's output
+after its float32 → float16 Cast, the Add of both, the residual Add): eleven such roundings
+on the longest path of the MLP below. Independent roundings add up in norm like
+``sqrt(11) · u/2 ≈ 1.7 u``; ``4 u`` leaves room for the layers amplifying them. Measured:
+2.1e-4 to 2.7e-4 (≈ 0.5 u) for the base model and every adapter. The adapters change the
+output by ≥ 0.16 norm-relative (checked below to be > 50 × F16_TOL), so a run with the wrong
+adapter, or with none, cannot pass. (A float32 copy of the model agrees with the float64
+reference to ~1e-7: the error here is float16 rounding.)"""
+
+F16_WIDTH = 24
+
+
+class _HalfMLP(torch.nn.Module):  # type: ignore[name-defined,misc]
+    """Three ``nn.Linear`` layers with a residual; exported from float16 on the CPU (a tiny
+    BERT converted with ``.half()`` exports a graph onnxruntime refuses: LayerNormalization
+    with float and float16 inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(F16_WIDTH, 40)
+        self.down = torch.nn.Linear(40, F16_WIDTH)
+        self.out = torch.nn.Linear(F16_WIDTH, 16)
+
+    def forward(self, x: Any) -> Any:
+        return self.out(torch.relu(self.down(torch.relu(self.up(x)))) + x)
+
+
+def _half_adapted(base: Any, targets: list[str], seed: int, scale: float) -> Any:
+    """A copy of the float16 ``base`` with random adapters (float32 kernels: bca keeps the
+    kernels of half-precision layers in float32)."""
+    model = _HalfMLP().half().eval()
+    model.load_state_dict(base.state_dict())
+    torch.manual_seed(seed)
+    inject_adapters(
+        model, BCAConfig(block_size=8, target_modules=targets, scale=scale, init="xavier_uniform")
+    )
+    return model.eval()
+
+
+def _half_x(b: int, s: int, seed: int) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, s, F16_WIDTH, generator=g).half()
+
+
+def _export_mlp(model: Any, x: Any, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "b", 1: "s"}},
+            opset_version=17,
+        )
+    return path
+
+
+@dataclass
+class HalfServed:
+    base: Any  # the float16 base model
+    models: dict[str, Any]  # adapter name -> float16 torch model
+    refs: dict[str | None, Any]  # float64 copies (same weights, kernels), None: the base
+    dirs: dict[str, Path]
+    files: dict[str, Path]
+    base_onnx: Path
+    graph: Path  # patch_model(base_onnx, dirs["a"], servable=True)
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def half_served(tmp_path_factory: pytest.TempPathFactory) -> HalfServed:
+    tmp = tmp_path_factory.mktemp("served_f16")
+    torch.manual_seed(0)
+    base = _HalfMLP().half().eval()
+    models = {
+        "a": _half_adapted(base, ["up", "down"], seed=1, scale=0.7),
+        "b": _half_adapted(base, ["up", "down"], seed=2, scale=1.3),
+        "c": _half_adapted(base, ["up"], seed=3, scale=0.7),  # a subset of the layers
+    }
+    dirs = {k: save_adapter(m, tmp / f"dir_{k}") for k, m in models.items()}
+    base_onnx = _export_mlp(base, _half_x(2, 5, 0), tmp / "base.onnx")
+    graph = patch_model(base_onnx, dirs["a"], tmp / "servable.onnx", servable=True, progress=False)
+    files: dict[str, Path] = {}
+    if HAS_ADAPTER_API:
+        for k in models:  # from the torch model and from saved folders
+            src = models[k] if k == "a" else dirs[k]
+            files[k] = write_ort_adapter(src, graph, tmp / f"{k}.onnx_adapter")
+    refs: dict[str | None, Any] = {k: copy.deepcopy(m).double() for k, m in models.items()}
+    refs[None] = copy.deepcopy(base).double()
+    return HalfServed(base, models, refs, dirs, files, base_onnx, graph, tmp)
+
+
+def _ref64(model64: Any, x: Any) -> np.ndarray:
+    with torch.no_grad():
+        return model64(x.double()).numpy()  # type: ignore[no-any-return]
+
+
+def test_float16_layout(half_served: HalfServed) -> None:
+    """The graph computes in float16 (its input and output); its spectra are float32 (the
+    compute dtype of float16 graphs), and the layout says so."""
+    model = onnx.load(str(half_served.graph))
+    onnx.checker.check_model(model, full_check=True)
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    io = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert io["x"] == f16 and io["y"] == f16
+    layout = servable_layout(half_served.graph)
+    assert layout.default == "zeros" and sorted(layout.modules) == ["down", "up"]
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = {"up": (5, 6, 10), "down": (5, 10, 6)}  # (p/2 + 1, 2 q_in, 2 q_out), p = 8
+    for layer in layout.layers:
+        assert layer.dtype == "float32" and layer.shape == shapes[layer.module]
+        assert io[layer.parameter] == f32 and inits[layer.parameter].data_type == f32
+        assert not onnx.numpy_helper.to_array(inits[layer.parameter]).any()  # zeros
+    base_weights = [
+        inits[n.input[1]]
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits and not n.input[1].startswith("bca")
+    ]
+    assert len(base_weights) == 3 and {t.data_type for t in base_weights} == {f16}
+    feeds = adapter_feeds(half_served.dirs["b"], half_served.graph)
+    assert {v.dtype for v in feeds.values()} == {np.dtype(np.float32)}
+    if HAS_ADAPTER_API:
+        arrays = read_ort_adapter(half_served.files["c"], half_served.graph)
+        assert {v.dtype for v in arrays.values()} == {np.dtype(np.float32)}
+        assert not arrays[spectra_parameter_name("down")].any()  # c adapts no "down"
+        # from the torch model and from its saved folder: the same spectra
+        again = write_ort_adapter(half_served.dirs["a"], half_served.graph, half_served.tmp / "x")
+        assert again.read_bytes() == half_served.files["a"].read_bytes()
+        sess = AdapterSession(half_served.graph, sess_options=_opts())
+        assert sess.input_names == ["x"] and sess.output_names == ["y"]
+
+
+@needs_adapter_api
+def test_float16_switch_adapters_and_feeds(half_served: HalfServed) -> None:
+    """One session serves the adapters' files, their plain feeds and the base model, in
+    any order, each equal to its float64 reference within float16 rounding."""
+    sess = AdapterSession(half_served.graph, sess_options=_opts())
+    for key, path in half_served.files.items():
+        sess.load_adapter(key, path)
+    assert sess.adapter_names == ["a", "b", "c"]
+    layout = servable_layout(half_served.graph)
+    feeds = {k: adapter_feeds(d, half_served.graph) for k, d in half_served.dirs.items()}
+    refs = half_served.refs
+    order: list[tuple[str | None, str]] = [
+        ("a", "file"), ("b", "feeds"), (None, "file"), ("c", "file"), ("a", "feeds"),
+        ("b", "file"), (None, "feeds"), ("c", "feeds"), ("a", "file"), (None, "file"),
+    ]  # fmt: skip
+    for k, (name, how) in enumerate(order):
+        x = _half_x(1 + k % 3, 2 + k % 5, 2000 + k)
+        if how == "file":
+            got = sess.run(["y"], {"x": x.numpy()}, adapter=name)[0]
+        else:
+            extra = layout.zero_feeds() if name is None else feeds[name]
+            got = sess.run(["y"], {"x": x.numpy(), **extra})[0]
+        assert got.dtype == np.float16
+        err = rel_err(got, _ref64(refs[name], x))
+        assert err <= F16_TOL, f"{name} ({how}): norm-relative error {err:.3g} > {F16_TOL:.3g}"
+    # the adapters really differ, by far more than the tolerance
+    x = _half_x(3, 7, 2100)
+    outs = {n: _ref64(m, x) for n, m in refs.items()}
+    for p in outs:
+        for q in outs:
+            if p != q:
+                assert rel_err(outs[p], outs[q]) > 50 * F16_TOL
+
+
+@needs_adapter_api
+def test_float16_graph_takes_float32_graph_files(half_served: HalfServed) -> None:
+    """The float32 graph of the same model has the same layout (float32 spectra, equal
+    shapes, lowering and layers) and model version: its adapter files are the same bytes
+    and serve the float16 graph correctly. A float64 graph's spectra are float64: its files
+    and float64 adapters are refused by the float16 graph, and so are float16 kernels."""
+    tmp = half_served.tmp
+    base32 = _export_mlp(
+        copy.deepcopy(half_served.base).float(), _half_x(2, 5, 0).float(), tmp / "base32.onnx"
+    )
+    base64 = _export_mlp(
+        copy.deepcopy(half_served.base).double(), _half_x(2, 5, 0).double(), tmp / "base64.onnx"
+    )
+    dirs = half_served.dirs
+    g32 = patch_model(base32, dirs["a"], tmp / "s32.onnx", servable=True, progress=False)
+    g64 = patch_model(base64, dirs["a"], tmp / "s64.onnx", servable=True, progress=False)
+    layout16 = servable_layout(half_served.graph)
+    assert servable_layout(g32) == layout16
+    assert servable_layout(g32).model_version == layout16.model_version
+    file32 = write_ort_adapter(dirs["b"], g32, tmp / "b32.onnx_adapter")
+    assert file32.read_bytes() == half_served.files["b"].read_bytes()
+    sess = AdapterSession(half_served.graph, sess_options=_opts())
+    sess.load_adapter("b32", file32)
+    x = _half_x(2, 6, 2200)
+    got = sess.run(["y"], {"x": x.numpy()}, adapter="b32")[0]
+    assert rel_err(got, _ref64(half_served.refs["b"], x)) <= F16_TOL
+
+    layout64 = servable_layout(g64)
+    assert {x.dtype for x in layout64.layers} == {"float64"}
+    assert layout64.model_version != layout16.model_version
+    file64 = write_ort_adapter(half_served.refs["b"], g64, tmp / "b64.onnx_adapter")
+    with pytest.raises(ValueError, match=r"\(5, 6, 10\) float64.*expects \(5, 6, 10\) float32"):
+        sess.load_adapter("b64", file64)
+    with pytest.raises(ValueError, match="expects"):
+        read_ort_adapter(file64, half_served.graph)
+    with pytest.raises(ValueError, match="kernel dtype float64"):
+        adapter_feeds(half_served.refs["b"], half_served.graph)
+    # kernels cast to float16 (model.half() after inject_adapters) are refused too
+    halved = copy.deepcopy(half_served.models["b"]).half()
+    with pytest.raises(ValueError, match="kernel dtype float16.*expects float32"):
+        adapter_feeds(halved, half_served.graph)
+    with pytest.raises(ValueError, match="kernel dtype float16"):
+        write_ort_adapter(halved, half_served.graph, tmp / "never.onnx_adapter")
+    assert not (tmp / "never.onnx_adapter").exists()
+    assert sess.adapter_names == ["b32"]
+
+
+def test_float16_export_model_servable(half_served: HalfServed) -> None:
+    """export_model of a float16 model: its default verify_tolerance (1e-4, for float32)
+    is below float16 rounding, and the error says so; with a float16 tolerance the servable
+    export has the patched graph's layout, so the same adapter files serve it."""
+    tmp = half_served.tmp
+    model = half_served.models["a"]
+    example = {"x": _half_x(2, 5, 0)}
+    with pytest.raises(RuntimeError, match="output is float16.*verify_tolerance"):
+        export_model(model, tmp / "e_default.onnx", example, servable=True, progress=False)
+    graph = export_model(
+        model,
+        tmp / "exported.onnx",
+        example,
+        servable=True,
+        verify_tolerance=F16_TOL,  # against torch's float16 output: two float16 roundings
+        progress=False,
+    )
+    layout = servable_layout(graph)
+    assert layout == servable_layout(half_served.graph)
+    assert {x.dtype for x in layout.layers} == {"float32"}
+    io = onnx.load(str(graph)).graph
+    assert io.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert io.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    feeds = adapter_feeds(half_served.dirs["c"], graph)
+    sess = (
+        AdapterSession(graph, sess_options=_opts())
+        if HAS_ADAPTER_API
+        else _plain_session(graph)  # plain feeds only
+    )
+    for k, name in enumerate([None, "c", "b"] if HAS_ADAPTER_API else [None, "c"]):
+        x = _half_x(2, 3 + k, 2300 + k)
+        want = _ref64(half_served.refs[name], x)
+        if name is None:
+            got = sess.run(None, {"x": x.numpy()})[0]
+        elif name == "c":
+            got = sess.run(None, {"x": x.numpy(), **feeds})[0]
+        else:
+            sess.load_adapter(name, half_served.files[name])  # written for the patched graph
+            got = sess.run(None, {"x": x.numpy()}, adapter=name)[0]
+        assert rel_err(got, want) <= F16_TOL
