@@ -39,6 +39,7 @@ from .nn import (
     INITS,
     BlockCirculantLinear,
     _check_adapter_name,
+    _weight,
     is_supported_layer,
     layer_features,
 )
@@ -738,6 +739,104 @@ def _fingerprint(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, 
     return out
 
 
+_SKETCH_PROJECTIONS = 4
+_SKETCH_TOL = 0.05
+_CHECK_BASE = ("warn", "error", "ignore")
+
+
+def _signs(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """A fixed ±1 vector of length n, number k (an integer hash: the same on every
+    machine and torch version)."""
+    h = torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1 + (k + 1) * 0x85EBCA77
+    h = h & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h = h ^ (h >> 12)
+    return ((h >> 7) & 1).to(torch.float64) * 2.0 - 1.0
+
+
+@torch.no_grad()
+def _weight_sketch(module: nn.Module) -> dict[str, Any] | None:
+    """A few numbers that identify a layer's base weight (without merged adapters):
+    its RMS and ``u_kᵀ W v_k / sqrt(out · in)`` for fixed ±1 vectors u_k, v_k, which for
+    another checkpoint are unrelated numbers of the size of the RMS, and for a cast of
+    the same weights (float16, bfloat16) move by a fraction of a percent of it. ``None``
+    for weights without data (meta device)."""
+    base = module.base_layer if isinstance(module, BlockCirculantLinear) else module
+    w = _weight(base).detach()
+    if w.device.type == "meta":
+        return None
+    conv = layer_features(base)[2]  # GPT-2 Conv1D stores its weight (in, out)
+    if isinstance(module, BlockCirculantLinear) and module.merged:
+        if module._original_weight is not None:
+            w = module._original_weight
+        else:
+            names = list(module.merged_adapters)
+            dw = module.delta_weight(names, [module.merged_adapters[n] for n in names])
+            w = w - (dw.T if conv else dw).to(w.dtype)
+    if conv:
+        w = w.T
+    d_out, d_in = w.shape
+    k = _SKETCH_PROJECTIONS
+    u = torch.stack([_signs(d_out, 2 * i, w.device) for i in range(k)], 1)  # (out, k)
+    v = torch.stack([_signs(d_in, 2 * i + 1, w.device) for i in range(k)], 1)  # (in, k)
+    v32 = v.to(torch.float32)
+    sq = 0.0
+    proj = torch.zeros(k, dtype=torch.float64, device=w.device)
+    # float32 products in row chunks (one GEMM each, bounded extra memory): their rounding
+    # is far below the 5% tolerance of the comparison
+    for r0 in range(0, d_out, 2048):
+        chunk = w[r0 : r0 + 2048].to(torch.float32)
+        sq += float(torch.linalg.vector_norm(chunk)) ** 2
+        proj += ((chunk @ v32).to(torch.float64) * u[r0 : r0 + 2048]).sum(0)
+    norm = math.sqrt(d_out * d_in)
+    return {
+        "rms": math.sqrt(sq) / norm,
+        "projections": [float(v) / norm for v in proj.tolist()],
+    }
+
+
+def _sketches_differ(saved: dict[str, Any], got: dict[str, Any]) -> bool:
+    scale = max(float(saved["rms"]), float(got["rms"]), 1e-30)
+    if abs(float(saved["rms"]) - float(got["rms"])) > _SKETCH_TOL * scale:
+        return True
+    return any(
+        abs(float(a) - float(b)) > _SKETCH_TOL * scale
+        for a, b in zip(saved["projections"], got["projections"], strict=True)
+    )
+
+
+def _check_base_weights(
+    model: nn.Module, doc: dict[str, Any], directory: str | os.PathLike[str], check: str
+) -> None:
+    """Compare the base weights of the adapter's layers with the sketches saved with it."""
+    if check == "ignore":
+        return
+    saved = doc["base_model"].get("weight_sketch") or {}
+    differ = []
+    for name in doc["modules"]:
+        want = saved.get(name)
+        if not isinstance(want, dict):
+            continue  # saved by an older bca, or from a model without weights
+        got = _weight_sketch(model.get_submodule(name))
+        if got is not None and _sketches_differ(want, got):
+            differ.append(name)
+    if not differ:
+        return
+    shown = ", ".join(repr(n) for n in differ[:4]) + (" ..." if len(differ) > 4 else "")
+    msg = (
+        f"adapter {str(directory)!r} was trained on other base weights than this model has in "
+        f"{len(differ)} of its {len(doc['modules'])} layers ({shown}; saved from "
+        f"{doc['base_model'].get('name_or_path') or 'an unnamed model'!r}): another "
+        "checkpoint of the same architecture, or a base changed since (fine-tuned, "
+        "quantized, other adapters merged). Its outputs will not be the trained ones. Pass "
+        "check_base='ignore' if this is intended"
+    )
+    if check == "error":
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
 def _name_or_path(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     value = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or ""
@@ -813,6 +912,9 @@ def save_adapter(
             "name_or_path": _name_or_path(model),
             "class": type(model).__name__,
             "fingerprint": _fingerprint(model, list(modules)),
+            "weight_sketch": {
+                name: sk for name, m in modules.items() if (sk := _weight_sketch(m)) is not None
+            },
         },
         "modules": info,
     }
@@ -884,6 +986,7 @@ def load_adapter(
     adapter_name: str | None = None,
     backend: str | None = None,
     activate: bool | None = None,
+    check_base: str = "warn",
 ) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` (in place).
 
@@ -895,9 +998,15 @@ def load_adapter(
       (not active unless ``activate=True``; switch with :func:`set_adapter`).
 
     The base model's fingerprint is checked first: a module missing or of another shape
-    raises ``ValueError`` naming the module and both shapes. Loading uses safetensors and
-    JSON only (nothing is unpickled).
+    raises ``ValueError`` naming the module and both shapes. Then the base weights of the
+    adapter's layers are compared with a sketch saved with the adapter (a few fixed random
+    projections; casts to half precision pass): an adapter trained on another checkpoint
+    of the same architecture gives a ``UserWarning`` (``check_base="warn"``, default), a
+    ``ValueError`` (``"error"``) or nothing (``"ignore"``, for a base changed on purpose).
+    Loading uses safetensors and JSON only (nothing is unpickled).
     """
+    if check_base not in _CHECK_BASE:
+        raise ValueError(f"check_base must be one of {_CHECK_BASE}, got {check_base!r}")
     from safetensors.torch import load_file
 
     doc = read_adapter_config(directory)
@@ -908,6 +1017,7 @@ def load_adapter(
             stacklevel=2,
         )
     _check_fingerprint(model, doc)
+    _check_base_weights(model, doc, directory, check_base)
     modules_info: dict[str, dict[str, Any]] = doc["modules"]
     config = BCAConfig(
         block_size=int(doc["block_size"]),
