@@ -394,3 +394,35 @@ def test_opset_too_old(tmp_path: Path) -> None:
     # "auto" (and "matmul") need only opset 13 ops
     out = patch_model(base_onnx, adir, tmp_path / "o.onnx", progress=False)
     _assert_parity(model, out)
+
+
+def test_patch_checks_the_base_weights(tmp_path: Path) -> None:
+    """An adapter trained on another checkpoint of the same architecture is reported when
+    patched into this base graph (its saved weight sketch differs from the located
+    layers' weights); the sketch computed from the ONNX weights equals the torch one."""
+    from bca import _sketch
+    from bca.model import _weight_sketch
+
+    base = _base(0)
+    base_onnx = _export_base(base, tmp_path / "base.onnx")
+    _, other = _adapter(tmp_path, "other", ["query", "value"], 8, seed=3, base_seed=1)
+    with pytest.warns(UserWarning, match=r"trained on other base weights.* 4 of its 4 layers"):
+        patch_model(base_onnx, other, tmp_path / "o.onnx", progress=False)
+    with pytest.raises(ValueError, match="trained on other base weights"):
+        patch_model(base_onnx, other, tmp_path / "x.onnx", progress=False, check_base="error")
+    assert not (tmp_path / "x.onnx").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        patch_model(base_onnx, other, tmp_path / "i.onnx", progress=False, check_base="ignore")
+        model, same = _adapter(tmp_path, "same", ["query", "value"], 8, seed=3)
+        out = patch_model(base_onnx, same, tmp_path / "s.onnx", progress=False, check_base="error")
+    _assert_parity(model, out)
+    # numpy (ONNX side) and torch compute the same sketch
+    lin = base.model.encoder.layer[0].attention.self.query
+    a = _sketch.sketch(lin.weight.detach().numpy())
+    b = _weight_sketch(lin)
+    assert b is not None and not _sketch.differ(a, b)
+    np.testing.assert_allclose([a["rms"], *a["projections"]], [b["rms"], *b["projections"]],
+                               rtol=1e-5, atol=1e-7 * a["rms"])  # fmt: skip
+    with pytest.raises(ValueError, match="check_base must be one of"):
+        patch_model(base_onnx, same, tmp_path / "y.onnx", progress=False, check_base="no")

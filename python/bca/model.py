@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from . import _sketch
 from .nn import (
     BACKENDS,
     DEFAULT_ADAPTER,
@@ -739,29 +740,10 @@ def _fingerprint(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, 
     return out
 
 
-_SKETCH_PROJECTIONS = 4
-_SKETCH_TOL = 0.05
-_CHECK_BASE = ("warn", "error", "ignore")
-
-
-def _signs(n: int, k: int, device: torch.device) -> torch.Tensor:
-    """A fixed ±1 vector of length n, number k (an integer hash: the same on every
-    machine and torch version)."""
-    h = torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1 + (k + 1) * 0x85EBCA77
-    h = h & 0xFFFFFFFF
-    h = h ^ (h >> 15)
-    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
-    h = h ^ (h >> 12)
-    return ((h >> 7) & 1).to(torch.float64) * 2.0 - 1.0
-
-
 @torch.no_grad()
 def _weight_sketch(module: nn.Module) -> dict[str, Any] | None:
-    """A few numbers that identify a layer's base weight (without merged adapters):
-    its RMS and ``u_kᵀ W v_k / sqrt(out · in)`` for fixed ±1 vectors u_k, v_k, which for
-    another checkpoint are unrelated numbers of the size of the RMS, and for a cast of
-    the same weights (float16, bfloat16) move by a fraction of a percent of it. ``None``
-    for weights without data (meta device)."""
+    """The :mod:`bca._sketch` sketch of a layer's base weight without merged adapters,
+    computed where the weight lives; ``None`` for weights without data (meta device)."""
     base = module.base_layer if isinstance(module, BlockCirculantLinear) else module
     w = _weight(base).detach()
     if w.device.type == "meta":
@@ -777,33 +759,16 @@ def _weight_sketch(module: nn.Module) -> dict[str, Any] | None:
     if conv:
         w = w.T
     d_out, d_in = w.shape
-    k = _SKETCH_PROJECTIONS
-    u = torch.stack([_signs(d_out, 2 * i, w.device) for i in range(k)], 1)  # (out, k)
-    v = torch.stack([_signs(d_in, 2 * i + 1, w.device) for i in range(k)], 1)  # (in, k)
-    v32 = v.to(torch.float32)
-    sq = 0.0
-    proj = torch.zeros(k, dtype=torch.float64, device=w.device)
-    # float32 products in row chunks (one GEMM each, bounded extra memory): their rounding
-    # is far below the 5% tolerance of the comparison
-    for r0 in range(0, d_out, 2048):
+    u_np, v_np = _sketch.vectors(d_out, d_in)
+    u = torch.from_numpy(u_np).to(w.device)
+    v32 = torch.from_numpy(v_np).to(device=w.device, dtype=torch.float32)
+    sum_sq = 0.0
+    proj = torch.zeros(_sketch.PROJECTIONS, dtype=torch.float64, device=w.device)
+    for r0 in range(0, d_out, 2048):  # float32 GEMMs in row chunks, as _sketch.sketch
         chunk = w[r0 : r0 + 2048].to(torch.float32)
-        sq += float(torch.linalg.vector_norm(chunk)) ** 2
+        sum_sq += float(torch.linalg.vector_norm(chunk)) ** 2
         proj += ((chunk @ v32).to(torch.float64) * u[r0 : r0 + 2048]).sum(0)
-    norm = math.sqrt(d_out * d_in)
-    return {
-        "rms": math.sqrt(sq) / norm,
-        "projections": [float(v) / norm for v in proj.tolist()],
-    }
-
-
-def _sketches_differ(saved: dict[str, Any], got: dict[str, Any]) -> bool:
-    scale = max(float(saved["rms"]), float(got["rms"]), 1e-30)
-    if abs(float(saved["rms"]) - float(got["rms"])) > _SKETCH_TOL * scale:
-        return True
-    return any(
-        abs(float(a) - float(b)) > _SKETCH_TOL * scale
-        for a, b in zip(saved["projections"], got["projections"], strict=True)
-    )
+    return _sketch.finish(sum_sq, proj.tolist(), d_out, d_in)
 
 
 def _check_base_weights(
@@ -819,18 +784,12 @@ def _check_base_weights(
         if not isinstance(want, dict):
             continue  # saved by an older bca, or from a model without weights
         got = _weight_sketch(model.get_submodule(name))
-        if got is not None and _sketches_differ(want, got):
+        if got is not None and _sketch.differ(want, got):
             differ.append(name)
     if not differ:
         return
-    shown = ", ".join(repr(n) for n in differ[:4]) + (" ..." if len(differ) > 4 else "")
-    msg = (
-        f"adapter {str(directory)!r} was trained on other base weights than this model has in "
-        f"{len(differ)} of its {len(doc['modules'])} layers ({shown}; saved from "
-        f"{doc['base_model'].get('name_or_path') or 'an unnamed model'!r}): another "
-        "checkpoint of the same architecture, or a base changed since (fine-tuned, "
-        "quantized, other adapters merged). Its outputs will not be the trained ones. Pass "
-        "check_base='ignore' if this is intended"
+    msg = _sketch.mismatch_message(
+        str(directory), differ, len(doc["modules"]), doc["base_model"].get("name_or_path", "")
     )
     if check == "error":
         raise ValueError(msg)
@@ -1005,8 +964,7 @@ def load_adapter(
     ``ValueError`` (``"error"``) or nothing (``"ignore"``, for a base changed on purpose).
     Loading uses safetensors and JSON only (nothing is unpickled).
     """
-    if check_base not in _CHECK_BASE:
-        raise ValueError(f"check_base must be one of {_CHECK_BASE}, got {check_base!r}")
+    _sketch.check_mode(check_base)
     from safetensors.torch import load_file
 
     doc = read_adapter_config(directory)

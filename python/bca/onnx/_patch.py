@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from .. import _sketch
 from ._builder import LOWERINGS, check_opset
 from ._io import SavedAdapter, load_onnx, read_adapter, save_checked
 from ._lowering import choose_lowering
@@ -24,6 +26,7 @@ from ._serving import (
 from ._splice import (
     AdapterSpec,
     TargetNotFoundError,
+    _weight_array,
     find_linear_sites,
     graph_opset,
     replace_initializer,
@@ -257,6 +260,38 @@ def _servable_slots(
     return slots
 
 
+def _check_base_sketches(
+    model: onnx.ModelProto,
+    adapters: Sequence[SavedAdapter],
+    target_list: Sequence[Mapping[str, str] | None],
+    base_weights: Mapping[str, np.ndarray] | None,
+    check: str,
+) -> None:
+    """Compare the located layers' base weights with the sketches saved with each adapter
+    (:mod:`bca._sketch`); adapters saved without sketches are not checked."""
+    if check == "ignore":
+        return
+    for adapter, tg in zip(adapters, target_list, strict=True):
+        base = adapter.config.get("base_model") or {}
+        saved = base.get("weight_sketch") or {}
+        specs = [s for s in adapter.specs if isinstance(saved.get(s.name), dict)]
+        if not specs:
+            continue
+        sites = resolve_targets(model, specs, targets=tg, base_weights=base_weights)
+        differing = []
+        for spec, site in zip(specs, sites, strict=True):
+            w = _weight_array(model, site.weight_name)
+            if _sketch.differ(saved[spec.name], _sketch.sketch(w.T if site.weight_in_out else w)):
+                differing.append(spec.name)
+        if differing:
+            msg = _sketch.mismatch_message(
+                str(adapter.path), differing, len(adapter.specs), str(base.get("name_or_path", ""))
+            )
+            if check == "error":
+                raise ValueError(msg)
+            warnings.warn(msg, stacklevel=3)
+
+
 def patch_model(
     base_onnx_path: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -269,6 +304,7 @@ def patch_model(
     progress: bool = True,
     servable: bool = False,
     servable_default: str = "zeros",
+    check_base: str = "warn",
 ) -> Path:
     """Add saved bca adapters to an existing ONNX model of the base model.
 
@@ -300,6 +336,11 @@ def patch_model(
             head included) or ``"adapter"`` (the sum of the given adapters, with their
             fully trained parameters, which must then agree between adapters).
 
+        check_base: what to do when a located layer's base weight is not the one the
+            adapter was trained on (its weight sketch, saved with the adapter, differs:
+            another checkpoint of the same architecture): ``"warn"`` (default),
+            ``"error"`` (``ValueError``) or ``"ignore"``. See :func:`bca.model.load_adapter`.
+
     Returns the output path. Raises :class:`TargetNotFoundError` or
     :class:`AmbiguousTargetError` (both ``ValueError``) naming the module and the
     candidate nodes when a target cannot be located unambiguously, ``ValueError`` for a
@@ -316,8 +357,10 @@ def patch_model(
             raise ValueError(
                 f"targets has {len(target_list)} entries for {len(dirs)} adapter directories"
             )
+    _sketch.check_mode(check_base)
     adapters = [read_adapter(d) for d in dirs]  # validate all before the (slow) load
     model = load_onnx(base_onnx_path)
+    _check_base_sketches(model, adapters, target_list, base_weights, check_base)
     if lowering != "auto":
         check_opset(graph_opset(model), lowering)
     if servable:
