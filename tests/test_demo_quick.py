@@ -90,8 +90,11 @@ def test_info_on_saved_adapter(report: Path, capsys: pytest.CaptureFixture[str])
     assert all(m["kernel_shape"] == [6, 6, 64] for m in info["modules"])
     assert info["adapter_params"] == 27648
     assert info["modules_to_save_params"] == 384 * 3 + 3
+    assert info["base_weight_sketch"] == sorted(m["module"] for m in info["modules"])
     assert main(["info", str(report / "adapter")]) == 0
-    assert "adapter parameters: 27,648" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "adapter parameters: 27,648" in out
+    assert "base weight sketch: 12 of 12 modules" in out
 
 
 def test_merge_matches_adapted_model(report: Path, tmp_path: Path) -> None:

@@ -704,6 +704,7 @@ def _adapter_info(adapter: Path, tokens: int) -> dict[str, Any]:
         "adapter": str(adapter),
         "base_model": doc.get("base_model", {}).get("name_or_path"),
         "base_class": doc.get("base_model", {}).get("class"),
+        "base_weight_sketch": sorted(doc.get("base_model", {}).get("weight_sketch") or {}),
         "scale": doc.get("scale"),
         "modules": rows,
         "adapter_params": int(total_params),
@@ -769,6 +770,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         if info["modules_to_save"]:
             saved = ", ".join(f"{k} {tuple(v)}" for k, v in info["modules_to_save"].items())
             print(f"fully trained modules: {info['modules_to_save_params']:,} parameters ({saved})")
+        sketched = len(info["base_weight_sketch"])
+        print(
+            f"base weight sketch: {sketched} of {len(info['modules'])} modules (loading and "
+            "patching check the base checkpoint)"
+            if sketched
+            else "base weight sketch: none (saved by an older bca; the base checkpoint is "
+            "not checked on load)"
+        )
         print(
             f"adapter FLOPs per token: {_fmt_num(info['flops_per_token_real'])} (spectra "
             f"cached), {_fmt_num(info['flops_per_token_paper'])} (paper's count); "
