@@ -21,7 +21,9 @@ Backends for ΔW x:
   cached and reused while the kernel is unchanged. Half-precision inputs are computed in
   float32 and cast back.
 * ``"rust"``: the Rust core through :class:`bca.core.BlockCirculant` (CPU, float32 and
-  float64 only), one operator per module, re-synchronised only when the kernel changes.
+  float64 only), one operator per module, re-synchronised only when the kernel changes;
+  under ``torch.compile`` it runs as the custom operator
+  ``torch.ops.bca.rust_block_circulant`` (no graph break).
 * ``"auto"``: ``"rust"`` for CPU float32/float64 inputs matching the kernel's dtype when
   the extension imports, ``"torch"`` otherwise.
 """
