@@ -323,6 +323,14 @@ def test_bad_adapter_files(tmp_path: Path) -> None:
     (d / "adapter_config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="expected"):
         patch_model(base_onnx, d, tmp_path / "o.onnx", progress=False)
+    d = variant("half_kernels")
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    save_file({k: v.astype(np.float16) for k, v in tensors.items()},
+              str(d / "adapter_model.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError, match="dtype float16, expected float32 or float64"):
+        patch_model(base_onnx, d, tmp_path / "o.onnx", progress=False)
     with pytest.raises(FileNotFoundError, match="ONNX file"):
         patch_model(tmp_path / "nope.onnx", good, tmp_path / "o.onnx", progress=False)
     (tmp_path / "garbage.onnx").write_bytes(b"garbage")

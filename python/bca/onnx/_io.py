@@ -102,7 +102,11 @@ def read_adapter(directory: str | os.PathLike[str]) -> SavedAdapter:
                 f"in_features={d_in}, out_features={d_out}, block_size={p}"
             )
         if k.dtype not in (np.float32, np.float64):
-            raise ValueError(f"{w_path}: tensor {key!r} has dtype {k.dtype}, expected float")
+            raise ValueError(
+                f"{w_path}: tensor {key!r} has dtype {k.dtype}, expected float32 or float64 "
+                "(kernels are kept in float32 even for half-precision models; one cast to "
+                "half after inject_adapters should be cast back before save_adapter)"
+            )
         if not np.all(np.isfinite(k)):
             raise ValueError(f"{w_path}: tensor {key!r} contains NaN or Inf")
         specs.append(AdapterSpec(name, k, d_in, d_out, scale))
