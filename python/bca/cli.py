@@ -91,6 +91,27 @@ def _methods(text: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------
+def _add_export_options(parser: argparse.ArgumentParser) -> None:
+    """The options `bca export` and `bca serve export` share: where the graph comes from
+    (--patch, --base) and how it is exported and checked."""
+    parser.add_argument(
+        "--patch",
+        metavar="BASE_ONNX",
+        default=None,
+        help="patch this existing ONNX file of the base model instead of exporting",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="local transformers model folder for an adapter not saved by the demo",
+    )
+    parser.add_argument(
+        "--opset", type=_positive_int, default=None, help="ONNX opset (default: exporter's)"
+    )
+    parser.add_argument("--seq-len", type=_positive_int, default=16, help="example sequence length")
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -187,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("adapter", nargs="+", help="saved adapter folder(s)")
     e.add_argument("-o", "--output", required=True, help="output .onnx file")
+    _add_export_options(e)
     e.add_argument(
         "--mode",
         default="auto",
@@ -194,22 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter lowering (dft: ONNX DFT op; matmul: constant DFT matrices; "
         "folded: ΔW merged into the base weights)",
     )
-    e.add_argument(
-        "--patch",
-        metavar="BASE_ONNX",
-        default=None,
-        help="patch this existing ONNX file of the base model instead of exporting",
-    )
-    e.add_argument(
-        "--base",
-        default=None,
-        help="local transformers model folder for an adapter not saved by the demo",
-    )
-    e.add_argument(
-        "--opset", type=_positive_int, default=None, help="ONNX opset (default: exporter's)"
-    )
-    e.add_argument("--seq-len", type=_positive_int, default=16, help="example sequence length")
-    e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
 
     # merge -----------------------------------------------------------------------------
     m = sub.add_parser(
@@ -353,17 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("adapter", nargs="+", help="saved adapter folder(s) defining the layout")
     se.add_argument("-o", "--output", required=True, help="output .onnx file")
-    se.add_argument(
-        "--patch",
-        metavar="BASE_ONNX",
-        default=None,
-        help="patch this existing ONNX file of the base model instead of exporting",
-    )
-    se.add_argument(
-        "--base",
-        default=None,
-        help="local transformers model folder for an adapter not saved by the demo",
-    )
+    _add_export_options(se)
     se.add_argument(
         "--mode",
         default="auto",
@@ -377,11 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["zeros", "adapter"],
         help="spectra stored in the graph: zeros (base model) or the given adapter(s)",
     )
-    se.add_argument(
-        "--opset", type=_positive_int, default=None, help="ONNX opset (default: exporter's)"
-    )
-    se.add_argument("--seq-len", type=_positive_int, default=16, help="example sequence length")
-    se.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     sa = svsub.add_parser(
         "adapter",
         formatter_class=fmt,
