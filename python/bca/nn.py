@@ -513,11 +513,9 @@ class _AdapterState:
         self.spectra_snapshot.clear()
         self.rust_snapshot.clear()
 
-    def fresh(self) -> _AdapterState:
-        """The same settings without caches (for pickling and deepcopy)."""
-        return _AdapterState(self.block_size, self.scale, self.init)
-
     def __reduce__(self) -> tuple[Any, ...]:
+        # pickle and deepcopy (of the state or of its module) rebuild the settings only:
+        # a fresh handle, no caches, no Rust operator
         return (_AdapterState, (self.block_size, self.scale, self.init))
 
     def cached_spectra(
@@ -916,11 +914,6 @@ class BlockCirculantLinear(nn.Module):
                 f"backend='rust' needs x of the kernel's dtype {k.dtype}, got x {x.dtype}; "
                 "cast x or use backend='torch' (which computes half inputs in float32)"
             )
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_adapters"] = {n: s.fresh() for n, s in self._adapters.items()}
-        return state
 
     def _selection(
         self, adapter_names: str | Sequence[str] | None, weights: Sequence[float] | None
