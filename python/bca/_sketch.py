@@ -12,6 +12,7 @@ computes the same numbers with its own matmuls.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -77,9 +78,21 @@ def check_mode(check_base: str) -> str:
     return check_base
 
 
-def mismatch_message(source: str, differing: list[str], total: int, saved_from: str) -> str:
+def report_mismatch(
+    source: str,
+    differing: list[str],
+    total: int,
+    saved_from: str,
+    check: str,
+    stacklevel: int,
+) -> None:
+    """Raise (``check="error"``) or warn that adapter ``source`` was trained on other base
+    weights in the layers ``differing`` (of ``total``); nothing when none differ.
+    ``stacklevel`` counts from the caller, as for :func:`warnings.warn`."""
+    if not differing or check == "ignore":
+        return
     shown = ", ".join(repr(n) for n in differing[:4]) + (" ..." if len(differing) > 4 else "")
-    return (
+    msg = (
         f"adapter {source!r} was trained on other base weights than this model has in "
         f"{len(differing)} of its {total} layers ({shown}; saved from "
         f"{saved_from or 'an unnamed model'!r}): another checkpoint of the same "
@@ -87,3 +100,6 @@ def mismatch_message(source: str, differing: list[str], total: int, saved_from: 
         "merged). Its outputs will not be the trained ones. Pass check_base='ignore' if "
         "this is intended"
     )
+    if check == "error":
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=stacklevel + 1)

@@ -786,14 +786,14 @@ def _check_base_weights(
         got = _weight_sketch(model.get_submodule(name))
         if got is not None and _sketch.differ(want, got):
             differ.append(name)
-    if not differ:
-        return
-    msg = _sketch.mismatch_message(
-        str(directory), differ, len(doc["modules"]), doc["base_model"].get("name_or_path", "")
+    _sketch.report_mismatch(
+        str(directory),
+        differ,
+        len(doc["modules"]),
+        doc["base_model"].get("name_or_path", ""),
+        check,
+        stacklevel=3,
     )
-    if check == "error":
-        raise ValueError(msg)
-    warnings.warn(msg, stacklevel=3)
 
 
 def _name_or_path(model: nn.Module) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -286,13 +285,14 @@ def _check_base_sketches(
             w = _weight_array(model, site.weight_name)
             if _sketch.differ(saved[spec.name], _sketch.sketch(w.T if site.weight_in_out else w)):
                 differing.append(spec.name)
-        if differing:
-            msg = _sketch.mismatch_message(
-                str(adapter.path), differing, len(adapter.specs), str(base.get("name_or_path", ""))
-            )
-            if check == "error":
-                raise ValueError(msg)
-            warnings.warn(msg, stacklevel=3)
+        _sketch.report_mismatch(
+            str(adapter.path),
+            differing,
+            len(adapter.specs),
+            str(base.get("name_or_path", "")),
+            check,
+            stacklevel=3,
+        )
 
 
 def patch_model(
