@@ -191,6 +191,15 @@ def _union_saved(adapters: Sequence[SavedAdapter], one_value: str | None) -> dic
     return {pname: v for pname, (v, _) in values.items()}
 
 
+def _shared_initializer(pname: str, name: str, uses: int, action: str, remedy: str) -> ValueError:
+    """The error for a fully trained parameter whose initializer other nodes read too."""
+    return ValueError(
+        f"fully trained parameter {pname!r} is stored in initializer {name!r}, which {uses} "
+        "node inputs read (an exporter may have merged equal tensors, such as zero biases or "
+        f"tied weights, into one); {action} would change them all: {remedy}"
+    )
+
+
 def _saved_writes(
     model: onnx.ModelProto,
     adapters: Sequence[SavedAdapter],
@@ -217,14 +226,11 @@ def _saved_writes(
         if uses > 1:
             current = onnx.numpy_helper.to_array(inits[name])
             if not np.array_equal(current, new.astype(current.dtype)):
-                raise ValueError(
-                    f"fully trained parameter {pname!r} is stored in initializer {name!r}, "
-                    f"which {uses} node inputs read (an exporter may have merged equal "
-                    "tensors, such as zero biases or tied weights, into one); writing the "
-                    "trained value would change them all: export the adapted model with "
-                    "bca.onnx.export_model, or patch a base ONNX file where the parameter "
-                    "has its own initializer"
-                )
+                raise _shared_initializer(
+                    pname, name, uses, "writing the trained value",
+                    "export the adapted model with bca.onnx.export_model, or patch a base ONNX "
+                    "file where the parameter has its own initializer",
+                )  # fmt: skip
         writes.append((name, new))
     return writes
 
@@ -249,12 +255,11 @@ def _servable_slots(
         name, transposed = _locate_saved(model, pname, tuple(value.shape), base_weights)
         uses = tensor_uses(model.graph, name)
         if uses != 1:
-            raise ValueError(
-                f"fully trained parameter {pname!r} is stored in {name!r}, which {uses} node "
-                "inputs read (an exporter may have merged equal tensors into one); overriding "
-                "it per run would change them all: make the servable graph with export_model, "
-                "or from a base ONNX file where the parameter has its own initializer"
-            )
+            raise _shared_initializer(
+                pname, name, uses, "overriding it per run",
+                "make the servable graph with export_model, or from a base ONNX file where the "
+                "parameter has its own initializer",
+            )  # fmt: skip
         slots.append(SavedSlot(pname, name, transposed, value.T if transposed else value))
     return slots
 
