@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,63 @@ settings.register_profile(
     "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# -- CI: a skip is a failure unless the test needs CUDA ----------------------------------
+# CI installs every extra and builds the extension, so a missing module, a missing
+# extension or missing data means the run did not test what it claims to. Under CI=true
+# (or CI=1) a skip whose reason does not mention CUDA (write such reasons as "needs
+# CUDA") fails the run: a skipped test is reported as FAILED with the reason; a skipped
+# module (pytest.importorskip or pytest.skip at module level) stays listed as skipped so
+# the other modules still run, and is listed again at the end, where it sets the exit
+# status to 1. Expected failures (xfail) are not skips and are left alone.
+
+CUDA_SKIP = re.compile(r"\bcuda\b", re.IGNORECASE)
+_unexpected_skips: list[str] = []
+
+
+def _strict_skips() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1"}
+
+
+def _unexpected_skip(report: pytest.CollectReport | pytest.TestReport) -> str | None:
+    """The skip reason when ``report`` is a skip that CI must not accept, else None."""
+    if not report.skipped or hasattr(report, "wasxfail") or not _strict_skips():
+        return None
+    longrepr = report.longrepr
+    reason = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+    return None if CUDA_SKIP.search(reason) else reason
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    reason = _unexpected_skip(report)
+    if reason is not None:
+        _unexpected_skips.append(f"{report.nodeid}: {reason}")
+        report.outcome = "failed"
+        report.longrepr = (
+            f"unexpected skip under CI=true: {reason}\nIn CI only tests that need CUDA may "
+            "skip: install what is missing, or give the skip a reason that says it needs CUDA."
+        )
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    reason = _unexpected_skip(report)
+    if reason is not None:
+        _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if _unexpected_skips:
+        terminalreporter.section("unexpected skips under CI=true (each fails the run)")
+        for line in _unexpected_skips:
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def dense_oracle(
