@@ -9,6 +9,7 @@
 //! This crate holds the math in plain Rust; `python.rs` (feature `python`) is the only
 //! place that knows about Python.
 
+mod alloc;
 mod error;
 mod float;
 mod operator;
@@ -20,7 +21,7 @@ pub use error::BcaError;
 pub use float::Float;
 pub use operator::BlockCirculant;
 pub use shape::Shape;
-pub use threads::{default_num_threads, set_default_num_threads};
+pub use threads::{default_num_threads, refresh_env_default, set_default_num_threads};
 
 #[cfg(feature = "python")]
 mod python;

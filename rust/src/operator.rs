@@ -8,12 +8,14 @@
 //! frequencies (see `simd.rs`), done in the frequency domain, followed by one inverse FFT
 //! per output block and row. No transposes, no horizontal sums.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
 
 use rayon::prelude::*;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::num_complex::Complex;
 
+use crate::alloc::{bytes_of, mul, probe, try_grow, try_vec};
 use crate::simd;
 use crate::threads;
 use crate::{BcaError, Float, Shape};
@@ -22,13 +24,8 @@ use crate::{BcaError, Float, Shape};
 const MAX_ROWS_PER_CHUNK: usize = 16;
 /// Below this many (rows × kernel elements) a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
+/// Most idle workspaces an operator keeps for reuse.
+const MAX_POOLED_WORKSPACES: usize = 64;
 
 fn fft_err(e: impl std::fmt::Display) -> BcaError {
     BcaError::Fft(e.to_string())
@@ -43,12 +40,6 @@ pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<()
     }
 }
 
-fn grow<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
-    if v.len() < len {
-        v.resize(len, T::default());
-    }
-}
-
 /// Per-task scratch memory, reused across calls.
 struct Workspace<T> {
     time: Vec<T>,
@@ -60,27 +51,42 @@ struct Workspace<T> {
     b_im: Vec<T>,
 }
 
-/// Row spectra of a whole batch and the kernel-gradient spectra.
-struct GradBuffers<T: Float> {
-    x_re: Vec<T>,
-    x_im: Vec<T>,
-    g_re: Vec<T>,
-    g_im: Vec<T>,
-    /// Kernel-gradient spectra, one (q_out, q_in, LANES) slab per tile of frequencies.
-    k_re: Vec<T::Acc>,
-    k_im: Vec<T::Acc>,
+/// Idle workspaces, shared by every version of an operator (same shape).
+///
+/// The lock is only ever *tried*, never waited for: a caller that finds it taken makes a
+/// fresh workspace, and one that cannot give a workspace back drops it. So no call waits
+/// on another, and a child forked while a parent thread held the lock does not deadlock.
+/// Workspaces hold at most [`MAX_ROWS_PER_CHUNK`] rows, so what stays cached is bounded by
+/// `MAX_POOLED_WORKSPACES` small buffers, whatever the batch size.
+struct WorkspacePool<T> {
+    idle: Mutex<Vec<Workspace<T>>>,
 }
 
-impl<T: Float> Default for GradBuffers<T> {
-    fn default() -> Self {
+impl<T> WorkspacePool<T> {
+    fn new() -> Self {
         Self {
-            x_re: Vec::new(),
-            x_im: Vec::new(),
-            g_re: Vec::new(),
-            g_im: Vec::new(),
-            k_re: Vec::new(),
-            k_im: Vec::new(),
+            idle: Mutex::new(Vec::new()),
         }
+    }
+
+    fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<Workspace<T>>) -> R) -> Option<R> {
+        match self.idle.try_lock() {
+            Ok(mut g) => Some(f(&mut g)),
+            Err(TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn take(&self) -> Option<Workspace<T>> {
+        self.with_idle(|v| v.pop()).flatten()
+    }
+
+    fn give_back(&self, ws: Workspace<T>) {
+        self.with_idle(|v| {
+            if v.len() < MAX_POOLED_WORKSPACES {
+                v.push(ws);
+            }
+        });
     }
 }
 
@@ -96,7 +102,10 @@ struct Spectra<T> {
 ///
 /// `forward` computes ΔW x for a batch of rows, `backward` the gradients with respect to
 /// the input and the kernel, `to_dense` materialises ΔW. The operator is `Sync`: several
-/// threads may call it at once. Results do not depend on the thread count.
+/// threads may call it at once, and no call waits for another (the only shared mutable
+/// state, the workspace cache, is never waited on). Results do not depend on the thread
+/// count. Memory kept between calls is bounded by a few row-chunk workspaces; the batch
+/// buffers of `backward` are allocated per call and freed when it returns.
 pub struct BlockCirculant<T: Float> {
     shape: Shape,
     kernel: Vec<T>,
@@ -107,9 +116,8 @@ pub struct BlockCirculant<T: Float> {
     scratch_len: usize,
     /// Frequency stride of every spectrum buffer (F rounded up to the SIMD tile).
     f_pad: usize,
-    num_threads: usize,
-    workspaces: Mutex<Vec<Workspace<T>>>,
-    grad_buffers: Mutex<GradBuffers<T>>,
+    num_threads: AtomicUsize,
+    workspaces: Arc<WorkspacePool<T>>,
 }
 
 impl<T: Float> std::fmt::Debug for BlockCirculant<T> {
@@ -117,7 +125,7 @@ impl<T: Float> std::fmt::Debug for BlockCirculant<T> {
         f.debug_struct("BlockCirculant")
             .field("dtype", &T::NAME)
             .field("shape", &self.shape)
-            .field("num_threads", &self.num_threads)
+            .field("num_threads", &self.num_threads())
             .finish()
     }
 }
@@ -136,19 +144,30 @@ impl<T: Float> BlockCirculant<T> {
         out_features: Option<usize>,
     ) -> Result<Self, BcaError> {
         let shape = Shape::new(q_out, q_in, p, in_features, out_features)?;
+        if kernel.len() != shape.kernel_len() {
+            Self::check_kernel(shape, kernel)?; // the error, before anything is allocated
+        }
+        let f_pad = simd::padded_freqs(shape.n_freq());
+        // Four spectra planes of f_pad · q_in · q_out values each: checked before planning.
+        let spectra_len = mul(mul(f_pad, q_in, "kernel")?, q_out, "kernel")?;
+        bytes_of::<T>(mul(spectra_len, 4, "kernel")?, "the kernel spectra")?;
+        // Planning allocates (twiddles, scratch) infallibly, a few times p complex values:
+        // make sure that much memory can be had first.
+        probe(
+            mul(p, 4 * std::mem::size_of::<Complex<T>>(), "kernel")?,
+            "the FFT plans",
+        )?;
         let mut planner = RealFftPlanner::<T>::new();
         let r2c = planner.plan_fft_forward(p);
         let c2r = planner.plan_fft_inverse(p);
         let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
-        let f_pad = simd::padded_freqs(shape.n_freq());
-        let spectra_len = f_pad * q_in * q_out;
         let empty = |q_a, q_b| Spectra {
-            re: vec![T::zero(); spectra_len],
-            im: vec![T::zero(); spectra_len],
+            re: Vec::new(),
+            im: Vec::new(),
             q_a,
             q_b,
         };
-        let mut op = BlockCirculant {
+        let op = BlockCirculant {
             shape,
             kernel: Vec::new(),
             fwd: empty(q_in, q_out),
@@ -157,12 +176,94 @@ impl<T: Float> BlockCirculant<T> {
             c2r,
             scratch_len,
             f_pad,
-            num_threads: 0,
-            workspaces: Mutex::new(Vec::new()),
-            grad_buffers: Mutex::new(GradBuffers::default()),
+            num_threads: AtomicUsize::new(0),
+            workspaces: Arc::new(WorkspacePool::new()),
         };
-        op.set_kernel(kernel)?;
-        Ok(op)
+        op.with_kernel(kernel)
+    }
+
+    fn check_kernel(s: Shape, kernel: &[T]) -> Result<(), BcaError> {
+        if kernel.len() != s.kernel_len() {
+            return Err(BcaError::invalid(
+                "kernel",
+                format!(
+                    "expected {} values for shape ({}, {}, {}), got {}",
+                    s.kernel_len(),
+                    s.q_out,
+                    s.q_in,
+                    s.p,
+                    kernel.len()
+                ),
+            ));
+        }
+        check_finite("kernel", kernel)
+    }
+
+    /// A new operator of the same shape with another kernel: new spectra, the same plans,
+    /// thread bound and workspace cache. `self` is unchanged, so callers that share an
+    /// operator can swap versions without waiting for calls in flight.
+    pub fn with_kernel(&self, kernel: &[T]) -> Result<Self, BcaError> {
+        let s = self.shape;
+        Self::check_kernel(s, kernel)?;
+        let (p, f_pad) = (s.p, self.f_pad);
+        let len = f_pad * s.q_in * s.q_out; // checked in `new`
+        let planes = |what| -> Result<(Vec<T>, Vec<T>), BcaError> {
+            Ok((
+                try_vec(len, T::zero(), what)?,
+                try_vec(len, T::zero(), what)?,
+            ))
+        };
+        let (f_re, f_im) = planes("the kernel spectra")?;
+        let (b_re, b_im) = planes("the kernel spectra")?;
+        let mut fwd = Spectra {
+            re: f_re,
+            im: f_im,
+            q_a: s.q_in,
+            q_b: s.q_out,
+        };
+        let mut bwd = Spectra {
+            re: b_re,
+            im: b_im,
+            q_a: s.q_out,
+            q_b: s.q_in,
+        };
+        let mut ws = self.take_workspace(0)?;
+        for (b, block) in kernel.chunks_exact(p).enumerate() {
+            let (i, j) = (b / s.q_in, b % s.q_in);
+            ws.time.copy_from_slice(block);
+            self.r2c
+                .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
+                .map_err(fft_err)?;
+            for (f, c) in ws.freq.iter().enumerate() {
+                let at_f = i * s.q_in * f_pad + simd::packed(s.q_in, j, f);
+                let at_b = j * s.q_out * f_pad + simd::packed(s.q_out, i, f);
+                fwd.re[at_f] = c.re;
+                fwd.im[at_f] = c.im;
+                bwd.re[at_b] = c.re;
+                bwd.im[at_b] = -c.im;
+            }
+        }
+        self.give_back_workspace(ws);
+        let mut kernel_copy = Vec::new();
+        kernel_copy
+            .try_reserve_exact(kernel.len())
+            .map_err(|_| BcaError::OutOfMemory {
+                what: "the kernel",
+                bytes: std::mem::size_of_val(kernel),
+            })?;
+        kernel_copy.extend_from_slice(kernel);
+        Ok(BlockCirculant {
+            shape: s,
+            kernel: kernel_copy,
+            fwd,
+            bwd,
+            r2c: self.r2c.clone(),
+            c2r: self.c2r.clone(),
+            scratch_len: self.scratch_len,
+            f_pad,
+            num_threads: AtomicUsize::new(self.num_threads()),
+            workspaces: self.workspaces.clone(),
+        })
     }
 
     /// The layer geometry.
@@ -177,101 +278,82 @@ impl<T: Float> BlockCirculant<T> {
 
     /// Thread bound for this operator; 0 means the process default.
     pub fn num_threads(&self) -> usize {
-        self.num_threads
+        self.num_threads.load(Ordering::Relaxed)
     }
 
-    /// Set the thread bound for this operator; 0 means the process default.
-    pub fn set_num_threads(&mut self, n: usize) {
-        self.num_threads = n;
+    /// Set the thread bound for this operator (clamped to 4096); 0 means the process
+    /// default. Calls already running keep the bound they started with.
+    pub fn set_num_threads(&self, n: usize) {
+        self.num_threads
+            .store(n.min(threads::MAX_THREADS), Ordering::Relaxed);
     }
 
     /// Replace the kernel values (same shape) and recompute the cached spectra. On error
     /// the operator is unchanged.
     pub fn set_kernel(&mut self, kernel: &[T]) -> Result<(), BcaError> {
-        let s = self.shape;
-        if kernel.len() != s.kernel_len() {
-            return Err(BcaError::invalid(
-                "kernel",
-                format!(
-                    "expected {} values for shape ({}, {}, {}), got {}",
-                    s.kernel_len(),
-                    s.q_out,
-                    s.q_in,
-                    s.p,
-                    kernel.len()
-                ),
-            ));
-        }
-        check_finite("kernel", kernel)?;
-        let (p, f_pad) = (s.p, self.f_pad);
-        let mut ws = self.new_workspace();
-        for (b, block) in kernel.chunks_exact(p).enumerate() {
-            let (i, j) = (b / s.q_in, b % s.q_in);
-            ws.time.copy_from_slice(block);
-            self.r2c
-                .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
-                .map_err(fft_err)?;
-            for (f, c) in ws.freq.iter().enumerate() {
-                let fwd = i * s.q_in * f_pad + simd::packed(s.q_in, j, f);
-                let bwd = j * s.q_out * f_pad + simd::packed(s.q_out, i, f);
-                self.fwd.re[fwd] = c.re;
-                self.fwd.im[fwd] = c.im;
-                self.bwd.re[bwd] = c.re;
-                self.bwd.im[bwd] = -c.im;
-            }
-        }
-        self.kernel.clear();
-        self.kernel.extend_from_slice(kernel);
+        *self = self.with_kernel(kernel)?;
         Ok(())
     }
 
     /// ΔW as a dense row-major (out_features × in_features) matrix.
-    pub fn to_dense(&self) -> Vec<T> {
+    pub fn to_dense(&self) -> Result<Vec<T>, BcaError> {
+        let s = self.shape;
+        let len = mul(s.out_features, s.in_features, "dense")?;
+        let mut dense = try_vec(len, T::zero(), "the dense matrix")?;
+        self.to_dense_into(&mut dense)?;
+        Ok(dense)
+    }
+
+    /// Write ΔW into `out`, a row-major (out_features × in_features) buffer.
+    pub fn to_dense_into(&self, out: &mut [T]) -> Result<(), BcaError> {
         let s = self.shape;
         let (d_in, d_out, p) = (s.in_features, s.out_features, s.p);
-        let mut dense = vec![T::zero(); d_out * d_in];
-        for (r, row) in dense.chunks_exact_mut(d_in).enumerate() {
+        Self::check_len("out", out, d_out, d_in)?;
+        for (r, row) in out.chunks_exact_mut(d_in).enumerate() {
             let (i, a) = (r / p, r % p);
             for (c, v) in row.iter_mut().enumerate() {
                 let (j, b) = (c / p, c % p);
                 *v = self.kernel[(i * s.q_in + j) * p + (a + p - b) % p];
             }
         }
-        dense
+        Ok(())
     }
 
-    fn new_workspace(&self) -> Workspace<T> {
-        Workspace {
-            time: vec![T::zero(); self.shape.p],
-            freq: vec![Complex::default(); self.shape.n_freq()],
-            scratch: vec![Complex::default(); self.scratch_len],
+    fn new_workspace(&self) -> Result<Workspace<T>, BcaError> {
+        let what = "an FFT workspace";
+        Ok(Workspace {
+            time: try_vec(self.shape.p, T::zero(), what)?,
+            freq: try_vec(self.shape.n_freq(), Complex::default(), what)?,
+            scratch: try_vec(self.scratch_len, Complex::default(), what)?,
             a_re: Vec::new(),
             a_im: Vec::new(),
             b_re: Vec::new(),
             b_im: Vec::new(),
-        }
+        })
     }
 
-    /// A workspace whose spectra planes hold `rows` rows of the widest side.
-    fn take_workspace(&self, rows: usize) -> Workspace<T> {
+    /// A workspace whose spectra planes hold `rows` rows (at most a chunk) of the widest
+    /// side.
+    fn take_workspace(&self, rows: usize) -> Result<Workspace<T>, BcaError> {
         let s = self.shape;
-        let mut ws = lock(&self.workspaces)
-            .pop()
-            .unwrap_or_else(|| self.new_workspace());
-        let len = rows * s.q_in.max(s.q_out) * self.f_pad;
+        let mut ws = match self.workspaces.take() {
+            Some(ws) => ws,
+            None => self.new_workspace()?,
+        };
+        let len = mul(mul(rows, s.q_in.max(s.q_out), "x")?, self.f_pad, "x")?;
         for v in [&mut ws.a_re, &mut ws.a_im, &mut ws.b_re, &mut ws.b_im] {
-            grow(v, len);
+            try_grow(v, len, T::zero(), "an FFT workspace")?;
         }
-        ws
+        Ok(ws)
     }
 
     fn give_back_workspace(&self, ws: Workspace<T>) {
-        lock(&self.workspaces).push(ws);
+        self.workspaces.give_back(ws);
     }
 
     /// A pool when the work is worth splitting, else `None` (run on the caller's thread).
     fn parallel_pool(&self, n_rows: usize) -> Option<Arc<rayon::ThreadPool>> {
-        let threads = match self.num_threads {
+        let threads = match self.num_threads() {
             0 => threads::default_num_threads(),
             n => n,
         };
@@ -416,7 +498,7 @@ impl<T: Float> BlockCirculant<T> {
     ) -> Result<(), BcaError> {
         let rows = src.len() / d_a;
         let n_a = rows * spectra.q_a * self.f_pad;
-        let mut ws = self.take_workspace(rows);
+        let mut ws = self.take_workspace(rows)?;
         let mut a_re = std::mem::take(&mut ws.a_re);
         let mut a_im = std::mem::take(&mut ws.a_im);
         let result = self
@@ -574,20 +656,19 @@ impl<T: Float> BlockCirculant<T> {
         let pool = self.parallel_pool(n_rows);
         let rows = Self::rows_per_chunk(n_rows, &pool);
 
-        let mut guard = lock(&self.grad_buffers);
-        let bufs = &mut *guard;
-        grow(&mut bufs.x_re, n_rows * row_x);
-        grow(&mut bufs.x_im, n_rows * row_x);
-        grow(&mut bufs.g_re, n_rows * row_g);
-        grow(&mut bufs.g_im, n_rows * row_g);
-        let (x_re, x_im) = (
-            &mut bufs.x_re[..n_rows * row_x],
-            &mut bufs.x_im[..n_rows * row_x],
+        // The batch's spectra, kept from pass 1 to pass 2: allocated for this call (and
+        // freed when it returns), so nothing batch-sized stays with the operator.
+        let what = "the batch spectra of backward";
+        let (len_x, len_g) = (mul(n_rows, row_x, "x")?, mul(n_rows, row_g, "grad_output")?);
+        let (mut x_re, mut x_im) = (
+            try_vec(len_x, T::zero(), what)?,
+            try_vec(len_x, T::zero(), what)?,
         );
-        let (g_re, g_im) = (
-            &mut bufs.g_re[..n_rows * row_g],
-            &mut bufs.g_im[..n_rows * row_g],
+        let (mut g_re, mut g_im) = (
+            try_vec(len_g, T::zero(), what)?,
+            try_vec(len_g, T::zero(), what)?,
         );
+        let (x_re, x_im, g_re, g_im) = (&mut x_re[..], &mut x_im[..], &mut g_re[..], &mut g_im[..]);
 
         // Pass 1, per chunk of rows: spectra of x and of grad_output, kept for pass 2, and
         // the input gradient from grad_output's spectra.
@@ -618,7 +699,7 @@ impl<T: Float> BlockCirculant<T> {
                 .collect();
             let work = |((xc, gc), ((xr, xi), (gr, gi)), gx): Item<'_, T>| -> Result<(), BcaError> {
                 let chunk_rows = gc.len() / d_out;
-                let mut ws = self.take_workspace(chunk_rows);
+                let mut ws = self.take_workspace(chunk_rows)?;
                 let mut a_re = std::mem::take(&mut ws.a_re);
                 let mut a_im = std::mem::take(&mut ws.a_im);
                 let n_g = chunk_rows * row_g;
@@ -667,12 +748,11 @@ impl<T: Float> BlockCirculant<T> {
         // slab of K in cache and reads every row's spectra once.
         let (x_re, x_im, g_re, g_im) = (&*x_re, &*x_im, &*g_re, &*g_im);
         let slab = q_out * q_in * simd::LANES;
-        grow(&mut bufs.k_re, f_pad * q_out * q_in);
-        grow(&mut bufs.k_im, f_pad * q_out * q_in);
-        let (k_re, k_im) = (
-            &mut bufs.k_re[..f_pad * q_out * q_in],
-            &mut bufs.k_im[..f_pad * q_out * q_in],
-        );
+        let zero = <T::Acc as num_traits::Zero>::zero();
+        let len_k = f_pad * q_out * q_in; // checked in `new`
+        let what = "the kernel-gradient spectra";
+        let (mut k_re, mut k_im) = (try_vec(len_k, zero, what)?, try_vec(len_k, zero, what)?);
+        let (k_re, k_im) = (&mut k_re[..], &mut k_im[..]);
         let per_tile = |(t, (kr, ki)): (usize, simd::PlanesMut<'_, T::Acc>)| {
             kr.fill(<T::Acc as num_traits::Zero>::zero());
             ki.fill(<T::Acc as num_traits::Zero>::zero());
@@ -711,7 +791,7 @@ impl<T: Float> BlockCirculant<T> {
         let (k_re, k_im) = (&*k_re, &*k_im);
         let scale = T::one() / T::from(p).unwrap_or_else(T::one);
         let per_block_row = |(i, out): (usize, &mut [T])| -> Result<(), BcaError> {
-            let mut ws = self.take_workspace(0);
+            let mut ws = self.take_workspace(0)?;
             let r = out
                 .chunks_exact_mut(p)
                 .enumerate()

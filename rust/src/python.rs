@@ -2,18 +2,32 @@
 //!
 //! Every argument is checked here before the core sees it (type, dtype, contiguity,
 //! shape; finiteness is checked by the core without the GIL). Every failure becomes a
-//! `TypeError` or `ValueError` that names the argument; a panic, which the core should
-//! never raise, is caught and becomes a `RuntimeError` rather than crossing into Python.
+//! `TypeError`, `ValueError` or `MemoryError` that names the argument or the buffer; a
+//! panic, which the core should never raise, is caught and becomes a `RuntimeError`
+//! rather than crossing into Python. Output arrays are allocated through numpy's C API
+//! with the failure checked (numpy's own `MemoryError`), never with a helper that panics.
+//!
+//! Sharing and fork. An operator holds its current core operator in an `Arc`, swapped by
+//! `set_kernel`. The slot's mutex is taken only with the GIL held and only to clone or
+//! replace the `Arc` (no work, no allocation, no waiting under it), so no call waits for
+//! another while holding the GIL, several threads run one operator at once, and a child
+//! forked while other threads were inside the core finds nothing locked. The core itself
+//! never waits on a lock (see operator.rs and threads.rs).
+//!
+//! Free-threaded CPython (3.13t/3.14t) is not supported: the extension is built for the
+//! stable ABI (abi3), which free-threaded builds cannot load; the module declares that it
+//! relies on the GIL.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex};
 
+use numpy::npyffi::{self, npy_intp, NpyTypes, PY_ARRAY_API};
 use numpy::{
-    Element, PyArray2, PyArray3, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBool;
 
 use crate::{BcaError, BlockCirculant, Float};
 
@@ -22,6 +36,7 @@ fn to_py_err(e: BcaError) -> PyErr {
         BcaError::InvalidArgument { .. } | BcaError::NonFinite { .. } => {
             PyValueError::new_err(e.to_string())
         }
+        BcaError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
         BcaError::Fft(_) => PyRuntimeError::new_err(e.to_string()),
     }
 }
@@ -38,12 +53,34 @@ fn run_detached<R: Send>(
         .map_err(to_py_err)
 }
 
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|p| p.into_inner())
+/// The current core operator of a Python operator; see the module docs.
+struct Slot<T: Float> {
+    current: Mutex<Arc<BlockCirculant<T>>>,
 }
 
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|p| p.into_inner())
+impl<T: Float> Slot<T> {
+    fn new(op: BlockCirculant<T>) -> Self {
+        Slot {
+            current: Mutex::new(Arc::new(op)),
+        }
+    }
+
+    /// The current version (called with the GIL held: never contended).
+    fn get(&self) -> Arc<BlockCirculant<T>> {
+        match self.current.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replace the current version (called with the GIL held).
+    fn set(&self, op: Arc<BlockCirculant<T>>) {
+        let old = match self.current.lock() {
+            Ok(mut g) => std::mem::replace(&mut *g, op),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), op),
+        };
+        drop(old); // freed outside the lock
+    }
 }
 
 fn shape_str(shape: &[usize]) -> String {
@@ -53,6 +90,66 @@ fn shape_str(shape: &[usize]) -> String {
     } else {
         format!("({})", parts.join(", "))
     }
+}
+
+/// A new C-contiguous array of `T` with shape `dims` (zero-filled when `zeroed`), or a
+/// MemoryError naming `what` (numpy's message says the size) — never a panic.
+fn new_array<'py, T: Float + Element>(
+    py: Python<'py>,
+    dims: &[usize],
+    zeroed: bool,
+    what: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let too_large = || {
+        PyMemoryError::new_err(format!(
+            "cannot allocate {what}: shape {} of {} is too large",
+            shape_str(dims),
+            T::NAME
+        ))
+    };
+    let mut c_dims = dims
+        .iter()
+        .map(|&d| npy_intp::try_from(d).map_err(|_| too_large()))
+        .collect::<PyResult<Vec<npy_intp>>>()?;
+    // Total size in bytes must fit isize (a zero dimension makes the array empty).
+    if !dims.contains(&0) {
+        dims.iter()
+            .try_fold(std::mem::size_of::<T>(), |acc, &d| acc.checked_mul(d))
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(too_large)?;
+    }
+    let nd = std::os::raw::c_int::try_from(c_dims.len()).map_err(|_| too_large())?;
+    // SAFETY: the numpy C API is called with the GIL held (`py`), a descriptor reference
+    // that it steals, and `nd` dimensions; a null result leaves a Python error set, which
+    // `from_owned_ptr_or_err` turns into `Err`.
+    let ptr = unsafe {
+        let descr = T::get_dtype(py).into_dtype_ptr();
+        if zeroed {
+            PY_ARRAY_API.PyArray_Zeros(py, nd, c_dims.as_mut_ptr(), descr, 0)
+        } else {
+            PY_ARRAY_API.PyArray_NewFromDescr(
+                py,
+                npyffi::get_type_object(py, NpyTypes::PyArray_Type),
+                descr,
+                nd,
+                c_dims.as_mut_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+                std::ptr::null_mut(),
+            )
+        }
+    };
+    // SAFETY: a non-null result is a new reference to an ndarray of T's dtype.
+    let obj = unsafe { Bound::from_owned_ptr_or_err(py, ptr) }.map_err(|e| {
+        if e.is_instance_of::<PyMemoryError>(py) {
+            PyMemoryError::new_err(format!("cannot allocate {what}: {}", e.value(py)))
+        } else {
+            e
+        }
+    })?;
+    // SAFETY: see above; the dtype is T's.
+    Ok(unsafe { obj.cast_into_unchecked() })
 }
 
 /// `obj` as a C-contiguous ndarray of `T`, or a TypeError/ValueError naming `arg`.
@@ -87,8 +184,18 @@ fn typed_array<'py, T: Float + Element>(
 /// leading dimensions).
 fn rows_of(arr: &Bound<'_, PyUntypedArray>, arg: &str, d: usize, what: &str) -> PyResult<usize> {
     let shape = arr.shape();
-    match shape.last() {
-        Some(&last) if last == d => Ok(shape[..shape.len() - 1].iter().product()),
+    match shape.split_last() {
+        Some((&last, leading)) if last == d => {
+            if leading.contains(&0) {
+                return Ok(0);
+            }
+            leading
+                .iter()
+                .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!("{arg}: shape {} is too large", shape_str(shape)))
+                })
+        }
         _ => Err(PyValueError::new_err(format!(
             "{arg}: last dimension must be {what} = {d}, got shape {}",
             shape_str(shape)
@@ -102,9 +209,37 @@ fn out_shape(leading: &[usize], d: usize) -> Vec<usize> {
     s
 }
 
+/// An optional non-negative integer argument (Python int or anything with `__index__`):
+/// None stays None; a bool, a float or another type is a TypeError, a negative value or
+/// one above `max` a ValueError — each naming `arg` (never an OverflowError).
+fn count_arg(obj: Option<&Bound<'_, PyAny>>, arg: &str, max: u64) -> PyResult<Option<usize>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let type_err = || {
+        let ty = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into());
+        PyTypeError::new_err(format!("{arg} must be an int or None, got {ty}"))
+    };
+    if obj.is_instance_of::<PyBool>() {
+        return Err(type_err());
+    }
+    let range_err =
+        || PyValueError::new_err(format!("{arg} must be between 1 and {max}, got {obj}"));
+    match obj.extract::<i64>() {
+        Ok(v) if v >= 1 && (v as u64) <= max => Ok(Some(v as usize)),
+        Ok(_) => Err(range_err()),
+        Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => Err(range_err()),
+        Err(_) => Err(type_err()),
+    }
+}
+
 enum Inner {
-    F32(RwLock<BlockCirculant<f32>>),
-    F64(RwLock<BlockCirculant<f64>>),
+    F32(Slot<f32>),
+    F64(Slot<f64>),
 }
 
 /// Block circulant operator with cached kernel spectra (see bca._bca.pyi).
@@ -113,14 +248,11 @@ struct PyBlockCirculant {
     inner: Inner,
 }
 
-fn parse_threads(num_threads: Option<i64>) -> PyResult<usize> {
-    match num_threads {
-        None => Ok(0),
-        Some(n) if (1..=4096).contains(&n) => Ok(n as usize),
-        Some(n) => Err(PyValueError::new_err(format!(
-            "num_threads must be a positive integer (at most 4096) or None, got {n}"
-        ))),
-    }
+const MAX_THREADS: u64 = crate::threads::MAX_THREADS as u64;
+const MAX_FEATURES: u64 = isize::MAX as u64;
+
+fn parse_threads(num_threads: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+    Ok(count_arg(num_threads, "num_threads", MAX_THREADS)?.unwrap_or(0))
 }
 
 fn kernel_dims(kernel: &Bound<'_, PyUntypedArray>) -> PyResult<(usize, usize, usize)> {
@@ -139,7 +271,7 @@ fn build<T: Float + Element>(
     in_features: Option<usize>,
     out_features: Option<usize>,
     threads: usize,
-) -> PyResult<BlockCirculant<T>> {
+) -> PyResult<Slot<T>> {
     let arr = typed_array::<T>(kernel, "kernel")?;
     let (q_out, q_in, p) = kernel_dims(arr.as_untyped())?;
     let ro = arr
@@ -148,26 +280,27 @@ fn build<T: Float + Element>(
     let data = ro
         .as_slice()
         .map_err(|e| PyValueError::new_err(format!("kernel: {e}")))?;
-    let mut op = run_detached(py, || {
+    let op = run_detached(py, || {
         BlockCirculant::new(data, q_out, q_in, p, in_features, out_features)
     })?;
     op.set_num_threads(threads);
-    Ok(op)
+    Ok(Slot::new(op))
 }
 
 fn forward_impl<'py, T: Float + Element>(
     py: Python<'py>,
-    lock: &RwLock<BlockCirculant<T>>,
+    slot: &Slot<T>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let shape = read(lock).shape();
+    let op = slot.get();
+    let shape = op.shape();
     let arr = typed_array::<T>(x, "x")?;
     let n = rows_of(arr.as_untyped(), "x", shape.in_features, "in_features")?;
     let dims = arr.shape().to_vec();
     let out_dims = out_shape(&dims[..dims.len() - 1], shape.out_features);
-    // SAFETY: forward writes every element of `out` before it is returned; on error the
-    // array is dropped unread.
-    let out = unsafe { PyArrayDyn::<T>::new(py, out_dims, false) };
+    // forward writes every element of `out` before it is returned; on error the array is
+    // dropped unread.
+    let out = new_array::<T>(py, &out_dims, false, "the output of forward")?;
     {
         let ro = arr
             .try_readonly()
@@ -175,11 +308,13 @@ fn forward_impl<'py, T: Float + Element>(
         let xs = ro
             .as_slice()
             .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
-        let mut rw = out.readwrite();
+        let mut rw = out
+            .try_readwrite()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         let ys = rw
             .as_slice_mut()
             .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        run_detached(py, || read(lock).forward(xs, n, ys))?;
+        run_detached(py, || op.forward(xs, n, ys))?;
     }
     Ok(out.into_any())
 }
@@ -188,13 +323,14 @@ type Grads<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
 fn backward_impl<'py, T: Float + Element>(
     py: Python<'py>,
-    lock: &RwLock<BlockCirculant<T>>,
+    slot: &Slot<T>,
     x: Option<&Bound<'py, PyAny>>,
     grad_output: &Bound<'py, PyAny>,
     input_grad: bool,
     kernel_grad: bool,
 ) -> PyResult<Grads<'py>> {
-    let s = read(lock).shape();
+    let op = slot.get();
+    let s = op.shape();
     let g = typed_array::<T>(grad_output, "grad_output")?;
     let n = rows_of(
         g.as_untyped(),
@@ -224,11 +360,26 @@ fn backward_impl<'py, T: Float + Element>(
         }
         (_, false) => None,
     };
-    let gx =
-        // SAFETY: backward writes every element of grad_x before it is returned; on error
-        // the array is dropped unread. The kernel gradient is zero-filled by the core.
-        input_grad.then(|| unsafe { PyArrayDyn::<T>::new(py, out_shape(leading, s.in_features), false) });
-    let gk = kernel_grad.then(|| PyArray3::<T>::zeros(py, [s.q_out, s.q_in, s.p], false));
+    // backward writes every element of grad_x before it is returned; on error the array
+    // is dropped unread. The kernel gradient is zero-filled.
+    let gx = match input_grad {
+        true => Some(new_array::<T>(
+            py,
+            &out_shape(leading, s.in_features),
+            false,
+            "the input gradient",
+        )?),
+        false => None,
+    };
+    let gk = match kernel_grad {
+        true => Some(new_array::<T>(
+            py,
+            &[s.q_out, s.q_in, s.p],
+            true,
+            "the kernel gradient",
+        )?),
+        false => None,
+    };
     {
         let g_ro = g
             .try_readonly()
@@ -250,8 +401,12 @@ fn backward_impl<'py, T: Float + Element>(
             ),
             None => None,
         };
-        let mut gx_rw = gx.as_ref().map(|a| a.readwrite());
-        let mut gk_rw = gk.as_ref().map(|a| a.readwrite());
+        let rw = |a: &Bound<'py, PyArrayDyn<T>>| {
+            a.try_readwrite()
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        };
+        let mut gx_rw = gx.as_ref().map(rw).transpose()?;
+        let mut gk_rw = gk.as_ref().map(rw).transpose()?;
         let gx_s = match gx_rw.as_mut() {
             Some(rw) => Some(
                 rw.as_slice_mut()
@@ -266,17 +421,18 @@ fn backward_impl<'py, T: Float + Element>(
             ),
             None => None,
         };
-        run_detached(py, || read(lock).backward(xs, gs, n, gx_s, gk_s))?;
+        run_detached(py, || op.backward(xs, gs, n, gx_s, gk_s))?;
     }
     Ok((gx.map(|a| a.into_any()), gk.map(|a| a.into_any())))
 }
 
 fn set_kernel_impl<T: Float + Element>(
     py: Python<'_>,
-    lock: &RwLock<BlockCirculant<T>>,
+    slot: &Slot<T>,
     kernel: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let s = read(lock).shape();
+    let op = slot.get();
+    let s = op.shape();
     let arr = typed_array::<T>(kernel, "kernel")?;
     let dims = kernel_dims(arr.as_untyped())?;
     if dims != (s.q_out, s.q_in, s.p) {
@@ -294,28 +450,53 @@ fn set_kernel_impl<T: Float + Element>(
     let data = ro
         .as_slice()
         .map_err(|e| PyValueError::new_err(format!("kernel: {e}")))?;
-    run_detached(py, || write(lock).set_kernel(data))
+    let new = run_detached(py, || op.with_kernel(data))?;
+    // A thread bound set while the spectra were computed (with the GIL held, as now).
+    new.set_num_threads(slot.get().num_threads());
+    slot.set(Arc::new(new));
+    Ok(())
 }
 
 fn kernel_impl<'py, T: Float + Element>(
     py: Python<'py>,
-    lock: &RwLock<BlockCirculant<T>>,
+    slot: &Slot<T>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let op = read(lock);
+    let op = slot.get();
     let s = op.shape();
-    let flat = numpy::PyArray1::<T>::from_slice(py, op.kernel());
-    Ok(flat.reshape([s.q_out, s.q_in, s.p])?.into_any())
+    let out = new_array::<T>(py, &[s.q_out, s.q_in, s.p], false, "the kernel copy")?;
+    {
+        let mut rw = out
+            .try_readwrite()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        rw.as_slice_mut()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?
+            .copy_from_slice(op.kernel());
+    }
+    Ok(out.into_any())
 }
 
 fn dense_impl<'py, T: Float + Element>(
     py: Python<'py>,
-    lock: &RwLock<BlockCirculant<T>>,
+    slot: &Slot<T>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let s = read(lock).shape();
-    let dense = run_detached(py, || Ok(read(lock).to_dense()))?;
-    let flat = numpy::PyArray1::<T>::from_vec(py, dense);
-    let arr: Bound<'py, PyArray2<T>> = flat.reshape([s.out_features, s.in_features])?;
-    Ok(arr.into_any())
+    let op = slot.get();
+    let s = op.shape();
+    let out = new_array::<T>(
+        py,
+        &[s.out_features, s.in_features],
+        false,
+        "the dense matrix",
+    )?;
+    {
+        let mut rw = out
+            .try_readwrite()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let dense = rw
+            .as_slice_mut()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        run_detached(py, || op.to_dense_into(dense))?;
+    }
+    Ok(out.into_any())
 }
 
 macro_rules! dispatch {
@@ -330,7 +511,7 @@ macro_rules! dispatch {
 impl PyBlockCirculant {
     /// The operator's geometry, whatever its dtype.
     fn shape(&self) -> crate::Shape {
-        dispatch!(self, l => read(l).shape())
+        dispatch!(self, l => l.get().shape())
     }
 }
 
@@ -341,31 +522,33 @@ impl PyBlockCirculant {
     fn new(
         py: Python<'_>,
         kernel: &Bound<'_, PyAny>,
-        in_features: Option<usize>,
-        out_features: Option<usize>,
-        num_threads: Option<i64>,
+        in_features: Option<&Bound<'_, PyAny>>,
+        out_features: Option<&Bound<'_, PyAny>>,
+        num_threads: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let threads = parse_threads(num_threads)?;
+        let in_features = count_arg(in_features, "in_features", MAX_FEATURES)?;
+        let out_features = count_arg(out_features, "out_features", MAX_FEATURES)?;
         let untyped = kernel.cast::<PyUntypedArray>().map_err(|_| {
             PyTypeError::new_err("kernel must be a numpy.ndarray of float32 or float64")
         })?;
         let dtype = untyped.dtype();
         let inner = if dtype.is_equiv_to(&numpy::dtype::<f32>(py)) {
-            Inner::F32(RwLock::new(build::<f32>(
+            Inner::F32(build::<f32>(
                 py,
                 kernel,
                 in_features,
                 out_features,
                 threads,
-            )?))
+            )?)
         } else if dtype.is_equiv_to(&numpy::dtype::<f64>(py)) {
-            Inner::F64(RwLock::new(build::<f64>(
+            Inner::F64(build::<f64>(
                 py,
                 kernel,
                 in_features,
                 out_features,
                 threads,
-            )?))
+            )?)
         } else {
             return Err(PyTypeError::new_err(format!(
                 "kernel must have dtype float32 or float64, got {dtype}"
@@ -404,15 +587,15 @@ impl PyBlockCirculant {
 
     /// Set this operator's thread bound; None means the process default.
     #[pyo3(signature = (num_threads))]
-    fn set_num_threads(&self, num_threads: Option<i64>) -> PyResult<()> {
+    fn set_num_threads(&self, num_threads: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let n = parse_threads(num_threads)?;
-        dispatch!(self, l => write(l).set_num_threads(n));
+        dispatch!(self, l => l.get().set_num_threads(n));
         Ok(())
     }
 
     #[getter]
     fn num_threads(&self) -> Option<usize> {
-        let n = dispatch!(self, l => read(l).num_threads());
+        let n = dispatch!(self, l => l.get().num_threads());
         (n != 0).then_some(n)
     }
 
@@ -466,11 +649,16 @@ impl PyBlockCirculant {
 }
 
 /// Set the process-wide default thread count of the core; None restores the default
-/// (BCA_NUM_THREADS, else RAYON_NUM_THREADS, else the number of cores).
+/// (BCA_NUM_THREADS, else RAYON_NUM_THREADS, else the number of cores), re-reading the
+/// environment now, with the GIL held.
 #[pyfunction]
 #[pyo3(signature = (num_threads))]
-fn set_num_threads(num_threads: Option<i64>) -> PyResult<()> {
-    crate::set_default_num_threads(parse_threads(num_threads)?);
+fn set_num_threads(num_threads: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    let n = parse_threads(num_threads)?;
+    if n == 0 {
+        crate::threads::refresh_env_default();
+    }
+    crate::set_default_num_threads(n);
     Ok(())
 }
 
@@ -480,8 +668,11 @@ fn get_num_threads() -> usize {
     crate::default_num_threads()
 }
 
-#[pymodule]
+#[pymodule(gil_used = true)]
 fn _bca(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Read the thread-count environment once, now, with the GIL held; calls without the
+    // GIL use the cached value (see threads.rs).
+    crate::threads::refresh_env_default();
     m.add_class::<PyBlockCirculant>()?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;

@@ -40,6 +40,17 @@ impl Shape {
         let padded_out = q_out
             .checked_mul(p)
             .ok_or_else(|| BcaError::invalid("kernel", "q_out * p overflows"))?;
+        // The kernel must be addressable: q_out · q_in · p values of the widest element.
+        q_out
+            .checked_mul(padded_in)
+            .and_then(|n| n.checked_mul(std::mem::size_of::<f64>()))
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| {
+                BcaError::invalid(
+                    "kernel",
+                    format!("shape ({q_out}, {q_in}, {p}) is too large to address"),
+                )
+            })?;
         let in_features = in_features.unwrap_or(padded_in);
         let out_features = out_features.unwrap_or(padded_out);
         check_width(
@@ -70,9 +81,11 @@ impl Shape {
         self.p / 2 + 1
     }
 
-    /// Number of kernel elements, q_out · q_in · p.
+    /// Number of kernel elements, q_out · q_in · p (saturating: a shape built by
+    /// [`Shape::new`] never overflows; one built by hand gets `usize::MAX`, which no
+    /// slice matches).
     pub fn kernel_len(&self) -> usize {
-        self.q_out * self.q_in * self.p
+        self.q_out.saturating_mul(self.q_in).saturating_mul(self.p)
     }
 }
 
@@ -83,6 +96,7 @@ fn check_width(
     p: usize,
     what: &str,
 ) -> Result<(), BcaError> {
+    // q · p does not overflow: Shape::new checked it.
     if d == 0 || d > q * p || d <= (q - 1) * p {
         return Err(BcaError::invalid(
             arg,

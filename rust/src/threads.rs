@@ -2,16 +2,31 @@
 //!
 //! rayon's global pool would take every core and oversubscribe a process that also runs
 //! torch's threads, so bca keeps its own pools, one per thread count, created lazily.
-//! Pools do not survive `fork`: the registry remembers the pid that made them and makes
-//! new ones in a child process.
+//!
+//! Environment. `BCA_NUM_THREADS` / `RAYON_NUM_THREADS` are read once (on first use, or
+//! when [`refresh_env_default`] is called) and cached: a call that runs without the GIL
+//! must never read the environment, which a Python thread may be writing at that moment
+//! (`os.environ[...] = ...` calls `setenv`, and `getenv` racing it can crash).
+//!
+//! Fork. Pools do not survive `fork`: the registry remembers the pid that made them and
+//! makes new ones in a child process. The registry's lock is only ever *tried*: a child
+//! forked while another thread held it (building a pool) finds it taken forever, and then
+//! runs its calls on the calling thread instead of waiting. Results do not depend on the
+//! thread count, so this costs speed, never correctness.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
+/// Most threads a pool may have (a bound on what callers can ask for).
+pub const MAX_THREADS: usize = 4096;
+
+/// Set by [`set_default_num_threads`]; 0 = not set.
 static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(0);
+/// The environment/core default, cached; 0 = not read yet.
+static ENV_DEFAULT: AtomicUsize = AtomicUsize::new(0);
 
 struct Registry {
     pid: u32,
@@ -20,34 +35,60 @@ struct Registry {
 
 static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
 
-fn env_threads() -> Option<usize> {
+/// Parse a thread-count environment value: a positive integer, at most [`MAX_THREADS`].
+fn parse_env(value: &str) -> Option<usize> {
+    value
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| (1..=MAX_THREADS).contains(&n))
+}
+
+fn read_env_default() -> usize {
     ["BCA_NUM_THREADS", "RAYON_NUM_THREADS"]
         .iter()
         .filter_map(|k| std::env::var(k).ok())
-        .filter_map(|v| v.trim().parse::<usize>().ok())
-        .find(|&n| n > 0)
+        .find_map(|v| parse_env(&v))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(MAX_THREADS)
+        })
+}
+
+/// Re-read `BCA_NUM_THREADS`, `RAYON_NUM_THREADS` and the core count, and cache the
+/// result. The Python binding calls this at import and from `set_num_threads(None)`, with
+/// the GIL held, so no Python thread writes the environment meanwhile.
+pub fn refresh_env_default() -> usize {
+    let n = read_env_default();
+    ENV_DEFAULT.store(n, Ordering::Relaxed);
+    n
 }
 
 /// The thread count used when an operator does not set its own: the value given to
 /// [`set_default_num_threads`], else `BCA_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the
-/// number of available cores.
+/// number of available cores. The environment part is read once and cached (see
+/// [`refresh_env_default`]).
 pub fn default_num_threads() -> usize {
     match DEFAULT_THREADS.load(Ordering::Relaxed) {
-        0 => env_threads().unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        }),
+        0 => match ENV_DEFAULT.load(Ordering::Relaxed) {
+            0 => refresh_env_default(),
+            n => n,
+        },
         n => n,
     }
 }
 
-/// Set the process-wide default thread count; 0 restores the environment/core default.
+/// Set the process-wide default thread count (clamped to [`MAX_THREADS`]); 0 restores
+/// the environment/core default.
 pub fn set_default_num_threads(n: usize) {
-    DEFAULT_THREADS.store(n, Ordering::Relaxed);
+    DEFAULT_THREADS.store(n.min(MAX_THREADS), Ordering::Relaxed);
 }
 
-/// The pool for `n` threads (n ≥ 2), or `None` if it cannot be built.
+/// The pool for `n` threads (n ≥ 2), or `None`: it cannot be built, or the registry is
+/// busy (another thread is building a pool, or it was held at `fork`). `None` means "run
+/// on the caller's thread", which gives the same results.
 pub(crate) fn pool(n: usize) -> Option<Arc<ThreadPool>> {
     let registry = REGISTRY.get_or_init(|| {
         Mutex::new(Registry {
@@ -55,9 +96,10 @@ pub(crate) fn pool(n: usize) -> Option<Arc<ThreadPool>> {
             pools: HashMap::new(),
         })
     });
-    let mut reg = match registry.lock() {
+    let mut reg = match registry.try_lock() {
         Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return None,
     };
     let pid = std::process::id();
     if reg.pid != pid {
@@ -71,11 +113,26 @@ pub(crate) fn pool(n: usize) -> Option<Arc<ThreadPool>> {
         return Some(p.clone());
     }
     let built = ThreadPoolBuilder::new()
-        .num_threads(n)
+        .num_threads(n.min(MAX_THREADS))
         .thread_name(|i| format!("bca-worker-{i}"))
         .build()
         .ok()?;
     let built = Arc::new(built);
     reg.pools.insert(n, built.clone());
     Some(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_values_are_parsed_strictly() {
+        assert_eq!(parse_env(" 3 "), Some(3));
+        assert_eq!(parse_env("0"), None);
+        assert_eq!(parse_env("-2"), None);
+        assert_eq!(parse_env("4097"), None);
+        assert_eq!(parse_env("99999999999999999999999"), None);
+        assert_eq!(parse_env("two"), None);
+    }
 }
