@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from hypothesis import strategies as st
 
 import bca
 from conftest import TOL, dense_oracle, kernel_grad_oracle, rel_err
+
+T = TypeVar("T")
 
 BLOCK_SIZES = st.one_of(
     st.sampled_from([1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 31, 32, 64]),
@@ -154,34 +159,122 @@ def test_global_thread_setting(rng: np.random.Generator) -> None:
     assert bca.get_num_threads() == before
 
 
+def _sample_concurrent_calls(call: Callable[[], T]) -> tuple[np.ndarray, list[T]]:
+    """Run ``call`` in two threads at once; return samples ``(wall, cpu_a, cpu_b)`` taken
+    by this thread about every millisecond (the two threads' CPU clocks, seconds) while
+    they ran, and the two results."""
+    barrier = threading.Barrier(3)
+    done = [threading.Event(), threading.Event()]
+    release = threading.Event()  # keeps the workers (and their CPU clocks) alive
+    outs: list[T] = [None, None]  # type: ignore[list-item]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            outs[i] = call()
+        except BaseException as exc:  # re-raised in the main thread
+            errors.append(exc)
+        finally:
+            done[i].set()
+            release.wait()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        clocks = [time.pthread_getcpuclockid(t.ident) for t in threads]  # type: ignore[arg-type]
+        barrier.wait()
+        samples = []
+        while True:
+            finished = all(d.is_set() for d in done)
+            samples.append((time.perf_counter(), *(time.clock_gettime(c) for c in clocks)))
+            if finished:
+                break
+            time.sleep(0.001)
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return np.array(samples), outs
+
+
+def assert_calls_overlap(call: Callable[[], T], attempts: int = 5) -> list[T]:
+    """Assert that ``call`` (≥ 100 ms of CPU, on the calling thread) run from two Python
+    threads at once runs in both at the same time; return the last results.
+
+    While the two calls run, this thread wakes every millisecond and reads the wall
+    clock and each worker's CPU clock. Two things must hold:
+
+    - the GIL stays free: no gap between samples is longer than a quarter of the run
+      (a call that held the GIL would stop this thread for the whole call, at least
+      half of a run of two calls that cannot overlap);
+    - both calls make progress together: grouping the samples into windows of ≥ 20 ms,
+      the CPU time both threads spent in the same window (the smaller of the two per
+      window, summed) is at least half of one call's CPU time. Calls serialised by a
+      lock advance one at a time, so they share at most the window where one hands
+      over to the other.
+
+    CPU clocks only advance when a thread runs and a loaded machine stretches the run
+    and its stalls alike, so load does not change the verdict; the best of a few
+    attempts is taken.
+    """
+    seen = []
+    for _ in range(attempts):
+        samples, outs = _sample_concurrent_calls(call)
+        steps = np.diff(samples, axis=0)
+        cpu = steps[:, 1:].sum(axis=0).min()
+        bins, acc = [], np.zeros(3)
+        for step in steps:
+            acc += step
+            if acc[0] >= 0.02:
+                bins.append(acc)
+                acc = np.zeros(3)
+        bins.append(acc)
+        together = float(sum(min(b[1], b[2]) for b in bins))
+        gap, run = float(steps[:, 0].max()), float(samples[-1, 0] - samples[0, 0])
+        assert cpu >= 0.05, f"a call used {cpu * 1e3:.0f} ms of CPU, too little to time"
+        if gap < 0.25 * run and together >= 0.5 * cpu:
+            return outs
+        seen.append(
+            f"CPU per call {cpu * 1e3:.0f} ms, run together {together * 1e3:.0f} ms, "
+            f"longest stall of a Python thread {gap * 1e3:.0f} ms of {run * 1e3:.0f} ms"
+        )
+    raise AssertionError("calls from two threads did not run at the same time: " + "; ".join(seen))
+
+
+def _long_call_inputs(
+    call: Callable[..., object], rng: np.random.Generator, widths: tuple[int, ...]
+) -> tuple[np.ndarray, ...]:
+    """float32 inputs of the given widths, with a power-of-two row count (1024 to 32768)
+    large enough that ``call(*inputs)`` takes 100 ms of CPU on this machine."""
+    rows = 1024
+    while True:
+        inputs = tuple(rng.standard_normal((rows, w), dtype=np.float32) for w in widths)
+        t0 = time.thread_time()
+        call(*inputs)
+        if time.thread_time() - t0 >= 0.1 or rows >= 32768:
+            return inputs
+        rows *= 2
+
+
 def test_gil_is_released_and_concurrent_calls_agree(rng: np.random.Generator) -> None:
-    kernel = rng.standard_normal((16, 16, 64)).astype(np.float32)
-    x = rng.standard_normal((2048, 1024)).astype(np.float32)
+    """Two Python threads calling one operator (num_threads=1) run at the same time."""
+    kernel = rng.standard_normal((64, 64, 16)).astype(np.float32)
     op = bca.BlockCirculant(kernel, num_threads=1)
+
+    (x,) = _long_call_inputs(op, rng, (1024,))
     want = op(x)
-    ticks = 0
-    stop = threading.Event()
-
-    def count() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    outs: list[np.ndarray] = []
-    workers = [threading.Thread(target=lambda: outs.append(op(x))) for _ in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    stop.set()
-    counter.join()
-    assert len(outs) == 3
-    for out in outs:
+    for out in assert_calls_overlap(lambda: op(x)):
         np.testing.assert_array_equal(out, want)
-    # while three long calls ran, the Python counting thread kept running
-    assert ticks > 1000
+
+    x, g = _long_call_inputs(op.backward, rng, (1024, 1024))
+    want_gx, want_gk = op.backward(x, g)
+    for gx, gk in assert_calls_overlap(lambda: op.backward(x, g)):
+        np.testing.assert_array_equal(gx, want_gx)
+        np.testing.assert_array_equal(gk, want_gk)
 
 
 def test_fork_after_parallel_use_does_not_hang(rng: np.random.Generator) -> None:
