@@ -22,9 +22,11 @@ from ._splice import (
     AdapterSpec,
     TargetNotFoundError,
     find_linear_sites,
+    graph_opset,
     match_by_values,
     replace_initializer,
 )
+from ._versions import lower_ir_version, split_to_opset
 
 __all__ = ["export_model", "MODES", "DEFAULT_OPSET"]
 
@@ -313,6 +315,49 @@ def _run_torch_export(
     raise RuntimeError("torch.onnx.export failed for the base model:\n" + "\n".join(errors))
 
 
+def _fit_base_to_opset(
+    model: onnx.ModelProto, opset: int, kind: str, fell_back: bool = False
+) -> None:
+    """Make the base graph torch exported a valid graph of the opset asked for, or raise a
+    ``RuntimeError`` that says what to pass.
+
+    torch's dynamo exporter works at opset 18 and converts the graph to the opset asked
+    for; below 18 its optimizer then writes ``Split(num_outputs=n)`` (an opset-18 form,
+    e.g. for GPT-2's q/k/v split) into the converted graph, which :func:`split_to_opset`
+    rewrites into the opset-13 form. A conversion that failed leaves the graph at 18.
+    """
+    if kind != "dynamo":
+        hint = "try another opset, or exporter='dynamo'"
+    elif fell_back:
+        hint = (
+            "torch's legacy exporter failed on this model, so exporter='auto' used the dynamo "
+            "exporter, which builds opset 18 graphs and converts them to the opset asked for: "
+            "pass opset=18 or later"
+        )
+    else:
+        hint = (
+            "torch's dynamo exporter builds opset 18 graphs and converts them to the opset "
+            "asked for: pass opset=18 or later, or exporter='legacy'"
+        )
+    got = graph_opset(model)
+    if got != opset:
+        raise RuntimeError(
+            f"torch's {kind} exporter wrote a graph of opset {got}, not the opset {opset} "
+            f"asked for. {hint}"
+        )
+    split_to_opset(model)
+    if model.ByteSize() >= 2**31 - 1:
+        return  # too large to check in memory; save_checked checks the file
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"torch's {kind} exporter wrote a base graph that is not valid at opset {opset} "
+            f"({first}). {hint}"
+        ) from e
+
+
 def export_model(
     model: Any,
     path: str | os.PathLike[str],
@@ -483,7 +528,7 @@ def export_model(
                 _export_state(modules, folded) as tags,
                 _params_set(saved_params, saved_tags),
             ):
-                _run_torch_export(
+                kind = _run_torch_export(
                     wrapper,
                     args,
                     tmp_path,
@@ -494,6 +539,7 @@ def export_model(
                     exporter=exporter,
                 )
             onnx_model = onnx.load(str(tmp_path))
+        _fit_base_to_opset(onnx_model, opset, kind, fell_back=kind != exporter)
         step("locate")
         if not folded:
             sites = find_linear_sites(onnx_model)
@@ -554,6 +600,9 @@ def export_model(
         else:
             step("splice")
         onnx_model.producer_name = "bca"
+        # torch's dynamo exporter stamps IR 10 whatever the opset; onnxruntime 1.17 reads
+        # up to IR 9: declare the lowest IR version the opset (and the graph) needs
+        lower_ir_version(onnx_model)
         out = save_checked(onnx_model, path, external_data=external_data)
         step("save")
         if verify and not servable:

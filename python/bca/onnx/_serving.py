@@ -915,9 +915,10 @@ def _ort_adapter_api() -> Any:
         ort.RunOptions, "add_active_adapter"
     ):
         raise RuntimeError(
-            f"onnxruntime {ort.__version__} has no adapter API (AdapterFormat, LoraAdapter, "
-            "RunOptions.add_active_adapter: onnxruntime >= 1.20); feed the spectra as "
-            "inputs instead (bca.onnx.adapter_feeds)"
+            "ONNX Runtime adapter files need onnxruntime >= 1.20 (AdapterFormat, LoraAdapter, "
+            f"RunOptions.add_active_adapter); this is onnxruntime {ort.__version__}: upgrade "
+            "it (pip install 'onnxruntime>=1.20'), or feed the spectra as inputs instead "
+            "(bca.onnx.adapter_feeds, which runs on onnxruntime >= 1.17)"
         )
     return ort
 
