@@ -226,6 +226,57 @@ def _inverse_blocks(spec: torch.Tensor, p: int, features: int) -> torch.Tensor:
     return out.contiguous()
 
 
+def _create_graph(*tensors: torch.Tensor) -> bool:
+    """Whether a backward must itself be differentiable (``create_graph=True``).
+
+    Inside ``autograd.Function.backward`` grad mode is on exactly when the caller asked
+    for ``create_graph``; the graph is needed only if one of the tensors has a history.
+    """
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _differentiable_backward(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    scale: float,
+    in_features: int,
+    out_features: int,
+    need_x: bool,
+    need_k: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(scale·ΔWᵀ g, scale·Σ_n kgrad(x_n, g_n))`` by plain, differentiable torch ops.
+
+    The backward for ``create_graph=True``: a pure function of ``(x, kernel, g)`` (rfft of
+    the zero-padded blocks, one complex matmul per frequency, irfft, cut the padding) with
+    the kernel spectra recomputed *with* grad history, so autograd differentiates it to any
+    order. x (N, in), kernel and g (N, out) share one real dtype. ``None`` where not needed.
+    """
+    q_out, q_in, p = kernel.shape
+    if grad_output.dtype != x.dtype:
+        grad_output = grad_output.to(x.dtype)
+    grad_x = grad_kernel = None
+    if x.shape[0] == 0:  # no FFT of an empty batch (MKL rejects it); keep the graph connected
+        if need_x:
+            grad_x = x.new_zeros(x.shape) + (grad_output.sum() + kernel.sum()) * 0.0
+        if need_k:
+            grad_kernel = torch.zeros_like(kernel) + (grad_output.sum() + x.sum()) * 0.0
+        return grad_x, grad_kernel
+    gs = _block_spectra(grad_output, q_out, p)  # (F, N, q_out)
+    if need_x:
+        spectra = torch.fft.rfft(kernel, dim=-1).permute(2, 0, 1)  # (F, q_out, q_in)
+        if scale != 1.0:
+            spectra = spectra * scale
+        grad_x = _inverse_blocks(torch.matmul(gs, spectra.conj()), p, in_features)
+    if need_k:
+        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
+        gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
+        grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
+        if scale != 1.0:
+            grad_kernel = grad_kernel * scale
+    return grad_x, grad_kernel
+
+
 # --------------------------------------------------------------------------------------
 # autograd functions
 # --------------------------------------------------------------------------------------
@@ -265,6 +316,12 @@ class _TorchBlockCirculant(torch.autograd.Function):
         x, kernel, spectra = ctx.saved_tensors
         in_features, out_features, scale = ctx.features
         q_out, q_in, p = kernel.shape
+        if _create_graph(grad_output, x, kernel):  # double backward: differentiable ops
+            gx, gk = _differentiable_backward(
+                x, kernel, grad_output, scale, in_features, out_features,
+                bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+            )  # fmt: skip
+            return gx, gk, None, None, None, None
         if x.shape[0] == 0:
             gx0 = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
             gk0 = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
@@ -356,9 +413,14 @@ class _RustBlockCirculant(torch.autograd.Function):
         need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_x or need_k):
             return None, None, None, None, None
-        gx, gk = _rust_backward(
-            ctx.state, x, kernel, grad_output, ctx.features, ctx.scale, need_x, need_k
-        )
+        if _create_graph(grad_output, x, kernel):  # double backward: differentiable ops
+            gx, gk = _differentiable_backward(
+                x, kernel, grad_output, ctx.scale, *ctx.features, need_x, need_k
+            )
+        else:
+            gx, gk = _rust_backward(
+                ctx.state, x, kernel, grad_output, ctx.features, ctx.scale, need_x, need_k
+            )
         return gx, gk, None, None, None
 
 
@@ -442,6 +504,12 @@ def _rust_op_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | N
     need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
     if not (need_x or need_k):
         return None, None, None, None, None, None
+    if _create_graph(grad_output, x, kernel):  # eager double backward: differentiable ops
+        _, in_features, out_features, scale = ctx.args
+        gx_d, gk_d = _differentiable_backward(
+            x, kernel, grad_output, scale, in_features, out_features, need_x, need_k
+        )
+        return gx_d, gk_d, None, None, None, None
     gx, gk = _rust_op_backward(x, kernel, grad_output, *ctx.args, need_x, need_k)
     return (gx if need_x else None), (gk if need_k else None), None, None, None, None
 
