@@ -26,6 +26,11 @@ Backends for ΔW x:
   ``torch.ops.bca.rust_block_circulant`` (no graph break).
 * ``"auto"``: ``"rust"`` for CPU float32/float64 inputs matching the kernel's dtype when
   the extension imports, ``"torch"`` otherwise.
+
+Second and higher derivatives (``create_graph=True``) are exact on every backend: such a
+backward computes its gradients with plain differentiable ``torch.fft`` operations (the
+kernel spectra recomputed with grad history; :func:`_differentiable_backward`), which
+autograd differentiates again; an ordinary backward keeps each backend's fast path.
 """
 
 from __future__ import annotations
