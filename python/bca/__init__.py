@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._adapter_format import BcaFormatError
+
 _CORE_NAMES = (
     "BlockCirculant",
     "block_circulant_matmul",
@@ -39,6 +41,7 @@ except ImportError as _err:  # the Rust extension is not built: the torch backen
 
 __all__ = [
     "__version__",
+    "BcaFormatError",
     "BlockCirculant",
     "block_circulant_matmul",
     "block_circulant_matmul_backward",

@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from . import _adapter_format
+from ._adapter_format import BcaFormatError
 
 _T = TypeVar("_T")
 
@@ -437,17 +441,13 @@ def _adapter_dir(text: str) -> Path:
 
 
 def _saved_parameter_names(adapter: Path) -> list[str]:
-    """The fully trained parameters (``modules_to_save``) a saved adapter holds."""
-    from safetensors import safe_open
-
-    from .model import ADAPTER_WEIGHTS_NAME, MODULES_TO_SAVE_PREFIX
-
-    path = adapter / ADAPTER_WEIGHTS_NAME
-    if not path.is_file():
+    """The fully trained parameters (``modules_to_save``) a saved adapter holds (from its
+    checked safetensors header; no tensor data is read)."""
+    if not (adapter / _adapter_format.WEIGHTS_NAME).is_file():
         return []
-    with safe_open(str(path), "np") as f:
-        keys = list(f.keys())
-    return [k[len(MODULES_TO_SAVE_PREFIX) :] for k in keys if k.startswith(MODULES_TO_SAVE_PREFIX)]
+    _, header = _adapter_format.read_weights_header(adapter)
+    prefix = _adapter_format.MODULES_TO_SAVE_PREFIX
+    return [k[len(prefix) :] for k in header.tensors if k.startswith(prefix)]
 
 
 def _keep_base_values(adapter: Path, into: dict[str, Any] | None) -> Any:
@@ -492,10 +492,9 @@ def _load_adapted(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    from .model import load_adapter, read_adapter_config
+    from .model import load_adapter
 
-    doc = read_adapter_config(adapter)
-    cls_name = str(doc.get("base_model", {}).get("class") or "AutoModel")
+    cls_name = _adapter_format.read_config(adapter).base_class or "AutoModel"
     cls = getattr(transformers, cls_name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel
@@ -615,24 +614,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .model import merge_and_unload
 
     merge_and_unload(model)
-    out.mkdir(parents=True, exist_ok=True)
-    if info is not None:
-        from safetensors.torch import save_file
+    # written into a hidden staging folder and moved into place when complete: a failure
+    # leaves a previous output as it was and no half-written folder
+    with _adapter_format.atomic_directory(out) as stage:
+        if info is not None:
+            from safetensors.torch import save_file
 
-        model.encoder.save_pretrained(out / "encoder")
-        if tok is not None:
-            tok.save_pretrained(out / "encoder")
-        save_file(
-            {k: v.contiguous() for k, v in model.head.state_dict().items()},
-            str(out / "head.safetensors"),
-        )
-        (out / "demo_model.json").write_text(
-            json.dumps({**info, "merged": True}, indent=2) + "\n", encoding="utf-8"
-        )
-    else:
-        model.save_pretrained(out)
-        if tok is not None:
-            tok.save_pretrained(out)
+            model.encoder.save_pretrained(stage / "encoder")
+            if tok is not None:
+                tok.save_pretrained(stage / "encoder")
+            save_file(
+                {k: v.contiguous() for k, v in model.head.state_dict().items()},
+                str(stage / "head.safetensors"),
+            )
+            (stage / "demo_model.json").write_text(
+                json.dumps({**info, "merged": True}, indent=2) + "\n", encoding="utf-8"
+            )
+        else:
+            model.save_pretrained(stage)
+            if tok is not None:
+                tok.save_pretrained(stage)
     print(f"merged model written to {out}")
     return 0
 
@@ -640,33 +641,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _adapter_info(adapter: Path, tokens: int) -> dict[str, Any]:
     from .cost import LayerShape, Method, adapter_flops, adapter_parameters
 
-    cfg_path = adapter / "adapter_config.json"
-    try:
-        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"{cfg_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("format") != "bca"
-        or not isinstance(doc.get("modules"), dict)
-    ):
-        raise CLIError(f"{cfg_path} is not a bca adapter config")
-    weights = adapter / "adapter_model.safetensors"
-    shapes: dict[str, list[int]] = {}
-    if weights.is_file():
-        shapes = _safetensors_shapes(weights)
-    else:
-        raise CLIError(f"{adapter} has no adapter_model.safetensors")
+    # the config and the safetensors header, checked against each other (dtypes, shapes,
+    # offsets); no tensor data is read
+    doc, header = _adapter_format.read_weights_header(adapter)
     rows = []
     total_params = total_real = total_paper = 0.0
-    for name, m in doc["modules"].items():
-        try:
-            layer = LayerShape(
-                name, int(m["in_features"]), int(m["out_features"]), bool(m.get("is_conv1d", False))
-            )
-            method = Method("bca", block_size=int(m["block_size"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CLIError(f"{cfg_path}: bad entry for module {name!r} ({exc})") from None
+    for name, m in doc.modules.items():
+        layer = LayerShape(name, m.in_features, m.out_features, m.is_conv1d)
+        method = Method("bca", block_size=m.block_size)
         params = adapter_parameters(method, layer)
         real = adapter_flops(method, layer, "real")
         paper = adapter_flops(method, layer, "paper")
@@ -676,7 +658,7 @@ def _adapter_info(adapter: Path, tokens: int) -> dict[str, Any]:
                 "in_features": layer.in_features,
                 "out_features": layer.out_features,
                 "block_size": method.block_size,
-                "kernel_shape": shapes.get(f"{name}.bca_kernel"),
+                "kernel_shape": list(header.tensors[m.kernel_key].shape),
                 "params": params,
                 "flops_per_token_real": real.per_token,
                 "flops_per_token_paper": paper.per_token + paper.per_call,
@@ -685,18 +667,17 @@ def _adapter_info(adapter: Path, tokens: int) -> dict[str, Any]:
         total_params += params
         total_real += real.per_token
         total_paper += paper.per_token + paper.per_call
+    prefix = _adapter_format.MODULES_TO_SAVE_PREFIX
     saved = {
-        k[len("modules_to_save.") :]: v
-        for k, v in shapes.items()
-        if k.startswith("modules_to_save.")
+        k[len(prefix) :]: list(e.shape) for k, e in header.tensors.items() if k.startswith(prefix)
     }
-    saved_params = sum(_prod(v) for v in saved.values())
+    saved_params = sum(math.prod(v) for v in saved.values())
     return {
         "adapter": str(adapter),
-        "base_model": doc.get("base_model", {}).get("name_or_path"),
-        "base_class": doc.get("base_model", {}).get("class"),
-        "base_weight_sketch": sorted(doc.get("base_model", {}).get("weight_sketch") or {}),
-        "scale": doc.get("scale"),
+        "base_model": doc.base_name_or_path,
+        "base_class": doc.base_class,
+        "base_weight_sketch": sorted(doc.weight_sketch),
+        "scale": doc.scale,
         "modules": rows,
         "adapter_params": int(total_params),
         "modules_to_save": saved,
@@ -706,31 +687,6 @@ def _adapter_info(adapter: Path, tokens: int) -> dict[str, Any]:
         "tokens": tokens,
         "flops_total_real": total_real * tokens,
     }
-
-
-def _prod(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (JSON only; nothing else is read)."""
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError("file shorter than its header")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 2**20:
-                raise ValueError("header too large")
-            meta = json.loads(f.read(n))
-    except (ValueError, OSError) as exc:
-        raise CLIError(f"{path} is not a readable safetensors file ({exc})") from None
-    return {k: list(v["shape"]) for k, v in meta.items() if k != "__metadata__"}
 
 
 def _fmt_num(x: float) -> str:
@@ -1063,7 +1019,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("BCA_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "" if isinstance(exc, CLIError) else f"{type(exc).__name__}: "
+        kind = "" if isinstance(exc, (CLIError, BcaFormatError)) else f"{type(exc).__name__}: "
         print(f"bca {args.command}: error: {kind}{msg}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -19,7 +19,6 @@ string is a regular expression that must match a module's full dotted name
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,7 +32,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import _sketch
+from . import _adapter_format, _sketch
+from ._adapter_format import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from ._adapter_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MODULES_TO_SAVE_PREFIX,
+    AdapterDocument,
+    BcaFormatError,
+)
+from ._adapter_format import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from .nn import (
     BACKENDS,
     DEFAULT_ADAPTER,
@@ -69,12 +77,6 @@ __all__ = [
     "save_adapter",
     "unmerge_adapters",
 ]
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_NAME = "bca"
-FORMAT_VERSION = 1
-MODULES_TO_SAVE_PREFIX = "modules_to_save."
 
 
 # --------------------------------------------------------------------------------------
@@ -772,16 +774,15 @@ def _weight_sketch(module: nn.Module) -> dict[str, Any] | None:
 
 
 def _check_base_weights(
-    model: nn.Module, doc: dict[str, Any], directory: str | os.PathLike[str], check: str
+    model: nn.Module, doc: AdapterDocument, directory: str | os.PathLike[str], check: str
 ) -> None:
     """Compare the base weights of the adapter's layers with the sketches saved with it."""
     if check == "ignore":
         return
-    saved = doc["base_model"].get("weight_sketch") or {}
     differ = []
-    for name in doc["modules"]:
-        want = saved.get(name)
-        if not isinstance(want, dict):
+    for name in doc.modules:
+        want = doc.weight_sketch.get(name)
+        if want is None:
             continue  # saved by an older bca, or from a model without weights
         got = _weight_sketch(model.get_submodule(name))
         if got is not None and _sketch.differ(want, got):
@@ -789,8 +790,8 @@ def _check_base_weights(
     _sketch.report_mismatch(
         str(directory),
         differ,
-        len(doc["modules"]),
-        doc["base_model"].get("name_or_path", ""),
+        len(doc.modules),
+        doc.base_name_or_path or "",
         check,
         stacklevel=3,
     )
@@ -826,10 +827,16 @@ def save_adapter(
     """Write one adapter as ``adapter_model.safetensors`` + ``adapter_config.json``.
 
     ``adapter_name`` picks the adapter (default: the only one, else the only active one).
-    Tensors: ``<module name>.bca_kernel`` for every layer with that adapter and
-    ``modules_to_save.<parameter name>`` for fully trained modules. The JSON records the
-    config, the adapter's name, each module's shape and block size, and the base model's
-    fingerprint.
+    Tensors: ``<module name>.bca_kernel`` for every layer with that adapter (float32, or
+    float64 for float64 kernels; kernels cast to half precision are saved as float32,
+    exactly) and ``modules_to_save.<parameter name>`` for fully trained modules. The JSON
+    records the config, the adapter's name, each module's shape and block size, and the base
+    model's fingerprint.
+
+    The write is atomic: the files are written into a hidden sibling folder and moved into
+    ``directory`` only when both are complete (see :mod:`bca._adapter_format`), so a
+    failure leaves a previous adapter in ``directory`` as it was and no half-written folder;
+    other files in ``directory`` are kept.
     """
     from safetensors.torch import save_file
 
@@ -846,8 +853,10 @@ def save_adapter(
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     for name, m in modules.items():
-        kernel = m.bca_kernels[adapter]
-        tensors[f"{name}.bca_kernel"] = kernel.detach().to("cpu").clone().contiguous()
+        kernel = m.bca_kernels[adapter].detach().to("cpu")
+        if kernel.dtype not in (torch.float32, torch.float64):
+            kernel = kernel.to(torch.float32)  # the format's kernels are float32/float64
+        tensors[f"{name}.bca_kernel"] = kernel.clone().contiguous()
         info[name] = {
             "in_features": m.in_features,
             "out_features": m.out_features,
@@ -877,60 +886,46 @@ def save_adapter(
         },
         "modules": info,
     }
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(path / ADAPTER_CONFIG_NAME, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    return path
+    return _adapter_format.write_adapter(
+        directory,
+        doc,
+        lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+    )
 
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate ``adapter_config.json`` (plain JSON, nothing executed)."""
-    path = Path(directory) / ADAPTER_CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}")
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a bca adapter config (format != {FORMAT_NAME!r})")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: unsupported format_version {doc.get('format_version')!r} "
-            f"(this bca reads {FORMAT_VERSION})"
-        )
-    for key in ("block_size", "scale", "modules", "base_model"):
-        if key not in doc:
-            raise ValueError(f"{path}: missing key {key!r}")
-    return doc
+    """Read and validate ``adapter_config.json`` (plain JSON, nothing executed).
+
+    Every field the format defines is checked for its type and range; anything malformed
+    raises :class:`bca.BcaFormatError` (a ``ValueError``) naming the file and the field.
+    """
+    return _adapter_format.read_config(directory).raw
 
 
-def _check_fingerprint(model: nn.Module, doc: dict[str, Any]) -> None:
-    fingerprint = doc["base_model"].get("fingerprint", {})
-    for name, info in doc["modules"].items():
+def _check_fingerprint(model: nn.Module, doc: AdapterDocument) -> None:
+    for name in doc.modules:
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(
-                f"adapter module {name!r} not found in {type(model).__name__}: the adapter was "
-                f"saved from a different model ({doc['base_model'].get('class')!r}, "
-                f"{doc['base_model'].get('name_or_path')!r})"
+                f"{doc.path}: adapter module {name!r} not found in {type(model).__name__}: the "
+                f"adapter was saved from a different model ({doc.base_class!r}, "
+                f"{doc.base_name_or_path!r})"
             ) from None
         base = module.base_layer if isinstance(module, BlockCirculantLinear) else module
         if not is_supported_layer(base):
             raise TypeError(
-                f"adapter module {name!r} is a {type(base).__name__} in this model, expected "
-                "nn.Linear or Conv1D"
+                f"{doc.path}: adapter module {name!r} is a {type(base).__name__} in this model, "
+                "expected nn.Linear or Conv1D"
             )
         got = dict(
             zip(("in_features", "out_features", "is_conv1d"), layer_features(base), strict=True)
         )
-        want = fingerprint.get(name, info)
+        want = doc.fingerprint.get(name, doc.raw["modules"][name])
         expected = {k: want[k] for k in ("in_features", "out_features", "is_conv1d") if k in want}
         if any(got[k] != v for k, v in expected.items()):
             raise ValueError(
-                f"adapter module {name!r} does not match this model: saved for "
+                f"{doc.path}: adapter module {name!r} does not match this model: saved for "
                 f"(in_features={want.get('in_features')}, out_features={want.get('out_features')}, "
                 f"is_conv1d={want.get('is_conv1d')}), model has (in_features="
                 f"{got['in_features']}, out_features={got['out_features']}, "
@@ -962,13 +957,15 @@ def load_adapter(
     projections; casts to half precision pass): an adapter trained on another checkpoint
     of the same architecture gives a ``UserWarning`` (``check_base="warn"``, default), a
     ``ValueError`` (``"error"``) or nothing (``"ignore"``, for a base changed on purpose).
-    Loading uses safetensors and JSON only (nothing is unpickled).
+    Loading reads JSON and safetensors only (nothing is unpickled). Both files are read
+    and checked before the model is touched: a malformed file (a field of the wrong type
+    or range, a tensor of the wrong dtype or shape, a truncated or corrupted file) raises
+    :class:`bca.BcaFormatError`, a ``ValueError`` naming the file and the field.
     """
     _sketch.check_mode(check_base)
-    from safetensors.torch import load_file
-
-    doc = read_adapter_config(directory)
-    saved_class = doc["base_model"].get("class")
+    files = _adapter_format.read_adapter_files(directory)
+    doc = files.doc
+    saved_class = doc.base_class
     if saved_class and saved_class != type(model).__name__:
         warnings.warn(
             f"adapter was saved from a {saved_class}, loading into a {type(model).__name__}",
@@ -976,16 +973,19 @@ def load_adapter(
         )
     _check_fingerprint(model, doc)
     _check_base_weights(model, doc, directory, check_base)
-    modules_info: dict[str, dict[str, Any]] = doc["modules"]
-    config = BCAConfig(
-        block_size=int(doc["block_size"]),
-        target_modules=list(doc.get("target_modules") or list(modules_info)),
-        scale=float(doc["scale"]),
-        init=str(doc.get("init", "zeros")),
-        pad=bool(doc.get("pad", True)),
-        backend=backend if backend is not None else "auto",
-        modules_to_save=list(doc.get("modules_to_save") or []),
-    )
+    modules_info = doc.modules
+    try:
+        config = BCAConfig(
+            block_size=doc.block_size,
+            target_modules=list(doc.target_modules or modules_info),
+            scale=doc.scale,
+            init=doc.init,
+            pad=doc.pad,
+            backend=backend if backend is not None else "auto",
+            modules_to_save=list(doc.modules_to_save),
+        )
+    except (TypeError, ValueError) as e:  # e.g. a target_modules entry BCAConfig refuses
+        raise BcaFormatError(doc.path, "", str(e)) from None
     names_now = adapter_names(model)
     if adapter_name is None:
         target = names_now[0] if len(names_now) == 1 else DEFAULT_ADAPTER
@@ -1003,10 +1003,10 @@ def load_adapter(
         for name, m in existing.items():
             if target in m.merged_adapters:
                 raise ValueError(f"adapter {name!r} is merged; unmerge before load_adapter")
-            if m.adapter_block_size(target) != int(modules_info[name]["block_size"]):
+            if m.adapter_block_size(target) != modules_info[name].block_size:
                 raise ValueError(
                     f"adapter {name!r} has block_size {m.adapter_block_size(target)}, saved "
-                    f"block_size {modules_info[name]['block_size']}"
+                    f"block_size {modules_info[name].block_size}"
                 )
         prior = _configs_of(model).get(target)
         if isinstance(prior, BCAConfig):
@@ -1020,67 +1020,54 @@ def load_adapter(
             )
         for name, info in modules_info.items():
             module = model.get_submodule(name)
-            p = int(info["block_size"])
+            p = info.block_size
             if (
                 isinstance(module, BlockCirculantLinear)
                 and not module.pad
                 and (module.in_features % p or module.out_features % p)
             ):
                 raise ValueError(f"module {name!r} has pad=False and block_size {p} needs padding")
-    weights_path = Path(directory) / ADAPTER_WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {directory}")
-    tensors = load_file(str(weights_path), device="cpu")
-    expected = {f"{name}.bca_kernel" for name in modules_info}
-    missing = sorted(expected - set(tensors))
-    if missing:
-        raise ValueError(f"{weights_path} lacks tensors {missing}")
-    for name, info in modules_info.items():
-        t = tensors[f"{name}.bca_kernel"]
-        p = int(info["block_size"])
-        d_in, d_out = int(info["in_features"]), int(info["out_features"])
-        want = (-(-d_out // p), -(-d_in // p), p)
-        if tuple(t.shape) != want:
-            raise ValueError(
-                f"tensor {name}.bca_kernel has shape {tuple(t.shape)}, expected {want} for "
-                f"in_features={d_in}, out_features={d_out}, block_size={p}"
-            )
-        if not torch.isfinite(t).all():
-            raise ValueError(f"tensor {name}.bca_kernel in {weights_path} contains NaN or Inf")
+    kernels = {n: torch.from_numpy(k) for n, k in files.kernels.items()}
     params = dict(model.named_parameters())
-    saved_params = {
-        k[len(MODULES_TO_SAVE_PREFIX) :]: v
-        for k, v in tensors.items()
-        if k.startswith(MODULES_TO_SAVE_PREFIX)
-    }
+    saved_params = {n: torch.from_numpy(v) for n, v in files.modules_to_save.items()}
     for pname, t in saved_params.items():
         if pname not in params:
-            raise ValueError(f"saved module parameter {pname!r} not found in the model")
+            raise ValueError(
+                f"saved module parameter {pname!r} ({files.weights_path}) not found in the model"
+            )
         if tuple(params[pname].shape) != tuple(t.shape):
             raise ValueError(
-                f"saved module parameter {pname!r} has shape {tuple(t.shape)}, the model's "
-                f"has {tuple(params[pname].shape)}"
+                f"saved module parameter {pname!r} has shape {tuple(t.shape)} in "
+                f"{files.weights_path}, the model's has {tuple(params[pname].shape)}"
             )
-    unexpected = sorted(
-        k for k in tensors if k not in expected and not k.startswith(MODULES_TO_SAVE_PREFIX)
-    )
-    if unexpected:
-        raise ValueError(f"{weights_path} has unexpected tensors {unexpected}")
 
-    sizes = {n: int(i["block_size"]) for n, i in modules_info.items()}
+    sizes = {n: i.block_size for n, i in modules_info.items()}
     if mode == "new":
+        for name, info in modules_info.items():  # checked before the model changes
+            if not config.pad and (
+                info.in_features % info.block_size or info.out_features % info.block_size
+            ):
+                raise BcaFormatError(
+                    doc.path,
+                    f"modules.{name}.block_size",
+                    f"{info.block_size} does not divide in_features={info.in_features} and "
+                    f"out_features={info.out_features}, and pad is false",
+                )
+        if config.modules_to_save:
+            try:
+                _match_modules_to_save(model, config)
+            except ValueError as e:
+                raise ValueError(f"{doc.path}: {e}") from None
         _inject(model, sizes, config, target)
         model.bca_config = config  # type: ignore[assignment]
         model.bca_configs = {target: config}  # type: ignore[assignment]
-        if config.modules_to_save:
-            _match_modules_to_save(model, config)
         freeze_base(model)
     elif mode == "add":
         _inject(model, sizes, config, target, activate=bool(activate))
         _configs_of(model)[target] = config
     else:
         for m in existing.values():
-            m.set_adapter_scale(target, float(doc["scale"]))
+            m.set_adapter_scale(target, doc.scale)
             if backend is not None:
                 m.backend = backend
         configs = _configs_of(model)
@@ -1092,7 +1079,7 @@ def load_adapter(
             module = model.get_submodule(name)
             assert isinstance(module, BlockCirculantLinear)
             k = module.bca_kernels[target]
-            k.copy_(tensors[f"{name}.bca_kernel"].to(device=k.device, dtype=k.dtype))
+            k.copy_(kernels[name].to(device=k.device, dtype=k.dtype))
         params = dict(model.named_parameters())
         for pname, t in saved_params.items():
             dst = params[pname]

@@ -33,7 +33,6 @@ Entry points:
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -41,6 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+from . import _adapter_format as _fmt
+from ._adapter_format import BcaFormatError, ModuleInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,12 +59,12 @@ __all__ = [
     "unpatch_peft_c3a",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = _fmt.CONFIG_NAME
+WEIGHTS_NAME = _fmt.WEIGHTS_NAME
 PEFT_PREFIX = "base_model.model."
 C3A_SUFFIX = ".c3a_kernel"
-BCA_SUFFIX = ".bca_kernel"
-MTS_PREFIX = "modules_to_save."
+BCA_SUFFIX = _fmt.KERNEL_SUFFIX
+MTS_PREFIX = _fmt.MODULES_TO_SAVE_PREFIX
 
 ArrayT = TypeVar("ArrayT")
 
@@ -165,33 +167,40 @@ def bca_kernel_to_c3a(kernel: ArrayT, in_features: int | None = None, scale: flo
 # --------------------------------------------------------------------------- directories
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} not found")
-    with path.open() as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{what}: {path} does not hold a JSON object")
-    return data
+def _torch_tensors(header: _fmt.SafetensorsHeader, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """numpy arrays read from ``header``'s file as torch tensors of the file's dtypes
+    (bfloat16 is read as float32, exactly, and cast back)."""
+    import torch
+
+    out = {}
+    for name, a in arrays.items():
+        t = torch.from_numpy(a)
+        out[name] = t.to(torch.bfloat16) if header.tensors[name].dtype == "BF16" else t
+    return out
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _load_tensors(path: Path) -> tuple[_fmt.SafetensorsHeader, dict[str, torch.Tensor]]:
+    """Every tensor of a PEFT safetensors file (floating point only, checked), as torch."""
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found (only safetensors adapters are read; pickled .bin files are "
             "never loaded)"
         )
-    return load_file(str(path))
+    header = _fmt.read_safetensors_header(path)
+    for name, entry in header.tensors.items():
+        if entry.dtype not in _fmt.PARAMETER_DTYPES:
+            raise BcaFormatError(
+                path, name, f"dtype {entry.dtype_name}, expected a floating point dtype"
+            )
+    return header, _torch_tensors(header, _fmt.read_tensors(header, list(header.tensors)))
 
 
 def _prepare_dst(dst: str | Path, overwrite: bool) -> Path:
+    """Check that ``dst`` may be written (it is created atomically by the caller)."""
     out = Path(dst)
     if out.exists() and any(out.iterdir()) and not overwrite:
         if (out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists():
             raise FileExistsError(f"{out} already holds an adapter; pass overwrite=True")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -222,16 +231,34 @@ def c3a_adapter_dir_to_bca(
     ``nn.Linear`` of the kernel's size, and its class is recorded in the fingerprint.
     """
     src_p = Path(src)
-    cfg = _read_json(src_p / CONFIG_NAME, "PEFT adapter config")
-    if str(cfg.get("peft_type", "")).upper() != "C3A":
-        raise ValueError(f"{src_p} holds a {cfg.get('peft_type')!r} adapter, not C3A")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(
-            f"C3A adapter with bias={cfg['bias']!r}: trained biases are not part of a bca "
-            "adapter; retrain with bias='none'"
+    cfg_path, w_path = src_p / CONFIG_NAME, src_p / WEIGHTS_NAME
+    cfg = _fmt.read_json_object(cfg_path, "PEFT adapter config")
+    peft_type = cfg.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "C3A":
+        raise BcaFormatError(
+            cfg_path, "peft_type", f"{src_p} holds a {_fmt.kind_of(peft_type)} adapter, not C3A"
         )
-    tensors = _load_tensors(src_p / WEIGHTS_NAME)
-    mts_entries = [m for m in (cfg.get("modules_to_save") or []) if isinstance(m, str)]
+    if cfg.get("bias", "none") not in ("none", None):
+        raise BcaFormatError(
+            cfg_path,
+            "bias",
+            f"C3A adapter with bias={_fmt.kind_of(cfg['bias'])}: trained biases are not part of "
+            "a bca adapter; retrain with bias='none'",
+        )
+    check = _fmt.FieldChecker(cfg_path)
+    mts_value = cfg.get("modules_to_save")
+    mts_entries = [] if mts_value is None else check.names(mts_value, "modules_to_save")
+    peft_block_size = cfg.get("block_size")
+    if peft_block_size is not None:
+        check.integer(peft_block_size, "block_size")
+    target = cfg.get("target_modules")
+    if isinstance(target, list):
+        check.names(target, "target_modules")
+    name_or_path = check.text(
+        cfg.get("base_model_name_or_path"), "base_model_name_or_path", optional=True
+    )
+    peft_version = cfg.get("peft_version")
+    _, tensors = _load_tensors(w_path)
 
     kernels: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -243,24 +270,32 @@ def c3a_adapter_dir_to_bca(
             continue
         owner = next((m for m in mts_entries if _under_module(name, m)), None)
         if owner is None:
-            raise ValueError(
-                f"tensor {key!r} in {src_p / WEIGHTS_NAME} is neither a C3A kernel nor part of "
-                f"modules_to_save={mts_entries}"
+            raise BcaFormatError(
+                w_path,
+                key,
+                f"tensor {key!r} is neither a C3A kernel nor part of modules_to_save={mts_entries}",
             )
         used_mts.add(owner)
         extra[MTS_PREFIX + name] = t
     if not kernels:
-        raise ValueError(f"{src_p / WEIGHTS_NAME} holds no C3A kernel")
+        raise BcaFormatError(w_path, "", "holds no C3A kernel")
 
     named_modules = dict(base_model.named_modules()) if base_model is not None else {}
     out_tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
     for name, w in sorted(kernels.items()):
-        q_out, q_in, p = _check_kernel(w, f"tensor {name + C3A_SUFFIX!r}")
+        key = PEFT_PREFIX + name + C3A_SUFFIX
+        try:
+            q_out, q_in, p = _check_kernel(w, f"tensor {key!r}")
+        except ValueError as e:
+            raise BcaFormatError(w_path, key, str(e)) from None
+        if not bool(w.isfinite().all()):
+            raise BcaFormatError(w_path, key, "contains NaN or Inf")
         d_in, d_out = q_in * p, q_out * p
         if base_model is not None:
             _check_base_linear(named_modules, name, d_in, d_out)
-        c = c3a_kernel_to_bca(w.double(), d_in).to(w.dtype).contiguous()
+        out_dtype = w.dtype if w.dtype == _float64() else _float32()
+        c = c3a_kernel_to_bca(w.double(), d_in).to(out_dtype).contiguous()
         out_tensors[name + BCA_SUFFIX] = c
         modules[name] = {
             "in_features": d_in,
@@ -271,9 +306,8 @@ def c3a_adapter_dir_to_bca(
     out_tensors.update({k: v.contiguous() for k, v in extra.items()})
 
     sizes = Counter(m["block_size"] for m in modules.values())
-    block_size = int(cfg.get("block_size") or sizes.most_common(1)[0][0])
-    target = cfg.get("target_modules")
-    targets = sorted(target) if isinstance(target, (list, set, tuple)) else sorted(modules)
+    block_size = peft_block_size or sizes.most_common(1)[0][0]
+    targets = sorted(target) if isinstance(target, list) else sorted(modules)
     init = _PEFT_INIT_TO_BCA.get(str(cfg.get("init_weights", "xavier_uniform")), "zeros")
     bca_cfg = {
         "format": "bca",
@@ -285,7 +319,7 @@ def c3a_adapter_dir_to_bca(
         "pad": False,
         "modules_to_save": sorted(used_mts),
         "base_model": {
-            "name_or_path": cfg.get("base_model_name_or_path"),
+            "name_or_path": name_or_path,
             "class": type(base_model).__name__ if base_model is not None else None,
             "fingerprint": {
                 n: {k: m[k] for k in ("in_features", "out_features", "is_conv1d")}
@@ -293,15 +327,17 @@ def c3a_adapter_dir_to_bca(
             },
         },
         "modules": modules,
-        "converted_from": {"peft_type": "C3A", "peft_version": cfg.get("peft_version")},
+        "converted_from": {
+            "peft_type": "C3A",
+            "peft_version": peft_version if isinstance(peft_version, str) else None,
+        },
     }
     out = _prepare_dst(dst, overwrite)
     from safetensors.torch import save_file
 
-    save_file(out_tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    with (out / CONFIG_NAME).open("w") as f:
-        json.dump(bca_cfg, f, indent=2, sort_keys=True)
-    return out
+    return _fmt.write_adapter(
+        out, bca_cfg, lambda path: save_file(out_tensors, str(path), metadata={"format": "pt"})
+    )
 
 
 def _check_base_linear(named: Mapping[str, Any], name: str, d_in: int, d_out: int) -> None:
@@ -320,10 +356,9 @@ def _check_base_linear(named: Mapping[str, Any], name: str, d_in: int, d_out: in
         )
 
 
-def _c3a_refusal(name: str, info: Mapping[str, Any]) -> str | None:
-    p = int(info["block_size"])
-    d_in, d_out = int(info["in_features"]), int(info["out_features"])
-    if info.get("is_conv1d"):
+def _c3a_refusal(name: str, info: ModuleInfo) -> str | None:
+    p, d_in, d_out = info.block_size, info.in_features, info.out_features
+    if info.is_conv1d:
         return f"module {name!r} wraps a transformers Conv1D; PEFT's C3A supports nn.Linear only"
     if d_in % p or d_out % p:
         return (
@@ -334,7 +369,7 @@ def _c3a_refusal(name: str, info: Mapping[str, Any]) -> str | None:
 
 
 def _c3a_config_dict(
-    modules: Mapping[str, Mapping[str, Any]],
+    modules: Mapping[str, ModuleInfo],
     block_size: int | None,
     modules_to_save: list[str],
     base_model_name_or_path: str | None,
@@ -342,11 +377,11 @@ def _c3a_config_dict(
 ) -> Any:
     from peft import C3AConfig
 
-    sizes = Counter(int(m["block_size"]) for m in modules.values())
+    sizes = Counter(m.block_size for m in modules.values())
     default = block_size if block_size is not None and block_size in sizes else None
     if default is None:
         default = sizes.most_common(1)[0][0]
-    pattern = {n: int(m["block_size"]) for n, m in modules.items() if m["block_size"] != default}
+    pattern = {n: m.block_size for n, m in modules.items() if m.block_size != default}
     return C3AConfig(
         block_size=int(default),
         target_modules=sorted(modules),
@@ -375,51 +410,32 @@ def bca_adapter_dir_to_c3a(
     hold. ``task_type`` (e.g. ``"SEQ_CLS"``) is written to the PEFT config; PEFT uses it to
     pick the ``PeftModel`` subclass.
     """
-    src_p = Path(src)
-    cfg = _read_json(src_p / CONFIG_NAME, "bca adapter config")
-    if cfg.get("format") != "bca":
-        raise ValueError(f"{src_p / CONFIG_NAME} is not a bca adapter config (format != 'bca')")
-    modules = cfg.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise ValueError(f"{src_p / CONFIG_NAME} lists no adapted modules")
-    problems = [msg for n, m in modules.items() if (msg := _c3a_refusal(n, m)) is not None]
+    files = _fmt.read_adapter_files(src)  # every check of the format, nothing unpickled
+    doc = files.doc
+    problems = [msg for n, m in doc.modules.items() if (msg := _c3a_refusal(n, m)) is not None]
     if problems:
-        raise ValueError("cannot convert to PEFT C3A: " + "; ".join(problems))
-    scale = float(cfg.get("scale", 1.0))
-    tensors = _load_tensors(src_p / WEIGHTS_NAME)
+        raise ValueError(f"cannot convert {src} to PEFT C3A: " + "; ".join(problems))
+    import torch
 
     out_tensors: dict[str, torch.Tensor] = {}
-    for name, info in modules.items():
-        key = name + BCA_SUFFIX
-        if key not in tensors:
-            raise ValueError(f"{src_p / WEIGHTS_NAME} misses tensor {key!r}")
-        c = tensors[key]
-        shape = _check_kernel(c, f"tensor {key!r}")
-        p = int(info["block_size"])
-        d_in, d_out = int(info["in_features"]), int(info["out_features"])
-        if shape != (d_out // p, d_in // p, p):
-            raise ValueError(
-                f"tensor {key!r} has shape {shape}, config says {(d_out // p, d_in // p, p)}"
-            )
-        w = bca_kernel_to_c3a(c.double(), d_in, scale).to(_float32()).contiguous()
-        out_tensors[PEFT_PREFIX + name + C3A_SUFFIX] = w
-    mts_names: set[str] = set()
-    for key, t in tensors.items():
-        if key.startswith(MTS_PREFIX):
-            out_tensors[PEFT_PREFIX + key[len(MTS_PREFIX) :]] = t.contiguous()
-            mts_names.add(key)
-        elif not key.endswith(BCA_SUFFIX):
-            raise ValueError(f"unexpected tensor {key!r} in {src_p / WEIGHTS_NAME}")
-    mts = [m for m in cfg.get("modules_to_save") or [] if isinstance(m, str)]
-    base = cfg.get("base_model") or {}
+    for name, info in doc.modules.items():
+        c = torch.from_numpy(files.kernels[name])
+        w = bca_kernel_to_c3a(c.double(), info.in_features, doc.scale).to(_float32())
+        out_tensors[PEFT_PREFIX + name + C3A_SUFFIX] = w.contiguous()
+    saved = _torch_tensors(
+        files.header, {MTS_PREFIX + k: v for k, v in files.modules_to_save.items()}
+    )
+    for key, t in saved.items():
+        out_tensors[PEFT_PREFIX + key[len(MTS_PREFIX) :]] = t.contiguous()
     peft_cfg = _c3a_config_dict(
-        modules, cfg.get("block_size"), mts, base.get("name_or_path"), task_type
+        doc.modules, doc.block_size, doc.modules_to_save, doc.base_name_or_path, task_type
     )
     out = _prepare_dst(dst, overwrite)
     from safetensors.torch import save_file
 
-    save_file(out_tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    peft_cfg.save_pretrained(str(out))
+    with _fmt.atomic_directory(out) as stage:
+        save_file(out_tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        peft_cfg.save_pretrained(str(stage))
     return out
 
 
@@ -427,6 +443,12 @@ def _float32() -> Any:
     import torch
 
     return torch.float32
+
+
+def _float64() -> Any:
+    import torch
+
+    return torch.float64
 
 
 # --------------------------------------------------------------------------- in memory
@@ -589,13 +611,7 @@ def bca_model_to_c3a(
             )
             continue
         msg = _c3a_refusal(
-            n,
-            {
-                "block_size": m.block_size,
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "is_conv1d": m.is_conv1d,
-            },
+            n, ModuleInfo(n, m.in_features, m.out_features, m.block_size, m.is_conv1d)
         )
         if msg is not None:
             problems.append(msg)
@@ -608,11 +624,7 @@ def bca_model_to_c3a(
         for n, m in modules.items()
     }
     info = {
-        n: {
-            "block_size": m.block_size,
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-        }
+        n: ModuleInfo(n, m.in_features, m.out_features, m.block_size, m.is_conv1d)
         for n, m in modules.items()
     }
     for n, m in modules.items():

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from .._adapter_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    finish_modes,
+    read_adapter_files,
+    staging_directory,
+)
 from ._splice import AdapterSpec
 
 __all__ = ["SavedAdapter", "read_adapter", "save_checked", "load_onnx"]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-MODULES_TO_SAVE_PREFIX = "modules_to_save."
+ADAPTER_CONFIG_NAME = CONFIG_NAME
+ADAPTER_WEIGHTS_NAME = WEIGHTS_NAME
 _TWO_GB = 2**31 - 1
 
 
@@ -43,79 +49,20 @@ def read_adapter(directory: str | os.PathLike[str]) -> SavedAdapter:
     """Read ``adapter_config.json`` and ``adapter_model.safetensors`` (JSON + safetensors
     only, nothing unpickled) and check that every kernel's shape fits its module.
 
-    Raises ``FileNotFoundError`` for a missing directory/file and ``ValueError`` naming
-    the file and the problem for anything malformed.
+    Raises ``FileNotFoundError`` for a missing directory/file and
+    :class:`bca.BcaFormatError` (a ``ValueError``) naming the file and the field for
+    anything malformed: the checks of :func:`bca._adapter_format.read_adapter_files`
+    (config fields of the wrong type or range, kernels that are not float32/float64, of
+    the wrong shape or not finite, fully trained parameters that are not floats, unexpected
+    tensors, truncated or corrupted files).
     """
-    path = Path(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
-    cfg_path = path / ADAPTER_CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {str(path)!r}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != "bca":
-        raise ValueError(f'{cfg_path} is not a bca adapter config ("format" must be "bca")')
-    if doc.get("format_version") != 1:
-        raise ValueError(
-            f"{cfg_path}: unsupported format_version {doc.get('format_version')!r} (reads 1)"
-        )
-    modules = doc.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise ValueError(f'{cfg_path}: "modules" must be a non-empty object')
-    try:
-        scale = float(doc.get("scale", 1.0))
-    except (TypeError, ValueError):
-        raise ValueError(f'{cfg_path}: "scale" must be a number') from None
-    if not np.isfinite(scale):
-        raise ValueError(f'{cfg_path}: "scale" must be finite, got {scale}')
-    w_path = path / ADAPTER_WEIGHTS_NAME
-    if not w_path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {str(path)!r}")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from None
-    specs: list[AdapterSpec] = []
-    for name, info in modules.items():
-        try:
-            d_in, d_out, p = (int(info[k]) for k in ("in_features", "out_features", "block_size"))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"{cfg_path}: module {name!r} needs integer in_features, out_features and "
-                "block_size"
-            ) from None
-        key = f"{name}.bca_kernel"
-        if key not in tensors:
-            raise ValueError(f"{w_path} lacks tensor {key!r}")
-        k = tensors[key]
-        want = (-(-d_out // p), -(-d_in // p), p)
-        if tuple(k.shape) != want:
-            raise ValueError(
-                f"{w_path}: tensor {key!r} has shape {tuple(k.shape)}, expected {want} for "
-                f"in_features={d_in}, out_features={d_out}, block_size={p}"
-            )
-        if k.dtype not in (np.float32, np.float64):
-            raise ValueError(
-                f"{w_path}: tensor {key!r} has dtype {k.dtype}, expected float32 or float64 "
-                "(kernels are kept in float32 even for half-precision models; one cast to "
-                "half after inject_adapters should be cast back before save_adapter)"
-            )
-        if not np.all(np.isfinite(k)):
-            raise ValueError(f"{w_path}: tensor {key!r} contains NaN or Inf")
-        specs.append(AdapterSpec(name, k, d_in, d_out, scale))
-    mts = {
-        k[len(MODULES_TO_SAVE_PREFIX) :]: v
-        for k, v in tensors.items()
-        if k.startswith(MODULES_TO_SAVE_PREFIX)
-    }
-    return SavedAdapter(path, doc, specs, mts)
+    files = read_adapter_files(directory)
+    doc = files.doc
+    specs = [
+        AdapterSpec(name, files.kernels[name], m.in_features, m.out_features, doc.scale)
+        for name, m in doc.modules.items()
+    ]
+    return SavedAdapter(Path(directory), doc.raw, specs, files.modules_to_save)
 
 
 def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -135,25 +82,34 @@ def save_checked(
     """Save ``model`` and run ``onnx.checker.check_model`` (full check) on the file.
 
     Models of 2 GB or more (or ``external_data=True``) are saved with their tensors in
-    ``<name>.data`` next to the file.
+    ``<name>.data`` next to the file. The write is atomic: the files are written and
+    checked in a hidden staging folder next to ``path`` and moved into place with
+    ``os.replace`` only when the check passes (the data file first), so a failure leaves
+    a previous file at ``path`` as it was.
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     size = model.ByteSize()
     use_external = size >= _TWO_GB if external_data is None else bool(external_data)
-    if use_external:
+    stage = staging_directory(out.parent, out.name)
+    try:
+        tmp = stage / out.name
         data_name = out.name + ".data"
-        if (out.parent / data_name).exists():
-            (out.parent / data_name).unlink()
-        onnx.save_model(
-            model,
-            str(out),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(out))
-    onnx.checker.check_model(str(out), full_check=True)
+        if use_external:
+            onnx.save_model(
+                model,
+                str(tmp),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        finish_modes(stage)
+        if (stage / data_name).exists():
+            os.replace(stage / data_name, out.parent / data_name)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
