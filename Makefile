@@ -14,7 +14,7 @@ rust-check:  ## format, lints and the pure-Rust tests (no Python needed)
 	cargo test --release
 
 py-check:  ## lint, and the extension's stub against the built module
-	$(PYTHON) -m ruff check python tests benches
+	$(PYTHON) -m ruff check python tests benches fuzz
 	$(PYTHON) -m mypy.stubtest bca._bca
 
 pytest:
