@@ -365,3 +365,133 @@ fn all_finite_body<T: Float>(data: &[T]) -> bool {
         block.iter().fold(true, |ok, &v| ok & (v.abs() < inf))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The AVX2 build of each kernel must give the generic build's results bit for bit (the
+    //! property the module docs promise, which makes results independent of the CPU).
+    use super::*;
+
+    /// Deterministic values over a wide dynamic range, so that any change in the order or
+    /// the fusion of operations shows in the last bits.
+    fn values<T: Float>(n: usize, seed: u64) -> Vec<T> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+                let e = ((s >> 3) % 24) as i32 - 12;
+                T::from((u * 2.0 - 1.0) * 2f64.powi(e)).unwrap_or_else(T::zero)
+            })
+            .collect()
+    }
+
+    fn bits<T: Float>(v: &[T]) -> Vec<u64> {
+        v.iter()
+            .map(|x| x.to_f64().unwrap_or(0.0).to_bits())
+            .collect()
+    }
+
+    fn check_block_product<T: Float>() {
+        for &(q_a, q_b, rows, f_n) in &[(1, 1, 1, 1), (3, 2, 5, 9), (4, 5, 3, 17), (7, 3, 2, 33)] {
+            let f_pad = padded_freqs(f_n);
+            let (x_re, x_im) = (
+                values::<T>(rows * q_a * f_pad, 1),
+                values::<T>(rows * q_a * f_pad, 2),
+            );
+            let (s_re, s_im) = (
+                values::<T>(q_b * q_a * f_pad, 3),
+                values::<T>(q_b * q_a * f_pad, 4),
+            );
+            let n = rows * q_b * f_pad;
+            let (mut g_re, mut g_im) = (vec![T::zero(); n], vec![T::zero(); n]);
+            block_product_body(
+                f_pad,
+                q_a,
+                q_b,
+                (&x_re, &x_im),
+                (&s_re, &s_im),
+                (&mut g_re, &mut g_im),
+            );
+            let (mut a_re, mut a_im) = (vec![T::zero(); n], vec![T::zero(); n]);
+            // SAFETY: run only where the CPU has AVX2 (checked by the callers).
+            unsafe {
+                block_product_avx2(
+                    f_pad,
+                    q_a,
+                    q_b,
+                    (&x_re, &x_im),
+                    (&s_re, &s_im),
+                    (&mut a_re, &mut a_im),
+                )
+            };
+            assert_eq!(bits(&g_re), bits(&a_re), "re, {q_a} {q_b} {rows} {f_n}");
+            assert_eq!(bits(&g_im), bits(&a_im), "im, {q_a} {q_b} {rows} {f_n}");
+        }
+    }
+
+    fn check_kernel_grad<T: Float>() {
+        for &(q_out, q_in, rows, f_n) in &[(1, 1, 1, 1), (3, 2, 5, 9), (5, 4, 16, 17)] {
+            let f_pad = padded_freqs(f_n);
+            let (g_re, g_im) = (
+                values::<T>(rows * q_out * f_pad, 5),
+                values::<T>(rows * q_out * f_pad, 6),
+            );
+            let (x_re, x_im) = (
+                values::<T>(rows * q_in * f_pad, 7),
+                values::<T>(rows * q_in * f_pad, 8),
+            );
+            let slab = q_out * q_in * LANES;
+            for fb in (0..f_pad).step_by(LANES) {
+                let start = values::<T>(slab, fb as u64 + 9);
+                let start: Vec<T::Acc> = start.iter().map(|v| v.widen()).collect();
+                let (mut k1_re, mut k1_im) = (start.clone(), start.clone());
+                let (mut k2_re, mut k2_im) = (start.clone(), start);
+                accumulate_kernel_grad_body(
+                    q_out,
+                    q_in,
+                    rows,
+                    fb,
+                    (&g_re, &g_im),
+                    (&x_re, &x_im),
+                    (&mut k1_re, &mut k1_im),
+                );
+                // SAFETY: as above.
+                unsafe {
+                    accumulate_kernel_grad_avx2(
+                        q_out,
+                        q_in,
+                        rows,
+                        fb,
+                        (&g_re, &g_im),
+                        (&x_re, &x_im),
+                        (&mut k2_re, &mut k2_im),
+                    )
+                };
+                assert_eq!(bits(&k1_re), bits(&k2_re));
+                assert_eq!(bits(&k1_im), bits(&k2_im));
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_and_generic_paths_agree_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx2") {
+                eprintln!("no AVX2 on this CPU: nothing to compare");
+                return;
+            }
+            check_block_product::<f32>();
+            check_block_product::<f64>();
+            check_kernel_grad::<f32>();
+            check_kernel_grad::<f64>();
+            let mut v = values::<f32>(5000, 11);
+            assert_eq!(all_finite_body(&v), unsafe { all_finite_avx2(&v) });
+            v[4321] = f32::NAN;
+            assert!(!all_finite_body(&v) && !unsafe { all_finite_avx2(&v) });
+        }
+    }
+}
