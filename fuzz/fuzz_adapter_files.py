@@ -367,7 +367,7 @@ def mutate(base: Files, c: Chooser) -> Files:
         elif op == 3 and len(f.weights) >= 8:
             (n,) = struct.unpack("<Q", f.weights[:8])
             new = choice(c, [0, 1, 2, n - 1, n + 1, n + 8, len(f.weights), 2**63, 2**64 - 1])
-            f.weights = struct.pack("<Q", max(new, 0)) + f.weights[8:]
+            f.weights = struct.pack("<Q", new % 2**64) + f.weights[8:]
             f.labels.append(f"weights: header length {n} -> {new}")
         elif op in (4, 5, 6):
             parsed = split_weights(f.weights)
@@ -738,6 +738,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and not args.atheris:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.atheris:  # coverage of bca's modules (imported here first, instrumented)
+        import atheris
+
+        with atheris.instrument_imports(include=["bca"]):
+            for name in ("bca._adapter_format", "bca.model", "bca.onnx", "bca.cli"):
+                importlib.import_module(name)
     with tempfile.TemporaryDirectory(prefix="bca-fuzz-") as tmp:
         ctx = make_context(Path(tmp), args.adapter, args.model, args.peft)
         if args.atheris:
