@@ -356,6 +356,7 @@ def test_save_adapter_failure_keeps_previous_adapter(
             save_adapter(_adapted(seed=2), saved)
     assert _snapshot(saved) == before
     assert _siblings(saved) == siblings
+    assert sorted(os.listdir(saved)) == [CONFIG, WEIGHTS]  # no staging folder left inside
     load_adapter(Tiny(), saved)
     # the same save without the failure replaces both files and keeps other files
     (saved / "notes.txt").write_text("mine")

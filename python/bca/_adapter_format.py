@@ -21,9 +21,9 @@ file raises ``FileNotFoundError``. The safetensors parser is this module's own (
 promises (header size, no duplicate keys, contiguous data offsets that cover the file,
 each tensor's byte span equal to its shape times its dtype's size).
 
-Writers stage their files in a temporary sibling folder and move them into place only
-when everything is written (:func:`atomic_directory`): a failure leaves any previous
-adapter untouched and no half-written folder.
+Writers stage their files in a hidden folder and move them into place only when
+everything is written (:func:`atomic_directory`): a failure leaves any previous adapter
+untouched and no half-written folder.
 """
 
 from __future__ import annotations

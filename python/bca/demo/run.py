@@ -78,14 +78,16 @@ def load_demo_model(
     ``before_adapter`` (optional) is called with the base model (seed-0 head) before the
     adapter is loaded into it, e.g. to keep the base values of the fully trained head.
     """
+    from .._adapter_format import FieldChecker, read_json_object
     from ..model import load_adapter
     from .train import load_minilm
 
     info_path = directory / DEMO_MODEL_FILE
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info = read_json_object(info_path, DEMO_MODEL_FILE)  # errors name the file and field
     if info.get("kind") != "minilm-meanpool-classifier":
         raise ValueError(f"{info_path}: unknown demo model kind {info.get('kind')!r}")
-    tokenizer, model = load_minilm(int(info["num_labels"]), seed=0)
+    num_labels = FieldChecker(info_path).integer(info.get("num_labels"), "num_labels", 1, 2**16)
+    tokenizer, model = load_minilm(num_labels, seed=0)
     if before_adapter is not None:
         before_adapter(model)
     load_adapter(model, directory)

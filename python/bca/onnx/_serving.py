@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .._adapter_format import new_file_mode
 from ._builder import lowered_spectra
 from ._io import SavedAdapter, read_adapter
 from ._splice import AdapterSpec
@@ -970,18 +971,7 @@ def write_ort_adapter(
     return out
 
 
-def _new_file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # not thread-safe, hence only without /proc
-    os.umask(mask)
-    return 0o666 & ~mask
+_new_file_mode = new_file_mode  # 0o666 minus the umask, as open(path, "w") gives
 
 
 def _first_line(e: BaseException) -> str:
