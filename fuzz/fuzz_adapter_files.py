@@ -353,69 +353,75 @@ def mutate(base: Files, c: Chooser) -> Files:
     """One to three mutations of ``base`` (which is not changed)."""
     f = Files(base.config, base.weights, [])
     for _ in range(c.integer(1, 3)):
-        op = c.integer(0, 11)
-        if op == 0:
-            (n,) = struct.unpack("<Q", f.weights[:8]) if len(f.weights) >= 8 else (0,)
-            f.weights = _flip(f.weights, c, 0, 8 + n + 32)
-            f.labels.append("weights: bytes flipped near the header")
-        elif op == 1:
-            f.weights = _flip(f.weights, c)
-            f.labels.append("weights: bytes flipped")
-        elif op == 2:
-            f.weights = _resize(f.weights, c)
-            f.labels.append(f"weights: resized to {len(f.weights)}")
-        elif op == 3 and len(f.weights) >= 8:
-            (n,) = struct.unpack("<Q", f.weights[:8])
-            new = choice(c, [0, 1, 2, n - 1, n + 1, n + 8, len(f.weights), 2**63, 2**64 - 1])
-            f.weights = struct.pack("<Q", new % 2**64) + f.weights[8:]
-            f.labels.append(f"weights: header length {n} -> {new}")
-        elif op in (4, 5, 6):
-            parsed = split_weights(f.weights)
-            if parsed is None:
-                continue
-            head, data = parsed
-            names = [k for k in head if k != "__metadata__"]
-            sub = c.integer(0, 5)
-            if sub <= 2 and names and isinstance(head[choice(c, names)], dict):
-                name = choice(c, names)
-                if isinstance(head[name], dict):
-                    f.labels.append(f"weights: {name}: " + _mutate_entry(head[name], c))
-            elif sub == 3 and names:
-                name = choice(c, names)
-                head[choice(c, [name + "x", "stray", "modules_to_save.", name.upper()])] = head.pop(
-                    name
-                )
-                f.labels.append(f"weights: {name} renamed")
-            elif sub == 4 and names:
-                name = choice(c, names)
-                head["modules_to_save.copy"] = json.loads(json.dumps(head[name]))
-                f.labels.append(f"weights: {name} duplicated")
-            else:
-                head, label = mutate_tree(head, c)
-                f.labels.append(f"weights header: {label}")
-            try:
-                f.weights = join_weights(head, data) if isinstance(head, dict) else f.weights
-            except (ValueError, TypeError):
-                continue
-        elif op in (7, 8, 9):
-            try:
-                doc = json.loads(f.config)
-            except (ValueError, RecursionError):
-                continue
-            doc, label = mutate_tree(doc, c)
-            text = render_json(doc)
-            if c.integer(0, 4) == 0:
-                text = _duplicate_key(text, c)
-                label += ", a key duplicated"
-            f.config = text.encode("utf-8", "surrogatepass")
-            f.labels.append(f"config: {label}")
-        elif op == 10:
-            f.config = _flip(f.config, c) if c.integer(0, 1) else _resize(f.config, c)
-            f.labels.append("config: bytes flipped or resized")
-        else:
-            f.config = choice(c, [b"\xef\xbb\xbf", b"\xff\xfe", b" ", b"\x00"]) + f.config
-            f.labels.append("config: prefixed")
+        before = (f.config, f.weights, len(f.labels))
+        try:
+            _mutate_once(f, c)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError):
+            # a mutation that does not apply to what earlier ones left (the harness's own
+            # limitation, not a finding): undo it
+            f.config, f.weights = before[0], before[1]
+            del f.labels[before[2] :]
     return f
+
+
+def _mutate_once(f: Files, c: Chooser) -> None:
+    """One mutation of ``f`` in place (may raise when it does not apply)."""
+    op = c.integer(0, 11)
+    if op == 0:
+        (n,) = struct.unpack("<Q", f.weights[:8]) if len(f.weights) >= 8 else (0,)
+        f.weights = _flip(f.weights, c, 0, 8 + n + 32)
+        f.labels.append("weights: bytes flipped near the header")
+    elif op == 1:
+        f.weights = _flip(f.weights, c)
+        f.labels.append("weights: bytes flipped")
+    elif op == 2:
+        f.weights = _resize(f.weights, c)
+        f.labels.append(f"weights: resized to {len(f.weights)}")
+    elif op == 3 and len(f.weights) >= 8:
+        (n,) = struct.unpack("<Q", f.weights[:8])
+        new = choice(c, [0, 1, 2, n - 1, n + 1, n + 8, len(f.weights), 2**63, 2**64 - 1])
+        f.weights = struct.pack("<Q", new % 2**64) + f.weights[8:]
+        f.labels.append(f"weights: header length {n} -> {new}")
+    elif op in (4, 5, 6):
+        parsed = split_weights(f.weights)
+        if parsed is None:
+            return
+        head, data = parsed
+        names = [k for k in head if k != "__metadata__"]
+        sub = c.integer(0, 5)
+        if sub <= 2 and names and isinstance(head[choice(c, names)], dict):
+            name = choice(c, names)
+            if isinstance(head[name], dict):
+                f.labels.append(f"weights: {name}: " + _mutate_entry(head[name], c))
+        elif sub == 3 and names:
+            name = choice(c, names)
+            head[choice(c, [name + "x", "stray", "modules_to_save.", name.upper()])] = head.pop(
+                name
+            )
+            f.labels.append(f"weights: {name} renamed")
+        elif sub == 4 and names:
+            name = choice(c, names)
+            head["modules_to_save.copy"] = json.loads(json.dumps(head[name]))
+            f.labels.append(f"weights: {name} duplicated")
+        else:
+            head, label = mutate_tree(head, c)
+            f.labels.append(f"weights header: {label}")
+        f.weights = join_weights(head, data) if isinstance(head, dict) else f.weights
+    elif op in (7, 8, 9):
+        doc = json.loads(f.config)
+        doc, label = mutate_tree(doc, c)
+        text = render_json(doc)
+        if c.integer(0, 4) == 0:
+            text = _duplicate_key(text, c)
+            label += ", a key duplicated"
+        f.config = text.encode("utf-8", "surrogatepass")
+        f.labels.append(f"config: {label}")
+    elif op == 10:
+        f.config = _flip(f.config, c) if c.integer(0, 1) else _resize(f.config, c)
+        f.labels.append("config: bytes flipped or resized")
+    else:
+        f.config = choice(c, [b"\xef\xbb\xbf", b"\xff\xfe", b" ", b"\x00"]) + f.config
+        f.labels.append("config: prefixed")
 
 
 # --------------------------------------------------------------------------------------

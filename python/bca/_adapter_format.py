@@ -104,7 +104,11 @@ _ST_DTYPES: dict[str, tuple[int, str]] = {
     "U64": (8, "uint64"),
     "F64": (8, "float64"),
 }
-_NUMPY_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+}
 
 
 class BcaFormatError(ValueError):
@@ -517,15 +521,15 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             )
         entries[name] = TensorEntry(name, code, tuple(shape), offsets[0], offsets[1])
     pos = 0
-    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
-        if e.begin != pos:
+    for t in sorted(entries.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != pos:
             raise _unreadable(
                 p,
-                f"data_offsets {[e.begin, e.end]} "
-                + ("overlap the previous tensor" if e.begin < pos else "leave a gap"),
-                e.name,
+                f"data_offsets {[t.begin, t.end]} "
+                + ("overlap the previous tensor" if t.begin < pos else "leave a gap"),
+                t.name,
             )
-        pos = e.end
+        pos = t.end
     if pos != data_len:
         raise _unreadable(p, f"tensors span {pos} bytes of data, the file holds {data_len}")
     return SafetensorsHeader(p, entries, metadata, 8 + n)
