@@ -14,7 +14,9 @@ median over repeats is reported with ratios against PEFT C3A. Memory: on CUDA th
 ``torch.cuda.max_memory_allocated`` of a step above the memory held before it; on CPU
 the bytes of the tensors saved for backward (``torch.autograd.graph.saved_tensors_hooks``,
 unique storages, parameters excluded) — a proxy: it sees what autograd keeps alive
-between forward and backward, not transient buffers (and nothing inside the Rust core).
+between forward and backward, not transient buffers — plus, for bca-rust, what the Rust
+core keeps between steps (``BlockCirculant.retained_bytes``: kernel copy, cached spectra,
+idle workspaces; its batch buffers are freed when each call returns).
 
     python benches/bench_train.py                   # CPU, 2 threads
     python benches/bench_train.py --device cuda     # GPU (backend rust skipped)
@@ -63,6 +65,8 @@ class Contender:
     step: Callable[[], None]  # one forward + backward
     params: list[torch.Tensor]  # trainable parameters (grads reset between steps)
     compiled: bool = False
+    # bytes held outside torch between steps (the Rust core's kernel, spectra, workspaces)
+    held_bytes: Callable[[], int] | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -105,7 +109,16 @@ def build_contenders(
         m = BlockCirculantLinear(base, p, backend=backend, init="xavier_uniform").to(device)
         fn = m.adapter_forward if scope == "adapter" else m
         bca_fns[f"bca-{backend}"] = fn
-        out.append(Contender(f"bca-{backend}", make_step(fn, [m.bca_kernel]), [m.bca_kernel]))
+        held = None
+        if backend == "rust":
+
+            def held(m: BlockCirculantLinear = m) -> int:
+                op = m._adapters[m.active_adapters[0]].rust_op
+                return 0 if op is None else int(op.retained_bytes)
+
+        out.append(
+            Contender(f"bca-{backend}", make_step(fn, [m.bca_kernel]), [m.bca_kernel], False, held)
+        )
 
     c3a = get_peft_model(
         nn.Sequential(OrderedDict(lin=base)),
@@ -218,6 +231,8 @@ def bench_case(
             mem, mem_kind = None, "not_measured"
         else:
             mem, mem_kind = saved_bytes(c.step, param_ids), "saved_for_backward"
+            if c.held_bytes is not None:  # what the Rust core keeps between steps
+                mem, mem_kind = mem + c.held_bytes(), "saved_for_backward+core_retained"
         ts = times[c.name]
         rows.append(
             {

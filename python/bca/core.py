@@ -108,6 +108,13 @@ class BlockCirculant:
         return self._op.kernel
 
     @property
+    def retained_bytes(self) -> int:
+        """Bytes the operator keeps between calls: the kernel, its cached spectra and a
+        few idle row-chunk workspaces. Bounded by the layer's shape: nothing grows with the
+        batch (backward's batch buffers are freed when it returns)."""
+        return int(self._op.retained_bytes)
+
+    @property
     def num_threads(self) -> int | None:
         return self._op.num_threads
 

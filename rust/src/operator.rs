@@ -51,6 +51,20 @@ struct Workspace<T> {
     b_im: Vec<T>,
 }
 
+impl<T> Workspace<T> {
+    fn bytes(&self) -> usize {
+        let t = std::mem::size_of::<T>();
+        let c = std::mem::size_of::<Complex<T>>();
+        (self.time.capacity()
+            + self.a_re.capacity()
+            + self.a_im.capacity()
+            + self.b_re.capacity()
+            + self.b_im.capacity())
+            * t
+            + (self.freq.capacity() + self.scratch.capacity()) * c
+    }
+}
+
 /// Idle workspaces, shared by every version of an operator (same shape).
 ///
 /// The lock is only ever *tried*, never waited for: a caller that finds it taken makes a
@@ -75,6 +89,12 @@ impl<T> WorkspacePool<T> {
             Err(TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
             Err(TryLockError::WouldBlock) => None,
         }
+    }
+
+    /// Bytes held by idle workspaces (0 when the cache is busy right now).
+    fn idle_bytes(&self) -> usize {
+        self.with_idle(|v| v.iter().map(Workspace::bytes).sum())
+            .unwrap_or(0)
     }
 
     fn take(&self) -> Option<Workspace<T>> {
@@ -274,6 +294,19 @@ impl<T: Float> BlockCirculant<T> {
     /// The kernel, shape (q_out, q_in, p), row-major.
     pub fn kernel(&self) -> &[T] {
         &self.kernel
+    }
+
+    /// Bytes this operator keeps between calls: the kernel, its spectra in both
+    /// orientations and the idle workspaces (bounded; nothing grows with the batch).
+    pub fn retained_bytes(&self) -> usize {
+        let t = std::mem::size_of::<T>();
+        (self.kernel.capacity()
+            + self.fwd.re.capacity()
+            + self.fwd.im.capacity()
+            + self.bwd.re.capacity()
+            + self.bwd.im.capacity())
+            * t
+            + self.workspaces.idle_bytes()
     }
 
     /// Thread bound for this operator; 0 means the process default.

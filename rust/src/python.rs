@@ -599,6 +599,12 @@ impl PyBlockCirculant {
         (n != 0).then_some(n)
     }
 
+    /// Bytes the operator keeps between calls (kernel, spectra, idle workspaces).
+    #[getter]
+    fn retained_bytes(&self) -> usize {
+        dispatch!(self, l => l.get().retained_bytes())
+    }
+
     #[getter]
     fn kernel<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         dispatch!(self, l => kernel_impl(py, l))
