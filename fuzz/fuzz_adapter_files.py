@@ -560,10 +560,14 @@ def _check_read(ctx: Context, d: Path, ref: Any) -> str | None:
 def _run_cli(argv: list[str]) -> tuple[int, str, str]:
     from bca.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
+    # the encodings of a real terminal: UTF-8, strict on stdout, backslashreplace on stderr
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace")
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    out.flush()
+    err.flush()
+    return code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()  # type: ignore[attr-defined]
 
 
 def _check_cli(d: Path, ref: Any, as_json: bool) -> Outcome:

@@ -566,3 +566,30 @@ def test_merge_is_atomic(
         m.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_fail)
         assert "injected" in _cli_error(argv, capsys)
     assert _snapshot(out) == before and os.listdir(tmp_path) == ["merged"]
+
+
+def test_unpaired_surrogate_in_names(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A module named with an unpaired "\\udXXX" escape in both files: refused, and `bca
+    info` (a real process, stdout in UTF-8) does not crash printing it."""
+    import subprocess
+    import sys
+
+    d = _variant(saved, "surrogate")
+    odd = "fc\udcff"
+    meta, data = _header(d / WEIGHTS)
+    meta[odd + ".bca_kernel"] = meta.pop(KERNEL)
+    _write_header(d / WEIGHTS, meta, data)
+
+    def rename(doc: dict[str, Any]) -> None:
+        for table in (doc["modules"], doc["base_model"]["fingerprint"]):
+            table[odd] = table.pop("fc")
+
+    _edit_config(d, rename)
+    _all_readers_refuse(d, capsys, CONFIG, "surrogate")
+    run = subprocess.run(
+        [sys.executable, "-m", "bca.cli", "info", str(d)],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        timeout=120,
+    )
+    assert run.returncode == 1 and b"Traceback" not in run.stderr, run.stderr

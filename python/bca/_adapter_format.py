@@ -159,7 +159,15 @@ def _loads(data: bytes | str, path: Path, what: str, field: str = "") -> Any:
     every failure a :class:`BcaFormatError` naming ``path``."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        # a "\udXXX" escape without its pair decodes to a lone surrogate, which no UTF-8
+        # output (a file name, a printed module name) can hold
+        json.dumps(doc, ensure_ascii=False, check_circular=False).encode("utf-8")
+        return doc
+    except UnicodeEncodeError:
+        raise BcaFormatError(
+            path, field, f"{what} holds an unpaired surrogate escape (not valid Unicode)"
+        ) from None
     except UnicodeDecodeError as e:
         raise BcaFormatError(path, field, f"{what} is not UTF-8 text ({e.reason})") from None
     except RecursionError:
@@ -184,10 +192,13 @@ def read_json_object(path: str | os.PathLike[str], what: str = "file") -> dict[s
 
 
 def kind_of(value: object) -> str:
+    """A short description of a JSON value for error messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit number"
     if isinstance(value, (int, float)):
         text = repr(value)
         return f"number {text if len(text) <= 40 else text[:20] + '...'}"
