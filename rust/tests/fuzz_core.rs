@@ -61,7 +61,7 @@ fn direct_forward(
     d_out: usize,
     x: &[f64],
 ) -> Vec<f64> {
-    let rows = if d_in == 0 { 0 } else { x.len() / d_in };
+    let rows = x.len().checked_div(d_in).unwrap_or(0);
     let mut y = vec![0.0; rows * d_out];
     for n in 0..rows {
         for r in 0..d_out {
