@@ -446,9 +446,9 @@ def _fuzz_model() -> Any:
     return FuzzModel()
 
 
-def build_adapter(directory: Path) -> Path:
-    """The default seed: FuzzModel with fc1 (p=4) and fc2 (p=3, zero-padded) adapted and
-    its head trained fully."""
+def build_adapter(directory: Path, padded: bool = True) -> Path:
+    """The default seed: FuzzModel with fc1 (p=4) and fc2 (p=3, zero-padded; p=2 with
+    ``padded=False``, which PEFT's C3A can hold) adapted and its head trained fully."""
     import torch
 
     from bca.model import BCAConfig, inject_adapters, save_adapter
@@ -457,7 +457,7 @@ def build_adapter(directory: Path) -> Path:
     cfg = BCAConfig(
         block_size=4,
         target_modules=["fc1", "fc2"],
-        block_size_pattern={"fc2": 3},
+        block_size_pattern={"fc2": 3 if padded else 2},
         init="gaussian",
         modules_to_save=["head"],
     )
@@ -656,7 +656,7 @@ def make_context(
     scratch: Path, adapter: Path | None = None, model: str | None = None, peft: bool = False
 ) -> Context:
     if adapter is None:
-        adapter = build_adapter(scratch / "seed")
+        adapter = build_adapter(scratch / "seed", padded=not peft)
         make_model: Callable[[], Any] | None = _fuzz_model
     elif model is not None:
         mod, _, fn = model.partition(":")

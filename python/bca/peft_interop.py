@@ -414,7 +414,7 @@ def bca_adapter_dir_to_c3a(
     doc = files.doc
     problems = [msg for n, m in doc.modules.items() if (msg := _c3a_refusal(n, m)) is not None]
     if problems:
-        raise ValueError(f"cannot convert {src} to PEFT C3A: " + "; ".join(problems))
+        raise ValueError(f"cannot convert {doc.path} to PEFT C3A: " + "; ".join(problems))
     import torch
 
     out_tensors: dict[str, torch.Tensor] = {}
