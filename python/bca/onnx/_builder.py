@@ -45,8 +45,10 @@ __all__ = [
     "AdapterSubgraph",
     "adapter_spectra",
     "build_adapter_subgraph",
+    "build_mixed_adapter_subgraph",
     "lowered_spectra",
     "make_adapter_model",
+    "make_mixed_adapter_model",
     "sanitize_name",
     "check_opset",
 ]
@@ -347,8 +349,122 @@ def build_adapter_subgraph(
             :func:`lowered_spectra`); default ``<prefix>/kernel_spectra_<n>``. Servable
             graphs (:mod:`bca.onnx._serving`) give it a stable name and override it per run.
     """
+    return _build(
+        kernel,
+        input_name,
+        output_name,
+        in_features=in_features,
+        out_features=out_features,
+        scale=scale,
+        lowering=lowering,
+        opset=opset,
+        prefix=prefix,
+        dtype=dtype,
+        output_shape=output_shape,
+        shared=shared,
+        spectra_name=spectra_name,
+        mixed=None,
+    )
+
+
+@dataclass
+class _Mixed:
+    """The per-row adapter choice of :func:`build_mixed_adapter_subgraph`."""
+
+    kernels: list[tuple[np.ndarray, float] | None]
+    index: str
+    batch_shape: str | None
+    stack_name: str | None
+
+
+def build_mixed_adapter_subgraph(
+    kernels: Sequence[tuple[np.ndarray, float] | None],
+    input_name: str,
+    output_name: str,
+    index_name: str,
+    *,
+    batch_shape: str | None = None,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    lowering: str = "matmul",
+    opset: int = 17,
+    prefix: str = "bca",
+    dtype: np.dtype | type | str = np.float32,
+    output_shape: str | None = None,
+    shared: set[str] | None = None,
+    stack_name: str | None = None,
+) -> AdapterSubgraph:
+    """The adapter of :func:`build_adapter_subgraph` with one adapter chosen per batch row.
+
+    ``kernels[a]`` is adapter ``a``'s ``(kernel, scale)`` on this layer (``None``: adapter
+    ``a`` does not adapt it, a zero slot); all kernels share one shape. The kernel spectra
+    of every adapter (as :func:`lowered_spectra`) are stacked into one constant of shape
+    ``(frequencies, A + 1, 2 q_in, 2 q_out)`` (named ``stack_name``), slot ``A`` all zeros
+    (the base layer). ``index_name`` is an int64 tensor of shape ``(B,)``: batch row ``b``
+    of ``input`` (the first axis; ``input`` may also be ``(B * rows, in_features)``, rows
+    batch-major) gets adapter ``index[b]``. Per run the stack is gathered along axis 1 by
+    the index (ONNX ``Gather``: an index outside ``[-(A + 1), A]`` is an onnxruntime error,
+    a negative one counts from the end, ``-1`` being the base slot) and each row's spectra
+    are multiplied by their own adapter's in one batched ``MatMul``. ``batch_shape`` names
+    a tensor holding ``[B]`` (``Shape`` of the index; default: computed here). Every
+    lowering is supported: they differ only in the transforms around that product.
+    """
+    items = list(kernels)
+    live = [kv for kv in items if kv is not None]
+    if not live:
+        raise ValueError("a mixed adapter layer needs at least one adapter kernel")
+    return _build(
+        live[0][0],
+        input_name,
+        output_name,
+        in_features=in_features,
+        out_features=out_features,
+        scale=1.0,
+        lowering=lowering,
+        opset=opset,
+        prefix=prefix,
+        dtype=dtype,
+        output_shape=output_shape,
+        shared=shared,
+        spectra_name=None,
+        mixed=_Mixed(items, index_name, batch_shape, stack_name),
+    )
+
+
+def _build(
+    kernel: np.ndarray,
+    input_name: str,
+    output_name: str,
+    *,
+    in_features: int | None,
+    out_features: int | None,
+    scale: float,
+    lowering: str,
+    opset: int,
+    prefix: str,
+    dtype: np.dtype | type | str,
+    output_shape: str | None,
+    shared: set[str] | None,
+    spectra_name: str | None,
+    mixed: _Mixed | None,
+) -> AdapterSubgraph:
     check_opset(opset, lowering)
     k, d_in, d_out = _check_kernel(kernel, in_features, out_features)
+    mixed_slots: list[tuple[np.ndarray, float] | None] = []
+    if mixed is not None:
+        for a, kv in enumerate(mixed.kernels):
+            if kv is None:
+                mixed_slots.append(None)
+                continue
+            ka, _, _ = _check_kernel(kv[0], d_in, d_out)
+            if ka.shape != k.shape:
+                raise ValueError(
+                    f"mixed adapter {a}: kernel shape {ka.shape} differs from {k.shape}; the "
+                    "adapters of one layer must share block size and widths"
+                )
+            if not np.isfinite(kv[1]):
+                raise ValueError(f"mixed adapter {a}: scale must be finite, got {kv[1]}")
+            mixed_slots.append((ka, float(kv[1])))
     dt = np.dtype(dtype)
     if dt not in _NP_TO_ONNX:
         raise TypeError(f"dtype must be float32, float64 or float16, got {dt}")
@@ -378,6 +494,7 @@ def build_adapter_subgraph(
         x2 = b.op("Pad", [x2, b.ints("pads", [0, 0, 0, q_in * p - d_in])], "x_pad")
 
     # "matmul2" falls back to "matmul" for p too small or without a useful factorisation
+    requested = lowering
     g64, lowering = lowered_spectra(k, scale, lowering=lowering)
     g = g64.astype(cdt)
     factors = two_stage_factors(p) if lowering == "matmul2" else None
@@ -423,13 +540,42 @@ def build_adapter_subgraph(
         st = b.op("Transpose", [spec], "spec_t", perm=[2, 0, 1, 3])  # (F, N, q_in, 2)
 
     # per-frequency complex product: (n_freq, N, 2 q_in) @ G -> (n_freq, N, 2 q_out)
-    st = b.op("Reshape", [st, b.ints("shape", [n_freq_x, -1, 2 * q_in])], "spec_f")
-    if spectra_name is None:
-        g_name = b.const("kernel_spectra", g)
+    if mixed is None:
+        st = b.op("Reshape", [st, b.ints("shape", [n_freq_x, -1, 2 * q_in])], "spec_f")
+        if spectra_name is None:
+            g_name = b.const("kernel_spectra", g)
+        else:
+            b.inits.append(numpy_helper.from_array(np.ascontiguousarray(g), spectra_name))
+            g_name = spectra_name
+        yf = b.op("MatMul", [st, g_name], "y_spec_f")
     else:
-        b.inits.append(numpy_helper.from_array(np.ascontiguousarray(g), spectra_name))
-        g_name = spectra_name
-    yf = b.op("MatMul", [st, g_name], "y_spec_f")
+        # one adapter per batch row: (n_freq, B, rows, 2 q_in) @ G[:, index]
+        # (n_freq, B, 2 q_in, 2 q_out) -> (n_freq, B, rows, 2 q_out); the reshapes after
+        # this product take either form (their -1 absorbs B and rows)
+        slots = [
+            np.zeros_like(g64)
+            if kv is None
+            else lowered_spectra(kv[0], kv[1], lowering=requested)[0]
+            for kv in mixed_slots
+        ]
+        stack = np.stack([*slots, np.zeros_like(g64)], axis=1).astype(cdt)
+        if mixed.stack_name is None:
+            stack_name = b.const("kernel_spectra_stack", stack)
+        else:
+            b.inits.append(numpy_helper.from_array(np.ascontiguousarray(stack), mixed.stack_name))
+            stack_name = mixed.stack_name
+        batch = mixed.batch_shape
+        if batch is None:
+            batch = b.op("Shape", [mixed.index], "batch_shape")
+        shape4 = b.op(
+            "Concat",
+            [b.ints("f", [n_freq_x]), batch, b.ints("rows_c", [-1, 2 * q_in])],
+            "spec_shape",
+            axis=0,
+        )
+        st = b.op("Reshape", [st, shape4], "spec_bf")
+        g_rows = b.op("Gather", [stack_name, mixed.index], "spectra_rows", axis=1)
+        yf = b.op("MatMul", [st, g_rows], "y_spec_f")
 
     if lowering == "matmul2":
         ys = b.op("Reshape", [yf, b.ints("shape", [a, n_k2, -1, q_out, 2])], "y_spec_5")
@@ -512,6 +658,58 @@ def make_adapter_model(
         sub.nodes,
         "bca_adapter",
         [helper.make_tensor_value_info("x", elem, [*lead, d_in])],
+        [helper.make_tensor_value_info("y", elem, [*lead, d_out])],
+        sub.initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="bca"
+    )
+    model.ir_version = min(model.ir_version, _max_ir_version(opset))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def make_mixed_adapter_model(
+    kernels: Sequence[tuple[np.ndarray, float] | None],
+    *,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    lowering: str = "matmul",
+    opset: int = 17,
+    dtype: np.dtype | type | str = np.float32,
+    input_shape: Sequence[int | str] = ("batch", "sequence", "in_features"),
+) -> onnx.ModelProto:
+    """A standalone ONNX model of :func:`build_mixed_adapter_subgraph`: inputs ``"x"``
+    (``input_shape``, batch first) and ``"adapter_index"`` (int64, ``(batch,)``), output
+    ``"y"``: row ``b`` is ``scale_a * ΔW_a x[b]`` for ``a = adapter_index[b]`` (zeros for
+    ``a = len(kernels)``, the base slot)."""
+    live = [kv for kv in kernels if kv is not None]
+    if not live:
+        raise ValueError("kernels must hold at least one (kernel, scale) pair")
+    _, d_in, d_out = _check_kernel(live[0][0], in_features, out_features)
+    dt = np.dtype(dtype)
+    if dt not in _NP_TO_ONNX:
+        raise TypeError(f"dtype must be float32, float64 or float16, got {dt}")
+    elem = _NP_TO_ONNX[dt]
+    lead = list(input_shape)[:-1]
+    sub = build_mixed_adapter_subgraph(
+        kernels,
+        "x",
+        "y",
+        "adapter_index",
+        in_features=d_in,
+        out_features=d_out,
+        lowering=lowering,
+        opset=opset,
+        dtype=dt,
+    )
+    graph = helper.make_graph(
+        sub.nodes,
+        "bca_mixed_adapter",
+        [
+            helper.make_tensor_value_info("x", elem, [*lead, d_in]),
+            helper.make_tensor_value_info("adapter_index", TensorProto.INT64, lead[:1]),
+        ],
         [helper.make_tensor_value_info("y", elem, [*lead, d_out])],
         sub.initializers,
     )

@@ -8,6 +8,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,176 @@ def _base_saved_values(params: Mapping[str, Any], base: Any) -> dict[str, np.nda
     return out
 
 
+@dataclass
+class _MixedEntry:
+    """One adapter of a mixed export: its name, specs, fully trained parameters, and how
+    torch computes it (``kind``: ``"named"`` adapter of the model, another torch ``"model"``,
+    or a ``"saved"`` adapter with no torch reference)."""
+
+    label: str
+    specs: list[AdapterSpec]
+    heads: dict[str, np.ndarray]
+    kind: str
+    source: Any
+
+
+def _modules_to_save_of(model: Any) -> dict[str, Any]:
+    from ..model import _modules_to_save_params
+
+    return dict(_modules_to_save_params(model))
+
+
+def _mixed_entries(
+    model: Any, mixed: Sequence[Any], names: Sequence[str] | None, bca_modules: set[str]
+) -> list[_MixedEntry]:
+    """The entries of ``export_model(mixed=...)`` as specs (validated, nothing exported)."""
+    from ..model import adapter_modules, adapter_names
+    from ._io import SavedAdapter
+    from ._serving import _kernels_of
+
+    if isinstance(mixed, (str, os.PathLike)) or not isinstance(mixed, Sequence):
+        raise TypeError(
+            "mixed must be a list of adapters (adapter names, folders, SavedAdapters or torch "
+            f"models), got {type(mixed).__name__}"
+        )
+    if not mixed:
+        raise ValueError("mixed must name at least one adapter")
+    known = adapter_names(model)
+    entries: list[_MixedEntry] = []
+    for i, e in enumerate(mixed):
+        if isinstance(e, str) and e in known:
+            specs = [
+                AdapterSpec(
+                    n,
+                    m.bca_kernels[e].detach().to("cpu").numpy().copy(),
+                    m.in_features,
+                    m.out_features,
+                    float(m.adapter_scale(e)),
+                )
+                for n, m in adapter_modules(model)
+                if e in m.adapter_names
+            ]
+            heads = {
+                k: v.detach().to("cpu").numpy().copy()
+                for k, v in _modules_to_save_of(model).items()
+            }
+            entries.append(_MixedEntry(e, specs, heads, "named", e))
+            continue
+        if isinstance(e, str) and not Path(e).exists():
+            raise ValueError(
+                f"mixed[{i}] = {e!r} is neither an adapter of the model ({known}) nor an "
+                "existing adapter directory"
+            )
+        _, kernels, saved = _kernels_of(e)
+        specs = [
+            AdapterSpec(k.module, k.kernel, k.in_features, k.out_features, k.scale) for k in kernels
+        ]
+        if isinstance(e, (str, os.PathLike)):
+            label, kind = Path(e).name or str(e), "saved"
+        elif isinstance(e, SavedAdapter):
+            label, kind = Path(e.path).name or str(e.path), "saved"
+        else:
+            label, kind = f"model_{i}", "model"
+        entries.append(_MixedEntry(label, specs, saved, kind, e))
+    for e in entries:
+        outside = sorted({s.name for s in e.specs} - bca_modules)
+        if outside:
+            raise ValueError(
+                f"mixed adapter {e.label!r} adapts module(s) {outside[:6]} that are not bca "
+                f"layers of the model (its bca layers: {sorted(bca_modules)[:6]}); a mixed "
+                "export locates layers through the model's own bca layers"
+            )
+    if names is not None:
+        labels = [str(n) for n in names]
+        if len(labels) != len(entries):
+            raise ValueError(f"mixed_names has {len(labels)} names for {len(entries)} adapters")
+        for e, label in zip(entries, labels, strict=True):
+            e.label = label
+    elif len({e.label for e in entries}) != len(entries):
+        for e in entries:
+            if e.kind == "saved":
+                e.label = str(e.source.path if isinstance(e.source, SavedAdapter) else e.source)
+    return entries
+
+
+@contextlib.contextmanager
+def _only_adapter(modules: list[Any], name: str) -> Iterator[None]:
+    """Inside: every bca layer computes named adapter ``name`` alone (weight 1), or its base
+    layer where it lacks it. Restored on exit."""
+    saved = [
+        (list(m.active_adapters), dict(m.adapter_weights), bool(m.adapter_enabled)) for m in modules
+    ]
+    try:
+        for m in modules:
+            m.set_adapter([name] if name in m.adapter_names else [])
+            m.adapter_enabled = True
+        yield
+    finally:
+        for m, (names, weights, enabled) in zip(modules, saved, strict=True):
+            m.set_adapter(names, [weights.get(n, 1.0) for n in names])
+            m.adapter_enabled = enabled
+
+
+def _verify_mixed(
+    path: Path,
+    model: Any,
+    entries: Sequence[_MixedEntry],
+    modules: list[tuple[str, Any]],
+    saved_params: Mapping[str, Any],
+    heads: Mapping[str, np.ndarray],
+    in_names: list[str],
+    arg_names: list[str],
+    args: tuple[Any, ...],
+    as_kwargs: bool,
+    out_names: list[str],
+    tol: float,
+) -> None:
+    """Run the mixed graph with every index that has a torch reference (named adapters,
+    torch models, the base model) for the whole batch, then one batch mixing them."""
+    from ._mixed import mixed_layout
+
+    torch = _torch()
+    layout = mixed_layout(path)
+
+    def run(m: Any) -> tuple[Any, ...]:
+        was = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                o = m(**dict(zip(arg_names, args, strict=True))) if as_kwargs else m(*args)
+        finally:
+            m.train(was)
+        return _flatten_outputs(o)[1]
+
+    bca = [m for _, m in modules]
+    refs: dict[int, tuple[Any, ...]] = {}
+    with _params_set(saved_params, heads):
+        for a, e in enumerate(entries):
+            if e.kind == "named":
+                with _only_adapter(bca, e.source):
+                    refs[a] = run(model)
+            elif e.kind == "model":
+                refs[a] = run(e.source)
+        with _adapters_off(bca):
+            refs[layout.base_index] = run(model)
+    k = in_names.index(layout.batch_input) if layout.batch_input in in_names else 0
+    batch = int(args[k].shape[0]) if args[k].dim() else 1
+    for a, ref in refs.items():
+        index = np.full(batch, a, dtype=np.int64)
+        _verify(path, in_names, args, out_names, ref, tol, {layout.index_input: index}, f"slot {a}")
+    slots = sorted(refs)
+    rows_first = all(r.dim() and r.shape[0] == batch for ref in refs.values() for r in ref)
+    if len(slots) > 1 and batch > 1 and rows_first:
+        index = np.asarray([slots[(b + 1) % len(slots)] for b in range(batch)], dtype=np.int64)
+        mixed_ref = tuple(
+            torch.stack([refs[int(index[b])][j][b] for b in range(batch)])
+            for j in range(len(out_names))
+        )
+        _verify(
+            path, in_names, args, out_names, mixed_ref, tol, {layout.index_input: index}, "mixed"
+        )
+
+
 def _spectra_feeds(layout: ServableLayout, specs: Sequence[AdapterSpec]) -> dict[str, np.ndarray]:
     """Feeds of the exported specs' own spectra (every layer of the layout)."""
     from ._builder import lowered_spectra
@@ -376,6 +547,8 @@ def export_model(
     servable: bool = False,
     servable_default: str = "zeros",
     servable_base: Any = None,
+    mixed: Sequence[Any] | None = None,
+    mixed_names: Sequence[str] | None = None,
 ) -> Path:
     """Export a torch model with bca adapters to ONNX.
 
@@ -425,6 +598,24 @@ def export_model(
             parameters by name (e.g. the base model's ``state_dict()``): served to adapters
             without them and for the base model.
 
+        mixed: make a mixed-adapter graph (docs/onnx.md, "Mixed-adapter batches") of these
+            adapters: each entry is the name of a named adapter of ``model``
+            (:func:`bca.model.add_adapter`), a :func:`bca.model.save_adapter` directory (a
+            ``pathlib.Path``, or a string that is not an adapter name of the model), a
+            :class:`SavedAdapter` or a torch model with bca adapters on the same base
+            (its active adapters). The graph gets an int64 input ``bca.adapter_index`` of
+            shape ``(batch,)``: batch row ``b`` is computed with ``mixed[index[b]]``, or as
+            the base model for ``index[b] == len(mixed)``. Every module an entry adapts must
+            be a bca layer of ``model`` (that is how it is located); bca layers no entry
+            adapts compute their base layer. Entries of one module must share block size,
+            widths and kernel dtype; their fully trained parameters (``modules_to_save``; a
+            named adapter carries the model's) must be equal or absent (one graph holds one
+            head). ``verify`` checks every slot it has a torch reference for (named adapters,
+            torch models, the base model) and one batch mixing them. Not with
+            ``servable=True`` or ``mode="folded"``.
+        mixed_names: the entries' names in the mixed layout (default: an adapter's name,
+            a directory's name, ``"model_<i>"`` for a torch model).
+
     Returns the path written. The model is left as it was (weights, merge state).
     """
     torch = _torch()
@@ -439,6 +630,13 @@ def export_model(
         raise ValueError(f"opset {opset} is too old for mode={mode!r}: it needs opset >= {need}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mixed is not None:
+        if servable:
+            raise ValueError("mixed=[...] and servable=True cannot be combined")
+        if mode == "folded":
+            raise ValueError("mixed=[...] needs the adapters as subgraphs, not mode='folded'")
+    elif mixed_names is not None:
+        raise ValueError("mixed_names needs mixed=[...]")
     if servable:
         check_servable_default(servable_default)
         if mode == "folded":
@@ -463,13 +661,32 @@ def export_model(
                 f"adapter {name!r} is merged into its base weight; unmerge it first "
                 "(mode='folded' exports merged weights by itself)"
             )
-    # adapters switched off (adapter_enabled=False) are not part of the model's function:
-    # they are exported as plain base layers
-    modules = [(n, m) for n, m in modules if getattr(m, "adapter_enabled", True)]
-    # so are layers with no active adapter (named adapters, bca.model.set_adapter)
-    modules = [(n, m) for n, m in modules if m.active_adapters]
-    if not modules:
-        raise ValueError("no adapter of the model is enabled and active; nothing to export")
+    entries: list[_MixedEntry] = []
+    if mixed is not None:
+        # every bca layer is exported as its base layer, tagged and located; the entries'
+        # adapters are spliced in as mixed subgraphs
+        entries = _mixed_entries(model, mixed, mixed_names, {n for n, _ in modules})
+        from ._patch import mixed_heads
+
+        heads = mixed_heads([e.label for e in entries], [e.heads for e in entries])
+        model_params = _modules_to_save_of(model)
+        missing = sorted(set(heads) - set(model_params))
+        if missing:
+            raise ValueError(
+                f"the mixed adapters have fully trained parameters {missing[:6]} "
+                "(modules_to_save) that the model does not train; export from a model with "
+                "those modules_to_save"
+            )
+        saved_params = {n: model_params[n] for n in heads}
+        saved_base = heads
+    else:
+        # adapters switched off (adapter_enabled=False) are not part of the model's
+        # function: they are exported as plain base layers
+        modules = [(n, m) for n, m in modules if getattr(m, "adapter_enabled", True)]
+        # so are layers with no active adapter (named adapters, bca.model.set_adapter)
+        modules = [(n, m) for n, m in modules if m.active_adapters]
+        if not modules:
+            raise ValueError("no adapter of the model is enabled and active; nothing to export")
 
     as_kwargs = isinstance(example_inputs, Mapping)
     if as_kwargs:
@@ -557,6 +774,8 @@ def export_model(
                 w = _out_in(m.base_layer.weight, m.is_conv1d)
                 replace_initializer(onnx_model, site.weight_name, w.T if site.weight_in_out else w)
                 targets[name] = site.weight_name
+                if entries:
+                    continue
                 # the active adapters (weighted) as one kernel; several active adapters of
                 # different block sizes raise here (mode='folded' handles them)
                 live = m.combined_kernel()
@@ -571,6 +790,24 @@ def export_model(
                         float(scale),
                     )
                 )
+        if not folded and entries:
+            step("splice")
+            # one head for every slot: the adapters' common fully trained parameters
+            for pname, (init, transposed) in _locate_tags(onnx_model, saved_tags).items():
+                v = np.asarray(saved_base[pname])
+                replace_initializer(onnx_model, init, v.T if transposed else v)
+            from ._mixed import add_mixed_adapters
+
+            used = {spec.name for e in entries for spec in e.specs}
+            add_mixed_adapters(
+                onnx_model,
+                [e.specs for e in entries],
+                names=[e.label for e in entries],
+                lowering=mode,
+                targets={k: v for k, v in targets.items() if k in used},
+                progress=progress,
+            )
+        elif not folded:
             slots: list[SavedSlot] = []
             saved_own: dict[str, np.ndarray] = {}
             for pname, (init, transposed) in _locate_tags(onnx_model, saved_tags).items():
@@ -605,7 +842,12 @@ def export_model(
         lower_ir_version(onnx_model)
         out = save_checked(onnx_model, path, external_data=external_data)
         step("save")
-        if verify and not servable:
+        if verify and entries:
+            _verify_mixed(
+                out, model, entries, modules, saved_params, saved_base, in_names, arg_names,
+                args, as_kwargs, out_names, verify_tolerance,
+            )  # fmt: skip
+        elif verify and not servable:
             _verify(out, in_names, args, out_names, ref_out, verify_tolerance)
         elif verify:
             layout = servable_layout(out)
@@ -678,7 +920,8 @@ def _verify(
         "fed": " (fed the model's own spectra)",
         "default": " (default spectra)",
         "base": " (fed the base model's spectra and parameters)",
-    }.get(what, "")
+        "mixed": " (mixed graph, one batch mixing its adapters)",
+    }.get(what, f" (mixed graph, every row on {what})" if what else "")
     for name, g, r in zip(out_names, got, ref_out, strict=True):
         want = r.detach().to("cpu").double().numpy()
         den = max(float(np.linalg.norm(want)), 1e-30)

@@ -313,6 +313,8 @@ def patch_model(
     servable: bool = False,
     servable_default: str = "zeros",
     check_base: str = "warn",
+    mixed: bool = False,
+    mixed_names: Sequence[str] | None = None,
 ) -> Path:
     """Add saved bca adapters to an existing ONNX model of the base model.
 
@@ -344,6 +346,16 @@ def patch_model(
             head included) or ``"adapter"`` (the sum of the given adapters, with their
             fully trained parameters, which must then agree between adapters).
 
+        mixed: make a mixed-adapter graph (docs/onnx.md, "Mixed-adapter batches"): the
+            adapter directories are not added up but each becomes one choice of a new int64
+            input ``bca.adapter_index`` of shape ``(batch,)``: batch row ``b`` is computed
+            with ``adapter_dir[index[b]]``, or as the base model for
+            ``index[b] == len(adapter_dir)`` (see :func:`bca.onnx.add_mixed_adapters`). The
+            adapters of one module must share block size, widths and kernel dtype. Fully
+            trained parameters (``modules_to_save``) must be the same in every adapter (or in
+            none): one graph holds one head. Not with ``servable=True``.
+        mixed_names: the adapters' names in the mixed layout (default: the directories'
+            names, or their paths when those repeat).
         check_base: what to do when a located layer's base weight is not the one the
             adapter was trained on (its weight sketch, saved with the adapter, differs:
             another checkpoint of the same architecture): ``"warn"`` (default),
@@ -371,6 +383,15 @@ def patch_model(
     _check_base_sketches(model, adapters, target_list, base_weights, check_base)
     if lowering != "auto":
         check_opset(graph_opset(model), lowering)
+    if mixed:
+        if servable:
+            raise ValueError("mixed=True and servable=True cannot be combined")
+        _patch_mixed(
+            model, adapters, dirs, target_list, base_weights, lowering, progress, mixed_names
+        )
+        return save_checked(model, out_path, external_data=external_data)
+    if mixed_names is not None:
+        raise ValueError("mixed_names needs mixed=True")
     if servable:
         check_servable_default(servable_default)
         slots = _servable_slots(model, adapters, base_weights, servable_default)
@@ -408,3 +429,77 @@ def patch_model(
     for name, value in writes:
         replace_initializer(model, name, value)
     return save_checked(model, out_path, external_data=external_data)
+
+
+def mixed_heads(
+    labels: Sequence[str], heads: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """The one set of fully trained parameters (``modules_to_save``) of a mixed graph's
+    adapters: every adapter must carry the same names and values, or none."""
+    if not any(heads):
+        return {}
+    first = next(k for k, h in enumerate(heads) if h)
+    want = heads[first]
+    for label, h in zip(labels, heads, strict=True):
+        same = set(h) == set(want) and all(
+            np.shape(h[n]) == np.shape(want[n]) and np.array_equal(h[n], want[n]) for n in want
+        )
+        if not same:
+            differing = sorted(
+                n
+                for n in set(h) | set(want)
+                if n not in h or n not in want or not np.array_equal(h[n], want[n])
+            )
+            raise ValueError(
+                f"adapters {labels[first]!r} and {label!r} have different fully trained "
+                f"parameters (modules_to_save; differing: {differing[:6]}): a mixed graph gathers "
+                "the circulant adapters per row but holds one head, so their modules_to_save "
+                "must be equal (or absent) in every adapter; serve differing heads with a "
+                "servable graph (servable=True) and one run per adapter"
+            )
+    return dict(want)
+
+
+def _mixed_labels(dirs: Sequence[str | os.PathLike[str]], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        return [str(n) for n in names]
+    short = [Path(d).name or str(d) for d in dirs]
+    return short if len(set(short)) == len(short) else [str(d) for d in dirs]
+
+
+def _patch_mixed(
+    model: onnx.ModelProto,
+    adapters: Sequence[SavedAdapter],
+    dirs: Sequence[str | os.PathLike[str]],
+    target_list: Sequence[Mapping[str, str] | None],
+    base_weights: Mapping[str, np.ndarray] | None,
+    lowering: str,
+    progress: bool,
+    names: Sequence[str] | None,
+) -> None:
+    from ._mixed import add_mixed_adapters
+
+    labels = _mixed_labels(dirs, names)
+    if len(labels) != len(adapters):
+        raise ValueError(f"mixed_names has {len(labels)} names for {len(adapters)} adapters")
+    heads = mixed_heads(labels, [a.modules_to_save for a in adapters])
+    writes = _saved_writes(model, adapters, base_weights) if heads else []
+    merged_targets: dict[str, str] = {}
+    for tg in target_list:
+        for module, ref in (tg or {}).items():
+            if merged_targets.setdefault(module, ref) != ref:
+                raise ValueError(
+                    f"targets disagree for module {module!r}: {merged_targets[module]!r} "
+                    f"and {ref!r}"
+                )
+    add_mixed_adapters(
+        model,
+        [a.specs for a in adapters],
+        names=labels,
+        lowering=lowering,
+        targets=merged_targets or None,
+        base_weights=base_weights,
+        progress=progress,
+    )
+    for name, value in writes:
+        replace_initializer(model, name, value)

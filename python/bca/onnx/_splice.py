@@ -9,14 +9,20 @@ the node's data input and its output is added to the node's output, so
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._builder import AdapterSubgraph, build_adapter_subgraph, check_opset, sanitize_name
+from ._builder import (
+    AdapterSubgraph,
+    build_adapter_subgraph,
+    build_mixed_adapter_subgraph,
+    check_opset,
+    sanitize_name,
+)
 
 __all__ = [
     "TargetMatchError",
@@ -253,6 +259,8 @@ def splice_adapters(
     prefixes: list[str],
     progress: bool = False,
     spectra_names: list[str] | None = None,
+    mixed: Sequence[Sequence[tuple[np.ndarray, float] | None]] | None = None,
+    mixed_index: tuple[str, str] | None = None,
 ) -> list[AdapterSubgraph]:
     """Add each spec's adapter beside its site in ``model`` (in place).
 
@@ -261,7 +269,16 @@ def splice_adapters(
     so the node list stays topologically sorted. Several adapters may share a site (they
     chain). The node list is rebuilt once. ``spectra_names`` (one per pair) names each
     adapter's kernel-spectra initializer. Returns the subgraphs built, in order.
+
+    With ``mixed`` (one entry per pair: per adapter ``(kernel, scale)`` or None) and
+    ``mixed_index`` (the index tensor and the tensor holding its shape ``[B]``) each pair
+    gets a mixed-adapter subgraph (:func:`build_mixed_adapter_subgraph`) whose stacked
+    spectra are named by ``spectra_names``; the spec's kernel then only gives the shapes.
     """
+    if (mixed is None) != (mixed_index is None):
+        raise ValueError("mixed and mixed_index go together")
+    if mixed is not None and len(mixed) != len(pairs):
+        raise ValueError(f"{len(mixed)} mixed entries for {len(pairs)} adapters")
     opset = graph_opset(model)
     check_opset(opset, lowering)
     graph = model.graph
@@ -274,8 +291,8 @@ def splice_adapters(
     if len(names) != len(pairs):
         raise ValueError(f"{len(names)} spectra names for {len(pairs)} adapters")
     subgraphs: list[AdapterSubgraph] = []
-    it: Iterable[tuple[tuple[LinearSite, AdapterSpec], str, str | None]] = zip(
-        pairs, prefixes, names, strict=True
+    it: Iterable[tuple[int, tuple[LinearSite, AdapterSpec], str, str | None]] = zip(
+        range(len(pairs)), pairs, prefixes, names, strict=True
     )
     if progress:
         try:
@@ -284,7 +301,7 @@ def splice_adapters(
             pass
         else:
             it = tqdm(list(it), desc="splicing adapters", unit="adapter")
-    for (site, spec), prefix, g_name in it:
+    for k, (site, spec), prefix, g_name in it:
         if (site.in_features, site.out_features) != (spec.in_features, spec.out_features):
             raise TargetMatchError(
                 f"adapter {spec.name!r} is for in_features={spec.in_features}, "
@@ -303,21 +320,39 @@ def splice_adapters(
         shape_name = f"{prefix}/output_shape"
         node.output[0] = base_out
         nodes_by_output[base_out] = node
-        sub = build_adapter_subgraph(
-            spec.kernel,
-            site.data_input,
-            adapter_out,
-            in_features=spec.in_features,
-            out_features=spec.out_features,
-            scale=spec.scale,
-            lowering=lowering,
-            opset=opset,
-            prefix=prefix,
-            dtype=dtype,
-            output_shape=shape_name,
-            shared=shared,
-            spectra_name=g_name,
-        )
+        if mixed is not None and mixed_index is not None:
+            sub = build_mixed_adapter_subgraph(
+                mixed[k],
+                site.data_input,
+                adapter_out,
+                mixed_index[0],
+                batch_shape=mixed_index[1],
+                in_features=spec.in_features,
+                out_features=spec.out_features,
+                lowering=lowering,
+                opset=opset,
+                prefix=prefix,
+                dtype=dtype,
+                output_shape=shape_name,
+                shared=shared,
+                stack_name=g_name,
+            )
+        else:
+            sub = build_adapter_subgraph(
+                spec.kernel,
+                site.data_input,
+                adapter_out,
+                in_features=spec.in_features,
+                out_features=spec.out_features,
+                scale=spec.scale,
+                lowering=lowering,
+                opset=opset,
+                prefix=prefix,
+                dtype=dtype,
+                output_shape=shape_name,
+                shared=shared,
+                spectra_name=g_name,
+            )
         subgraphs.append(sub)
         anchor = site.output_name
         chain = [
