@@ -376,6 +376,11 @@ def test_saved_files_have_the_usual_mode(tmp_path: Path) -> None:
     assert (d.stat().st_mode & 0o777) == 0o750
     for f in (CONFIG, WEIGHTS):
         assert ((d / f).stat().st_mode & 0o777) == 0o640, f
+    # saving again over a file made private keeps it private
+    (d / WEIGHTS).chmod(0o600)
+    save_adapter(_adapted(seed=3), d)
+    assert ((d / WEIGHTS).stat().st_mode & 0o777) == 0o600
+    assert ((d / CONFIG).stat().st_mode & 0o777) == 0o640
 
 
 def test_onnx_save_failure_leaves_previous_file(

@@ -28,10 +28,12 @@ untouched and no half-written folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections import Counter
@@ -732,14 +734,18 @@ def finish_modes(stage: Path) -> None:
 
 def _move_into(src: Path, dst: Path) -> None:
     """Move the contents of ``src`` into the existing directory ``dst``, each file with
-    ``os.replace`` (atomic per file); ``adapter_config.json`` last, so that a reader sees
-    the new config only once the new weights are in place."""
+    ``os.replace`` (atomic per file, keeping the mode of the file it replaces);
+    ``adapter_config.json`` last, so that a reader sees the new config only once the new
+    weights are in place."""
     for entry in sorted(src.iterdir(), key=lambda e: (e.name == CONFIG_NAME, e.name)):
         target = dst / entry.name
         if entry.is_dir() and not entry.is_symlink() and target.is_dir():
             _move_into(entry, target)
-        else:
-            os.replace(entry, target)
+            continue
+        with contextlib.suppress(OSError):  # a replaced file keeps its mode
+            if target.is_file() and entry.is_file():
+                os.chmod(entry, stat.S_IMODE(target.stat().st_mode))
+        os.replace(entry, target)
 
 
 @contextmanager
