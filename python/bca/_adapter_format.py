@@ -54,14 +54,19 @@ __all__ = [
     "FORMAT_VERSION",
     "KERNEL_SUFFIX",
     "MODULES_TO_SAVE_PREFIX",
+    "KERNEL_DTYPES",
+    "PARAMETER_DTYPES",
     "BcaFormatError",
     "AdapterDocument",
     "AdapterFiles",
+    "FieldChecker",
     "ModuleInfo",
     "SafetensorsHeader",
     "TensorEntry",
     "atomic_directory",
     "check_config",
+    "finish_modes",
+    "kind_of",
     "new_file_mode",
     "read_adapter_files",
     "read_config",
@@ -70,6 +75,9 @@ __all__ = [
     "read_safetensors_header",
     "read_tensors",
     "read_weights_header",
+    "replace_file",
+    "staging_directory",
+    "write_adapter",
     "write_json",
 ]
 
@@ -732,6 +740,15 @@ def finish_modes(stage: Path) -> None:
             os.chmod(os.path.join(root, f), fmode)
 
 
+def replace_file(src: Path, dst: Path) -> None:
+    """``os.replace(src, dst)`` (atomic); when ``dst`` is a file, ``src`` takes its mode
+    first, so a file made private stays private."""
+    with contextlib.suppress(OSError):
+        if dst.is_file() and src.is_file():
+            os.chmod(src, stat.S_IMODE(dst.stat().st_mode))
+    os.replace(src, dst)
+
+
 def _move_into(src: Path, dst: Path) -> None:
     """Move the contents of ``src`` into the existing directory ``dst``, each file with
     ``os.replace`` (atomic per file, keeping the mode of the file it replaces);
@@ -742,10 +759,7 @@ def _move_into(src: Path, dst: Path) -> None:
         if entry.is_dir() and not entry.is_symlink() and target.is_dir():
             _move_into(entry, target)
             continue
-        with contextlib.suppress(OSError):  # a replaced file keeps its mode
-            if target.is_file() and entry.is_file():
-                os.chmod(entry, stat.S_IMODE(target.stat().st_mode))
-        os.replace(entry, target)
+        replace_file(entry, target)
 
 
 @contextmanager

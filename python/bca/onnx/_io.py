@@ -15,6 +15,7 @@ from .._adapter_format import (
     WEIGHTS_NAME,
     finish_modes,
     read_adapter_files,
+    replace_file,
     staging_directory,
 )
 from ._splice import AdapterSpec
@@ -84,8 +85,8 @@ def save_checked(
     Models of 2 GB or more (or ``external_data=True``) are saved with their tensors in
     ``<name>.data`` next to the file. The write is atomic: the files are written and
     checked in a hidden staging folder next to ``path`` and moved into place with
-    ``os.replace`` only when the check passes (the data file first), so a failure leaves
-    a previous file at ``path`` as it was.
+    ``os.replace`` only when the check passes (the data file first; a replaced file keeps
+    its mode), so a failure leaves a previous file at ``path`` as it was.
     """
     out = Path(path)
     size = model.ByteSize()
@@ -108,8 +109,8 @@ def save_checked(
         onnx.checker.check_model(str(tmp), full_check=True)
         finish_modes(stage)
         if (stage / data_name).exists():
-            os.replace(stage / data_name, out.parent / data_name)
-        os.replace(tmp, out)
+            replace_file(stage / data_name, out.parent / data_name)
+        replace_file(tmp, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
