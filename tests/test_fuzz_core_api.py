@@ -1,0 +1,85 @@
+"""A short pass of fuzz/fuzz_core_api.py, and checks that the harness itself works.
+
+The pass (about 20 s) must end with zero failures: every call returned the dense
+oracle's result or raised TypeError/ValueError/MemoryError, no crash, no hang. The
+self-tests plant a wrong result, a crash and an abort in the allocation child and check
+that the harness reports each one (so a clean pass means something).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import dense_oracle, kernel_grad_oracle
+
+HARNESS = Path(__file__).resolve().parents[1] / "fuzz" / "fuzz_core_api.py"
+SUMMARY = re.compile(r"calls: (\d+), failures: (\d+), crashes: (\d+), hangs: (\d+), wrong: (\d+)")
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("fuzz_core_api", HARNESS)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_core_api"] = mod  # dataclasses look the module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args: str, timeout: float = 240) -> tuple[int, str, dict[str, int]]:
+    run = subprocess.run(
+        [sys.executable, str(HARNESS), "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = run.stdout + run.stderr
+    m = SUMMARY.search(run.stdout)
+    assert m is not None, out
+    names = ("calls", "failures", "crashes", "hangs", "wrong")
+    return run.returncode, out, dict(zip(names, map(int, m.groups()), strict=True))
+
+
+def test_harness_oracles_equal_the_test_oracles() -> None:
+    fz = _harness()
+    rng = np.random.default_rng(7)
+    for p, q_out, q_in in [(1, 3, 2), (2, 1, 1), (5, 2, 3), (8, 3, 1), (13, 1, 2)]:
+        kernel = rng.standard_normal((q_out, q_in, p))
+        d_in, d_out = q_in * p - (p - 1) // 2, q_out * p - p // 3
+        np.testing.assert_array_equal(
+            fz.dense_oracle(kernel, d_in, d_out), dense_oracle(kernel, d_in, d_out)
+        )
+        x = rng.standard_normal((4, d_in))
+        g = rng.standard_normal((4, d_out))
+        np.testing.assert_allclose(
+            fz.kernel_grad_oracle(x, g, kernel.shape),
+            kernel_grad_oracle(x, g, kernel.shape),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+
+
+def test_short_fuzz_pass_has_no_failures() -> None:
+    rc, out, counts = _run(
+        "--iterations", "2000000", "--max-seconds", "20", "--seed", "20261203",
+        "--threads", "2", "--subprocess-every", "2000",
+    )  # fmt: skip
+    assert counts["calls"] >= 5000, out  # it really ran
+    assert counts["failures"] == 0 and rc == 0, out
+
+
+@pytest.mark.parametrize(
+    ("fault", "field"), [("wrong", "wrong"), ("crash", "crashes"), ("alloc-crash", "crashes")]
+)
+def test_harness_reports_planted_faults(fault: str, field: str) -> None:
+    rc, out, counts = _run(
+        "--iterations", "2000", "--max-seconds", "4", "--seed", "5", "--threads", "2",
+        "--subprocess-every", "300", "--inject", fault,
+    )  # fmt: skip
+    assert rc == 1 and counts["failures"] > 0 and counts[field] > 0, out
