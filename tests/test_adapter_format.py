@@ -598,3 +598,31 @@ def test_unpaired_surrogate_in_names(saved: Path, capsys: pytest.CaptureFixture[
         timeout=120,
     )
     assert run.returncode == 1 and b"Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("extra", ["1e999999", "[" * 130 + "]" * 130], ids=["inf", "deep"])
+def test_header_json_the_safetensors_library_refuses(
+    saved: Path, capsys: pytest.CaptureFixture[str], extra: str
+) -> None:
+    """An unused header field the safetensors library refuses (a number that overflows, 130
+    levels of nesting) is refused here too: never more lenient than the reference reader
+    (found by fuzz/fuzz_adapter_files.py)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = _variant(saved, "odd_header")
+    meta, data = _header(d / WEIGHTS)
+    meta[KERNEL]["note"] = "@"
+    head = json.dumps(meta).replace('"@"', extra).encode()
+    head += b" " * (-len(head) % 8)
+    (d / WEIGHTS).write_bytes(struct.pack("<Q", len(head)) + head + data)
+    with pytest.raises(SafetensorError):
+        load_file(str(d / WEIGHTS))
+    _all_readers_refuse(d, capsys, WEIGHTS, "header")
+
+
+def test_config_nested_beyond_the_limit(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = _edit_config(
+        _variant(saved, "nested"), lambda doc: doc.update(note=json.loads("[" * 150 + "]" * 150))
+    )
+    _all_readers_refuse(d, capsys, CONFIG, "nested too deeply")

@@ -91,6 +91,7 @@ INITS: tuple[str, ...] = ("zeros", "xavier_uniform", "gaussian", "kaiming")  # =
 
 MAX_FEATURES = 2**31 - 1  # widths and block sizes; far beyond any layer, far below int64
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_JSON_DEPTH = 100  # levels of nesting (the safetensors library refuses more than 127)
 KERNEL_DTYPES = ("F32", "F64")
 PARAMETER_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -164,12 +165,42 @@ def _no_constant(name: str) -> Any:
     raise _JSONProblem(f"{name} is not valid JSON")
 
 
-def _loads(data: bytes | str, path: Path, what: str, field: str = "") -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting and digits;
-    every failure a :class:`BcaFormatError` naming ``path``."""
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise _JSONProblem(f"number {text[:40]} is out of range")
+    return x
+
+
+def _too_deep(doc: Any, limit: int) -> bool:
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((c, depth + 1) for c in children)
+    return False
+
+
+def _loads(
+    data: bytes | str, path: Path, what: str, field: str = "", *, finite: bool = False
+) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, at most
+    :data:`MAX_JSON_DEPTH` levels of nesting, bounded digits; with ``finite`` no number
+    that overflows a float either (as the safetensors library's own parser). Every
+    failure a :class:`BcaFormatError` naming ``path``."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        doc = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float if finite else float,
+        )
+        if _too_deep(doc, MAX_JSON_DEPTH):
+            raise RecursionError
         # a "\udXXX" escape without its pair decodes to a lone surrogate, which no UTF-8
         # output (a file name, a printed module name) can hold
         json.dumps(doc, ensure_ascii=False, check_circular=False).encode("utf-8")
@@ -181,7 +212,9 @@ def _loads(data: bytes | str, path: Path, what: str, field: str = "") -> Any:
     except UnicodeDecodeError as e:
         raise BcaFormatError(path, field, f"{what} is not UTF-8 text ({e.reason})") from None
     except RecursionError:
-        raise BcaFormatError(path, field, f"{what} is nested too deeply") from None
+        raise BcaFormatError(
+            path, field, f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)"
+        ) from None
     except json.JSONDecodeError as e:
         raise BcaFormatError(
             path, field, f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
@@ -502,7 +535,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise _unreadable(p, "the file changed while it was read")
     if not text.startswith(b"{"):
         raise _unreadable(p, "the header is not a JSON object", "header")
-    doc = _loads(text, p, "the safetensors header", "header")
+    doc = _loads(text, p, "the safetensors header", "header", finite=True)
     if not isinstance(doc, dict):
         raise _unreadable(p, "the header is not a JSON object", "header")
     meta = doc.pop("__metadata__", None)
