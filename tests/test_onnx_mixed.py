@@ -267,10 +267,10 @@ def test_index_errors(mixed: Mixed) -> None:
     sess = _session(mixed.graph)
     feed = _inputs(3, 5, 5)
     for bad in ([0, 4, 1], [0, -5, 1]):
-        with pytest.raises(Exception, match=r"(?i)out of bounds|out of range|indices"):
+        with pytest.raises(Exception, match="indices element out of data bounds"):
             _run(sess, feed, bad)
     for wrong in ([0, 1], [0], [0, 1, 2, 0]):
-        with pytest.raises(Exception, match=r"(?i)concat|dimension"):
+        with pytest.raises(Exception, match="Non concat axis dimensions must match"):
             _run(sess, feed, wrong)
 
 
