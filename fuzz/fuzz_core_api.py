@@ -14,15 +14,16 @@ ValueError or MemoryError. Anything else is a failure:
 - exception: any other exception (OverflowError, RuntimeError, PanicException, ...);
 - crash: the process died from a signal; hang: a call ran past the watchdog.
 
-Layout: this process supervises. The bulk runs in one worker process (``--threads``
-fuzzing threads, so calls also run concurrently), which streams progress, counts and
-failures back; a crash or hang of the worker is recorded with its last scenario, the
-scenario is replayed alone to find the exact call, and the worker restarts after it.
+Layout: this process supervises. The bulk runs in ``--workers`` worker processes (each
+with ``--threads`` fuzzing threads, so calls also run concurrently), which stream
+progress, counts and failures back; a crash or hang of a worker is recorded with its
+last scenarios, each is replayed alone to find the exact call, and the worker restarts
+after them.
 Every ``--subprocess-every`` calls one allocation case (sizes that cannot be allocated)
 runs in a separate child process limited by RLIMIT_AS (``--rlimit-gib``), so that an
 abort on allocation failure is seen as a signal exit instead of killing the harness.
 
-    python fuzz/fuzz_core_api.py --iterations 1000000 --seed 1 --threads 2
+    python fuzz/fuzz_core_api.py --iterations 10000000 --seed 1 --workers 2 --threads 2
     python fuzz/fuzz_core_api.py --replay 1:0:42      # one scenario, printing each call
 
 Ends with ``calls: N, failures: F, crashes: C, hangs: H, wrong: W`` and exits 1 when
@@ -988,7 +989,7 @@ class Worker:
     def scenarios(self, tid: int) -> None:
         index = self.args.start_index
         while not self.done.is_set():
-            scenario = f"{self.args.seed}:{tid}:{index}"
+            scenario = f"{self.args.seed}:{tid + self.args.tid_offset}:{index}"
             self.emit({"t": "scenario", "tid": tid, "scenario": scenario})
             run_scenario(self, tid, scenario)
             index += 1
@@ -1228,6 +1229,23 @@ class AllocRunner:
 # -- supervisor ------------------------------------------------------------------------
 
 
+@dataclass
+class WorkerState:
+    """One worker process as the supervisor sees it."""
+
+    index: int
+    budget: int
+    start_index: int
+    calls: int = 0  # calls of its finished runs
+    run_calls: int = 0  # calls of the current run, from its progress lines
+    run_fails: dict = field(default_factory=dict)
+    stats: dict | None = None
+    hang: dict | None = None
+    last_scenario: dict = field(default_factory=dict)
+    last_seen: float = 0.0
+    proc: subprocess.Popen | None = None
+
+
 class Supervisor:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -1237,6 +1255,7 @@ class Supervisor:
         self.alloc = AllocRunner(args.rlimit_gib, args.call_timeout, args.inject)
         self.alloc_rng = np.random.default_rng([args.seed, 10**6])
         self.alloc_calls = 0
+        self.workers: list[WorkerState] = []
 
     def add_failure(self, rec: dict) -> None:
         cls = rec["class"]
@@ -1269,7 +1288,7 @@ class Supervisor:
             return f"crash in replay ({signal.Signals(-run.returncode).name})", last
         return f"replay exited {run.returncode}", last
 
-    def worker_cmd(self, start_index: int, calls: int, seconds: float | None) -> list[str]:
+    def worker_cmd(self, w: WorkerState, seconds: float | None) -> list[str]:
         a = self.args
         extra = ["--inject", a.inject] if a.inject else []
         extra += ["--max-seconds", f"{max(seconds, 0.1):.3f}"] if seconds is not None else []
@@ -1278,13 +1297,15 @@ class Supervisor:
             HERE,
             "--worker",
             "--iterations",
-            str(calls),
+            str(w.budget - w.calls),
             "--seed",
             str(a.seed),
             "--threads",
             str(a.threads),
+            "--tid-offset",
+            str(w.index * a.threads),
             "--start-index",
-            str(start_index),
+            str(w.start_index),
             "--call-timeout",
             str(a.call_timeout),
             "--check-inputs-every",
@@ -1292,124 +1313,146 @@ class Supervisor:
             *extra,
         ]
 
+    def start(self, w: WorkerState, deadline: float | None) -> None:
+        left = None if deadline is None else deadline - time.monotonic()
+        w.proc = subprocess.Popen(
+            self.worker_cmd(w, left),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        w.run_calls, w.run_fails, w.stats, w.hang = 0, {}, None, None
+        w.last_scenario = {}
+        w.last_seen = time.monotonic()
+
+    def handle(self, w: WorkerState, msg: dict) -> None:
+        t = msg["t"]
+        if t == "scenario":
+            w.last_scenario[msg["tid"]] = msg["scenario"]
+        elif t == "progress":
+            w.run_calls, w.run_fails = msg["calls"], msg["fails"]
+        elif t == "failure":
+            msg.pop("t")
+            self.add_failure(msg)
+        elif t == "hang":
+            w.hang = msg
+        elif t == "stats":
+            w.stats = msg
+
+    def finish(self, w: WorkerState) -> bool:
+        """The worker's process ended: account for it; True if it is done for good."""
+        assert w.proc is not None
+        rc = w.proc.wait()
+        err = w.proc.stderr.read() if w.proc.stderr else ""
+        w.proc = None
+        if w.stats is not None:
+            self.counts.update(w.stats["counts"])
+            w.calls += w.stats["calls"]
+        else:  # died: keep what its last progress line said
+            self.counts.update(w.run_fails)
+            rest = w.run_calls - sum(w.run_fails.values())
+            self.counts["(calls of a worker that died, outcomes not kept) | ok"] += rest
+            w.calls += w.run_calls
+        w.run_calls = 0
+        if w.stats is not None and rc == 0:
+            return True
+        # a crash or a hang: find the call by replaying the last scenarios alone
+        scenarios = sorted(set(w.last_scenario.values()))
+        kind = "hang" if w.hang is not None or rc in (3, -signal.SIGKILL) else "crash"
+        why = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+        tail = " | ".join(err.strip().splitlines()[-4:])[:400]
+        culprits = []
+        for sc in scenarios:
+            if w.hang is not None and w.hang.get("scenario") == sc:
+                culprits.append((sc, "hang (watchdog)", w.hang["call"]))
+                continue
+            outcome, last = self.replay(sc)
+            if "in replay" in outcome:  # the replay crashed or hung too: this is the call
+                culprits.append((sc, outcome, last))
+        w.calls += 1
+        if not culprits:  # not reproduced alone: a race between threads, or flaky
+            culprits = [(",".join(scenarios), f"not reproduced alone; {tail}", "?")]
+        for sc, outcome, call in culprits:
+            api = call.split("(")[0] if call != "?" else "worker"
+            self.add_failure(
+                {
+                    "kind": kind,
+                    "api": api,
+                    "call": call,
+                    "detail": f"worker {why}; replay: {outcome}",
+                    "scenario": sc,
+                    "class": f"{api} | {kind} | worker {why}",
+                    "count": 1,
+                }
+            )
+        if scenarios:
+            w.start_index = max(int(s.split(":")[2]) for s in scenarios) + 1
+        else:
+            w.start_index += 1
+        return w.calls >= w.budget
+
+    def total_calls(self) -> int:
+        return sum(w.calls + w.run_calls for w in self.workers) + self.alloc_calls
+
     def run(self) -> int:
         try:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover
             tqdm = None
-        total = self.args.iterations
+        a = self.args
         bar = (
-            tqdm(
-                total=total,
-                unit="call",
-                smoothing=0.1,
-                disable=self.args.no_progress or tqdm is None,
-                mininterval=0.5,
-            )
-            if tqdm
+            tqdm(total=a.iterations, unit="call", smoothing=0.1, mininterval=0.5)
+            if tqdm is not None and not a.no_progress
             else None
         )
-        start_index = self.args.start_index
         t0 = time.monotonic()
-        deadline = t0 + self.args.max_seconds if self.args.max_seconds else None
-        next_alloc = self.args.subprocess_every
-        while self.calls < total and (deadline is None or time.monotonic() < deadline):
-            left = None if deadline is None else deadline - time.monotonic()
-            proc = subprocess.Popen(
-                self.worker_cmd(start_index, total - self.calls, left),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                bufsize=1,
-            )
-            assert proc.stdout is not None
-            base = self.calls
-            last_scenario: dict[int, str] = {}
-            worker_calls = 0
-            worker_fails: dict[str, int] = {}
-            stats = None
-            hang = None
-            last_seen = time.monotonic()
-            while True:
-                ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-                if not ready:
-                    if time.monotonic() - last_seen > self.args.call_timeout + 20:
-                        proc.kill()
-                        hang = {
-                            "api": "?",
-                            "call": "worker stopped reporting (GIL held?)",
-                            "scenario": ",".join(last_scenario.values()),
-                        }
-                        break
-                    continue
-                line = proc.stdout.readline()
+        deadline = t0 + a.max_seconds if a.max_seconds else None
+        n = max(1, a.workers)
+        self.workers = [
+            WorkerState(i, a.iterations // n + (1 if i < a.iterations % n else 0), a.start_index)
+            for i in range(n)
+        ]
+        live = []
+        for w in self.workers:
+            if w.budget > 0:
+                self.start(w, deadline)
+                live.append(w)
+        next_alloc = a.subprocess_every
+        while live:
+            by_fd = {w.proc.stdout: w for w in live if w.proc is not None}
+            ready, _, _ = select.select(list(by_fd), [], [], 1.0)
+            now = time.monotonic()
+            ended = []
+            for f in ready:
+                w = by_fd[f]
+                line = f.readline()
                 if not line:
-                    break
-                last_seen = time.monotonic()
-                msg = json.loads(line)
-                t = msg["t"]
-                if t == "scenario":
-                    last_scenario[msg["tid"]] = msg["scenario"]
-                elif t == "progress":
-                    worker_calls, worker_fails = msg["calls"], msg["fails"]
-                elif t == "failure":
-                    msg.pop("t")
-                    self.add_failure(msg)
-                elif t == "hang":
-                    hang = msg
-                elif t == "stats":
-                    stats = msg
-                new_total = base + worker_calls + self.alloc_calls
-                if bar is not None:
-                    bar.update(new_total - bar.n)
-                while base + worker_calls >= next_alloc and self.args.subprocess_every:
-                    self.run_alloc_case()
-                    next_alloc += self.args.subprocess_every
-                    last_seen = time.monotonic()
-            rc = proc.wait()
-            err = proc.stderr.read() if proc.stderr else ""
-            if stats is not None:
-                self.counts.update(stats["counts"])
-                worker_calls = stats["calls"]
-            else:  # died: keep what the last progress line said
-                self.counts.update(worker_fails)
-                rest = worker_calls - sum(worker_fails.values())
-                self.counts["(calls of a worker that died, outcomes not kept) | ok"] += rest
-            self.calls = base + worker_calls + self.alloc_calls
-            if stats is not None and rc == 0:
-                break
-            # a crash or a hang: find the call by replaying the last scenarios alone
-            scenarios = sorted(set(last_scenario.values()))
-            kind = "hang" if hang is not None or rc == 3 else "crash"
-            why = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
-            tail = " | ".join(err.strip().splitlines()[-4:])[:400]
-            culprits = []
-            for sc in scenarios:
-                if hang is not None and hang.get("scenario") == sc:
-                    culprits.append((sc, "hang (watchdog)", hang["call"]))
+                    ended.append(w)
                     continue
-                outcome, last = self.replay(sc)
-                if "in replay" in outcome:  # the replay crashed or hung too: this is the call
-                    culprits.append((sc, outcome, last))
-            self.calls += 1
-            if not culprits:  # not reproduced alone: a race between threads, or flaky
-                culprits = [(",".join(scenarios), f"not reproduced alone; {tail}", "?")]
-            for sc, outcome, call in culprits:
-                api = call.split("(")[0] if call != "?" else "worker"
-                self.add_failure(
-                    {
-                        "kind": kind,
-                        "api": api,
-                        "call": call,
-                        "detail": f"worker {why}; replay: {outcome}",
-                        "scenario": sc,
-                        "class": f"{api} | {kind} | worker {why}",
-                        "count": 1,
-                    }
-                )
-            start_index = (
-                max(int(s.split(":")[2]) for s in scenarios) + 1 if scenarios else (start_index + 1)
-            )
+                w.last_seen = now
+                self.handle(w, json.loads(line))
+            for w in live:
+                if w not in ended and now - w.last_seen > a.call_timeout + 20:
+                    assert w.proc is not None
+                    w.proc.kill()  # stopped reporting: a hang with the GIL held, say
+                    w.hang = {"call": "?", "scenario": None}
+                    ended.append(w)
+            for w in ended:
+                live.remove(w)
+                done = self.finish(w)
+                out_of_time = deadline is not None and time.monotonic() >= deadline
+                if not done and not out_of_time:
+                    self.start(w, deadline)
+                    live.append(w)
+            while a.subprocess_every and self.total_calls() - self.alloc_calls >= next_alloc:
+                self.run_alloc_case()
+                next_alloc += a.subprocess_every
+                for w in live:
+                    w.last_seen = time.monotonic()
+            if bar is not None:
+                bar.update(self.total_calls() - bar.n)
+        self.calls = self.total_calls()
         self.alloc.close()
         elapsed = time.monotonic() - t0
         if bar is not None:
@@ -1513,7 +1556,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--iterations", type=int, default=100_000, help="number of calls")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="fuzzing threads in the worker")
+    ap.add_argument("--threads", type=int, default=2, help="fuzzing threads per worker")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="worker processes (use the cores: 2 here)"
+    )
     ap.add_argument(
         "--subprocess-every",
         type=int,
@@ -1546,6 +1592,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--replay", metavar="SEED:THREAD:INDEX", help="run one scenario verbosely")
     ap.add_argument("--start-index", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--tid-offset", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--alloc-server", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)

@@ -68,7 +68,7 @@ def test_harness_oracles_equal_the_test_oracles() -> None:
 def test_short_fuzz_pass_has_no_failures() -> None:
     rc, out, counts = _run(
         "--iterations", "2000000", "--max-seconds", "20", "--seed", "20261203",
-        "--threads", "2", "--subprocess-every", "2000",
+        "--workers", "2", "--threads", "2", "--subprocess-every", "2000",
     )  # fmt: skip
     assert counts["calls"] >= 5000, out  # it really ran
     assert counts["failures"] == 0 and rc == 0, out
