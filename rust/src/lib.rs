@@ -12,6 +12,7 @@
 mod alloc;
 mod error;
 mod float;
+mod mixed;
 mod operator;
 mod shape;
 mod simd;
@@ -19,6 +20,7 @@ mod threads;
 
 pub use error::BcaError;
 pub use float::Float;
+pub use mixed::{mixed_backward, mixed_forward, NO_ADAPTER};
 pub use operator::BlockCirculant;
 pub use shape::Shape;
 pub use threads::{default_num_threads, refresh_env_default, set_default_num_threads};
