@@ -1117,10 +1117,10 @@ def run_alloc_case(case: dict, bca: Any) -> str:
     """Run one allocation case; return 'ok' or 'MemoryError: ...'/'ValueError: ...'.
     Anything else propagates (and is a failure); AssertionError means a wrong result."""
     dt = np.dtype(case["dtype"])
-    kernel = np.zeros(case["kernel"], dt)
-    kernel.flat[0] = 1.0  # block (0, 0) is the identity; every other block is zero
-    q_out, q_in, p = kernel.shape
+    q_out, q_in, p = case["kernel"]
     try:
+        kernel = np.zeros(case["kernel"], dt)
+        kernel.flat[0] = 1.0  # block (0, 0) is the identity; every other block is zero
         if case["op"] == "to_dense":
             d = bca.block_circulant_to_dense(kernel)
             assert d.shape == (q_out * p, q_in * p), "wrong dense shape"
@@ -1213,7 +1213,9 @@ class AllocRunner:
             self.proc = None
             sig = -rc if rc < 0 else None
             name = signal.Signals(sig).name if sig else f"exit status {rc}"
-            tail = " | ".join(err.strip().splitlines()[-3:])
+            lines = err.strip().splitlines()
+            key = [ln for ln in lines if "memory allocation" in ln or "Fatal" in ln]
+            tail = " | ".join(key[-1:] or lines[-3:])  # the child's stderr spans many cases
             return "crash", f"child died: {name}; stderr: {tail[:300]}"
         out = json.loads(line)
         if "failure" in out:
