@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import rel_err
+from conftest import dense_oracle, rel_err
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -410,6 +410,45 @@ def test_add_mixed_adapters_in_memory() -> None:
     for b, factor in ((0, 1.0), (1, 2.0)):
         want = factor * one.run(None, {"x": x[None, b : b + 1], "adapter_index": [0]})[0][0, 0]
         assert rel_err(y[b] - x[b], want) < 1e-5
+
+
+@pytest.mark.parametrize("lowering", ["dft", "matmul", "matmul2"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_subgraph_against_dense_oracle(lowering: str, dtype: Any) -> None:
+    """The mixed subgraph alone, every lowering and dtype, p = 16 not dividing the widths;
+    rows over a sequence axis and flattened (batch * rows, features) inputs."""
+    rng = np.random.default_rng(0)
+    d_in, d_out, p = 37, 21, 16
+    kernels = [(rng.standard_normal((2, 3, p)), s) for s in (0.5, 1.0, -0.8)]
+    kernels[1] = None  # an adapter that does not adapt this layer: zeros
+    model = make_mixed_adapter_model(
+        kernels, in_features=d_in, out_features=d_out, lowering=lowering, dtype=dtype
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((6, 5, d_in)).astype(dtype)
+    index = np.array([2, 0, 1, 3, 0, -1])
+    y = sess.run(None, {"x": x, "adapter_index": index})[0]
+    assert y.dtype == dtype and y.shape == (6, 5, d_out)
+    tol = {np.float16: 5e-3, np.float32: 1e-5 if lowering != "dft" else 1e-4}.get(dtype, 1e-7)
+    for b, a in enumerate(index):
+        kv = [*kernels, None][a]
+        if kv is None:
+            assert not np.asarray(y[b], np.float64).any()
+            continue
+        want = kv[1] * np.asarray(x[b], np.float64) @ dense_oracle(kv[0], d_in, d_out).T
+        assert rel_err(np.asarray(y[b], np.float64), want) < tol, (b, a)
+    # the same rows flattened batch-major to (batch * rows, features): the same result
+    flat = make_mixed_adapter_model(
+        kernels,
+        in_features=d_in,
+        out_features=d_out,
+        lowering=lowering,
+        dtype=dtype,
+        input_shape=("batch_rows", "in_features"),
+    )
+    sess = ort.InferenceSession(flat.SerializeToString(), providers=["CPUExecutionProvider"])
+    y2 = sess.run(None, {"x": x.reshape(30, d_in), "adapter_index": index})[0]
+    assert np.array_equal(y2.reshape(y.shape), y)
 
 
 # --------------------------------------------------------------------------------------
