@@ -18,6 +18,9 @@ _CORE_NAMES = (
     "block_circulant_matmul_backward",
     "block_circulant_to_dense",
     "get_num_threads",
+    "mixed_matmul",
+    "mixed_matmul_backward",
+    "NO_ADAPTER",
     "num_blocks",
     "set_num_threads",
 )
@@ -25,11 +28,14 @@ _CORE_NAMES = (
 try:
     from ._bca import __version__
     from .core import (
+        NO_ADAPTER,
         BlockCirculant,
         block_circulant_matmul,
         block_circulant_matmul_backward,
         block_circulant_to_dense,
         get_num_threads,
+        mixed_matmul,
+        mixed_matmul_backward,
         num_blocks,
         set_num_threads,
     )
@@ -47,6 +53,9 @@ __all__ = [
     "block_circulant_matmul_backward",
     "block_circulant_to_dense",
     "get_num_threads",
+    "mixed_matmul",
+    "mixed_matmul_backward",
+    "NO_ADAPTER",
     "num_blocks",
     "set_num_threads",
 ]

@@ -5,7 +5,14 @@ from typing import final
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BlockCirculantOperator", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = [
+    "BlockCirculantOperator",
+    "set_num_threads",
+    "get_num_threads",
+    "mixed_forward",
+    "mixed_backward",
+    "__version__",
+]
 __version__: str
 
 _Array = NDArray[np.float32] | NDArray[np.float64]
@@ -53,3 +60,20 @@ class BlockCirculantOperator:
 
 def set_num_threads(num_threads: int | None) -> None: ...
 def get_num_threads() -> int: ...
+
+# Mixed-adapter batches: row r uses operators[adapter_index[r]] (-1: no adapter, a zero
+# row); adapter_index has the shape of the rows' leading axes.
+def mixed_forward(
+    operators: list[BlockCirculantOperator] | tuple[BlockCirculantOperator, ...],
+    adapter_index: NDArray[np.int64],
+    x: _Array,
+) -> _Array: ...
+def mixed_backward(
+    operators: list[BlockCirculantOperator] | tuple[BlockCirculantOperator, ...],
+    adapter_index: NDArray[np.int64],
+    x: _Array | None,
+    grad_output: _Array,
+    *,
+    input_grad: bool = True,
+    kernel_grad: bool = True,
+) -> tuple[_Array | None, list[_Array | None]]: ...

@@ -14,6 +14,7 @@ must share a dtype. Bad input raises ``TypeError`` (wrong type/dtype) or ``Value
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,6 +26,9 @@ __all__ = [
     "block_circulant_matmul",
     "block_circulant_matmul_backward",
     "block_circulant_to_dense",
+    "mixed_matmul",
+    "mixed_matmul_backward",
+    "NO_ADAPTER",
     "num_blocks",
     "set_num_threads",
     "get_num_threads",
@@ -203,6 +207,88 @@ def block_circulant_to_dense(
 ) -> FloatArray:
     """Dense ΔW ``(out_features, in_features)`` of a kernel ``(q_out, q_in, p)``."""
     return BlockCirculant(kernel, in_features, out_features).to_dense()
+
+
+#: The ``adapter_index`` value that means "no adapter" for a row (its output is zero).
+NO_ADAPTER = -1
+
+
+def _core_operators(operators: object) -> list[_bca.BlockCirculantOperator]:
+    if isinstance(operators, (str, bytes, BlockCirculant)) or not isinstance(operators, Sequence):
+        raise TypeError(
+            f"operators must be a sequence of bca.BlockCirculant, got {type(operators).__name__}"
+        )
+    ops = []
+    for a, op in enumerate(operators):
+        if not isinstance(op, BlockCirculant):
+            raise TypeError(f"operators[{a}] must be a bca.BlockCirculant, got {type(op).__name__}")
+        ops.append(op._op)
+    return ops
+
+
+def _adapter_index(adapter_index: object) -> NDArray[np.int64]:
+    arr = np.asarray(adapter_index)
+    if arr.size == 0 and not isinstance(adapter_index, np.ndarray):
+        arr = arr.astype(np.int64)  # np.asarray([]) is float64
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "iu":
+        raise TypeError(f"adapter_index must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"adapter_index: {int(arr.max())} is out of range")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def mixed_matmul(
+    operators: Sequence[BlockCirculant], adapter_index: object, x: FloatArray
+) -> FloatArray:
+    """A mixed-adapter batch: row ``r`` of ``x`` through its own operator.
+
+    ``y[..., :] = operators[adapter_index[...]].matmul(x[..., :])`` for every row, in one
+    call costing about what one operator costs on the same rows: each row's blocks are
+    transformed once, multiplied with that operator's cached spectra and transformed back
+    (rows are grouped by operator internally; results are bit for bit those of each
+    operator's own :meth:`BlockCirculant.matmul`).
+
+    Args:
+        operators: operators of one geometry (``in_features``, ``out_features``,
+            ``block_size``) and one dtype.
+        adapter_index: integers with the shape of ``x.shape[:-1]``: an index into
+            ``operators``, or :data:`NO_ADAPTER` (``-1``) for a row without an adapter
+            (a zero output row; the row is not read). Other negative values are errors,
+            not Python-style indexing.
+        x: ``(..., in_features)`` of the operators' dtype.
+
+    Raises ``TypeError``/``ValueError`` naming ``operators`` (with the index of the
+    operator that differs), ``adapter_index`` (with the offending position) or ``x``.
+    """
+    return _bca.mixed_forward(_core_operators(operators), _adapter_index(adapter_index), x)
+
+
+def mixed_matmul_backward(
+    operators: Sequence[BlockCirculant],
+    adapter_index: object,
+    x: FloatArray | None,
+    grad_output: FloatArray,
+    *,
+    input_grad: bool = True,
+    kernel_grad: bool = True,
+) -> tuple[FloatArray | None, list[FloatArray | None]]:
+    """Gradients of ``sum(grad_output * mixed_matmul(operators, adapter_index, x))``.
+
+    Returns ``(grad_x, grad_kernels)``: ``grad_x`` shaped like ``x`` (row ``r`` is
+    ``ΔW_aᵀ grad_output[r]`` for its operator ``a``, zero for rows without one) and one
+    kernel gradient per operator, summed over that operator's rows (zero for an operator
+    without rows; accumulated in float64). ``grad_x`` is ``None`` with
+    ``input_grad=False``; the list holds ``None`` with ``kernel_grad=False``, when ``x``
+    may be ``None``.
+    """
+    return _bca.mixed_backward(
+        _core_operators(operators),
+        _adapter_index(adapter_index),
+        x,
+        grad_output,
+        input_grad=input_grad,
+        kernel_grad=kernel_grad,
+    )
 
 
 def set_num_threads(num_threads: int | None) -> None:

@@ -52,6 +52,10 @@ fn describe(s: Shape) -> String {
 }
 
 /// The common geometry of `ops`, or an error naming the first operator that differs.
+pub fn mixed_geometry<T: Float>(ops: &[&BlockCirculant<T>]) -> Result<Shape, BcaError> {
+    check_operators(ops)
+}
+
 fn check_operators<T: Float>(ops: &[&BlockCirculant<T>]) -> Result<Shape, BcaError> {
     let first = ops
         .first()

@@ -682,6 +682,324 @@ fn _bca(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBlockCirculant>()?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(py_mixed_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(py_mixed_backward, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
+}
+
+// -------------------------------------------------------------------------------------
+// Mixed-adapter batches (mixed.rs): one call, an operator per row.
+// -------------------------------------------------------------------------------------
+
+/// The core operators of a mixed call, all of one dtype.
+enum MixedOps {
+    F32(Vec<Arc<BlockCirculant<f32>>>),
+    F64(Vec<Arc<BlockCirculant<f64>>>),
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// `operators` (a list or tuple of BlockCirculantOperator of one dtype) as core operators
+/// (their current versions), or a TypeError/ValueError naming the argument.
+fn mixed_ops(operators: &Bound<'_, PyAny>) -> PyResult<MixedOps> {
+    let seq_err = || {
+        PyTypeError::new_err(format!(
+            "operators must be a list of bca._bca.BlockCirculantOperator, got {}",
+            type_name(operators)
+        ))
+    };
+    if !(operators.is_instance_of::<pyo3::types::PyList>()
+        || operators.is_instance_of::<pyo3::types::PyTuple>())
+    {
+        return Err(seq_err());
+    }
+    let items: Vec<Bound<'_, PyAny>> = operators.extract().map_err(|_| seq_err())?;
+    let mut ops = None;
+    for (a, item) in items.iter().enumerate() {
+        let op = item.cast::<PyBlockCirculant>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "operators[{a}] must be a bca._bca.BlockCirculantOperator, got {}",
+                type_name(item)
+            ))
+        })?;
+        let op = op.get();
+        let ops = ops.get_or_insert_with(|| match op.inner {
+            Inner::F32(_) => MixedOps::F32(Vec::new()),
+            Inner::F64(_) => MixedOps::F64(Vec::new()),
+        });
+        match (ops, &op.inner) {
+            (MixedOps::F32(v), Inner::F32(slot)) => v.push(slot.get()),
+            (MixedOps::F64(v), Inner::F64(slot)) => v.push(slot.get()),
+            (ops, _) => {
+                let first = match ops {
+                    MixedOps::F32(_) => f32::NAME,
+                    MixedOps::F64(_) => f64::NAME,
+                };
+                return Err(PyTypeError::new_err(format!(
+                    "operators[{a}] has dtype {}, operators[0] {first}: a mixed batch needs \
+                     one dtype",
+                    op.dtype()
+                )));
+            }
+        }
+    }
+    ops.ok_or_else(|| PyValueError::new_err("operators: at least one operator is needed"))
+}
+
+fn as_refs<T: Float>(ops: &[Arc<BlockCirculant<T>>]) -> Vec<&BlockCirculant<T>> {
+    ops.iter().map(|a| &**a).collect()
+}
+
+/// `adapter_index` as a C-contiguous int64 array of shape `leading` (x's leading axes).
+fn index_array<'py>(
+    obj: &Bound<'py, PyAny>,
+    leading: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
+    let untyped = obj.cast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "adapter_index must be a numpy.ndarray of int64, got {}",
+            type_name(obj)
+        ))
+    })?;
+    let typed = obj.cast::<PyArrayDyn<i64>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "adapter_index must have dtype int64, got {}",
+            untyped.dtype()
+        ))
+    })?;
+    if !untyped.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "adapter_index must be C-contiguous (use numpy.ascontiguousarray)",
+        ));
+    }
+    if untyped.shape() != leading {
+        return Err(PyValueError::new_err(format!(
+            "adapter_index: shape must be the leading dimensions of the rows {}, got {}",
+            shape_str(leading),
+            shape_str(untyped.shape())
+        )));
+    }
+    Ok(typed.clone())
+}
+
+fn mixed_forward_impl<'py, T: Float + Element>(
+    py: Python<'py>,
+    ops: &[Arc<BlockCirculant<T>>],
+    adapter_index: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let s = crate::mixed_geometry(&as_refs(ops)).map_err(to_py_err)?;
+    let arr = typed_array::<T>(x, "x")?;
+    let n = rows_of(arr.as_untyped(), "x", s.in_features, "in_features")?;
+    let dims = arr.shape().to_vec();
+    let leading = &dims[..dims.len() - 1];
+    let idx = index_array(adapter_index, leading)?;
+    let out = new_array::<T>(py, &out_shape(leading, s.out_features), false, "the output")?;
+    {
+        let ro = arr
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
+        let xs = ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
+        let idx_ro = idx
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
+        let is = idx_ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
+        let mut rw = out
+            .try_readwrite()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let ys = rw
+            .as_slice_mut()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        run_detached(py, || crate::mixed_forward(&as_refs(ops), is, xs, n, ys))?;
+    }
+    Ok(out.into_any())
+}
+
+type MixedGrads<'py> = (Option<Bound<'py, PyAny>>, Vec<Option<Bound<'py, PyAny>>>);
+
+fn mixed_backward_impl<'py, T: Float + Element>(
+    py: Python<'py>,
+    ops: &[Arc<BlockCirculant<T>>],
+    adapter_index: &Bound<'py, PyAny>,
+    x: Option<&Bound<'py, PyAny>>,
+    grad_output: &Bound<'py, PyAny>,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> PyResult<MixedGrads<'py>> {
+    let s = crate::mixed_geometry(&as_refs(ops)).map_err(to_py_err)?;
+    let g = typed_array::<T>(grad_output, "grad_output")?;
+    let n = rows_of(
+        g.as_untyped(),
+        "grad_output",
+        s.out_features,
+        "out_features",
+    )?;
+    let g_dims = g.shape().to_vec();
+    let leading = &g_dims[..g_dims.len() - 1];
+    let idx = index_array(adapter_index, leading)?;
+    let x_arr = match (x, kernel_grad) {
+        (Some(x), true) => {
+            let a = typed_array::<T>(x, "x")?;
+            rows_of(a.as_untyped(), "x", s.in_features, "in_features")?;
+            if &a.shape()[..a.ndim() - 1] != leading {
+                return Err(PyValueError::new_err(format!(
+                    "x and grad_output must have the same leading dimensions, got {} and {}",
+                    shape_str(a.shape()),
+                    shape_str(&g_dims)
+                )));
+            }
+            Some(a)
+        }
+        (None, true) => {
+            return Err(PyValueError::new_err(
+                "x: needed for the kernel gradients (pass x, or kernel_grad=False)",
+            ))
+        }
+        (_, false) => None,
+    };
+    // The input gradient is written everywhere before it is returned; the kernel
+    // gradients are zero-filled.
+    let gx = match input_grad {
+        true => Some(new_array::<T>(
+            py,
+            &out_shape(leading, s.in_features),
+            false,
+            "the input gradient",
+        )?),
+        false => None,
+    };
+    let mut gks = Vec::new();
+    if kernel_grad {
+        for _ in ops {
+            gks.push(new_array::<T>(
+                py,
+                &[s.q_out, s.q_in, s.p],
+                true,
+                "a kernel gradient",
+            )?);
+        }
+    }
+    {
+        let g_ro = g
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("grad_output: {e}")))?;
+        let gs = g_ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(format!("grad_output: {e}")))?;
+        let idx_ro = idx
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
+        let is = idx_ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
+        let x_ro = match &x_arr {
+            Some(a) => Some(
+                a.try_readonly()
+                    .map_err(|e| PyValueError::new_err(format!("x: {e}")))?,
+            ),
+            None => None,
+        };
+        let xs = match &x_ro {
+            Some(r) => Some(
+                r.as_slice()
+                    .map_err(|e| PyValueError::new_err(format!("x: {e}")))?,
+            ),
+            None => None,
+        };
+        let rw = |a: &Bound<'py, PyArrayDyn<T>>| {
+            a.try_readwrite()
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        };
+        let mut gx_rw = gx.as_ref().map(rw).transpose()?;
+        let gx_s = match gx_rw.as_mut() {
+            Some(rw) => Some(
+                rw.as_slice_mut()
+                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut gk_rw = gks.iter().map(rw).collect::<PyResult<Vec<_>>>()?;
+        let mut gk_s = gk_rw
+            .iter_mut()
+            .map(|rw| {
+                rw.as_slice_mut()
+                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+            })
+            .collect::<PyResult<Vec<&mut [T]>>>()?;
+        let gk_arg = match kernel_grad {
+            true => Some(&mut gk_s[..]),
+            false => None,
+        };
+        run_detached(py, || {
+            crate::mixed_backward(&as_refs(ops), is, xs, gs, n, gx_s, gk_arg)
+        })?;
+    }
+    let gk_out = match kernel_grad {
+        true => gks.into_iter().map(|a| Some(a.into_any())).collect(),
+        false => ops.iter().map(|_| None).collect(),
+    };
+    Ok((gx.map(|a| a.into_any()), gk_out))
+}
+
+/// `y[r] = ΔW_{adapter_index[r]} x[r]` over the last axis of `x`, each row with its own
+/// operator (-1: no adapter, a zero row); see bca._bca.pyi.
+#[pyfunction]
+#[pyo3(name = "mixed_forward", signature = (operators, adapter_index, x))]
+fn py_mixed_forward<'py>(
+    py: Python<'py>,
+    operators: &Bound<'py, PyAny>,
+    adapter_index: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match mixed_ops(operators)? {
+        MixedOps::F32(ops) => mixed_forward_impl(py, &ops, adapter_index, x),
+        MixedOps::F64(ops) => mixed_forward_impl(py, &ops, adapter_index, x),
+    }
+}
+
+/// Gradients of `sum(grad_output * mixed_forward(operators, adapter_index, x))`.
+#[pyfunction]
+#[pyo3(
+    name = "mixed_backward",
+    signature = (operators, adapter_index, x, grad_output, *, input_grad=true, kernel_grad=true)
+)]
+fn py_mixed_backward<'py>(
+    py: Python<'py>,
+    operators: &Bound<'py, PyAny>,
+    adapter_index: &Bound<'py, PyAny>,
+    x: Option<&Bound<'py, PyAny>>,
+    grad_output: &Bound<'py, PyAny>,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> PyResult<MixedGrads<'py>> {
+    match mixed_ops(operators)? {
+        MixedOps::F32(ops) => mixed_backward_impl(
+            py,
+            &ops,
+            adapter_index,
+            x,
+            grad_output,
+            input_grad,
+            kernel_grad,
+        ),
+        MixedOps::F64(ops) => mixed_backward_impl(
+            py,
+            &ops,
+            adapter_index,
+            x,
+            grad_output,
+            input_grad,
+            kernel_grad,
+        ),
+    }
 }
