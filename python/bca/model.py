@@ -44,6 +44,7 @@ from ._adapter_format import (
 from ._adapter_format import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from .nn import (
     BACKENDS,
+    BASE_ADAPTER,
     DEFAULT_ADAPTER,
     INITS,
     BlockCirculantLinear,
@@ -73,6 +74,7 @@ __all__ = [
     "load_adapter",
     "merge_adapters",
     "merge_and_unload",
+    "mixed_adapter_batch",
     "parameter_groups",
     "save_adapter",
     "unmerge_adapters",
@@ -727,6 +729,57 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, b in zip(modules, before, strict=True):
             m.adapter_enabled = b
+
+
+@contextmanager
+def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """``with mixed_adapter_batch(model, names): model(batch)`` runs a mixed batch.
+
+    Row ``b`` of every batch the model sees inside the block (the first axis of each
+    adapted layer's input) uses adapter ``adapter_names[b]`` alone (``"__base__"``: the
+    base model), whatever the active set; as PEFT's ``adapter_names=`` argument, through
+    forward pre-hooks that pass ``adapter_names`` to every adapted layer, removed on exit.
+    A layer that does not carry a named adapter computes its base layer for that row.
+    Unknown names, and models with merged adapters, raise ``ValueError``.
+    """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(
+            "adapter_names must be a list of adapter names, one per batch row, got "
+            f"{type(adapter_names).__name__}"
+        )
+    names = list(adapter_names)
+    known = _all_adapter_names(model)
+    unknown = sorted({str(n) for n in names if n != BASE_ADAPTER and n not in known})
+    if unknown:
+        raise ValueError(
+            f"unknown adapters {unknown} in adapter_names; the model has {known} "
+            f"({BASE_ADAPTER!r}: no adapter)"
+        )
+    modules = [m for _, m in adapter_modules(model)]
+    merged = sorted({n for m in modules for n in m.merged_adapters})
+    if merged:
+        raise ValueError(
+            f"adapters {merged} are merged into the base weights; unmerge before running a "
+            "mixed batch"
+        )
+    handles = []
+
+    def hook_for(layer_names: list[str]) -> Any:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return args, {**kwargs, "adapter_names": layer_names}
+
+        return hook
+
+    try:
+        for m in modules:
+            layer_names = [n if n in m.adapter_names else BASE_ADAPTER for n in names]
+            handles.append(m.register_forward_pre_hook(hook_for(layer_names), with_kwargs=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------------------

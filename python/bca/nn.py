@@ -42,12 +42,14 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
     "BACKENDS",
     "INITS",
+    "BASE_ADAPTER",
     "DEFAULT_ADAPTER",
     "BlockCirculantLinear",
     "block_circulant_dense",
@@ -523,9 +525,147 @@ _rust_op.register_autograd(_rust_op_grad, setup_context=_rust_op_setup)
 
 
 # --------------------------------------------------------------------------------------
+# mixed-adapter batches: each row its own adapter
+# --------------------------------------------------------------------------------------
+def _torch_mixed(
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    spectra: Sequence[torch.Tensor | None],
+    scales: Sequence[float],
+    counts: Sequence[int],
+    features: tuple[int, int],
+) -> torch.Tensor:
+    """Rows of ``x`` grouped by adapter (``counts[a]`` consecutive rows each, all of one
+    block size) through their adapter: ``scale_a · ΔW_a x`` by plain, differentiable torch
+    ops. One rfft of all rows, one complex matmul per adapter on its rows against that
+    adapter's spectra (``spectra[a]``, or computed from the kernel with grad history), one
+    irfft of all rows. x and the kernels share one real dtype; x has ``sum(counts)`` rows.
+    """
+    in_features, out_features = features
+    q_out, q_in, p = kernels[0].shape
+    xs = _block_spectra(x, q_in, p)  # (F, M, q_in)
+    parts = []
+    lo = 0
+    for kernel, cached, scale, count in zip(kernels, spectra, scales, counts, strict=True):
+        s = cached if cached is not None else _kernel_spectra(kernel, scale)
+        parts.append(torch.matmul(xs[:, lo : lo + count], s))  # (F, count, q_out)
+        lo += count
+    ys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return _inverse_blocks(ys, p, out_features)
+
+
+class _RustMixedBlockCirculant(torch.autograd.Function):
+    """A mixed batch through the Rust core: row ``r`` of x (N, in) gets
+    ``scales[a] · ΔW_a x[r]`` with ``a = index[r]`` (an int64 numpy array; ``-1``: a zero
+    row), ``ΔW_a`` being the operator of ``states[a]`` for ``kernels[a]`` (one geometry);
+    CPU, x of the kernels' dtype.
+
+    The scale multiplies each row of the output, and in backward each row of
+    ``grad_output`` (that gives ``scale_a · ΔW_aᵀ g`` and ``scale_a · Σ kgrad`` alike). A
+    backward with ``create_graph=True`` recomputes the forward with differentiable torch
+    ops (:func:`_torch_mixed`) and differentiates that.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        index: Any,
+        scales: list[float],
+        states: list[_AdapterState],
+        features: tuple[int, int],
+        *kernels: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, *kernels)
+        ctx.index, ctx.scales, ctx.states, ctx.features = index, scales, states, features
+        ctx.row_scale = np.where(index >= 0, np.asarray(scales)[np.maximum(index, 0)], 0.0)
+        core = _rust_core()
+        ops = [st.rust_operator(k, *features) for st, k in zip(states, kernels, strict=True)]
+        y = core.mixed_matmul(ops, index, x.detach().contiguous().numpy())
+        if any(sc != 1.0 for sc in scales):
+            y *= ctx.row_scale[:, None].astype(y.dtype)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, *kernels = ctx.saved_tensors
+        n_k = len(kernels)
+        need_x = bool(ctx.needs_input_grad[0])
+        need_k = [bool(n) for n in ctx.needs_input_grad[5:]]
+        none = (None, None, None, None)
+        if not (need_x or any(need_k)):
+            return (None, *none, *([None] * n_k))
+        if _create_graph(grad_output, x, *kernels):  # double backward: differentiable ops
+            gx, gks = _mixed_differentiable_backward(ctx, x, kernels, grad_output, need_x, need_k)
+            return (gx, *none, *gks)
+        core = _rust_core()
+        ops = [
+            st.rust_operator(k, *ctx.features) for st, k in zip(ctx.states, kernels, strict=True)
+        ]
+        g = grad_output.detach().to(x.dtype).contiguous().numpy()
+        if any(sc != 1.0 for sc in ctx.scales):
+            g = g * ctx.row_scale[:, None].astype(g.dtype)
+        gx_np, gk_np = core.mixed_matmul_backward(
+            ops,
+            ctx.index,
+            x.detach().contiguous().numpy() if any(need_k) else None,
+            g,
+            input_grad=need_x,
+            kernel_grad=any(need_k),
+        )
+        gx_t = torch.from_numpy(gx_np) if gx_np is not None else None
+        gks_t = [
+            torch.from_numpy(gk) if (gk is not None and need) else None
+            for gk, need in zip(gk_np, need_k, strict=True)
+        ]
+        return (gx_t, *none, *gks_t)
+
+
+def _mixed_differentiable_backward(
+    ctx: Any,
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    grad_output: torch.Tensor,
+    need_x: bool,
+    need_k: Sequence[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """Gradients of the Rust mixed product with a graph (``create_graph=True``): the
+    forward recomputed by :func:`_torch_mixed` and differentiated by autograd."""
+    index = torch.from_numpy(ctx.index)
+    rows = torch.nonzero(index >= 0).flatten()
+    order = rows[torch.argsort(index[rows], stable=True)]
+    counts = torch.bincount(index[order], minlength=len(kernels)).tolist()
+    used = [a for a, c in enumerate(counts) if c]
+    needs = [need_x, *need_k]
+    inputs = [x, *kernels]
+    with torch.enable_grad():
+        y_sel = _torch_mixed(
+            x.index_select(0, order),
+            [kernels[a] for a in used],
+            [None] * len(used),
+            [ctx.scales[a] for a in used],
+            [counts[a] for a in used],
+            ctx.features,
+        )
+        y = y_sel.new_zeros(x.shape[0], ctx.features[1]).index_copy(0, order, y_sel)
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        got = torch.autograd.grad(
+            y, wanted, grad_output.to(y.dtype), create_graph=True, allow_unused=True
+        )
+    it = iter(got)
+    out: list[torch.Tensor | None] = []
+    for t, need in zip(inputs, needs, strict=True):
+        g = next(it) if need else None
+        out.append(torch.zeros_like(t) if (need and g is None) else g)
+    return out[0], out[1:]
+
+
+# --------------------------------------------------------------------------------------
 # the module
 # --------------------------------------------------------------------------------------
 DEFAULT_ADAPTER = "default"
+#: In a mixed batch (``adapter_names=``), the name of "no adapter": the base layer alone.
+BASE_ADAPTER = "__base__"
 
 
 _RESERVED = nn.ParameterDict()
@@ -536,6 +676,8 @@ def _check_adapter_name(name: object, arg: str = "adapter_name") -> str:
         raise TypeError(f"{arg} must be a non-empty str, got {name!r}")
     if "." in name:
         raise ValueError(f"{arg} must not contain '.', got {name!r} (it is a parameter name)")
+    if name == BASE_ADAPTER:
+        raise ValueError(f"{arg} {name!r} is reserved: it means 'no adapter' in a mixed batch")
     if hasattr(_RESERVED, name):
         raise ValueError(
             f"{arg} {name!r} is reserved (an attribute of torch's ParameterDict); pick another"
@@ -878,11 +1020,178 @@ class BlockCirculantLinear(nn.Module):
             if n not in self.merged_adapters
         ]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+    def forward(
+        self,
+        x: torch.Tensor,
+        *args: Any,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``base(x) + Σ_a w_a · scale_a · ΔW_a x`` over the active adapters.
+
+        ``adapter_names`` (one name per batch row, ``x`` of shape ``(B, ..., in)``): a
+        mixed batch, see :meth:`mixed_adapter_forward`; every position of row ``b`` gets
+        ``base(x) + scale_a · ΔW_a x`` with ``a = adapter_names[b]`` (the active set and
+        its weights are ignored), ``"__base__"`` the base layer alone.
+        """
+        if adapter_names is not None:
+            names = self._mixed_names(x, adapter_names)
+            result = self.base_layer(x, *args, **kwargs)
+            if not self._adapter_enabled:
+                return result
+            delta = self._mixed_delta(x, names)
+            return result if delta is None else result + delta.to(result.dtype)
+        result = self.base_layer(x, *args, **kwargs)
         for name, w in self._live_adapters():
             result = result + self._adapter_forward(x, name, w).to(result.dtype)
         return result
+
+    # -- mixed-adapter batches ------------------------------------------------------------
+    def mixed_adapter_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
+        """The update alone for a mixed batch: ``(B, ..., in) -> (B, ..., out)``.
+
+        Row ``b`` (every position of ``x[b]``) gets ``scale_a · ΔW_a x[b]`` with ``a =
+        adapter_names[b]``; ``"__base__"`` rows get zeros. Cost: about one adapter's on
+        the same rows (each row is transformed once and multiplied with its own adapter's
+        spectra). Gradients reach exactly the kernels of the adapters named.
+        """
+        names = self._mixed_names(x, adapter_names)
+        delta = self._mixed_delta(x, names)
+        if delta is None:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return delta
+
+    def _mixed_names(self, x: torch.Tensor, adapter_names: object) -> list[str]:
+        """Check a mixed batch's arguments; return the names as a list."""
+        if self.merged_adapters:
+            raise ValueError(
+                f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
+                "unmerge before running a mixed batch (adapter_names=...)"
+            )
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(
+                "adapter_names must be a list of adapter names, one per batch row, got "
+                f"{type(adapter_names).__name__}"
+            )
+        names = list(adapter_names)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                "a mixed batch needs x of shape (batch, ..., in_features="
+                f"{self.in_features}), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        if len(names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows "
+                f"(x.shape[0]); give one name per row"
+            )
+        for b, n in enumerate(names):
+            if not isinstance(n, str):
+                raise TypeError(f"adapter_names[{b}] must be a str, got {type(n).__name__}")
+            if n != BASE_ADAPTER and n not in self._adapters:
+                raise ValueError(
+                    f"adapter_names[{b}]: unknown adapter {n!r}; this layer has "
+                    f"{self.adapter_names} ({BASE_ADAPTER!r}: no adapter)"
+                )
+        return names
+
+    def _mixed_delta(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+        """``scale_a · ΔW_a x[b]`` per batch row (zeros for base rows); None if no row has
+        an adapter. Adapters of different block sizes are run as one group per size."""
+        elems: dict[str, list[int]] = {}
+        for b, n in enumerate(names):
+            if n != BASE_ADAPTER:
+                elems.setdefault(n, []).append(b)
+        n_rows = x.numel() // self.in_features
+        if not elems or n_rows == 0:
+            return None
+        x2 = x.reshape(n_rows, self.in_features)
+        groups: dict[int, list[str]] = {}
+        for n in elems:
+            groups.setdefault(self._adapters[n].block_size, []).append(n)
+        delta: torch.Tensor | None = None
+        for group in groups.values():
+            y = self._mixed_group(x2, n_rows // x.shape[0], x.shape[0], group, elems)
+            delta = y if delta is None else delta + y
+        assert delta is not None
+        delta = delta.reshape(*x.shape[:-1], self.out_features)
+        return delta if delta.dtype == x.dtype else delta.to(x.dtype)
+
+    def _mixed_backend(self, x: torch.Tensor, kernels: list[torch.Tensor]) -> str:
+        if torch.compiler.is_compiling():
+            return "torch"  # the Rust mixed path is an eager autograd.Function
+        if self.backend != "auto":
+            return self.backend
+        if (
+            x.device.type == "cpu"
+            and x.dtype in _RUST_DTYPES
+            and all(k.device.type == "cpu" and k.dtype == x.dtype for k in kernels)
+            and rust_available()
+        ):
+            return "rust"
+        return "torch"
+
+    def _mixed_group(
+        self,
+        x2: torch.Tensor,
+        per_row: int,
+        batch: int,
+        group: list[str],
+        elems: dict[str, list[int]],
+    ) -> torch.Tensor:
+        """The update of the rows whose adapters are ``group`` (one block size), zeros
+        elsewhere: (N, in) -> (N, out), N = batch · per_row."""
+        kernels = [self.bca_kernels[n] for n in group]
+        states = [self._adapters[n] for n in group]
+        scales = [st.scale for st in states]
+        features = (self.in_features, self.out_features)
+        if self._mixed_backend(x2, kernels) == "rust":
+            for k in kernels:
+                self._check_rust_input(x2, k)
+            elem_index = np.full(batch, -1, np.int64)
+            for a, n in enumerate(group):
+                elem_index[elems[n]] = a
+            index = np.repeat(elem_index, per_row)
+            y: torch.Tensor = _RustMixedBlockCirculant.apply(
+                x2, index, scales, states, features, *kernels
+            )
+            return y
+        # torch: rows sorted by adapter, one rfft, a matmul per adapter, one irfft
+        cdtype = _compute_dtype(x2.dtype, kernels[0].dtype)
+        order = [b for n in group for b in elems[n]]
+        counts = [len(elems[n]) * per_row for n in group]
+        rows: torch.Tensor | None = None
+        xs = x2
+        if order != list(range(batch)):
+            elem_t = torch.tensor(order, dtype=torch.long)
+            rows = (elem_t[:, None] * per_row + torch.arange(per_row)).reshape(-1)
+            rows = rows.to(x2.device)
+            xs = x2.index_select(0, rows)
+        compiling = torch.compiler.is_compiling()
+        spectra = [
+            st.cached_spectra(k, cdtype, st.scale)
+            if not compiling and not (torch.is_grad_enabled() and k.requires_grad)
+            else None
+            for st, k in zip(states, kernels, strict=True)
+        ]
+        y = _torch_mixed(
+            xs if xs.dtype == cdtype else xs.to(cdtype),
+            [k if k.dtype == cdtype else k.to(cdtype) for k in kernels],
+            spectra,
+            scales,
+            counts,
+            features,
+        )
+        if rows is None:
+            return y
+        if len(order) == batch:  # every row, permuted: undo the permutation
+            inverse = torch.empty_like(rows)
+            inverse[rows] = torch.arange(rows.numel(), device=rows.device)
+            return y.index_select(0, inverse)
+        return y.new_zeros(x2.shape[0], self.out_features).index_copy(0, rows, y)
 
     def resolve_backend(self, x: torch.Tensor, adapter_name: str | None = None) -> str:
         """The backend that :meth:`adapter_forward` uses for input ``x``."""
