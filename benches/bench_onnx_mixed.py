@@ -26,6 +26,10 @@ Before timing, the mixed run's rows are checked against the per-row runs. The lo
     python benches/bench_onnx_mixed.py                 # hidden 384, batch 8, 8 adapters
     python benches/bench_onnx_mixed.py --hidden 384 768
 
+A second part times the adapter subgraph alone (``make_mixed_adapter_model`` against
+``make_adapter_model``, d x d, no base layer) at a few shapes, where the adapter is the
+whole cost (``--no-subgraph`` skips it).
+
 Writes benches/results/onnx_mixed.{json,md}.
 """
 
@@ -225,6 +229,68 @@ def bench_one(hidden: int, batch: int, seq: int, n_adapters: int, repeats: int) 
     }
 
 
+SUBGRAPH_SHAPES = ((768, 64, 32), (768, 256, 32), (4096, 256, 1), (4096, 256, 32))
+"""(d, p, tokens per row) of the adapter-alone part: a d x d layer, a batch of rows."""
+
+
+def bench_subgraph(
+    d: int, p: int, tokens: int, batch: int, n_adapters: int, repeats: int
+) -> dict[str, Any]:
+    """The adapter subgraph alone (no base layer), "matmul" lowering, float32: one mixed run
+    of the batch (row b on adapter b), the same mixed graph with every row on adapter 0, one
+    single-adapter run of the whole batch, and one single-adapter run per row (each row's
+    adapter in its own session, batch 1)."""
+    import onnxruntime as ort
+
+    from bca.onnx import make_adapter_model, make_mixed_adapter_model
+
+    rng = np.random.default_rng(0)
+    q = -(-d // p)
+    kernels = [rng.standard_normal((q, q, p)) / np.sqrt(d) for _ in range(n_adapters)]
+
+    def session(m: Any) -> Any:
+        return ort.InferenceSession(
+            m.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"]
+        )
+
+    mixed = session(
+        make_mixed_adapter_model([(k, 1.0) for k in kernels], lowering="matmul", dtype=np.float32)
+    )
+    singles = [
+        session(make_adapter_model(k, lowering="matmul", dtype=np.float32)) for k in kernels[:batch]
+    ]
+    x = rng.standard_normal((batch, tokens, d)).astype(np.float32)
+    index = np.arange(batch, dtype=np.int64)
+    zeros = np.zeros(batch, dtype=np.int64)
+    rows = [x[b : b + 1] for b in range(batch)]
+    got = mixed.run(None, {"x": x, "adapter_index": index})[0]
+    want = np.concatenate([singles[b].run(None, {"x": rows[b]})[0] for b in range(batch)])
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    contenders = {
+        "mixed": lambda: mixed.run(None, {"x": x, "adapter_index": index}),
+        "mixed_one_adapter": lambda: mixed.run(None, {"x": x, "adapter_index": zeros}),
+        "single": lambda: singles[0].run(None, {"x": x}),
+        "per_row": lambda: [singles[b].run(None, {"x": rows[b]}) for b in range(batch)],
+    }
+    load_before = os.getloadavg()
+    samples = time_rounds(contenders, repeats)
+    load_after = os.getloadavg()
+    med = {
+        n: {m: statistics.median(v[m]) * 1e3 for m in ("cpu", "wall")} for n, v in samples.items()
+    }
+    return {
+        "d": d,
+        "block_size": p,
+        "tokens": tokens,
+        "batch": batch,
+        "adapters": n_adapters,
+        "median_ms": med,
+        "mixed_vs_per_row_rel_err": err,
+        "load_before": list(load_before),
+        "load_after": list(load_after),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, nargs="+", default=[384], choices=sorted(LAYERS))
@@ -234,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--stem", default="onnx_mixed")
+    ap.add_argument("--no-subgraph", action="store_true", help="skip the adapter-alone part")
     args = ap.parse_args(argv)
     import onnxruntime as ort
     import torch
@@ -251,6 +318,11 @@ def main(argv: list[str] | None = None) -> None:
             + f"; load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}",
             flush=True,
         )
+    subgraphs = []
+    if not args.no_subgraph:
+        for d, p, tokens in SUBGRAPH_SHAPES:
+            print(f"adapter alone, d {d}, p {p}, {tokens} tokens per row ...", flush=True)
+            subgraphs.append(bench_subgraph(d, p, tokens, args.batch, args.adapters, args.repeats))
     payload = {
         "bench": "onnx_mixed",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -259,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(),
         "metric": "median over rounds of process CPU time (and wall time) per batch, in ms",
         "runs": runs,
+        "subgraphs": subgraphs,
     }
     header = [
         "hidden",
@@ -316,6 +389,48 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{r['check']['other_adapter_min_rel_diff']:.1e}" for r in runs)
         + ").\n"
     )
+    if subgraphs:
+        sub_rows = []
+        for r in subgraphs:
+            m = r["median_ms"]
+            sub_rows.append(
+                [
+                    r["d"],
+                    r["block_size"],
+                    f"{r['batch']} x {r['tokens']}",
+                    f"{m['mixed']['cpu']:.3f}",
+                    f"{m['mixed_one_adapter']['cpu']:.3f}",
+                    f"{m['single']['cpu']:.3f}",
+                    f"{m['per_row']['cpu']:.3f}",
+                    f"{m['mixed']['cpu'] / m['single']['cpu']:.2f}",
+                    f"{m['per_row']['cpu'] / m['mixed']['cpu']:.2f}",
+                    "/".join(f"{v:.1f}" for v in r["load_before"][:1] + r["load_after"][:1]),
+                ]
+            )
+        md += (
+            "\n## The adapter subgraph alone\n\n"
+            'One d x d adapter, no base layer, lowering "matmul", float32, process CPU ms per '
+            f"batch (median of {args.repeats} rounds). `mixed`: the mixed subgraph of "
+            f"{args.adapters} adapters, row b on adapter b; `mixed_one_adapter`: the same graph, "
+            "every row on adapter 0; `single`: the single-adapter subgraph, whole batch; "
+            "`per_row`: one single-adapter run per row (batch 1, each row's adapter in its own "
+            "session).\n\n"
+            + markdown_table(
+                [
+                    "d",
+                    "p",
+                    "batch x tokens",
+                    "mixed ms",
+                    "mixed_one_adapter ms",
+                    "single ms",
+                    "per_row ms",
+                    "mixed / single",
+                    "per_row / mixed",
+                    "load before/after",
+                ],
+                sub_rows,
+            )
+        )
     write_results(args.stem, payload, md, args.out)
     print(md)
 
