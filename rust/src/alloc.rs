@@ -56,3 +56,52 @@ pub(crate) fn mul(a: usize, b: usize, arg: &'static str) -> Result<usize, BcaErr
     a.checked_mul(b)
         .ok_or_else(|| BcaError::invalid(arg, format!("size {a} × {b} overflows")))
 }
+
+/// Most idle scratch buffers kept process-wide, and the largest one kept.
+const MAX_IDLE_SCRATCH: usize = 8;
+const MAX_KEPT_SCRATCH_BYTES: usize = 8 << 20;
+
+/// Idle scratch buffers of any element type, shared by every operator: layers run one
+/// after another, so one set serves a whole model and memory kept between calls stays
+/// bounded (at most `MAX_IDLE_SCRATCH` buffers of at most 8 MiB each) instead of growing
+/// with the number of layers. The lock is only ever tried (see operator.rs).
+static SCRATCH: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<Box<dyn std::any::Any + Send>>) -> R) -> Option<R> {
+    match SCRATCH.try_lock() {
+        Ok(mut g) => Some(f(&mut g)),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// A scratch vector of at least `len` elements (contents unspecified: old values or
+/// `value`), reused from the shared pool when one is idle.
+pub(crate) fn take_scratch<T: Clone + Send + 'static>(
+    len: usize,
+    value: T,
+    what: &'static str,
+) -> Result<Vec<T>, BcaError> {
+    let reused = with_scratch(|idle| {
+        let at = idle.iter().position(|b| b.is::<Vec<T>>())?;
+        idle.swap_remove(at).downcast::<Vec<T>>().ok()
+    })
+    .flatten();
+    let mut v = reused.map(|b| *b).unwrap_or_default();
+    try_grow(&mut v, len, value, what)?;
+    Ok(v)
+}
+
+/// Return a scratch vector to the shared pool (dropped if the pool is full or busy, or
+/// the vector is large).
+pub(crate) fn give_scratch<T: Send + 'static>(v: Vec<T>) {
+    if v.capacity().saturating_mul(std::mem::size_of::<T>()) > MAX_KEPT_SCRATCH_BYTES {
+        return;
+    }
+    with_scratch(|idle| {
+        if idle.len() < MAX_IDLE_SCRATCH {
+            idle.push(Box::new(v));
+        }
+    });
+}

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::num_complex::Complex;
 
-use crate::alloc::{bytes_of, mul, probe, try_grow, try_vec};
+use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_grow, try_vec};
 use crate::simd;
 use crate::threads;
 use crate::{BcaError, Float, Shape};
@@ -24,6 +24,8 @@ use crate::{BcaError, Float, Shape};
 const MAX_ROWS_PER_CHUNK: usize = 16;
 /// Below this many (rows × kernel elements) a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// Bytes of batch spectra (x and grad_output) that `backward` works through at a time.
+const BACKWARD_BLOCK_BYTES: usize = 4 << 20;
 /// Most idle workspaces an operator keeps for reuse.
 const MAX_POOLED_WORKSPACES: usize = 64;
 
@@ -247,6 +249,10 @@ impl<T: Float> BlockCirculant<T> {
             q_a: s.q_out,
             q_b: s.q_in,
         };
+        // The spectra are stored times 1/p, the inverse transform's normalisation, so the
+        // products come out of the unnormalised inverse FFT ready (exact for p a power
+        // of two).
+        let inv_p = T::one() / T::from(p).unwrap_or_else(T::one);
         let mut ws = self.take_workspace(0)?;
         for (b, block) in kernel.chunks_exact(p).enumerate() {
             let (i, j) = (b / s.q_in, b % s.q_in);
@@ -257,10 +263,11 @@ impl<T: Float> BlockCirculant<T> {
             for (f, c) in ws.freq.iter().enumerate() {
                 let at_f = i * s.q_in * f_pad + simd::packed(s.q_in, j, f);
                 let at_b = j * s.q_out * f_pad + simd::packed(s.q_out, i, f);
-                fwd.re[at_f] = c.re;
-                fwd.im[at_f] = c.im;
-                bwd.re[at_b] = c.re;
-                bwd.im[at_b] = -c.im;
+                let (c_re, c_im) = (c.re * inv_p, c.im * inv_p);
+                fwd.re[at_f] = c_re;
+                fwd.im[at_f] = c_im;
+                bwd.re[at_b] = c_re;
+                bwd.im[at_b] = -c_im;
             }
         }
         self.give_back_workspace(ws);
@@ -404,6 +411,7 @@ impl<T: Float> BlockCirculant<T> {
 
     /// Spectra of the rows of `src` (row width `d`, `q` blocks) into planes: one packed
     /// group per row (`by_row` false) or the chunk's row-transposed layout (`by_row` true).
+    #[allow(clippy::too_many_arguments)]
     fn rows_to_spectra(
         &self,
         src: &[T],
@@ -411,28 +419,40 @@ impl<T: Float> BlockCirculant<T> {
         q: usize,
         (re, im): (&mut [T], &mut [T]),
         by_row: bool,
+        arg: &'static str,
         ws: &mut Workspace<T>,
     ) -> Result<(), BcaError> {
         let (p, f_pad) = (self.shape.p, self.f_pad);
         let rows = src.len() / d;
+        // Consecutive tiles of LANES frequencies of one spectrum are `tile_stride` apart.
+        let tile_stride = if by_row { q * rows } else { q } * simd::LANES;
         for (r, row) in src.chunks_exact(d).enumerate() {
             for j in 0..q {
                 let lo = j * p;
                 let hi = (lo + p).min(d);
-                ws.time[..hi - lo].copy_from_slice(&row[lo..hi]);
+                let block = &row[lo..hi];
+                // Checked here, while the block is in cache, rather than in a separate pass.
+                if !simd::all_finite(block) {
+                    return Err(BcaError::NonFinite { arg });
+                }
+                ws.time[..hi - lo].copy_from_slice(block);
                 ws.time[hi - lo..].fill(T::zero());
                 self.r2c
                     .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
                     .map_err(fft_err)?;
-                let group = r * q * f_pad;
-                for (f, c) in ws.freq.iter().enumerate() {
-                    let at = if by_row {
-                        simd::packed_by_row(q, rows, r, j, f)
-                    } else {
-                        group + simd::packed(q, j, f)
-                    };
-                    re[at] = c.re;
-                    im[at] = c.im;
+                let first = if by_row {
+                    simd::packed_by_row(q, rows, r, j, 0)
+                } else {
+                    r * q * f_pad + simd::packed(q, j, 0)
+                };
+                for (t, tile) in ws.freq.chunks(simd::LANES).enumerate() {
+                    let at = first + t * tile_stride;
+                    let n = tile.len();
+                    let (dr, di) = (&mut re[at..at + n], &mut im[at..at + n]);
+                    for ((c, a), b) in tile.iter().zip(dr).zip(di) {
+                        *a = c.re;
+                        *b = c.im;
+                    }
                 }
             }
         }
@@ -445,7 +465,7 @@ impl<T: Float> BlockCirculant<T> {
         // overflow to Inf, must not make realfft refuse it.
         let f_n = ws.freq.len();
         ws.freq[0].im = T::zero();
-        if self.shape.p % 2 == 0 {
+        if self.shape.p.is_multiple_of(2) {
             ws.freq[f_n - 1].im = T::zero();
         }
         self.c2r
@@ -461,20 +481,22 @@ impl<T: Float> BlockCirculant<T> {
         dst: &mut [T],
         ws: &mut Workspace<T>,
     ) -> Result<(), BcaError> {
+        // The kernel spectra carry the inverse transform's 1/p (see `with_kernel`).
         let p = self.shape.p;
         let d = dst.len();
-        let scale = T::one() / T::from(p).unwrap_or_else(T::one);
         for i in 0..q {
-            for (f, c) in ws.freq.iter_mut().enumerate() {
-                let at = simd::packed(q, i, f);
-                *c = Complex::new(re[at], im[at]);
+            let first = simd::packed(q, i, 0);
+            for (t, tile) in ws.freq.chunks_mut(simd::LANES).enumerate() {
+                let at = first + t * q * simd::LANES;
+                let n = tile.len();
+                for ((c, &a), &b) in tile.iter_mut().zip(&re[at..at + n]).zip(&im[at..at + n]) {
+                    *c = Complex::new(a, b);
+                }
             }
             self.inverse(ws)?;
             let lo = i * p;
             let hi = (lo + p).min(d);
-            for (o, &t) in dst[lo..hi].iter_mut().zip(ws.time.iter()) {
-                *o = t * scale;
-            }
+            dst[lo..hi].copy_from_slice(&ws.time[..hi - lo]);
         }
         Ok(())
     }
@@ -523,6 +545,7 @@ impl<T: Float> BlockCirculant<T> {
     /// One chunk of rows: `src` (rows × d_a) → `dst` (rows × d_b).
     fn apply_chunk(
         &self,
+        arg: &'static str,
         src: &[T],
         d_a: usize,
         spectra: &Spectra<T>,
@@ -541,6 +564,7 @@ impl<T: Float> BlockCirculant<T> {
                 spectra.q_a,
                 (&mut a_re[..n_a], &mut a_im[..n_a]),
                 false,
+                arg,
                 &mut ws,
             )
             .and_then(|()| {
@@ -572,10 +596,7 @@ impl<T: Float> BlockCirculant<T> {
         }
         let pool = self.parallel_pool(n_rows);
         let rows = Self::rows_per_chunk(n_rows, &pool);
-        let work = |(s, d): (&[T], &mut [T])| {
-            check_finite(arg, s)?;
-            self.apply_chunk(s, d_a, spectra, d, d_b)
-        };
+        let work = |(s, d): (&[T], &mut [T])| self.apply_chunk(arg, s, d_a, spectra, d, d_b);
         match pool {
             Some(pool) => pool.install(|| {
                 src.par_chunks(rows * d_a)
@@ -700,33 +721,101 @@ impl<T: Float> BlockCirculant<T> {
         if let Some(gx) = grad_x.as_deref() {
             Self::check_len("grad_x", gx, n_rows, s.in_features)?;
         }
-        check_finite("x", x)?;
-        check_finite("grad_output", grad_output)?;
+        // NaN/Inf in x or grad_output: found per block while the spectra are taken.
         grad_kernel.fill(T::zero());
         if n_rows == 0 {
             return Ok(());
         }
 
-        let (d_in, d_out, q_in, q_out, p) = (s.in_features, s.out_features, s.q_in, s.q_out, s.p);
+        let (d_in, d_out, q_in, q_out) = (s.in_features, s.out_features, s.q_in, s.q_out);
         let f_pad = self.f_pad;
         let (row_x, row_g) = (q_in * f_pad, q_out * f_pad);
         let pool = self.parallel_pool(n_rows);
         let rows = Self::rows_per_chunk(n_rows, &pool);
-
-        // The batch's spectra, kept from pass 1 to pass 2: allocated for this call (and
-        // freed when it returns), so nothing batch-sized stays with the operator.
+        // Rows go through passes 1 and 2 in blocks whose spectra fit BACKWARD_BLOCK_BYTES,
+        // so the batch buffers are bounded (and reused from the shared scratch pool),
+        // whatever the batch size. Sums over rows still run in row order.
+        let per_row = (row_x + row_g) * 2 * std::mem::size_of::<T>();
+        let block_rows = ((BACKWARD_BLOCK_BYTES / per_row.max(1)) / rows).max(1) * rows;
+        let block_rows = block_rows.min(n_rows);
         let what = "the batch spectra of backward";
-        let (len_x, len_g) = (mul(n_rows, row_x, "x")?, mul(n_rows, row_g, "grad_output")?);
-        let (mut x_re, mut x_im) = (
-            try_vec(len_x, T::zero(), what)?,
-            try_vec(len_x, T::zero(), what)?,
-        );
-        let (mut g_re, mut g_im) = (
-            try_vec(len_g, T::zero(), what)?,
-            try_vec(len_g, T::zero(), what)?,
-        );
-        let (x_re, x_im, g_re, g_im) = (&mut x_re[..], &mut x_im[..], &mut g_re[..], &mut g_im[..]);
+        let (len_x, len_g) = (mul(block_rows, row_x, "x")?, mul(block_rows, row_g, "x")?);
+        let mut planes = [
+            take_scratch(len_x, T::zero(), what)?,
+            take_scratch(len_x, T::zero(), what)?,
+            take_scratch(len_g, T::zero(), what)?,
+            take_scratch(len_g, T::zero(), what)?,
+        ];
+        let zero = <T::Acc as num_traits::Zero>::zero();
+        let len_k = f_pad * q_out * q_in; // checked in `new`
+        let what = "the kernel-gradient spectra";
+        let mut k_planes = [
+            take_scratch(len_k, zero, what)?,
+            take_scratch(len_k, zero, what)?,
+        ];
+        let result = (|| {
+            let [x_re, x_im, g_re, g_im] = &mut planes;
+            let [k_re, k_im] = &mut k_planes;
+            let (k_re, k_im) = (&mut k_re[..len_k], &mut k_im[..len_k]);
+            k_re.fill(zero);
+            k_im.fill(zero);
+            let mut gx_rest = grad_x;
+            let mut b0 = 0;
+            while b0 < n_rows {
+                let nb = block_rows.min(n_rows - b0);
+                let gx_block = match gx_rest.take() {
+                    Some(gx) => {
+                        let (head, tail) = gx.split_at_mut(nb * d_in);
+                        gx_rest = Some(tail);
+                        Some(head)
+                    }
+                    None => None,
+                };
+                let block_planes = (
+                    (&mut x_re[..nb * row_x], &mut x_im[..nb * row_x]),
+                    (&mut g_re[..nb * row_g], &mut g_im[..nb * row_g]),
+                );
+                self.backward_block(
+                    &x[b0 * d_in..(b0 + nb) * d_in],
+                    &grad_output[b0 * d_out..(b0 + nb) * d_out],
+                    gx_block,
+                    block_planes,
+                    (&mut *k_re, &mut *k_im),
+                    rows,
+                    &pool,
+                )?;
+                b0 += nb;
+            }
+            self.kernel_grad_from_spectra((k_re, k_im), grad_kernel, &pool)
+        })();
+        for v in planes {
+            give_scratch(v);
+        }
+        for v in k_planes {
+            give_scratch(v);
+        }
+        result
+    }
 
+    /// Passes 1 and 2 of `backward` for one block of rows: the spectra of x and
+    /// grad_output, the input gradient, and the kernel-gradient spectra accumulated into
+    /// `k` (rows in order).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn backward_block(
+        &self,
+        x: &[T],
+        grad_output: &[T],
+        grad_x: Option<&mut [T]>,
+        ((x_re, x_im), (g_re, g_im)): ((&mut [T], &mut [T]), (&mut [T], &mut [T])),
+        (k_re, k_im): (&mut [T::Acc], &mut [T::Acc]),
+        rows: usize,
+        pool: &Option<Arc<rayon::ThreadPool>>,
+    ) -> Result<(), BcaError> {
+        let s = self.shape;
+        let (d_in, d_out, q_in, q_out) = (s.in_features, s.out_features, s.q_in, s.q_out);
+        let f_pad = self.f_pad;
+        let (row_x, row_g) = (q_in * f_pad, q_out * f_pad);
+        let n_rows = grad_output.len() / d_out;
         // Pass 1, per chunk of rows: spectra of x and of grad_output, kept for pass 2, and
         // the input gradient from grad_output's spectra.
         {
@@ -761,20 +850,29 @@ impl<T: Float> BlockCirculant<T> {
                 let mut a_im = std::mem::take(&mut ws.a_im);
                 let n_g = chunk_rows * row_g;
                 let r = self
-                    .rows_to_spectra(xc, d_in, q_in, (xr, xi), true, &mut ws)
+                    .rows_to_spectra(xc, d_in, q_in, (xr, xi), true, "x", &mut ws)
                     .and_then(|()| {
                         let g_planes = (&mut a_re[..n_g], &mut a_im[..n_g]);
-                        self.rows_to_spectra(gc, d_out, q_out, g_planes, false, &mut ws)
+                        self.rows_to_spectra(
+                            gc,
+                            d_out,
+                            q_out,
+                            g_planes,
+                            false,
+                            "grad_output",
+                            &mut ws,
+                        )
                     })
                     .and_then(|()| {
                         // The kernel gradient wants grad_output's spectra row-transposed.
+                        const L: usize = simd::LANES;
                         for r in 0..chunk_rows {
                             for i in 0..q_out {
-                                for f in 0..f_pad {
+                                for f in (0..f_pad).step_by(L) {
                                     let from = r * row_g + simd::packed(q_out, i, f);
                                     let to = simd::packed_by_row(q_out, chunk_rows, r, i, f);
-                                    gr[to] = a_re[from];
-                                    gi[to] = a_im[from];
+                                    gr[to..to + L].copy_from_slice(&a_re[from..from + L]);
+                                    gi[to..to + L].copy_from_slice(&a_im[from..from + L]);
                                 }
                             }
                         }
@@ -794,7 +892,7 @@ impl<T: Float> BlockCirculant<T> {
                 self.give_back_workspace(ws);
                 r
             };
-            match &pool {
+            match pool {
                 Some(pool) => pool.install(|| items.into_par_iter().try_for_each(work))?,
                 None => items.into_iter().try_for_each(work)?,
             }
@@ -805,14 +903,7 @@ impl<T: Float> BlockCirculant<T> {
         // slab of K in cache and reads every row's spectra once.
         let (x_re, x_im, g_re, g_im) = (&*x_re, &*x_im, &*g_re, &*g_im);
         let slab = q_out * q_in * simd::LANES;
-        let zero = <T::Acc as num_traits::Zero>::zero();
-        let len_k = f_pad * q_out * q_in; // checked in `new`
-        let what = "the kernel-gradient spectra";
-        let (mut k_re, mut k_im) = (try_vec(len_k, zero, what)?, try_vec(len_k, zero, what)?);
-        let (k_re, k_im) = (&mut k_re[..], &mut k_im[..]);
         let per_tile = |(t, (kr, ki)): (usize, simd::PlanesMut<'_, T::Acc>)| {
-            kr.fill(<T::Acc as num_traits::Zero>::zero());
-            ki.fill(<T::Acc as num_traits::Zero>::zero());
             let mut row0 = 0;
             while row0 < n_rows {
                 let chunk = rows.min(n_rows - row0);
@@ -830,7 +921,7 @@ impl<T: Float> BlockCirculant<T> {
                 row0 += chunk;
             }
         };
-        match &pool {
+        match pool {
             Some(pool) if f_pad > simd::LANES => pool.install(|| {
                 k_re.par_chunks_mut(slab)
                     .zip(k_im.par_chunks_mut(slab))
@@ -844,8 +935,20 @@ impl<T: Float> BlockCirculant<T> {
                 .for_each(per_tile),
         }
 
+        Ok(())
+    }
+
+    /// Pass 3 of `backward`: one inverse FFT per kernel block of the accumulated spectra.
+    fn kernel_grad_from_spectra(
+        &self,
+        (k_re, k_im): (&[T::Acc], &[T::Acc]),
+        grad_kernel: &mut [T],
+        pool: &Option<Arc<rayon::ThreadPool>>,
+    ) -> Result<(), BcaError> {
+        let s = self.shape;
+        let (q_in, q_out, p) = (s.q_in, s.q_out, s.p);
+        let slab = q_out * q_in * simd::LANES;
         // Pass 3, per output block (in parallel): one inverse FFT per kernel block.
-        let (k_re, k_im) = (&*k_re, &*k_im);
         let scale = T::one() / T::from(p).unwrap_or_else(T::one);
         let per_block_row = |(i, out): (usize, &mut [T])| -> Result<(), BcaError> {
             let mut ws = self.take_workspace(0)?;

@@ -75,10 +75,23 @@ pub(crate) fn block_product<T: Float>(
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if fma_available() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { block_product_fma(f_pad, q_a, q_b, x, s, y) };
+        }
+    }
     dispatch_avx2!(
-        block_product_body,
+        block_product_generic,
         block_product_avx2(f_pad, q_a, q_b, x, s, y)
     )
+}
+
+/// Whether the fused multiply-add build of the kernels runs on this CPU (AVX2 and FMA).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn fma_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -91,11 +104,35 @@ unsafe fn block_product_avx2<T: Float>(
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
-    block_product_body(f_pad, q_a, q_b, x, s, y)
+    block_product_body::<T, false, false>(f_pad, q_a, q_b, x, s, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_product_fma<T: Float>(
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    x: Planes<'_, T>,
+    s: Planes<'_, T>,
+    y: PlanesMut<'_, T>,
+) {
+    block_product_body::<T, true, false>(f_pad, q_a, q_b, x, s, y)
+}
+
+fn block_product_generic<T: Float>(
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    x: Planes<'_, T>,
+    s: Planes<'_, T>,
+    y: PlanesMut<'_, T>,
+) {
+    block_product_body::<T, false, false>(f_pad, q_a, q_b, x, s, y)
 }
 
 #[inline(always)]
-fn block_product_body<T: Float>(
+fn block_product_body<T: Float, const FMA: bool, const WIDE: bool>(
     f_pad: usize,
     q_a: usize,
     q_b: usize,
@@ -105,7 +142,10 @@ fn block_product_body<T: Float>(
 ) {
     // Loop order: frequency tile, then output-block pair, then row pair, so that one
     // pair of kernel spectra rows stays in L1 while it is applied to every row.
+    // WIDE holds a 4-row tile, else 2 rows; the tile shape changes which products share
+    // registers, never the order of any sum.
     let rows = x.0.len() / (q_a * f_pad);
+    let max_rows = if WIDE { 4 } else { 2 };
     let (y_re, y_im) = y;
     for fb in (0..f_pad).step_by(LANES) {
         let mut i0 = 0;
@@ -113,7 +153,7 @@ fn block_product_body<T: Float>(
             let ni = (q_b - i0).min(2);
             let mut r0 = 0;
             while r0 < rows {
-                let nr = (rows - r0).min(2);
+                let nr = (rows - r0).min(max_rows);
                 let at = Tile {
                     f_pad,
                     q_a,
@@ -123,10 +163,14 @@ fn block_product_body<T: Float>(
                     fb,
                 };
                 match (nr, ni) {
-                    (2, 2) => at.product::<T, 2, 2>(x, s, (&mut *y_re, &mut *y_im)),
-                    (2, _) => at.product::<T, 2, 1>(x, s, (&mut *y_re, &mut *y_im)),
-                    (_, 2) => at.product::<T, 1, 2>(x, s, (&mut *y_re, &mut *y_im)),
-                    _ => at.product::<T, 1, 1>(x, s, (&mut *y_re, &mut *y_im)),
+                    (4, 2) => at.product::<T, 4, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
+                    (4, _) => at.product::<T, 4, 1, FMA>(x, s, (&mut *y_re, &mut *y_im)),
+                    (3, 2) => at.product::<T, 3, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
+                    (3, _) => at.product::<T, 3, 1, FMA>(x, s, (&mut *y_re, &mut *y_im)),
+                    (2, 2) => at.product::<T, 2, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
+                    (2, _) => at.product::<T, 2, 1, FMA>(x, s, (&mut *y_re, &mut *y_im)),
+                    (_, 2) => at.product::<T, 1, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
+                    _ => at.product::<T, 1, 1, FMA>(x, s, (&mut *y_re, &mut *y_im)),
                 }
                 r0 += nr;
             }
@@ -148,37 +192,44 @@ struct Tile {
 impl Tile {
     /// R rows × I output blocks × LANES frequencies of the block product.
     #[inline(always)]
-    fn product<T: Float, const R: usize, const I: usize>(
+    fn product<'a, T: Float, const R: usize, const I: usize, const FMA: bool>(
         &self,
-        (x_re, x_im): Planes<'_, T>,
-        (s_re, s_im): Planes<'_, T>,
+        (x_re, x_im): Planes<'a, T>,
+        (s_re, s_im): Planes<'a, T>,
         (y_re, y_im): PlanesMut<'_, T>,
     ) {
         let (f_pad, q_a) = (self.f_pad, self.q_a);
         let mut acc_re = [[[T::zero(); LANES]; I]; R];
         let mut acc_im = [[[T::zero(); LANES]; I]; R];
+        // Each group's tile of q_a spectra is contiguous (see `packed`): view it as q_a
+        // lanes, so the loop over j indexes arrays of known length (no bounds checks).
+        let tile = |planes: &'a [T], group: usize| -> &'a [[T; LANES]] {
+            let at = group * q_a * f_pad + packed(q_a, 0, self.fb);
+            planes[at..at + q_a * LANES].as_chunks::<LANES>().0
+        };
+        let xs_re: [&[[T; LANES]]; R] = std::array::from_fn(|r| tile(x_re, self.r0 + r));
+        let xs_im: [&[[T; LANES]]; R] = std::array::from_fn(|r| tile(x_im, self.r0 + r));
+        let ss_re: [&[[T; LANES]]; I] = std::array::from_fn(|i| tile(s_re, self.i0 + i));
+        let ss_im: [&[[T; LANES]]; I] = std::array::from_fn(|i| tile(s_im, self.i0 + i));
         for j in 0..q_a {
-            let mut xr = [[T::zero(); LANES]; R];
-            let mut xi = [[T::zero(); LANES]; R];
-            for r in 0..R {
-                let at = (self.r0 + r) * q_a * f_pad + packed(q_a, j, self.fb);
-                xr[r] = load(x_re, at);
-                xi[r] = load(x_im, at);
-            }
-            let mut sr = [[T::zero(); LANES]; I];
-            let mut si = [[T::zero(); LANES]; I];
-            for i in 0..I {
-                let at = (self.i0 + i) * q_a * f_pad + packed(q_a, j, self.fb);
-                sr[i] = load(s_re, at);
-                si[i] = load(s_im, at);
-            }
+            let xr: [[T; LANES]; R] = std::array::from_fn(|r| xs_re[r][j]);
+            let xi: [[T; LANES]; R] = std::array::from_fn(|r| xs_im[r][j]);
+            let sr: [[T; LANES]; I] = std::array::from_fn(|i| ss_re[i][j]);
+            let si: [[T; LANES]; I] = std::array::from_fn(|i| ss_im[i][j]);
             for r in 0..R {
                 for i in 0..I {
                     for l in 0..LANES {
-                        acc_re[r][i][l] =
-                            acc_re[r][i][l] + (xr[r][l] * sr[i][l] - xi[r][l] * si[i][l]);
-                        acc_im[r][i][l] =
-                            acc_im[r][i][l] + (xr[r][l] * si[i][l] + xi[r][l] * sr[i][l]);
+                        let (a_re, a_im) = (&mut acc_re[r][i][l], &mut acc_im[r][i][l]);
+                        if FMA {
+                            // four fused multiply-adds, one rounding each
+                            *a_re = xr[r][l].mul_add(sr[i][l], *a_re);
+                            *a_re = (-xi[r][l]).mul_add(si[i][l], *a_re);
+                            *a_im = xr[r][l].mul_add(si[i][l], *a_im);
+                            *a_im = xi[r][l].mul_add(sr[i][l], *a_im);
+                        } else {
+                            *a_re = *a_re + (xr[r][l] * sr[i][l] - xi[r][l] * si[i][l]);
+                            *a_im = *a_im + (xr[r][l] * si[i][l] + xi[r][l] * sr[i][l]);
+                        }
                     }
                 }
             }
@@ -388,6 +439,16 @@ mod tests {
             .collect()
     }
 
+    fn rel<T: Float>(a: &[T], b: &[T]) -> f64 {
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (x, y) in a.iter().zip(b) {
+            let (x, y) = (x.to_f64().unwrap_or(0.0), y.to_f64().unwrap_or(0.0));
+            num += (x - y) * (x - y);
+            den += y * y;
+        }
+        (num / den.max(1e-300)).sqrt()
+    }
+
     fn bits<T: Float>(v: &[T]) -> Vec<u64> {
         v.iter()
             .map(|x| x.to_f64().unwrap_or(0.0).to_bits())
@@ -407,7 +468,7 @@ mod tests {
             );
             let n = rows * q_b * f_pad;
             let (mut g_re, mut g_im) = (vec![T::zero(); n], vec![T::zero(); n]);
-            block_product_body(
+            block_product_generic(
                 f_pad,
                 q_a,
                 q_b,
@@ -429,6 +490,26 @@ mod tests {
             };
             assert_eq!(bits(&g_re), bits(&a_re), "re, {q_a} {q_b} {rows} {f_n}");
             assert_eq!(bits(&g_im), bits(&a_im), "im, {q_a} {q_b} {rows} {f_n}");
+            if fma_available() {
+                // The FMA build rounds once per multiply-add: equal up to rounding.
+                let (mut f_re, mut f_im) = (vec![T::zero(); n], vec![T::zero(); n]);
+                // SAFETY: the CPU has AVX2 and FMA.
+                unsafe {
+                    block_product_fma(
+                        f_pad,
+                        q_a,
+                        q_b,
+                        (&x_re, &x_im),
+                        (&s_re, &s_im),
+                        (&mut f_re, &mut f_im),
+                    )
+                };
+                let tol = T::epsilon().to_f64().unwrap_or(1.0) * 4.0 * q_a as f64;
+                for (got, want) in [(&f_re, &g_re), (&f_im, &g_im)] {
+                    let err = rel(got, want);
+                    assert!(err <= tol, "fma path off by {err:e} > {tol:e}");
+                }
+            }
         }
     }
 
