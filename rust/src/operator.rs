@@ -613,7 +613,7 @@ impl<T: Float> BlockCirculant<T> {
     /// ΔW x (`transposed` false: rows of width in_features → out_features) or ΔWᵀ g
     /// (`transposed` true: out_features → in_features) for the contiguous rows of `src`
     /// into `dst`, on the calling thread, through this operator's spectra and workspaces.
-    /// No finiteness check. For `mixed.rs`, which runs row groups of several operators in
+    /// NaN/Inf are refused per block (naming x or grad_output). For `mixed.rs`, which runs row groups of several operators in
     /// parallel itself.
     pub(crate) fn apply_rows(
         &self,
@@ -622,16 +622,16 @@ impl<T: Float> BlockCirculant<T> {
         dst: &mut [T],
     ) -> Result<(), BcaError> {
         let s = self.shape;
-        let (spectra, d_a, d_b) = match transposed {
-            false => (&self.fwd, s.in_features, s.out_features),
-            true => (&self.bwd, s.out_features, s.in_features),
+        let (spectra, d_a, d_b, arg) = match transposed {
+            false => (&self.fwd, s.in_features, s.out_features, "x"),
+            true => (&self.bwd, s.out_features, s.in_features, "grad_output"),
         };
         let n_rows = src.len() / d_a;
         Self::check_len("src", src, n_rows, d_a)?;
         Self::check_len("dst", dst, n_rows, d_b)?;
         src.chunks(MAX_ROWS_PER_CHUNK * d_a)
             .zip(dst.chunks_mut(MAX_ROWS_PER_CHUNK * d_b))
-            .try_for_each(|(s, d)| self.apply_chunk(s, d_a, spectra, d, d_b))
+            .try_for_each(|(s, d)| self.apply_chunk(arg, s, d_a, spectra, d, d_b))
     }
 
     fn check_len(arg: &'static str, data: &[T], n_rows: usize, d: usize) -> Result<(), BcaError> {
