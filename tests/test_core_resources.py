@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -265,3 +266,33 @@ def test_set_kernel_during_calls_gives_one_kernel_or_the_other() -> None:
     for t in threads:
         t.join()
     assert not bad, bad[:5]
+
+
+def test_set_kernel_does_not_wait_for_a_running_call() -> None:
+    # set_kernel used to take the operator's write lock with the GIL held, waiting for a
+    # running backward (which held the read lock) to finish: the whole interpreter stalled
+    # for the length of that call. Now it builds new spectra and swaps them in at once.
+    rng = np.random.default_rng(2)
+    op = bca.BlockCirculant(rng.standard_normal((32, 32, 64)).astype(np.float32), num_threads=1)
+    x = rng.standard_normal((4096, 2048)).astype(np.float32)
+    t0 = time.perf_counter()
+    op.backward(x, x)
+    one_call = time.perf_counter() - t0
+    started = threading.Event()
+
+    def long_call() -> None:
+        started.set()
+        op.backward(x, x)
+
+    worker = threading.Thread(target=long_call)
+    worker.start()
+    started.wait()
+    time.sleep(0.05 * one_call)  # the worker is inside the core now
+    t1 = time.perf_counter()
+    op.set_kernel(op.kernel)
+    waited = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    worker.join()
+    rest = time.perf_counter() - t2
+    assert waited < 0.5 * one_call, f"set_kernel waited {waited:.3f} s (one call: {one_call:.3f} s)"
+    assert rest > 0.2 * one_call, "the long call ended too early for the check to mean anything"

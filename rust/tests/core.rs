@@ -394,3 +394,32 @@ fn backward_over_several_row_blocks_matches_direct_evaluation() {
         assert!(rel_err(&gx[r * d_in..(r + 1) * d_in], &want) < 1e-12);
     }
 }
+
+#[test]
+fn shapes_whose_sizes_overflow_are_errors() {
+    // In a release build q_out · q_in · p wrapped to 0 here, and an empty kernel was
+    // accepted for a 2³¹ × 2³¹ grid of blocks.
+    let arg = |e: BcaError| match e {
+        BcaError::InvalidArgument { arg, .. } => arg,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(
+        arg(BlockCirculant::<f32>::new(&[], 1 << 31, 1 << 31, 4, None, None).unwrap_err()),
+        "kernel"
+    );
+    assert_eq!(
+        arg(BlockCirculant::<f64>::new(&[], usize::MAX, 1, 1, None, None).unwrap_err()),
+        "kernel"
+    );
+    assert_eq!(
+        arg(BlockCirculant::<f32>::new(&[], 1, 2, usize::MAX / 2 + 1, None, None).unwrap_err()),
+        "kernel"
+    );
+    // A valid operator refuses row counts whose sizes overflow.
+    let op = BlockCirculant::new(&[1.0f32; 4], 1, 1, 4, None, None).unwrap();
+    let mut y = vec![0.0f32; 4];
+    assert_eq!(
+        arg(op.forward(&[0.0; 4], usize::MAX, &mut y).unwrap_err()),
+        "x"
+    );
+}
