@@ -225,23 +225,37 @@ fn apply_mixed<T: Float>(
         row.fill(T::zero()); // rows without an adapter
     }
 
-    let work = |(a, rows, mut outs): Task<'_, T>| -> Result<(), BcaError> {
-        let what = "a mixed-batch workspace";
-        let mut a_buf = try_vec(mul(rows.len(), d_a, arg)?, T::zero(), what)?;
-        for (to, &r) in a_buf.chunks_exact_mut(d_a).zip(rows) {
-            to.copy_from_slice(&src[r * d_a..(r + 1) * d_a]);
-        }
-        check_finite(arg, &a_buf)?;
-        let mut b_buf = try_vec(mul(rows.len(), d_b, arg)?, T::zero(), what)?;
-        ops[a].apply_rows(transposed, &a_buf, &mut b_buf)?;
-        for (to, from) in outs.iter_mut().zip(b_buf.chunks_exact(d_b)) {
-            to.copy_from_slice(from);
-        }
-        Ok(())
-    };
+    // Gather buffers, reused by the tasks one worker runs (no allocation per task).
+    type Bufs<T> = (Vec<T>, Vec<T>);
+    let work =
+        |(a_buf, b_buf): &mut Bufs<T>, (a, rows, mut outs): Task<'_, T>| -> Result<(), BcaError> {
+            let what = "a mixed-batch workspace";
+            let (len_a, len_b) = (mul(rows.len(), d_a, arg)?, mul(rows.len(), d_b, arg)?);
+            a_buf.clear();
+            if a_buf.capacity() < len_a {
+                a_buf
+                    .try_reserve_exact(len_a)
+                    .map_err(|_| oom(what, len_a.saturating_mul(std::mem::size_of::<T>())))?;
+            }
+            for &r in rows {
+                a_buf.extend_from_slice(&src[r * d_a..(r + 1) * d_a]);
+            }
+            check_finite(arg, a_buf)?;
+            try_grow(b_buf, len_b, T::zero(), what)?;
+            let b = &mut b_buf[..len_b];
+            ops[a].apply_rows(transposed, a_buf, b)?;
+            for (to, from) in outs.iter_mut().zip(b.chunks_exact(d_b)) {
+                to.copy_from_slice(from);
+            }
+            Ok(())
+        };
+    let init = || (Vec::new(), Vec::new());
     match pool {
-        Some(pool) => pool.install(|| tasks.into_par_iter().try_for_each(work)),
-        None => tasks.into_iter().try_for_each(work),
+        Some(pool) => pool.install(|| tasks.into_par_iter().try_for_each_init(init, work)),
+        None => {
+            let mut bufs = init();
+            tasks.into_iter().try_for_each(|t| work(&mut bufs, t))
+        }
     }
 }
 
