@@ -1,0 +1,289 @@
+"""Mixed-adapter batches: one forward in which every row uses its own adapter.
+
+A batch of 32 rows over 8 adapters (4 rows each, interleaved), float32, inference
+(no_grad), side by side in one run with the same thread count:
+
+* bca core: ``bca.mixed_matmul`` over 8 operators vs one operator's ``matmul`` on the
+  same 32 rows (target: mixed ≤ 1.2× one adapter);
+* bca layer (``BlockCirculantLinear``, backend "rust" and "torch"): ``layer(x,
+  adapter_names=names)`` vs the same layer with one active adapter;
+* PEFT LoRA (r = 8, 8 adapters on the same ``nn.Linear`` in a ``Sequential``):
+  ``model(x, adapter_names=names)``, PEFT's mixed-batch path (target: bca ≥ 5× faster);
+* the base ``nn.Linear`` alone, so that the adapters' own share (layer − base) can be
+  compared too.
+
+    python benches/bench_mixed.py              # d = 768, 4096; p = 64, 256
+    python benches/bench_mixed.py --quick      # d = 768 only, few repeats
+
+Writes benches/results/mixed.{json,md,png}. The load average (``uptime``) is recorded
+before and after: these machines are shared, compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (  # noqa: E402
+    machine_info,
+    markdown_table,
+    pin_threads,
+    time_interleaved,
+    time_rounds,
+    write_results,
+)
+
+N_ROWS = 32
+N_ADAPTERS = 8
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--quick", action="store_true", help="d = 768 only, few repeats")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: median wall time of interleaved repeats; cpu: median process CPU time "
+        "(rotating order), robust to waiting for a core on a loaded machine (use 1 thread)",
+    )
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args(argv)
+
+    pin_threads(args.threads)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    import bca
+    from bca.nn import BlockCirculantLinear
+
+    load_before = uptime()
+    started = time.time()
+    dims = [768] if args.quick else [768, 4096]
+    repeats = 5 if args.quick else args.repeats
+    names = [f"a{b % N_ADAPTERS}" for b in range(N_ROWS)]
+    index = np.array([b % N_ADAPTERS for b in range(N_ROWS)], np.int64)
+    rng = np.random.default_rng(0)
+    records = []
+    for d in dims:
+        torch.manual_seed(0)
+        base = nn.Linear(d, d)
+        x = torch.randn(N_ROWS, d)
+        x_np = x.numpy()
+        # PEFT LoRA, 8 adapters on one copy of the base layer
+        lora = get_peft_model(
+            nn.Sequential(nn.Linear(d, d)).requires_grad_(False),
+            LoraConfig(r=8, target_modules=["0"], init_lora_weights=False),
+            adapter_name="a0",
+        )
+        lora.base_model.model[0].base_layer.load_state_dict(base.state_dict())
+        for a in range(1, N_ADAPTERS):
+            lora.add_adapter(
+                f"a{a}", LoraConfig(r=8, target_modules=["0"], init_lora_weights=False)
+            )
+        lora.eval()
+        for p in (64, 256):
+            q = d // p
+            kernels = [
+                (rng.standard_normal((q, q, p)) / d).astype(np.float32) for _ in range(N_ADAPTERS)
+            ]
+            ops = [bca.BlockCirculant(k) for k in kernels]
+            layers = {}
+            for backend in ("rust", "torch"):
+                layer = BlockCirculantLinear(base, p, backend=backend, adapter_name="a0")
+                for a in range(1, N_ADAPTERS):
+                    layer.add_adapter(f"a{a}", p)
+                with torch.no_grad():
+                    for a in range(N_ADAPTERS):
+                        layer.bca_kernels[f"a{a}"].copy_(torch.from_numpy(kernels[a]))
+                layers[backend] = layer.eval()
+            contenders = _contenders(bca, ops, index, x_np, layers, x, names, lora, base)
+            with torch.no_grad():
+                # the mixed paths agree with one another
+                want = bca.mixed_matmul(ops, index, x_np)
+                got = layers["rust"](x, adapter_names=names) - base(x)
+                assert np.allclose(got.numpy(), want, rtol=1e-3, atol=1e-4)
+                got = layers["torch"](x, adapter_names=names) - base(x)
+                assert np.allclose(got.numpy(), want, rtol=1e-3, atol=1e-4)
+                t = _measure(contenders, repeats, args.clock)
+            ms = {k: v["median_s"] * 1e3 for k, v in t.items()}
+            base_ms = ms["base nn.Linear"]
+
+            def share(name: str, ms: dict[str, float] = ms, base_ms: float = base_ms) -> float:
+                return max(ms[name] - base_ms, 1e-6)
+
+            records.append(
+                dict(
+                    d=d,
+                    p=p,
+                    rows=N_ROWS,
+                    adapters=N_ADAPTERS,
+                    ms=ms,
+                    iqr_ms={k: v["iqr_s"] * 1e3 for k, v in t.items()},
+                    ratios={
+                        "core: mixed / one adapter": ms["core mixed"] / ms["core one adapter"],
+                        "layer rust: mixed / one adapter": ms["layer mixed (rust)"]
+                        / ms["layer one adapter (rust)"],
+                        "layer torch: mixed / one adapter": ms["layer mixed (torch)"]
+                        / ms["layer one adapter (torch)"],
+                        "layer: PEFT LoRA mixed / bca mixed (rust)": ms["PEFT LoRA mixed"]
+                        / ms["layer mixed (rust)"],
+                        "adapter share: PEFT LoRA mixed / bca mixed (rust)": share(
+                            "PEFT LoRA mixed"
+                        )
+                        / share("layer mixed (rust)"),
+                        "adapter share: PEFT LoRA mixed / bca core mixed": share("PEFT LoRA mixed")
+                        / ms["core mixed"],
+                    },
+                )
+            )
+            print(f"d={d} p={p}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+    load_after = uptime()
+
+    header = [
+        "d",
+        "p",
+        "core mixed ms",
+        "core one ms",
+        "core mixed/one",
+        "layer mixed (rust) ms",
+        "layer rust mixed/one",
+        "layer torch mixed/one",
+        "PEFT LoRA mixed ms",
+        "base ms",
+        "PEFT / bca (layer)",
+        "PEFT / bca (adapter share)",
+    ]
+    rows = []
+    for r in records:
+        ms, ra = r["ms"], r["ratios"]
+        rows.append(
+            [
+                r["d"],
+                r["p"],
+                f"{ms['core mixed']:.3f}",
+                f"{ms['core one adapter']:.3f}",
+                f"{ra['core: mixed / one adapter']:.2f}×",
+                f"{ms['layer mixed (rust)']:.3f}",
+                f"{ra['layer rust: mixed / one adapter']:.2f}×",
+                f"{ra['layer torch: mixed / one adapter']:.2f}×",
+                f"{ms['PEFT LoRA mixed']:.3f}",
+                f"{ms['base nn.Linear']:.3f}",
+                f"{ra['layer: PEFT LoRA mixed / bca mixed (rust)']:.2f}×",
+                f"{ra['adapter share: PEFT LoRA mixed / bca mixed (rust)']:.2f}×",
+            ]
+        )
+    md = (
+        f"# Mixed-adapter batches: {N_ROWS} rows over {N_ADAPTERS} adapters (float32, "
+        f"forward, no_grad, {args.threads} threads, {args.clock} clock)\n\n"
+        "Medians of interleaved repeats (wall clock) or of process CPU time per call (cpu "
+        "clock). *mixed/one*: the mixed batch against the same rows "
+        "on one adapter (target ≤ 1.2×). *PEFT / bca*: PEFT LoRA (r = 8) mixed batch "
+        "(`adapter_names=`) over bca's mixed batch (target ≥ 5×), for the whole layer and "
+        "for the adapters' share (layer time − base nn.Linear time; noisy where the base "
+        "dominates).\n\n"
+        + markdown_table(header, rows)
+        + f"\nShared machine; load before: `{load_before}`; after: `{load_after}`.\n"
+    )
+    payload = {
+        "bench": "mixed",
+        "threads": args.threads,
+        "clock": args.clock,
+        "repeats": repeats,
+        "rows": N_ROWS,
+        "adapters": N_ADAPTERS,
+        "machine": machine_info(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "seconds": time.time() - started,
+        "torch": torch.__version__,
+        "records": records,
+    }
+    stem = "mixed_quick" if args.quick else "mixed"
+    if args.clock == "cpu":
+        stem += f"_{args.threads}thread_cpu"
+    write_results(stem, payload, md, args.out)
+    _plot(records, args.out / f"{stem}.png")
+    print(md)
+    return 0
+
+
+def _measure(contenders: dict, repeats: int, clock: str) -> dict[str, dict[str, float]]:
+    if clock == "wall":
+        return time_interleaved(contenders, repeats)
+    import statistics
+
+    out = {}
+    for name, r in time_rounds(contenders, repeats, min_sample_s=0.01).items():
+        q = statistics.quantiles(r["cpu"], n=4) if len(r["cpu"]) >= 4 else [0.0, 0.0, 0.0]
+        out[name] = {"median_s": statistics.median(r["cpu"]), "iqr_s": q[2] - q[0]}
+    return out
+
+
+def _contenders(bca, ops, index, x_np, layers, x, names, lora, base) -> dict:  # noqa: ANN001
+    rust, torch_layer = layers["rust"], layers["torch"]
+    return {
+        "core mixed": lambda: bca.mixed_matmul(ops, index, x_np),
+        "core one adapter": lambda: ops[0].matmul(x_np),
+        "layer mixed (rust)": lambda: rust(x, adapter_names=names),
+        "layer one adapter (rust)": lambda: rust(x),
+        "layer mixed (torch)": lambda: torch_layer(x, adapter_names=names),
+        "layer one adapter (torch)": lambda: torch_layer(x),
+        "PEFT LoRA mixed": lambda: lora(x, adapter_names=names),
+        "base nn.Linear": lambda: base(x),
+    }
+
+
+def _plot(records: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = [
+        "core: mixed / one adapter",
+        "layer rust: mixed / one adapter",
+        "layer torch: mixed / one adapter",
+        "layer: PEFT LoRA mixed / bca mixed (rust)",
+        "adapter share: PEFT LoRA mixed / bca mixed (rust)",
+    ]
+    labels = [f"d={r['d']}\np={r['p']}" for r in records]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        xs = [j + (i - len(keys) / 2 + 0.5) * width for j in range(len(records))]
+        ax.bar(xs, [r["ratios"][k] for r in records], width, label=k)
+    ax.axhline(1.2, color="grey", ls="--", lw=0.8)
+    ax.axhline(5.0, color="grey", ls=":", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(records)), labels)
+    ax.set_ylabel("time ratio (log)")
+    ax.set_title(
+        f"Mixed batch of {N_ROWS} rows over {N_ADAPTERS} adapters (dashed 1.2×, dotted 5×)"
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
