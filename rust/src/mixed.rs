@@ -28,7 +28,6 @@
 use rayon::prelude::*;
 
 use crate::alloc::{mul, try_grow, try_vec};
-use crate::operator::check_finite;
 use crate::threads;
 use crate::{BcaError, BlockCirculant, Float, Shape};
 
@@ -176,7 +175,8 @@ fn pool_for<T: Float>(
 type Task<'a, T> = (usize, &'a [usize], Vec<&'a mut [T]>);
 
 /// `dst[r] = op_{idx[r]} src[r]` (forward spectra, or the transposed ones) for every row
-/// with an operator, zero for the others. `arg` names `src` in a finiteness error.
+/// with an operator, zero for the others. `arg` names `src` in a size error (NaN/Inf are
+/// refused per block by `apply_rows`, naming x or grad_output).
 #[allow(clippy::too_many_arguments)]
 fn apply_mixed<T: Float>(
     ops: &[&BlockCirculant<T>],
@@ -240,7 +240,6 @@ fn apply_mixed<T: Float>(
             for &r in rows {
                 a_buf.extend_from_slice(&src[r * d_a..(r + 1) * d_a]);
             }
-            check_finite(arg, a_buf)?;
             try_grow(b_buf, len_b, T::zero(), what)?;
             let b = &mut b_buf[..len_b];
             ops[a].apply_rows(transposed, a_buf, b)?;
