@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use numpy::npyffi::{self, npy_intp, NpyTypes, PY_ARRAY_API};
 use numpy::{
-    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -152,6 +153,35 @@ fn new_array<'py, T: Float + Element>(
     Ok(unsafe { obj.cast_into_unchecked() })
 }
 
+/// A read-only borrow of an input array, or a ValueError naming `arg`.
+fn read_view<'py, T: Element>(
+    arr: &Bound<'py, PyArrayDyn<T>>,
+    arg: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    arr.try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{arg}: {e}")))
+}
+
+/// The data of a borrowed input array (C-contiguous), or a ValueError naming `arg`.
+fn as_slice<'a, T: Element>(ro: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> PyResult<&'a [T]> {
+    ro.as_slice()
+        .map_err(|e| PyValueError::new_err(format!("{arg}: {e}")))
+}
+
+/// A writable borrow of an output array this binding allocated.
+fn write_view<'py, T: Element>(
+    arr: &Bound<'py, PyArrayDyn<T>>,
+) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
+    arr.try_readwrite()
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// The data of a borrowed output array.
+fn as_slice_mut<'a, T: Element>(rw: &'a mut PyReadwriteArrayDyn<'_, T>) -> PyResult<&'a mut [T]> {
+    rw.as_slice_mut()
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 /// `obj` as a C-contiguous ndarray of `T`, or a TypeError/ValueError naming `arg`.
 fn typed_array<'py, T: Float + Element>(
     obj: &Bound<'py, PyAny>,
@@ -274,12 +304,8 @@ fn build<T: Float + Element>(
 ) -> PyResult<Slot<T>> {
     let arr = typed_array::<T>(kernel, "kernel")?;
     let (q_out, q_in, p) = kernel_dims(arr.as_untyped())?;
-    let ro = arr
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("kernel: {e}")))?;
-    let data = ro
-        .as_slice()
-        .map_err(|e| PyValueError::new_err(format!("kernel: {e}")))?;
+    let ro = read_view(&arr, "kernel")?;
+    let data = as_slice(&ro, "kernel")?;
     let op = run_detached(py, || {
         BlockCirculant::new(data, q_out, q_in, p, in_features, out_features)
     })?;
@@ -302,18 +328,10 @@ fn forward_impl<'py, T: Float + Element>(
     // dropped unread.
     let out = new_array::<T>(py, &out_dims, false, "the output of forward")?;
     {
-        let ro = arr
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
-        let xs = ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
-        let mut rw = out
-            .try_readwrite()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        let ys = rw
-            .as_slice_mut()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let ro = read_view(&arr, "x")?;
+        let xs = as_slice(&ro, "x")?;
+        let mut rw = write_view(&out)?;
+        let ys = as_slice_mut(&mut rw)?;
         run_detached(py, || op.forward(xs, n, ys))?;
     }
     Ok(out.into_any())
@@ -381,46 +399,14 @@ fn backward_impl<'py, T: Float + Element>(
         false => None,
     };
     {
-        let g_ro = g
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("grad_output: {e}")))?;
-        let gs = g_ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(format!("grad_output: {e}")))?;
-        let x_ro = match &x_arr {
-            Some(a) => Some(
-                a.try_readonly()
-                    .map_err(|e| PyValueError::new_err(format!("x: {e}")))?,
-            ),
-            None => None,
-        };
-        let xs = match &x_ro {
-            Some(r) => Some(
-                r.as_slice()
-                    .map_err(|e| PyValueError::new_err(format!("x: {e}")))?,
-            ),
-            None => None,
-        };
-        let rw = |a: &Bound<'py, PyArrayDyn<T>>| {
-            a.try_readwrite()
-                .map_err(|e| PyRuntimeError::new_err(e.to_string()))
-        };
-        let mut gx_rw = gx.as_ref().map(rw).transpose()?;
-        let mut gk_rw = gk.as_ref().map(rw).transpose()?;
-        let gx_s = match gx_rw.as_mut() {
-            Some(rw) => Some(
-                rw.as_slice_mut()
-                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let gk_s = match gk_rw.as_mut() {
-            Some(rw) => Some(
-                rw.as_slice_mut()
-                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
-            ),
-            None => None,
-        };
+        let g_ro = read_view(&g, "grad_output")?;
+        let gs = as_slice(&g_ro, "grad_output")?;
+        let x_ro = x_arr.as_ref().map(|a| read_view(a, "x")).transpose()?;
+        let xs = x_ro.as_ref().map(|r| as_slice(r, "x")).transpose()?;
+        let mut gx_rw = gx.as_ref().map(write_view).transpose()?;
+        let mut gk_rw = gk.as_ref().map(write_view).transpose()?;
+        let gx_s = gx_rw.as_mut().map(as_slice_mut).transpose()?;
+        let gk_s = gk_rw.as_mut().map(as_slice_mut).transpose()?;
         run_detached(py, || op.backward(xs, gs, n, gx_s, gk_s))?;
     }
     Ok((gx.map(|a| a.into_any()), gk.map(|a| a.into_any())))
@@ -444,12 +430,8 @@ fn set_kernel_impl<T: Float + Element>(
             shape_str(arr.shape())
         )));
     }
-    let ro = arr
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("kernel: {e}")))?;
-    let data = ro
-        .as_slice()
-        .map_err(|e| PyValueError::new_err(format!("kernel: {e}")))?;
+    let ro = read_view(&arr, "kernel")?;
+    let data = as_slice(&ro, "kernel")?;
     let new = run_detached(py, || op.with_kernel(data))?;
     // A thread bound set while the spectra were computed (with the GIL held, as now).
     new.set_num_threads(slot.get().num_threads());
@@ -465,12 +447,8 @@ fn kernel_impl<'py, T: Float + Element>(
     let s = op.shape();
     let out = new_array::<T>(py, &[s.q_out, s.q_in, s.p], false, "the kernel copy")?;
     {
-        let mut rw = out
-            .try_readwrite()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        rw.as_slice_mut()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?
-            .copy_from_slice(op.kernel());
+        let mut rw = write_view(&out)?;
+        as_slice_mut(&mut rw)?.copy_from_slice(op.kernel());
     }
     Ok(out.into_any())
 }
@@ -488,12 +466,8 @@ fn dense_impl<'py, T: Float + Element>(
         "the dense matrix",
     )?;
     {
-        let mut rw = out
-            .try_readwrite()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        let dense = rw
-            .as_slice_mut()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let mut rw = write_view(&out)?;
+        let dense = as_slice_mut(&mut rw)?;
         run_detached(py, || op.to_dense_into(dense))?;
     }
     Ok(out.into_any())
@@ -802,24 +776,12 @@ fn mixed_forward_impl<'py, T: Float + Element>(
     let idx = index_array(adapter_index, leading)?;
     let out = new_array::<T>(py, &out_shape(leading, s.out_features), false, "the output")?;
     {
-        let ro = arr
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
-        let xs = ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
-        let idx_ro = idx
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
-        let is = idx_ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
-        let mut rw = out
-            .try_readwrite()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        let ys = rw
-            .as_slice_mut()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let ro = read_view(&arr, "x")?;
+        let xs = as_slice(&ro, "x")?;
+        let idx_ro = read_view(&idx, "adapter_index")?;
+        let is = as_slice(&idx_ro, "adapter_index")?;
+        let mut rw = write_view(&out)?;
+        let ys = as_slice_mut(&mut rw)?;
         run_detached(py, || crate::mixed_forward(&as_refs(ops), is, xs, n, ys))?;
     }
     Ok(out.into_any())
@@ -890,51 +852,18 @@ fn mixed_backward_impl<'py, T: Float + Element>(
         }
     }
     {
-        let g_ro = g
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("grad_output: {e}")))?;
-        let gs = g_ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(format!("grad_output: {e}")))?;
-        let idx_ro = idx
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
-        let is = idx_ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(format!("adapter_index: {e}")))?;
-        let x_ro = match &x_arr {
-            Some(a) => Some(
-                a.try_readonly()
-                    .map_err(|e| PyValueError::new_err(format!("x: {e}")))?,
-            ),
-            None => None,
-        };
-        let xs = match &x_ro {
-            Some(r) => Some(
-                r.as_slice()
-                    .map_err(|e| PyValueError::new_err(format!("x: {e}")))?,
-            ),
-            None => None,
-        };
-        let rw = |a: &Bound<'py, PyArrayDyn<T>>| {
-            a.try_readwrite()
-                .map_err(|e| PyRuntimeError::new_err(e.to_string()))
-        };
-        let mut gx_rw = gx.as_ref().map(rw).transpose()?;
-        let gx_s = match gx_rw.as_mut() {
-            Some(rw) => Some(
-                rw.as_slice_mut()
-                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let mut gk_rw = gks.iter().map(rw).collect::<PyResult<Vec<_>>>()?;
+        let g_ro = read_view(&g, "grad_output")?;
+        let gs = as_slice(&g_ro, "grad_output")?;
+        let idx_ro = read_view(&idx, "adapter_index")?;
+        let is = as_slice(&idx_ro, "adapter_index")?;
+        let x_ro = x_arr.as_ref().map(|a| read_view(a, "x")).transpose()?;
+        let xs = x_ro.as_ref().map(|r| as_slice(r, "x")).transpose()?;
+        let mut gx_rw = gx.as_ref().map(write_view).transpose()?;
+        let gx_s = gx_rw.as_mut().map(as_slice_mut).transpose()?;
+        let mut gk_rw = gks.iter().map(write_view).collect::<PyResult<Vec<_>>>()?;
         let mut gk_s = gk_rw
             .iter_mut()
-            .map(|rw| {
-                rw.as_slice_mut()
-                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))
-            })
+            .map(as_slice_mut)
             .collect::<PyResult<Vec<&mut [T]>>>()?;
         let gk_arg = match kernel_grad {
             true => Some(&mut gk_s[..]),
