@@ -3,45 +3,8 @@
 
 use bca::{BcaError, BlockCirculant, Float};
 
-/// Small deterministic generator (xorshift64*), values in [-1, 1).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (v >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-    fn vec<T: Float>(&mut self, n: usize) -> Vec<T> {
-        (0..n).map(|_| T::from(self.next()).unwrap()).collect()
-    }
-}
-
-/// ΔW[r, c] = C[r / p, c / p, (r - c) mod p], straight from the definition.
-fn dense_entry(k: &[f64], q_in: usize, p: usize, r: usize, c: usize) -> f64 {
-    let (i, a, j, b) = (r / p, r % p, c / p, c % p);
-    k[(i * q_in + j) * p + (a + p - b) % p]
-}
-
-fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|x| x.to_f64().unwrap()).collect()
-}
-
-fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
-}
+mod common;
+use common::{dense_entry, rel_err, to_f64, Rng};
 
 struct Case {
     q_out: usize,

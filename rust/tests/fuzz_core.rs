@@ -13,24 +13,22 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bca::{BcaError, BlockCirculant};
 
-/// xorshift64*: deterministic, seedable.
-struct Rng(u64);
+mod common;
+use common::{rel_err, Rng};
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
+/// Draws for the fuzz cases, on the shared generator.
+trait Draws {
+    fn below(&mut self, n: usize) -> usize;
+    fn chance(&mut self, percent: usize) -> bool;
+    fn dim(&mut self) -> usize;
+}
+
+impl Draws for Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
     fn chance(&mut self, percent: usize) -> bool {
         self.below(100) < percent
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
     }
     /// A dimension: mostly small, sometimes 0, sometimes enormous.
     fn dim(&mut self) -> usize {
@@ -76,21 +74,6 @@ fn direct_forward(
     y
 }
 
-fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
-}
-
 /// One case: returns Err(description) for a wrong answer.
 fn one_case(rng: &mut Rng) -> Result<bool, String> {
     let (q_out, q_in, p) = (rng.dim(), rng.dim(), rng.dim());
@@ -113,7 +96,7 @@ fn one_case(rng: &mut Rng) -> Result<bool, String> {
         Some(n) if small && !rng.chance(5) => n,
         _ => rng.below(64),
     };
-    let mut kernel: Vec<f64> = (0..len).map(|_| rng.unit()).collect();
+    let mut kernel: Vec<f64> = (0..len).map(|_| rng.next()).collect();
     if !kernel.is_empty() && rng.chance(3) {
         let at = rng.below(kernel.len());
         kernel[at] = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY][rng.below(3)];
@@ -140,7 +123,7 @@ fn one_case(rng: &mut Rng) -> Result<bool, String> {
     } else {
         n_real * d_in
     };
-    let mut x: Vec<f64> = (0..x_len).map(|_| rng.unit()).collect();
+    let mut x: Vec<f64> = (0..x_len).map(|_| rng.next()).collect();
     if !x.is_empty() && rng.chance(3) {
         let at = rng.below(x.len());
         x[at] = f64::NAN;
@@ -175,7 +158,7 @@ fn one_case(rng: &mut Rng) -> Result<bool, String> {
     // backward with every flag combination; the kernel gradient checked by the identity
     // <gk, k'> = <g, ΔW(k') x> for a random direction k'.
     if n == n_real && x.len() == n * d_in && finite {
-        let g: Vec<f64> = (0..n * d_out).map(|_| rng.unit()).collect();
+        let g: Vec<f64> = (0..n * d_out).map(|_| rng.next()).collect();
         let mut gx = vec![0.0; n * d_in];
         let mut gk = vec![0.0; kernel.len()];
         let (want_x, want_k) = (rng.chance(70), rng.chance(70));
@@ -194,7 +177,7 @@ fn one_case(rng: &mut Rng) -> Result<bool, String> {
                 }
                 if want_x {
                     // <gx, v> = <g, ΔW v>
-                    let v: Vec<f64> = (0..n * d_in).map(|_| rng.unit()).collect();
+                    let v: Vec<f64> = (0..n * d_in).map(|_| rng.next()).collect();
                     let wv = direct_forward(&kernel, q_in, p, d_in, d_out, &v);
                     let lhs: f64 = gx.iter().zip(&v).map(|(a, b)| a * b).sum();
                     let rhs: f64 = g.iter().zip(&wv).map(|(a, b)| a * b).sum();
@@ -203,7 +186,7 @@ fn one_case(rng: &mut Rng) -> Result<bool, String> {
                     }
                 }
                 if want_k {
-                    let dk: Vec<f64> = (0..kernel.len()).map(|_| rng.unit()).collect();
+                    let dk: Vec<f64> = (0..kernel.len()).map(|_| rng.next()).collect();
                     let wx = direct_forward(&dk, q_in, p, d_in, d_out, &x);
                     let lhs: f64 = gk.iter().zip(&dk).map(|(a, b)| a * b).sum();
                     let rhs: f64 = g.iter().zip(&wx).map(|(a, b)| a * b).sum();

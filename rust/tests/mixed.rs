@@ -3,46 +3,16 @@
 
 use bca::{mixed_backward, mixed_forward, BcaError, BlockCirculant, Float, NO_ADAPTER};
 
-/// Small deterministic generator (xorshift64*), values in [-1, 1).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (v >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-    fn vec<T: Float>(&mut self, n: usize) -> Vec<T> {
-        (0..n).map(|_| T::from(self.next()).unwrap()).collect()
-    }
-    /// An index in -1..n_ops (−1: no adapter, about one row in five).
-    fn index(&mut self, n_ops: usize) -> i64 {
-        let u = (self.next() + 1.0) / 2.0;
-        if u < 0.2 {
-            NO_ADAPTER
-        } else {
-            (((u - 0.2) / 0.8 * n_ops as f64) as i64).min(n_ops as i64 - 1)
-        }
-    }
-}
+mod common;
+use common::{rel_err, to_f64, Rng};
 
-fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|x| x.to_f64().unwrap()).collect()
-}
-
-fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
+/// An index in -1..n_ops (−1: no adapter, about one row in five).
+fn index(rng: &mut Rng, n_ops: usize) -> i64 {
+    let u = (rng.next() + 1.0) / 2.0;
+    if u < 0.2 {
+        NO_ADAPTER
     } else {
-        num / den
+        (((u - 0.2) / 0.8 * n_ops as f64) as i64).min(n_ops as i64 - 1)
     }
 }
 
@@ -109,7 +79,7 @@ fn check<T: Float>(tol: f64, seed: u64) {
             .map(|kv| BlockCirculant::new(kv, q_out, q_in, p, Some(d_in), Some(d_out)).unwrap())
             .collect();
         let refs: Vec<&BlockCirculant<T>> = ops.iter().collect();
-        let idx: Vec<i64> = (0..n).map(|_| rng.index(k)).collect();
+        let idx: Vec<i64> = (0..n).map(|_| index(&mut rng, k)).collect();
         let x: Vec<T> = rng.vec(n * d_in);
         let g: Vec<T> = rng.vec(n * d_out);
         let k64: Vec<Vec<f64>> = kernels.iter().map(|kv| to_f64(kv)).collect();
@@ -181,7 +151,7 @@ fn results_do_not_depend_on_thread_count() {
     let (q_out, q_in, p, n, k) = (8, 8, 16, 300, 5);
     let mut rng = Rng(7);
     let kernels: Vec<Vec<f32>> = (0..k).map(|_| rng.vec(q_out * q_in * p)).collect();
-    let idx: Vec<i64> = (0..n).map(|_| rng.index(k)).collect();
+    let idx: Vec<i64> = (0..n).map(|_| index(&mut rng, k)).collect();
     let x: Vec<f32> = rng.vec(n * q_in * p);
     let g: Vec<f32> = rng.vec(n * q_out * p);
     let mut outs = Vec::new();
