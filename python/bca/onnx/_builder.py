@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ._versions import lower_ir_version
+
 __all__ = [
     "LOWERINGS",
     "MIN_OPSET",
@@ -465,9 +467,7 @@ def _build(
             if not np.isfinite(kv[1]):
                 raise ValueError(f"mixed adapter {a}: scale must be finite, got {kv[1]}")
             mixed_slots.append((ka, float(kv[1])))
-    dt = np.dtype(dtype)
-    if dt not in _NP_TO_ONNX:
-        raise TypeError(f"dtype must be float32, float64 or float16, got {dt}")
+    dt, _ = _element_type(dtype)
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     q_out, q_in, p = k.shape
@@ -638,10 +638,7 @@ def make_adapter_model(
     replaced by ``in_features``. The model passes ``onnx.checker.check_model``.
     """
     _, d_in, d_out = _check_kernel(kernel, in_features, out_features)
-    dt = np.dtype(dtype)
-    if dt not in _NP_TO_ONNX:
-        raise TypeError(f"dtype must be float32, float64 or float16, got {dt}")
-    elem = _NP_TO_ONNX[dt]
+    dt, elem = _element_type(dtype)
     lead = list(input_shape)[:-1]
     sub = build_adapter_subgraph(
         kernel,
@@ -654,19 +651,13 @@ def make_adapter_model(
         opset=opset,
         dtype=dt,
     )
-    graph = helper.make_graph(
-        sub.nodes,
+    return _standalone_model(
+        sub,
         "bca_adapter",
         [helper.make_tensor_value_info("x", elem, [*lead, d_in])],
         [helper.make_tensor_value_info("y", elem, [*lead, d_out])],
-        sub.initializers,
+        opset,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="bca"
-    )
-    model.ir_version = min(model.ir_version, _max_ir_version(opset))
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def make_mixed_adapter_model(
@@ -687,10 +678,7 @@ def make_mixed_adapter_model(
     if not live:
         raise ValueError("kernels must hold at least one (kernel, scale) pair")
     _, d_in, d_out = _check_kernel(live[0][0], in_features, out_features)
-    dt = np.dtype(dtype)
-    if dt not in _NP_TO_ONNX:
-        raise TypeError(f"dtype must be float32, float64 or float16, got {dt}")
-    elem = _NP_TO_ONNX[dt]
+    dt, elem = _element_type(dtype)
     lead = list(input_shape)[:-1]
     sub = build_mixed_adapter_subgraph(
         kernels,
@@ -703,26 +691,39 @@ def make_mixed_adapter_model(
         opset=opset,
         dtype=dt,
     )
-    graph = helper.make_graph(
-        sub.nodes,
+    return _standalone_model(
+        sub,
         "bca_mixed_adapter",
         [
             helper.make_tensor_value_info("x", elem, [*lead, d_in]),
             helper.make_tensor_value_info("adapter_index", TensorProto.INT64, lead[:1]),
         ],
         [helper.make_tensor_value_info("y", elem, [*lead, d_out])],
-        sub.initializers,
+        opset,
     )
+
+
+def _element_type(dtype: np.dtype | type | str) -> tuple[np.dtype, int]:
+    """``dtype`` and its ONNX element type, or a TypeError for an unsupported dtype."""
+    dt = np.dtype(dtype)
+    if dt not in _NP_TO_ONNX:
+        raise TypeError(f"dtype must be float32, float64 or float16, got {dt}")
+    return dt, _NP_TO_ONNX[dt]
+
+
+def _standalone_model(
+    sub: Any,
+    name: str,
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    opset: int,
+) -> onnx.ModelProto:
+    """A checked model of one subgraph, at the lowest IR version its opset needs (so that
+    older runtimes load it)."""
+    graph = helper.make_graph(sub.nodes, name, inputs, outputs, sub.initializers)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="bca"
     )
-    model.ir_version = min(model.ir_version, _max_ir_version(opset))
+    lower_ir_version(model)
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def _max_ir_version(opset: int) -> int:
-    """Lowest IR version that supports ``opset`` (keeps models loadable by older ORTs)."""
-    # onnx's table rows are (release, ir_version, default opset, ...): opset 17 -> IR 8
-    candidates = [row[1] for row in helper.VERSION_TABLE if row[2] >= opset]
-    return min(candidates) if candidates else onnx.IR_VERSION
