@@ -1,0 +1,82 @@
+"""The ``bca`` command-line program.
+
+Subcommands: ``demo``, ``export``, ``merge``, ``info``, ``bench``,
+``experiment stability`` and ``serve export|adapter|info``, one module each in this
+package (``add_parser`` declares its options, ``run`` runs it); what they share is in
+``_common``, and what is not command-line work (rebuilding a model from an adapter,
+summarising an adapter's costs) lives in the library (``bca._rebuild``,
+``bca._adapter_summary``). Run ``bca <command> --help`` for each. Errors (bad arguments,
+missing or malformed files, a missing optional dependency) end with a one-line message on
+stderr and a non-zero exit status, never a traceback (set ``BCA_DEBUG=1`` to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .._adapter_format import BcaFormatError
+from . import bench, demo, experiment, export, info, merge, serve
+from ._common import EXIT_ERROR, EXIT_USAGE, CLIError
+from ._common import options as _options  # noqa: F401 - bca.cli._options (tests)
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+_COMMANDS = {
+    "demo": demo,
+    "export": export,
+    "merge": merge,
+    "info": info,
+    "bench": bench,
+    "experiment": experiment,
+    "serve": serve,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bca`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="bca",
+        description="Block circulant adapters: fine-tune, inspect, merge, export and benchmark.",
+        epilog="Start with `bca demo` (about 10 minutes on 2 CPU cores; `bca demo --quick` "
+        "takes about a minute).",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _COMMANDS.values():
+        module.add_parser(sub, argparse.ArgumentDefaultsHelpFormatter)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``bca`` program; returns the exit status (0 ok, 1 error, 2 usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.version:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"bca {version('bca')}")
+        except PackageNotFoundError:
+            print("bca (not installed)")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        print("bca: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, traceback on request
+        if os.environ.get("BCA_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "" if isinstance(exc, (CLIError, BcaFormatError)) else f"{type(exc).__name__}: "
+        print(f"bca {args.command}: error: {kind}{msg}", file=sys.stderr)
+        return EXIT_ERROR
