@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_info, markdown_table, pin_threads, time_interleaved, write_results  # noqa: E402
+from _timing import machine_info, markdown_table, pin_threads, time_interleaved, write_results
 
 
 def torch_rfft_forward(torch, x, spectra, q_in: int, q_out: int, p: int):

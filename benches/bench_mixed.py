@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (  # noqa: E402
+from _timing import (
     machine_info,
     markdown_table,
     pin_threads,
@@ -236,7 +236,7 @@ def _measure(contenders: dict, repeats: int, clock: str) -> dict[str, dict[str, 
     return out
 
 
-def _contenders(bca, ops, index, x_np, layers, x, names, lora, base) -> dict:  # noqa: ANN001
+def _contenders(bca, ops, index, x_np, layers, x, names, lora, base) -> dict:
     rust, torch_layer = layers["rust"], layers["torch"]
     return {
         "core mixed": lambda: bca.mixed_matmul(ops, index, x_np),

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (  # noqa: E402
+from _timing import (
     machine_info,
     markdown_table,
     pin_threads,

@@ -54,7 +54,7 @@ from torch import nn
 if importlib.util.find_spec("bca") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from bca.nn import BlockCirculantLinear, rust_available  # noqa: E402
+from bca.nn import BlockCirculantLinear, rust_available
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

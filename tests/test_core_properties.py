@@ -173,7 +173,7 @@ def _sample_concurrent_calls(call: Callable[[], T]) -> tuple[np.ndarray, list[T]
         try:
             barrier.wait()
             outs[i] = call()
-        except BaseException as exc:  # re-raised in the main thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)
         finally:
             done[i].set()

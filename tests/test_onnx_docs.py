@@ -29,7 +29,7 @@ def test_docs_examples_run(
     namespace: dict[str, object] = {"__name__": "docs_onnx"}
     for k, block in enumerate(_blocks()):
         code = block.replace("/tmp/", f"{tmp_path}/")
-        exec(compile(code, f"docs/onnx.md[python block {k}]", "exec"), namespace)  # noqa: S102
+        exec(compile(code, f"docs/onnx.md[python block {k}]", "exec"), namespace)
     out = capsys.readouterr().out
     assert "(2, 8, 64)" in out
     assert "(2, 5, 24) matmul matmul matmul2" in out

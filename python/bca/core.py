@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,6 +38,10 @@ __all__ = [
 FloatArray = NDArray[np.float32] | NDArray[np.float64]
 
 
+@overload
+def _check_count(name: str, value: object, *, allow_none: Literal[False]) -> int: ...
+@overload
+def _check_count(name: str, value: object, *, allow_none: bool = True) -> int | None: ...
 def _check_count(name: str, value: object, *, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
@@ -54,7 +59,6 @@ def num_blocks(features: int, block_size: int) -> int:
     """Number of blocks of size ``block_size`` covering ``features`` (with zero padding)."""
     f = _check_count("features", features, allow_none=False)
     p = _check_count("block_size", block_size, allow_none=False)
-    assert f is not None and p is not None
     return -(-f // p)
 
 

@@ -164,32 +164,35 @@ def _log2(n: int) -> float:
     return math.log2(n) if n > 1 else 0.0
 
 
+def _hyper(value: int | None, name: str, method: Method) -> int:
+    """The hyper-parameter ``name`` of ``method``; :class:`Method` validation sets it."""
+    if value is None:
+        raise ValueError(f"method {method.name!r} needs {name}")
+    return value
+
+
 def adapter_parameters(method: Method, layer: LayerShape) -> int:
     """Trainable parameters the method adds to one layer (``full``: the layer's weight)."""
     d_in, d_out = layer.in_features, layer.out_features
     if method.name == "bca":
-        p = method.block_size
-        assert p is not None
+        p = _hyper(method.block_size, "block_size", method)
         return _blocks(d_out, p) * _blocks(d_in, p) * p
     if method.name == "c3a":
-        b = method.block_size
-        assert b is not None
+        b = _hyper(method.block_size, "block_size", method)
         _check_c3a(layer, b)
         return d_out * d_in // b
     if method.name == "lora":
-        assert method.r is not None
-        return method.r * (d_in + d_out)
+        return _hyper(method.r, "r", method) * (d_in + d_out)
     if method.name == "vera":
-        assert method.r is not None
-        return method.r + d_out
+        return _hyper(method.r, "r", method) + d_out
     if method.name == "fourierft":
-        assert method.n_frequency is not None
-        if method.n_frequency > d_in * d_out:
+        n = _hyper(method.n_frequency, "n_frequency", method)
+        if n > d_in * d_out:
             raise ValueError(
                 f"n_frequency={method.n_frequency} exceeds the {d_out}x{d_in} weight of "
                 f"{layer.name!r}"
             )
-        return method.n_frequency
+        return n
     return d_in * d_out  # full: the targeted weight itself
 
 
@@ -213,8 +216,7 @@ def adapter_flops(method: Method, layer: LayerShape, convention: Convention = "r
     if name == "full":
         return FlopCount(0.0)
     if name in ("bca", "c3a"):
-        p = method.block_size
-        assert p is not None
+        p = _hyper(method.block_size, "block_size", method)
         if name == "c3a":
             _check_c3a(layer, p)
         q_in, q_out = _blocks(d_in, p), _blocks(d_out, p)
@@ -229,14 +231,12 @@ def adapter_flops(method: Method, layer: LayerShape, convention: Convention = "r
             )
         return FlopCount(5 * (q_in + q_out) * p * lg + 8 * k * p + 2 * d_out, 5 * k * p * lg)
     if name == "lora":
-        r = method.r
-        assert r is not None
+        r = _hyper(method.r, "r", method)
         if convention == "paper":
             return FlopCount(float(r * (d_in + d_out)))
         return FlopCount(float(2 * r * (d_in + d_out) + 2 * d_out))
     if name == "vera":
-        r = method.r
-        assert r is not None
+        r = _hyper(method.r, "r", method)
         if convention == "paper":
             return FlopCount(float(r * (d_in + d_out) + r + d_out))
         return FlopCount(float(2 * r * (d_in + d_out) + r + 2 * d_out))
