@@ -13,6 +13,7 @@ stderr and a non-zero exit status, never a traceback (set ``BCA_DEBUG=1`` to see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -73,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bca: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bca ... | head`: the reader has gone, nothing to report
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # nor at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - one line for the user, traceback on request
         if os.environ.get("BCA_DEBUG"):
             raise

@@ -27,7 +27,19 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     b.add_argument("--sizes", type=int_list, default=[384, 768], help="hidden sizes (built-in)")
     b.add_argument("--block-size", type=positive_int, default=64, help="block size (built-in)")
     b.add_argument("--rows", type=int_list, default=[1, 128], help="batch rows (built-in)")
-    b.add_argument("--repeats", type=positive_int, default=30, help="timed repeats (built-in)")
+    b.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=30,
+        help="at least this many timed samples per cell, more until they agree (built-in)",
+    )
+    b.add_argument(
+        "--clock",
+        default="cpu",
+        choices=["cpu", "wall"],
+        help="cpu: this process's CPU time, all threads (holds on a busy machine); "
+        "wall: elapsed time (built-in)",
+    )
     b.add_argument("--threads", type=positive_int, default=2, help="threads for every contender")
     b.add_argument(
         "bench_args",
@@ -80,5 +92,9 @@ def run(args: argparse.Namespace) -> int:
         return subprocess.call([sys.executable, str(script), *extra], env=env)
     from ..demo.bench import builtin_bench
 
-    print(builtin_bench(args.sizes, args.block_size, args.rows, args.repeats, args.threads))
+    print(
+        builtin_bench(
+            args.sizes, args.block_size, args.rows, args.repeats, args.threads, clock=args.clock
+        )
+    )
     return 0

@@ -3,32 +3,61 @@
 Times the adapter's extra work ``ΔW x`` for a ``d × d`` layer: a dense ΔW matmul, bca's
 ``BlockCirculantLinear.adapter_forward`` with the rust and torch backends (spectra
 cached), and PEFT's C3A layer's delta (when peft is installed). Same threads for all;
-median of ``repeats``; ratios against the dense ΔW product.
+ratios against the dense ΔW product.
+
+Timings go through :func:`bca._timing.measure`: process CPU time by default (the work
+done, which a busy machine does not inflate), calls batched so that one sample is well
+above the clock's resolution, repeated until the samples agree. :func:`measure_ms` is the
+same for the demo's latency table, and :func:`timing_note` the line a report prints
+under its timings (clock, and a warning naming the load when the machine is busy).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["builtin_bench"]
+from .._timing import Load, load_warning, machine_load, measure
+
+__all__ = ["builtin_bench", "measure_ms", "timing_note"]
+
+CLOCK_NAMES = {"cpu": "process CPU time (all threads)", "wall": "wall-clock time"}
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def measure_ms(
+    fn: Callable[[], Any], *, clock: str = "cpu", min_samples: int = 5, budget_s: float = 2.0
+) -> float:
+    """Milliseconds per call of ``fn()`` (median, torch's autograd off): the demo's
+    latencies. Process CPU time by default; see :func:`bca._timing.measure`."""
+    import torch
+
+    with torch.no_grad():
+        return measure(fn, clock=clock, min_samples=min_samples, budget_s=budget_s).median
+
+
+def _worst(loads: Sequence[Load]) -> Load:
+    known = [x for x in loads if x.load1 == x.load1]
+    return max(known, key=lambda x: x.load1) if known else loads[-1]
+
+
+def timing_note(clock: str = "cpu", loads: Sequence[Load] = (), threads: int = 1) -> str:
+    """What the timings are, and a warning with the load average when the machine was
+    busy (the worst of ``loads``, read before and after timing; now when empty) for timings
+    on ``threads`` threads."""
+    load = _worst(list(loads) or [machine_load()])
+    note = f"Timings: median {CLOCK_NAMES[clock]} per call, load average {load.load1:.1f} "
+    note += f"on {load.cores} cores."
+    warning = load_warning(load, clock, threads)
+    return note + ("\n" + warning if warning else "")
 
 
 def builtin_bench(
-    sizes: Sequence[int], block_size: int, rows: Sequence[int], repeats: int, threads: int
+    sizes: Sequence[int],
+    block_size: int,
+    rows: Sequence[int],
+    repeats: int,
+    threads: int,
+    clock: str = "cpu",
 ) -> str:
     import torch
     from torch import nn
@@ -37,17 +66,23 @@ def builtin_bench(
     from ..nn import BlockCirculantLinear, rust_available
     from .report import markdown_table
 
+    loads = [machine_load()]
+
+    def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+        return measure(fn, clock=clock, min_samples=repeats, budget_s=1.0).median
+
     torch.set_num_threads(threads)
     core.set_num_threads(threads)
     torch.manual_seed(0)
+    unit = "CPU ms" if clock == "cpu" else "ms"
     header = [
         "d",
         "p",
         "rows",
-        "dense ΔW (ms)",
-        "bca rust (ms)",
-        "bca torch (ms)",
-        "PEFT C3A (ms)",
+        f"dense ΔW ({unit})",
+        f"bca rust ({unit})",
+        f"bca torch ({unit})",
+        f"PEFT C3A ({unit})",
         "rust / dense",
         "torch / dense",
     ]
@@ -97,8 +132,10 @@ def builtin_bench(
                     f"{t_torch / t_dense:.2f}",
                 ]
             )
+    loads.append(machine_load())
     note = (
-        f"\nMedian of {repeats} repeats, {threads} threads, float32. PEFT C3A's time includes "
-        "its base layer subtracted back out (an upper bound)."
+        f"\n{threads} threads, float32, at least {repeats} samples per cell. PEFT C3A's time "
+        "includes its base layer subtracted back out (an upper bound).\n"
+        + timing_note(clock, loads, threads)
     )
     return markdown_table(header, out_rows) + note
