@@ -1,0 +1,638 @@
+"""The block circulant product ``scale · ΔW x`` in torch: backends, autograd, caches.
+
+Everything here is a function of tensors (and a per-adapter cache object); the layer in
+:mod:`bca.nn.layer` holds parameters and adapter bookkeeping and calls into this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")
+
+_RUST_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+_CORE: Any = None
+_CORE_ERROR: str | None = None
+
+
+def _rust_core() -> Any:
+    """The :mod:`bca.core` module, or ``None`` when the Rust extension does not import."""
+    global _CORE, _CORE_ERROR
+    if _CORE is None and _CORE_ERROR is None:
+        try:
+            from .. import core
+
+            _CORE = core
+        except ImportError as exc:  # extension not built / not installed
+            _CORE_ERROR = f"{type(exc).__name__}: {exc}"
+    return _CORE
+
+
+def rust_available() -> bool:
+    """Whether the Rust extension (``bca._bca``) imports, i.e. backend ``"rust"`` works."""
+    return _rust_core() is not None
+
+
+def _circulant_index(p: int, device: torch.device) -> torch.Tensor:
+    r = torch.arange(p, device=device)
+    return (r[:, None] - r[None, :]) % p
+
+
+def block_circulant_dense(
+    kernel: torch.Tensor, in_features: int | None = None, out_features: int | None = None
+) -> torch.Tensor:
+    """Dense ΔW ``(out_features, in_features)`` of a kernel ``(q_out, q_in, p)``, exactly.
+
+    Block ``(i, j)`` is ``circulant(kernel[i, j])``; built by indexing (no FFT, so no
+    rounding) and differentiable with respect to ``kernel``.
+    """
+    if kernel.dim() != 3:
+        raise ValueError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
+    q_out, q_in, p = kernel.shape
+    n_in = q_in * p if in_features is None else in_features
+    n_out = q_out * p if out_features is None else out_features
+    _check_padding("in_features", n_in, q_in, p)
+    _check_padding("out_features", n_out, q_out, p)
+    blocks = kernel[:, :, _circulant_index(p, kernel.device)]  # (q_out, q_in, p, p)
+    dense = blocks.permute(0, 2, 1, 3).reshape(q_out * p, q_in * p)
+    return dense[:n_out, :n_in]
+
+
+def _check_padding(name: str, features: int, q: int, p: int) -> None:
+    if not (q - 1) * p < features <= q * p:
+        raise ValueError(
+            f"{name}={features} does not fit {q} blocks of size {p}: need "
+            f"{(q - 1) * p} < {name} <= {q * p}"
+        )
+
+
+class _KernelSnapshot:
+    """Detects a change of a kernel tensor since the last :meth:`take`.
+
+    The version counter and storage pointer catch ordinary in-place updates (optimizer
+    steps, ``load_state_dict``) without looking at the values. For CPU tensors a value
+    comparison with a parameter-sized copy also catches edits through ``.data`` (which
+    have their own version counter); on other devices that comparison would force a
+    device synchronisation per call, so it is skipped there (call
+    :meth:`BlockCirculantLinear.clear_cache` after editing ``.data`` on a GPU).
+    """
+
+    __slots__ = ("key", "values")
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.values: torch.Tensor | None = None
+
+    @staticmethod
+    def _key(kernel: torch.Tensor) -> tuple[Any, ...]:
+        return (kernel._version, kernel.data_ptr(), kernel.device, kernel.dtype, kernel.shape)
+
+    def matches(self, kernel: torch.Tensor) -> bool:
+        if self.key is None or self.key != self._key(kernel):
+            return False
+        if self.values is None:  # non-CPU: version and storage only
+            return True
+        return bool(torch.equal(self.values, kernel.detach()))
+
+    def take(self, kernel: torch.Tensor) -> None:
+        self.key = self._key(kernel)
+        self.values = kernel.detach().clone() if kernel.device.type == "cpu" else None
+
+    def clear(self) -> None:
+        self.key = None
+        self.values = None
+
+
+def _compute_dtype(x_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
+    """float64 if either is float64, else float32 (torch.fft has no general half path)."""
+    if x_dtype == torch.float64 or k_dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def _kernel_spectra(kernel: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale *`` rfft of each kernel block, laid out ``(F, q_in, q_out)`` (contiguous)."""
+    spectra = torch.fft.rfft(kernel, dim=-1).permute(2, 1, 0).contiguous()
+    return spectra.mul_(scale) if scale != 1.0 else spectra
+
+
+def _block_spectra(v: torch.Tensor, q: int, p: int) -> torch.Tensor:
+    """rfft of the length-p blocks of rows ``v`` (N, d) -> ``(F, N, q)`` (zero-padded)."""
+    n, d = v.shape
+    if d != q * p:
+        v = torch.nn.functional.pad(v, (0, q * p - d))
+    return torch.fft.rfft(v.reshape(n, q, p), dim=-1).permute(2, 0, 1)
+
+
+def _inverse_blocks(spec: torch.Tensor, p: int, features: int) -> torch.Tensor:
+    """Inverse of :func:`_block_spectra`: ``(F, N, q)`` -> rows ``(N, features)``."""
+    _, n, q = spec.shape
+    out = torch.fft.irfft(spec.permute(1, 2, 0), n=p, dim=-1).reshape(n, q * p)
+    if features != q * p:
+        out = out[:, :features]
+    return out.contiguous()
+
+
+def _create_graph(*tensors: torch.Tensor) -> bool:
+    """Whether a backward must itself be differentiable (``create_graph=True``).
+
+    Inside ``autograd.Function.backward`` grad mode is on exactly when the caller asked
+    for ``create_graph``; the graph is needed only if one of the tensors has a history.
+    """
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _differentiable_backward(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    scale: float,
+    in_features: int,
+    out_features: int,
+    need_x: bool,
+    need_k: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(scale·ΔWᵀ g, scale·Σ_n kgrad(x_n, g_n))`` by plain, differentiable torch ops.
+
+    The backward for ``create_graph=True``: a pure function of ``(x, kernel, g)`` (rfft of
+    the zero-padded blocks, one complex matmul per frequency, irfft, cut the padding) with
+    the kernel spectra recomputed *with* grad history, so autograd differentiates it to any
+    order. x (N, in), kernel and g (N, out) share one real dtype. ``None`` where not needed.
+    """
+    q_out, q_in, p = kernel.shape
+    if grad_output.dtype != x.dtype:
+        grad_output = grad_output.to(x.dtype)
+    grad_x = grad_kernel = None
+    if x.shape[0] == 0:  # no FFT of an empty batch (MKL rejects it); keep the graph connected
+        if need_x:
+            grad_x = x.new_zeros(x.shape) + (grad_output.sum() + kernel.sum()) * 0.0
+        if need_k:
+            grad_kernel = torch.zeros_like(kernel) + (grad_output.sum() + x.sum()) * 0.0
+        return grad_x, grad_kernel
+    gs = _block_spectra(grad_output, q_out, p)  # (F, N, q_out)
+    if need_x:
+        spectra = torch.fft.rfft(kernel, dim=-1).permute(2, 0, 1)  # (F, q_out, q_in)
+        if scale != 1.0:
+            spectra = spectra * scale
+        grad_x = _inverse_blocks(torch.matmul(gs, spectra.conj()), p, in_features)
+    if need_k:
+        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
+        gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
+        grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
+        if scale != 1.0:
+            grad_kernel = grad_kernel * scale
+    return grad_x, grad_kernel
+
+
+# --------------------------------------------------------------------------------------
+# autograd functions
+# --------------------------------------------------------------------------------------
+class _TorchBlockCirculant(torch.autograd.Function):
+    """``scale * ΔW x`` with torch.fft; x (N, in) and kernel in the same real dtype.
+
+    ``spectra`` (already scaled) may be passed in from the eval-mode cache; otherwise it is
+    computed here. The scale is folded into the parameter-sized spectra and kernel
+    gradient, so no output-sized multiply (and no extra autograd node) is needed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        kernel: torch.Tensor,
+        spectra: torch.Tensor | None,
+        scale: float,
+        in_features: int,
+        out_features: int,
+    ) -> torch.Tensor:
+        q_out, q_in, p = kernel.shape
+        if spectra is None:
+            spectra = _kernel_spectra(kernel, scale)
+        ctx.save_for_backward(x, kernel, spectra)
+        ctx.features = (in_features, out_features, scale)
+        if x.shape[0] == 0:  # some FFT libraries (MKL) reject empty batches
+            return x.new_zeros(0, out_features)
+        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
+        ys = torch.matmul(xs, spectra)  # (F, N, q_out)
+        # saved: x, the kernel and its (parameter-sized) spectra; the input spectra are
+        # recomputed in backward
+        return _inverse_blocks(ys, p, out_features)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, kernel, spectra = ctx.saved_tensors
+        in_features, out_features, scale = ctx.features
+        q_out, q_in, p = kernel.shape
+        if _create_graph(grad_output, x, kernel):  # double backward: differentiable ops
+            gx, gk = _differentiable_backward(
+                x, kernel, grad_output, scale, in_features, out_features,
+                bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+            )  # fmt: skip
+            return gx, gk, None, None, None, None
+        if x.shape[0] == 0:
+            gx0 = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+            gk0 = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
+            return gx0, gk0, None, None, None, None
+        if grad_output.dtype != x.dtype:
+            grad_output = grad_output.to(x.dtype)
+        gs = _block_spectra(grad_output, q_out, p).contiguous()  # (F, N, q_out), used twice
+        grad_x = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            gxs = torch.matmul(gs, spectra.mH)  # (F, N, q_in); mH: conjugate transpose
+            grad_x = _inverse_blocks(gxs, p, in_features)
+        if ctx.needs_input_grad[1]:
+            xs = _block_spectra(x, q_in, p)  # (F, N, q_in), recomputed
+            gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
+            grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
+            if scale != 1.0:
+                grad_kernel.mul_(scale)
+        return grad_x, grad_kernel, None, None, None, None
+
+
+def _rust_forward(
+    state: _AdapterState, x: torch.Tensor, kernel: torch.Tensor, features: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """``scale * ΔW x`` by the Rust core (shared by the eager and the compiled path)."""
+    op = state.rust_operator(kernel, *features)
+    y = op.matmul(x.detach().contiguous().numpy())
+    if scale != 1.0:
+        y *= scale
+    return torch.from_numpy(y)
+
+
+def _rust_backward(
+    state: _AdapterState,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    features: tuple[int, int],
+    scale: float,
+    need_x: bool,
+    need_k: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(input gradient, kernel gradient) by the Rust core; ``None`` where not needed."""
+    op = state.rust_operator(kernel, *features)  # re-sync if another forward moved it
+    g = grad_output.detach().to(x.dtype).contiguous().numpy()
+    gx, gk = op.backward(
+        x.detach().contiguous().numpy() if need_k else None,
+        g,
+        input_grad=need_x,
+        kernel_grad=need_k,
+    )
+    if scale != 1.0:
+        if gx is not None:
+            gx *= scale
+        if gk is not None:
+            gk *= scale
+    return (
+        torch.from_numpy(gx) if gx is not None else None,
+        torch.from_numpy(gk) if gk is not None else None,
+    )
+
+
+class _RustBlockCirculant(torch.autograd.Function):
+    """``scale * ΔW x`` through the Rust core; x (N, in) CPU float32/float64 like the kernel.
+
+    The eager path (lowest per-call overhead). Under ``torch.compile`` the same
+    computation runs as the custom operator ``torch.ops.bca.rust_block_circulant``
+    (below), which the compiler treats as an opaque node instead of a graph break.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        kernel: torch.Tensor,
+        state: _AdapterState,
+        features: tuple[int, int],
+        scale: float,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, kernel)
+        ctx.state = state
+        ctx.features = features
+        ctx.scale = scale
+        return _rust_forward(state, x, kernel, features, scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, kernel = ctx.saved_tensors
+        need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        if not (need_x or need_k):
+            return None, None, None, None, None
+        if _create_graph(grad_output, x, kernel):  # double backward: differentiable ops
+            gx, gk = _differentiable_backward(
+                x, kernel, grad_output, ctx.scale, *ctx.features, need_x, need_k
+            )
+        else:
+            gx, gk = _rust_backward(
+                ctx.state, x, kernel, grad_output, ctx.features, ctx.scale, need_x, need_k
+            )
+        return gx, gk, None, None, None
+
+
+# The compiled path: torch.compile cannot trace into the Rust call (numpy views, an
+# operator object), so it is registered as a custom operator with a fake (shape-only)
+# implementation and an autograd formula. Operators take tensors and scalars only: the
+# adapter's state (its Rust operator) is found through an integer handle.
+@torch.library.custom_op("bca::rust_block_circulant", mutates_args=(), device_types="cpu")
+def _rust_op(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+) -> torch.Tensor:
+    return _rust_forward(_state_of(handle), x, kernel, (in_features, out_features), scale)
+
+
+@_rust_op.register_fake
+def _rust_op_fake(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("bca::rust_block_circulant_backward", mutates_args=(), device_types="cpu")
+def _rust_op_backward(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gx, gk = _rust_backward(
+        _state_of(handle), x, kernel, grad_output, (in_features, out_features), scale,
+        input_grad, kernel_grad,
+    )  # fmt: skip
+    # operators cannot return None: an empty tensor stands for "not asked for"
+    return (
+        gx if gx is not None else x.new_empty(0),
+        gk if gk is not None else kernel.new_empty(0),
+    )
+
+
+@_rust_op_backward.register_fake
+def _rust_op_backward_fake(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    handle: int,
+    in_features: int,
+    out_features: int,
+    scale: float,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        x.new_empty(x.shape) if input_grad else x.new_empty(0),
+        kernel.new_empty(kernel.shape) if kernel_grad else kernel.new_empty(0),
+    )
+
+
+def _rust_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, kernel, handle, in_features, out_features, scale = inputs
+    ctx.save_for_backward(x, kernel)
+    ctx.args = (handle, in_features, out_features, scale)
+
+
+def _rust_op_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, kernel = ctx.saved_tensors
+    need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    if not (need_x or need_k):
+        return None, None, None, None, None, None
+    if _create_graph(grad_output, x, kernel):  # eager double backward: differentiable ops
+        _, in_features, out_features, scale = ctx.args
+        gx_d, gk_d = _differentiable_backward(
+            x, kernel, grad_output, scale, in_features, out_features, need_x, need_k
+        )
+        return gx_d, gk_d, None, None, None, None
+    gx, gk = _rust_op_backward(x, kernel, grad_output, *ctx.args, need_x, need_k)
+    return (gx if need_x else None), (gk if need_k else None), None, None, None, None
+
+
+_rust_op.register_autograd(_rust_op_grad, setup_context=_rust_op_setup)
+
+
+# --------------------------------------------------------------------------------------
+# mixed-adapter batches: each row its own adapter
+# --------------------------------------------------------------------------------------
+def _torch_mixed(
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    spectra: Sequence[torch.Tensor | None],
+    scales: Sequence[float],
+    counts: Sequence[int],
+    features: tuple[int, int],
+) -> torch.Tensor:
+    """Rows of ``x`` grouped by adapter (``counts[a]`` consecutive rows each, all of one
+    block size) through their adapter: ``scale_a · ΔW_a x`` by plain, differentiable torch
+    ops. One rfft of all rows, one complex matmul per adapter on its rows against that
+    adapter's spectra (``spectra[a]``, or computed from the kernel with grad history), one
+    irfft of all rows. x and the kernels share one real dtype; x has ``sum(counts)`` rows.
+    """
+    in_features, out_features = features
+    q_out, q_in, p = kernels[0].shape
+    xs = _block_spectra(x, q_in, p)  # (F, M, q_in)
+    parts = []
+    lo = 0
+    for kernel, cached, scale, count in zip(kernels, spectra, scales, counts, strict=True):
+        s = cached if cached is not None else _kernel_spectra(kernel, scale)
+        parts.append(torch.matmul(xs[:, lo : lo + count], s))  # (F, count, q_out)
+        lo += count
+    ys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return _inverse_blocks(ys, p, out_features)
+
+
+class _RustMixedBlockCirculant(torch.autograd.Function):
+    """A mixed batch through the Rust core: row ``r`` of x (N, in) gets
+    ``scales[a] · ΔW_a x[r]`` with ``a = index[r]`` (an int64 numpy array; ``-1``: a zero
+    row), ``ΔW_a`` being the operator of ``states[a]`` for ``kernels[a]`` (one geometry);
+    CPU, x of the kernels' dtype.
+
+    The scale multiplies each row of the output, and in backward each row of
+    ``grad_output`` (that gives ``scale_a · ΔW_aᵀ g`` and ``scale_a · Σ kgrad`` alike). A
+    backward with ``create_graph=True`` recomputes the forward with differentiable torch
+    ops (:func:`_torch_mixed`) and differentiates that.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        index: Any,
+        scales: list[float],
+        states: list[_AdapterState],
+        features: tuple[int, int],
+        *kernels: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, *kernels)
+        ctx.index, ctx.scales, ctx.states, ctx.features = index, scales, states, features
+        ctx.row_scale = np.where(index >= 0, np.asarray(scales)[np.maximum(index, 0)], 0.0)
+        core = _rust_core()
+        ops = [st.rust_operator(k, *features) for st, k in zip(states, kernels, strict=True)]
+        y = core.mixed_matmul(ops, index, x.detach().contiguous().numpy())
+        if any(sc != 1.0 for sc in scales):
+            y *= ctx.row_scale[:, None].astype(y.dtype)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, *kernels = ctx.saved_tensors
+        n_k = len(kernels)
+        need_x = bool(ctx.needs_input_grad[0])
+        need_k = [bool(n) for n in ctx.needs_input_grad[5:]]
+        none = (None, None, None, None)
+        if not (need_x or any(need_k)):
+            return (None, *none, *([None] * n_k))
+        if _create_graph(grad_output, x, *kernels):  # double backward: differentiable ops
+            gx, gks = _mixed_differentiable_backward(ctx, x, kernels, grad_output, need_x, need_k)
+            return (gx, *none, *gks)
+        core = _rust_core()
+        ops = [
+            st.rust_operator(k, *ctx.features) for st, k in zip(ctx.states, kernels, strict=True)
+        ]
+        g = grad_output.detach().to(x.dtype).contiguous().numpy()
+        if any(sc != 1.0 for sc in ctx.scales):
+            g = g * ctx.row_scale[:, None].astype(g.dtype)
+        gx_np, gk_np = core.mixed_matmul_backward(
+            ops,
+            ctx.index,
+            x.detach().contiguous().numpy() if any(need_k) else None,
+            g,
+            input_grad=need_x,
+            kernel_grad=any(need_k),
+        )
+        gx_t = torch.from_numpy(gx_np) if gx_np is not None else None
+        gks_t = [
+            torch.from_numpy(gk) if (gk is not None and need) else None
+            for gk, need in zip(gk_np, need_k, strict=True)
+        ]
+        return (gx_t, *none, *gks_t)
+
+
+def _mixed_differentiable_backward(
+    ctx: Any,
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    grad_output: torch.Tensor,
+    need_x: bool,
+    need_k: Sequence[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """Gradients of the Rust mixed product with a graph (``create_graph=True``): the
+    forward recomputed by :func:`_torch_mixed` and differentiated by autograd."""
+    index = torch.from_numpy(ctx.index)
+    rows = torch.nonzero(index >= 0).flatten()
+    order = rows[torch.argsort(index[rows], stable=True)]
+    counts = torch.bincount(index[order], minlength=len(kernels)).tolist()
+    used = [a for a, c in enumerate(counts) if c]
+    needs = [need_x, *need_k]
+    inputs = [x, *kernels]
+    with torch.enable_grad():
+        y_sel = _torch_mixed(
+            x.index_select(0, order),
+            [kernels[a] for a in used],
+            [None] * len(used),
+            [ctx.scales[a] for a in used],
+            [counts[a] for a in used],
+            ctx.features,
+        )
+        y = y_sel.new_zeros(x.shape[0], ctx.features[1]).index_copy(0, order, y_sel)
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        got = torch.autograd.grad(
+            y, wanted, grad_output.to(y.dtype), create_graph=True, allow_unused=True
+        )
+    it = iter(got)
+    out: list[torch.Tensor | None] = []
+    for t, need in zip(inputs, needs, strict=True):
+        g = next(it) if need else None
+        out.append(torch.zeros_like(t) if (need and g is None) else g)
+    return out[0], out[1:]
+
+
+_STATES: weakref.WeakValueDictionary[int, _AdapterState] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+def _state_of(handle: int) -> _AdapterState:
+    state = _STATES.get(handle)
+    if state is None:  # only reachable through a stale compiled graph of a deleted adapter
+        raise RuntimeError(f"bca adapter state {handle} no longer exists (adapter deleted?)")
+    return state
+
+
+class _AdapterState:
+    """One named adapter's settings and backend caches (the kernel is a parameter).
+
+    ``handle`` names the state for the custom operator of the compiled Rust path; copies
+    (pickle, deepcopy) get a fresh state and handle, never the caches."""
+
+    def __init__(self, block_size: int, scale: float, init: str) -> None:
+        self.block_size = block_size
+        self.scale = scale
+        self.init = init
+        self.handle = next(_HANDLES)
+        _STATES[self.handle] = self
+        self.spectra: torch.Tensor | None = None
+        self.spectra_meta: tuple[torch.dtype, float] | None = None
+        self.spectra_snapshot = _KernelSnapshot()
+        self.rust_op: Any = None
+        self.rust_snapshot = _KernelSnapshot()
+
+    def clear(self) -> None:
+        self.spectra = None
+        self.spectra_meta = None
+        self.spectra_snapshot.clear()
+        self.rust_snapshot.clear()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickle and deepcopy (of the state or of its module) rebuild the settings only:
+        # a fresh handle, no caches, no Rust operator
+        return (_AdapterState, (self.block_size, self.scale, self.init))
+
+    def cached_spectra(
+        self, kernel: torch.Tensor, cdtype: torch.dtype, scale: float
+    ) -> torch.Tensor:
+        snap = self.spectra_snapshot
+        meta = (cdtype, scale)
+        if self.spectra is None or self.spectra_meta != meta or not snap.matches(kernel):
+            with torch.no_grad():
+                self.spectra = _kernel_spectra(kernel.detach().to(cdtype), scale)
+            self.spectra_meta = meta
+            snap.take(kernel)
+        return self.spectra
+
+    def rust_operator(self, kernel: torch.Tensor, in_features: int, out_features: int) -> Any:
+        """The Rust operator for ``kernel``; ``set_kernel`` is called only on a change."""
+        core = _rust_core()
+        snap = self.rust_snapshot
+        if self.rust_op is None or self.rust_op.dtype != kernel.detach().numpy().dtype:
+            self.rust_op = core.BlockCirculant(
+                kernel.detach().contiguous().numpy(), in_features, out_features
+            )
+            snap.take(kernel)
+        elif not snap.matches(kernel):
+            self.rust_op.set_kernel(kernel.detach().contiguous().numpy())
+            snap.take(kernel)
+        return self.rust_op

@@ -1,0 +1,775 @@
+"""The adapted layer :class:`BlockCirculantLinear`: a frozen base layer plus named
+block circulant adapters (parameters, adapter bookkeeping, merge)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import functional as _functional
+from .functional import (
+    _RUST_DTYPES,
+    BACKENDS,
+    _AdapterState,
+    _compute_dtype,
+    _rust_core,
+    _rust_op,
+    _RustBlockCirculant,
+    _RustMixedBlockCirculant,
+    _torch_mixed,
+    _TorchBlockCirculant,
+    block_circulant_dense,
+    rust_available,
+)
+
+INITS: tuple[str, ...] = ("zeros", "xavier_uniform", "gaussian", "kaiming")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    if type(module).__name__ != "Conv1D":
+        return False
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers missing
+        return False
+    return isinstance(module, Conv1D)
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and transformers' ``Conv1D`` (the layers bca can adapt)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def layer_features(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, is_conv1d)`` of a supported layer.
+
+    Raises:
+        TypeError: for any other layer type.
+    """
+    if isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features), False
+    if _is_conv1d(module):
+        w = _weight(module)
+        return int(w.shape[0]), int(w.shape[1]), True
+    raise TypeError(
+        f"bca adapts nn.Linear and transformers' Conv1D layers only, got {type(module).__name__}"
+    )
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A layer's parameter by name, typed (``nn.Module.__getattr__`` is untyped)."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = _param(module, "weight")
+    if w is None:
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
+# --------------------------------------------------------------------------------------
+# the module
+# --------------------------------------------------------------------------------------
+DEFAULT_ADAPTER = "default"
+#: In a mixed batch (``adapter_names=``), the name of "no adapter": the base layer alone.
+BASE_ADAPTER = "__base__"
+
+
+_RESERVED = nn.ParameterDict()
+
+
+def _check_adapter_name(name: object, arg: str = "adapter_name") -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{arg} must be a non-empty str, got {name!r}")
+    if "." in name:
+        raise ValueError(f"{arg} must not contain '.', got {name!r} (it is a parameter name)")
+    if name == BASE_ADAPTER:
+        raise ValueError(f"{arg} {name!r} is reserved: it means 'no adapter' in a mixed batch")
+    if hasattr(_RESERVED, name):
+        raise ValueError(
+            f"{arg} {name!r} is reserved (an attribute of torch's ParameterDict); pick another"
+        )
+    return name
+
+
+def _check_scale(scale: object, arg: str = "scale") -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{arg} must be a float, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{arg} must be finite, got {scale}")
+    return float(scale)
+
+
+class BlockCirculantLinear(nn.Module):
+    """A frozen ``nn.Linear``/``Conv1D`` plus trainable block circulant updates.
+
+    Args:
+        base_layer: the layer to adapt (``nn.Linear`` or transformers' ``Conv1D``). It is
+            kept as ``self.base_layer`` (not copied) and its parameters are frozen.
+        block_size: circulant block size ``p`` of the first adapter.
+        scale: factor on the update, ``y = base(x) + scale * ΔW x``.
+        init: ``"zeros"`` (default: the adapted layer starts equal to the base layer),
+            ``"xavier_uniform"`` (U(±sqrt(6 / (in + out)))), ``"gaussian"``
+            (N(0, 1 / in²), PEFT C3A's gaussian init in bca's convention) or
+            ``"kaiming"`` (U(±1 / sqrt(in)), torch's default for nn.Linear).
+        backend: ``"auto"``, ``"rust"`` or ``"torch"`` (see the module docstring).
+        pad: allow widths that ``block_size`` does not divide (zero padding); with
+            ``False`` such shapes raise ``ValueError``.
+        adapter_name: name of the first adapter (default ``"default"``).
+
+    **Named adapters.** A layer holds any number of named adapters, each with its own
+    kernel (``bca_kernels[name]``, shape ``(q_out, q_in, p)`` with ``q = ceil(d / p)``),
+    block size and scale; :meth:`add_adapter`, :meth:`delete_adapter`,
+    :meth:`set_adapter` (one or several active adapters, optionally weighted). The
+    output is ``base(x) + Σ_a w_a · scale_a · ΔW_a x`` over the active adapters (weights
+    ``w_a`` default to 1), which equals the base layer with every active adapter merged
+    (:meth:`merge`). ``adapter_enabled = False`` gives the base layer.
+
+    ``bca_kernel``, ``block_size`` and ``scale`` refer to the *current* adapter: the first
+    active one, or the first added one when none is active.
+
+    Kernels have the base weight's dtype (float32 for half-precision bases) and device.
+    """
+
+    base_layer: nn.Module
+    bca_kernels: nn.ParameterDict
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        block_size: int,
+        scale: float = 1.0,
+        init: str = "zeros",
+        backend: str = "auto",
+        pad: bool = True,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Module) or not is_supported_layer(base_layer):
+            raise TypeError(
+                "base_layer must be an nn.Linear or transformers Conv1D, got "
+                f"{type(base_layer).__name__}"
+            )
+        if isinstance(base_layer, BlockCirculantLinear):  # pragma: no cover - defensive
+            raise TypeError("base_layer is already a BlockCirculantLinear")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(pad, bool):
+            raise TypeError(f"pad must be a bool, got {type(pad).__name__}")
+
+        in_features, out_features, is_conv1d = layer_features(base_layer)
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.pad = pad
+        self.is_conv1d = is_conv1d
+        self.bca_kernels = nn.ParameterDict()
+        self._adapters: dict[str, _AdapterState] = {}
+        self.active_adapters: list[str] = []
+        self.adapter_weights: dict[str, float] = {}
+        self.merged_adapters: dict[str, float] = {}
+        self._adapter_enabled = True
+        self._original_weight: torch.Tensor | None = None
+        for param in base_layer.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, block_size, scale=scale, init=init)
+        self.set_adapter(adapter_name)
+
+    # -- named adapters -----------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter of this layer, in the order added."""
+        return list(self._adapters)
+
+    def add_adapter(
+        self, adapter_name: str, block_size: int, *, scale: float = 1.0, init: str = "zeros"
+    ) -> nn.Parameter:
+        """Add a named adapter (not made active; see :meth:`set_adapter`); return its kernel.
+
+        Raises:
+            ValueError: the name exists, or ``block_size`` does not fit the layer.
+        """
+        name = _check_adapter_name(adapter_name)
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} already exists; delete_adapter it first")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        scale = _check_scale(scale)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        p = block_size
+        if not self.pad and (self.in_features % p or self.out_features % p):
+            raise ValueError(
+                f"block_size={p} does not divide the layer's shape (in_features="
+                f"{self.in_features}, out_features={self.out_features}) and pad=False; use "
+                "pad=True (zero padding) or a block size that divides both"
+            )
+        weight = _weight(self.base_layer)
+        kdtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        q_out, q_in = -(-self.out_features // p), -(-self.in_features // p)
+        kernel = nn.Parameter(torch.zeros(q_out, q_in, p, dtype=kdtype, device=weight.device))
+        self.bca_kernels[name] = kernel
+        self._adapters[name] = _AdapterState(p, scale, init)
+        self.reset_adapter_parameters(init, adapter_name=name)
+        return kernel
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove a named adapter (it must not be merged); it also leaves the active set."""
+        name = self._known(adapter_name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before delete_adapter")
+        del self.bca_kernels[name]
+        del self._adapters[name]
+        if name in self.active_adapters:
+            self.active_adapters = [a for a in self.active_adapters if a != name]
+            self.adapter_weights.pop(name, None)
+
+    def set_adapter(
+        self, adapter_names: str | Sequence[str], weights: Sequence[float] | None = None
+    ) -> None:
+        """Make ``adapter_names`` the active adapters (``[]``: none), optionally weighted.
+
+        The output becomes ``base(x) + Σ_a w_a · scale_a · ΔW_a x``; ``weights`` default
+        to 1.0 each. Unknown names raise ``ValueError`` listing the known ones.
+        """
+        names, ws = self._selection(adapter_names, weights)
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter_names has duplicates: {names}")
+        self.active_adapters = names
+        self.adapter_weights = dict(zip(names, ws, strict=True))
+
+    def _known(self, adapter_name: str) -> str:
+        if adapter_name not in self._adapters:
+            raise ValueError(
+                f"unknown adapter {adapter_name!r}; this layer has {self.adapter_names}"
+            )
+        return adapter_name
+
+    @property
+    def current_adapter(self) -> str:
+        """The adapter ``bca_kernel``/``block_size``/``scale`` refer to."""
+        if self.active_adapters:
+            return self.active_adapters[0]
+        if not self._adapters:
+            raise ValueError("this layer has no adapters")
+        return next(iter(self._adapters))
+
+    @property
+    def adapter_enabled(self) -> bool:
+        """``False``: the layer computes its base layer only (adapters kept)."""
+        return self._adapter_enabled
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"adapter_enabled must be a bool, got {type(value).__name__}")
+        if not value and self.merged_adapters:
+            raise ValueError(
+                f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
+                "unmerge before disabling adapters"
+            )
+        self._adapter_enabled = value
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    # -- parameters ---------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_adapter_parameters(
+        self, init: str = "zeros", adapter_name: str | None = None
+    ) -> None:
+        """(Re)initialise a kernel (default: the current adapter's); see ``init`` above."""
+        name = self.current_adapter if adapter_name is None else self._known(adapter_name)
+        k = self.bca_kernels[name]
+        if init == "zeros":
+            k.zero_()
+        elif init == "xavier_uniform":
+            a = math.sqrt(6.0 / (self.in_features + self.out_features))
+            k.uniform_(-a, a)
+        elif init == "gaussian":
+            k.normal_(0.0, 1.0 / self.in_features)
+        elif init == "kaiming":
+            a = 1.0 / math.sqrt(self.in_features)
+            k.uniform_(-a, a)
+        else:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+    @property
+    def bca_kernel(self) -> nn.Parameter:
+        """The current adapter's kernel ``(q_out, q_in, p)``."""
+        kernel: nn.Parameter = self.bca_kernels[self.current_adapter]
+        return kernel
+
+    @property
+    def block_size(self) -> int:
+        """The current adapter's block size ``p``."""
+        return self._adapters[self.current_adapter].block_size
+
+    @property
+    def scale(self) -> float:
+        """The current adapter's scale."""
+        return self._adapters[self.current_adapter].scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        state = self._adapters[self.current_adapter]
+        state.scale = _check_scale(value)
+        state.clear()
+
+    @property
+    def init(self) -> str:
+        return self._adapters[self.current_adapter].init
+
+    def adapter_block_size(self, adapter_name: str) -> int:
+        return self._adapters[self._known(adapter_name)].block_size
+
+    def adapter_scale(self, adapter_name: str) -> float:
+        return self._adapters[self._known(adapter_name)].scale
+
+    def set_adapter_scale(self, adapter_name: str, scale: float) -> None:
+        state = self._adapters[self._known(adapter_name)]
+        state.scale = _check_scale(scale)
+        state.clear()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (for code that reads ``layer.weight``)."""
+        return _weight(self.base_layer)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return _param(self.base_layer, "bias")
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int]:
+        q_out, q_in, p = self.bca_kernel.shape
+        return int(q_out), int(q_in), int(p)
+
+    # -- forward ------------------------------------------------------------------------
+    def _live_adapters(self) -> list[tuple[str, float]]:
+        """``(name, weight)`` of the active adapters that are not merged."""
+        if not self._adapter_enabled:
+            return []
+        return [
+            (n, self.adapter_weights.get(n, 1.0))
+            for n in self.active_adapters
+            if n not in self.merged_adapters
+        ]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *args: Any,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``base(x) + Σ_a w_a · scale_a · ΔW_a x`` over the active adapters.
+
+        ``adapter_names`` (one name per batch row, ``x`` of shape ``(B, ..., in)``): a
+        mixed batch, see :meth:`mixed_adapter_forward`; every position of row ``b`` gets
+        ``base(x) + scale_a · ΔW_a x`` with ``a = adapter_names[b]`` (the active set and
+        its weights are ignored), ``"__base__"`` the base layer alone.
+        """
+        if adapter_names is not None:
+            names = self._mixed_names(x, adapter_names)
+            result = self.base_layer(x, *args, **kwargs)
+            if not self._adapter_enabled:
+                return result
+            delta = self._mixed_delta(x, names)
+            return result if delta is None else result + delta.to(result.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        for name, w in self._live_adapters():
+            result = result + self._adapter_forward(x, name, w).to(result.dtype)
+        return result
+
+    # -- mixed-adapter batches ------------------------------------------------------------
+    def mixed_adapter_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
+        """The update alone for a mixed batch: ``(B, ..., in) -> (B, ..., out)``.
+
+        Row ``b`` (every position of ``x[b]``) gets ``scale_a · ΔW_a x[b]`` with ``a =
+        adapter_names[b]``; ``"__base__"`` rows get zeros. Cost: about one adapter's on
+        the same rows (each row is transformed once and multiplied with its own adapter's
+        spectra). Gradients reach exactly the kernels of the adapters named.
+        """
+        names = self._mixed_names(x, adapter_names)
+        delta = self._mixed_delta(x, names)
+        if delta is None:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return delta
+
+    def _mixed_names(self, x: torch.Tensor, adapter_names: object) -> list[str]:
+        """Check a mixed batch's arguments; return the names as a list."""
+        if self.merged_adapters:
+            raise ValueError(
+                f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
+                "unmerge before running a mixed batch (adapter_names=...)"
+            )
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(
+                "adapter_names must be a list of adapter names, one per batch row, got "
+                f"{type(adapter_names).__name__}"
+            )
+        names = list(adapter_names)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                "a mixed batch needs x of shape (batch, ..., in_features="
+                f"{self.in_features}), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        if len(names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows "
+                f"(x.shape[0]); give one name per row"
+            )
+        for b, n in enumerate(names):
+            if not isinstance(n, str):
+                raise TypeError(f"adapter_names[{b}] must be a str, got {type(n).__name__}")
+            if n != BASE_ADAPTER and n not in self._adapters:
+                raise ValueError(
+                    f"adapter_names[{b}]: unknown adapter {n!r}; this layer has "
+                    f"{self.adapter_names} ({BASE_ADAPTER!r}: no adapter)"
+                )
+        return names
+
+    def _mixed_delta(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+        """``scale_a · ΔW_a x[b]`` per batch row (zeros for base rows); None if no row has
+        an adapter. Adapters of different block sizes are run as one group per size."""
+        elems: dict[str, list[int]] = {}
+        for b, n in enumerate(names):
+            if n != BASE_ADAPTER:
+                elems.setdefault(n, []).append(b)
+        n_rows = x.numel() // self.in_features
+        if not elems or n_rows == 0:
+            return None
+        x2 = x.reshape(n_rows, self.in_features)
+        groups: dict[int, list[str]] = {}
+        for n in elems:
+            groups.setdefault(self._adapters[n].block_size, []).append(n)
+        delta: torch.Tensor | None = None
+        for group in groups.values():
+            y = self._mixed_group(x2, n_rows // x.shape[0], x.shape[0], group, elems)
+            delta = y if delta is None else delta + y
+        assert delta is not None
+        delta = delta.reshape(*x.shape[:-1], self.out_features)
+        return delta if delta.dtype == x.dtype else delta.to(x.dtype)
+
+    def _mixed_backend(self, x: torch.Tensor, kernels: list[torch.Tensor]) -> str:
+        if torch.compiler.is_compiling():
+            return "torch"  # the Rust mixed path is an eager autograd.Function
+        if self.backend != "auto":
+            return self.backend
+        if (
+            x.device.type == "cpu"
+            and x.dtype in _RUST_DTYPES
+            and all(k.device.type == "cpu" and k.dtype == x.dtype for k in kernels)
+            and rust_available()
+        ):
+            return "rust"
+        return "torch"
+
+    def _mixed_group(
+        self,
+        x2: torch.Tensor,
+        per_row: int,
+        batch: int,
+        group: list[str],
+        elems: dict[str, list[int]],
+    ) -> torch.Tensor:
+        """The update of the rows whose adapters are ``group`` (one block size), zeros
+        elsewhere: (N, in) -> (N, out), N = batch · per_row."""
+        kernels = [self.bca_kernels[n] for n in group]
+        states = [self._adapters[n] for n in group]
+        scales = [st.scale for st in states]
+        features = (self.in_features, self.out_features)
+        if self._mixed_backend(x2, kernels) == "rust":
+            for k in kernels:
+                self._check_rust_input(x2, k)
+            elem_index = np.full(batch, -1, np.int64)
+            for a, n in enumerate(group):
+                elem_index[elems[n]] = a
+            index = np.repeat(elem_index, per_row)
+            y: torch.Tensor = _RustMixedBlockCirculant.apply(
+                x2, index, scales, states, features, *kernels
+            )
+            return y
+        # torch: rows sorted by adapter, one rfft, a matmul per adapter, one irfft
+        cdtype = _compute_dtype(x2.dtype, kernels[0].dtype)
+        order = [b for n in group for b in elems[n]]
+        counts = [len(elems[n]) * per_row for n in group]
+        rows: torch.Tensor | None = None
+        xs = x2
+        if order != list(range(batch)):
+            elem_t = torch.tensor(order, dtype=torch.long)
+            rows = (elem_t[:, None] * per_row + torch.arange(per_row)).reshape(-1)
+            rows = rows.to(x2.device)
+            xs = x2.index_select(0, rows)
+        compiling = torch.compiler.is_compiling()
+        spectra = [
+            st.cached_spectra(k, cdtype, st.scale)
+            if not compiling and not (torch.is_grad_enabled() and k.requires_grad)
+            else None
+            for st, k in zip(states, kernels, strict=True)
+        ]
+        y = _torch_mixed(
+            xs if xs.dtype == cdtype else xs.to(cdtype),
+            [k if k.dtype == cdtype else k.to(cdtype) for k in kernels],
+            spectra,
+            scales,
+            counts,
+            features,
+        )
+        if rows is None:
+            return y
+        if len(order) == batch:  # every row, permuted: undo the permutation
+            inverse = torch.empty_like(rows)
+            inverse[rows] = torch.arange(rows.numel(), device=rows.device)
+            return y.index_select(0, inverse)
+        return y.new_zeros(x2.shape[0], self.out_features).index_copy(0, rows, y)
+
+    def resolve_backend(self, x: torch.Tensor, adapter_name: str | None = None) -> str:
+        """The backend that :meth:`adapter_forward` uses for input ``x``."""
+        if self.backend != "auto":
+            return self.backend
+        k = self.bca_kernels[self.current_adapter if adapter_name is None else adapter_name]
+        if (
+            x.device.type == "cpu"
+            and k.device.type == "cpu"
+            and x.dtype in _RUST_DTYPES
+            and x.dtype == k.dtype
+            and rust_available()
+        ):
+            return "rust"
+        return "torch"
+
+    def adapter_forward(self, x: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor:
+        """The update alone, ``(..., in_features) -> (..., out_features)``.
+
+        ``adapter_name=None``: ``Σ_a w_a · scale_a · ΔW_a x`` over the active adapters
+        (merged ones included, disabled state ignored); a name: ``scale · ΔW x`` of that
+        adapter alone.
+        """
+        if adapter_name is not None:
+            return self._adapter_forward(x, self._known(adapter_name), 1.0)
+        if not self.active_adapters:
+            raise ValueError("no active adapter; call set_adapter or pass adapter_name")
+        out: torch.Tensor | None = None
+        for name in self.active_adapters:
+            y = self._adapter_forward(x, name, self.adapter_weights.get(name, 1.0))
+            out = y if out is None else out + y
+        assert out is not None
+        return out
+
+    def _adapter_forward(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        backend = self.resolve_backend(x, name)
+        kernel = self.bca_kernels[name]
+        state = self._adapters[name]
+        scale = state.scale * weight
+        if backend == "rust":
+            self._check_rust_input(x2, kernel)
+            if torch.compiler.is_compiling():
+                y = _rust_op(x2, kernel, state.handle, self.in_features, self.out_features, scale)
+            else:
+                y = _RustBlockCirculant.apply(
+                    x2, kernel, state, (self.in_features, self.out_features), scale
+                )
+        else:
+            cdtype = _compute_dtype(x.dtype, kernel.dtype)
+            spectra = None
+            if (not self.training or not torch.is_grad_enabled()) and (
+                not torch.compiler.is_compiling()
+            ):  # a compiled graph computes the (parameter-sized) spectra itself
+                spectra = state.cached_spectra(kernel, cdtype, scale)
+            y = _TorchBlockCirculant.apply(
+                x2 if x2.dtype == cdtype else x2.to(cdtype),
+                kernel if kernel.dtype == cdtype else kernel.to(cdtype),
+                spectra,
+                scale,
+                self.in_features,
+                self.out_features,
+            )
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    # -- backend state ------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        """Drop the cached kernel spectra and Rust operator state (recomputed on next use)."""
+        for state in self._adapters.values():
+            state.clear()
+
+    def _check_rust_input(self, x: torch.Tensor, k: torch.Tensor) -> None:
+        core = _rust_core()
+        if core is None:
+            raise RuntimeError(
+                "backend='rust' needs the compiled extension bca._bca, which did not import "
+                f"({_functional._CORE_ERROR}); use backend='torch' or 'auto'"
+            )
+        if x.device.type != "cpu" or k.device.type != "cpu":
+            raise ValueError(
+                f"backend='rust' runs on CPU only, got x on {x.device} and kernel on "
+                f"{k.device}; use backend='torch' (or 'auto') for other devices"
+            )
+        if k.dtype not in _RUST_DTYPES:
+            raise TypeError(
+                f"backend='rust' supports float32/float64 kernels, got bca_kernel {k.dtype}; "
+                "use backend='torch'"
+            )
+        if x.dtype != k.dtype:
+            raise TypeError(
+                f"backend='rust' needs x of the kernel's dtype {k.dtype}, got x {x.dtype}; "
+                "cast x or use backend='torch' (which computes half inputs in float32)"
+            )
+
+    def _selection(
+        self, adapter_names: str | Sequence[str] | None, weights: Sequence[float] | None
+    ) -> tuple[list[str], list[float]]:
+        """``(names, weights)``: the active adapters by default, else the given ones."""
+        if adapter_names is None:
+            if weights is not None:
+                raise ValueError("weights needs adapter_names")
+            names = list(self.active_adapters)
+            return names, [self.adapter_weights.get(n, 1.0) for n in names]
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            self._known(n)
+        if weights is None:
+            return names, [1.0] * len(names)
+        ws = [_check_scale(w, "weights") for w in weights]
+        if len(ws) != len(names):
+            raise ValueError(f"weights has {len(ws)} entries for {len(names)} adapters")
+        return names, ws
+
+    # -- dense update, merge ------------------------------------------------------------
+    def delta_weight(
+        self,
+        adapter_names: str | Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """Dense update ``(out_features, in_features)`` in the kernels' dtype.
+
+        ``adapter_names=None``: ``Σ_a w_a · scale_a · ΔW_a`` over the active adapters with
+        their weights; a name or list: those adapters with ``weights`` (default 1.0).
+        Built exactly from the kernels (no FFT) and differentiable.
+        """
+        names, ws = self._selection(adapter_names, weights)
+        if not names:
+            raise ValueError("no adapter to build ΔW from (no active adapter)")
+        total: torch.Tensor | None = None
+        for name, w in zip(names, ws, strict=True):
+            state = self._adapters[self._known(name)]
+            dw = block_circulant_dense(self.bca_kernels[name], self.in_features, self.out_features)
+            factor = state.scale * w
+            if factor != 1.0:
+                dw = dw * factor
+            total = dw if total is None else total + dw
+        assert total is not None
+        return total
+
+    def combined_kernel(self) -> tuple[torch.Tensor, float] | None:
+        """One ``(kernel, scale)`` equal to the active, unmerged adapters together.
+
+        ΔW is linear in the kernel, so adapters of one block size combine exactly into
+        ``Σ_a w_a · scale_a · kernel_a`` (returned with scale 1; a single adapter is
+        returned as is with ``w · scale``). ``None`` when no adapter is live (disabled,
+        none active, or all merged). Raises ``ValueError`` for live adapters of different
+        block sizes (export them one at a time, or merge them).
+        """
+        live = self._live_adapters()
+        if not live:
+            return None
+        if len(live) == 1:
+            name, w = live[0]
+            return self.bca_kernels[name].detach(), self._adapters[name].scale * w
+        sizes = {self._adapters[n].block_size for n, _ in live}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"active adapters {[n for n, _ in live]} have different block sizes "
+                f"{sorted(sizes)}; they cannot be combined into one kernel"
+            )
+        total = torch.zeros_like(self.bca_kernels[live[0][0]].detach())
+        for name, w in live:
+            total.add_(self.bca_kernels[name].detach(), alpha=self._adapters[name].scale * w)
+        return total, 1.0
+
+    @torch.no_grad()
+    def merge(
+        self,
+        exact_unmerge: bool = True,
+        adapter_names: str | Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        """Add ``Σ w_a · scale_a · ΔW_a`` into the base weight; merged adapters are skipped.
+
+        ``adapter_names=None`` merges the active adapters with their weights. With
+        ``exact_unmerge=True`` (default) a CPU copy of the original weight is kept so that
+        :meth:`unmerge` restores it bit for bit; with ``False`` no copy is kept and
+        :meth:`unmerge` subtracts the merged update again (equal up to float rounding).
+        """
+        names, ws = self._selection(adapter_names, weights)
+        for n in names:
+            self._known(n)
+        if not self._adapter_enabled:
+            raise ValueError("adapters are disabled; enable them before merge()")
+        todo = [(n, w) for n, w in zip(names, ws, strict=True) if n not in self.merged_adapters]
+        if not todo:
+            warnings.warn("adapter already merged (or none active); merge() ignored", stacklevel=2)
+            return
+        w = _weight(self.base_layer)
+        if not self.merged_adapters:
+            self._original_weight = w.detach().to("cpu", copy=True) if exact_unmerge else None
+        dw = self.delta_weight([n for n, _ in todo], [x for _, x in todo]).to(w.dtype)
+        w.add_(dw.T if self.is_conv1d else dw)
+        self.merged_adapters.update(todo)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` for every merged adapter (bit-exact with ``exact_unmerge``)."""
+        if not self.merged_adapters:
+            warnings.warn("adapter is not merged; unmerge() ignored", stacklevel=2)
+            return
+        w = _weight(self.base_layer)
+        if self._original_weight is not None:
+            w.copy_(self._original_weight.to(w.device))
+        else:
+            names = list(self.merged_adapters)
+            dw = self.delta_weight(names, [self.merged_adapters[n] for n in names]).to(w.dtype)
+            w.sub_(dw.T if self.is_conv1d else dw)
+        self._original_weight = None
+        self.merged_adapters = {}
+
+    def extra_repr(self) -> str:
+        parts = []
+        for name, s in self._adapters.items():
+            q_out, q_in, p = self.bca_kernels[name].shape
+            flag = "*" if name in self.active_adapters else ""
+            parts.append(f"{name}{flag}(p={p}, kernel=({q_out}, {q_in}, {p}), scale={s.scale})")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"adapters=[{', '.join(parts)}], backend={self.backend!r}, "
+            f"is_conv1d={self.is_conv1d}, merged={sorted(self.merged_adapters)}"
+        )
