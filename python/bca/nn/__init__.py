@@ -27,25 +27,26 @@ Backends for ΔW x:
 * ``"auto"``: ``"rust"`` for CPU float32/float64 inputs matching the kernel's dtype when
   the extension imports, ``"torch"`` otherwise.
 
+The product itself is :func:`bca.nn.functional.block_circulant` (and
+:func:`~bca.nn.functional.mixed_block_circulant` for mixed-adapter batches), one
+function for every caller: the layer, its mixed batches and :mod:`bca.peft_interop`'s
+PEFT patch; a module that owns a kernel passes a :class:`~bca.nn.functional.KernelCache`.
+
 Second and higher derivatives (``create_graph=True``) are exact on every backend: such a
 backward computes its gradients with plain differentiable ``torch.fft`` operations (the
-kernel spectra recomputed with grad history; :func:`_differentiable_backward`), which
+kernel spectra recomputed with grad history), which
 autograd differentiates again; an ordinary backward keeps each backend's fast path.
 """
 
 from __future__ import annotations
 
-from .functional import (
-    BACKENDS,
-    _AdapterState,  # noqa: F401  (pickles of models saved before the split name bca.nn._AdapterState)
-    block_circulant_dense,
-    rust_available,
-)
+from .functional import BACKENDS, KernelCache, block_circulant_dense, rust_available
 from .layer import (
     BASE_ADAPTER,
     DEFAULT_ADAPTER,
     INITS,
     BlockCirculantLinear,
+    _AdapterState,  # noqa: F401  (pickles of models saved before the split name bca.nn._AdapterState)
     _check_adapter_name,  # noqa: F401  (used by bca.model)
     _weight,  # noqa: F401  (used by bca.model)
     is_supported_layer,
@@ -58,6 +59,7 @@ __all__ = [
     "BASE_ADAPTER",
     "DEFAULT_ADAPTER",
     "BlockCirculantLinear",
+    "KernelCache",
     "block_circulant_dense",
     "is_supported_layer",
     "layer_features",

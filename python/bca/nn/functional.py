@@ -14,6 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
+__all__ = [
+    "BACKENDS",
+    "KernelCache",
+    "block_circulant",
+    "block_circulant_dense",
+    "mixed_block_circulant",
+    "resolve_backend",
+    "rust_available",
+]
+
 BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")
 
 _RUST_DTYPES = (torch.float32, torch.float64)
@@ -261,7 +271,7 @@ class _TorchBlockCirculant(torch.autograd.Function):
 
 
 def _rust_forward(
-    state: _AdapterState, x: torch.Tensor, kernel: torch.Tensor, features: tuple[int, int],
+    state: KernelCache, x: torch.Tensor, kernel: torch.Tensor, features: tuple[int, int],
     scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """``scale * ΔW x`` by the Rust core (shared by the eager and the compiled path)."""
@@ -273,7 +283,7 @@ def _rust_forward(
 
 
 def _rust_backward(
-    state: _AdapterState,
+    state: KernelCache,
     x: torch.Tensor,
     kernel: torch.Tensor,
     grad_output: torch.Tensor,
@@ -315,7 +325,7 @@ class _RustBlockCirculant(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         kernel: torch.Tensor,
-        state: _AdapterState,
+        state: KernelCache,
         features: tuple[int, int],
         scale: float,
     ) -> torch.Tensor:
@@ -483,7 +493,7 @@ class _RustMixedBlockCirculant(torch.autograd.Function):
         x: torch.Tensor,
         index: Any,
         scales: list[float],
-        states: list[_AdapterState],
+        states: list[KernelCache],
         features: tuple[int, int],
         *kernels: torch.Tensor,
     ) -> torch.Tensor:
@@ -571,27 +581,35 @@ def _mixed_differentiable_backward(
     return out[0], out[1:]
 
 
-_STATES: weakref.WeakValueDictionary[int, _AdapterState] = weakref.WeakValueDictionary()
+_STATES: weakref.WeakValueDictionary[int, KernelCache] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
 
 
-def _state_of(handle: int) -> _AdapterState:
+def _state_of(handle: int) -> KernelCache:
+    if handle == 0:  # no cache: a one-off operator for this call
+        return KernelCache()
     state = _STATES.get(handle)
     if state is None:  # only reachable through a stale compiled graph of a deleted adapter
         raise RuntimeError(f"bca adapter state {handle} no longer exists (adapter deleted?)")
     return state
 
 
-class _AdapterState:
-    """One named adapter's settings and backend caches (the kernel is a parameter).
+class KernelCache:
+    """Backend state for one kernel that a module owns, passed as ``cache=``.
 
-    ``handle`` names the state for the custom operator of the compiled Rust path; copies
-    (pickle, deepcopy) get a fresh state and handle, never the caches."""
+    Holds the kernel's torch spectra (reused while the kernel is unchanged, see
+    :func:`block_circulant`) and the Rust operator (``bca.core.BlockCirculant``, whose
+    ``set_kernel`` is called only when the kernel changed). "Changed" is detected from the
+    kernel's version counter and storage and, for CPU kernels, a comparison with a
+    parameter-sized copy (which also catches edits through ``.data``); on other devices
+    that comparison would synchronise the device, so call :meth:`clear` after editing a
+    GPU kernel's ``.data``.
 
-    def __init__(self, block_size: int, scale: float, init: str) -> None:
-        self.block_size = block_size
-        self.scale = scale
-        self.init = init
+    ``handle`` names the cache for the custom operator of the compiled Rust path; copies
+    (pickle, deepcopy) get a fresh cache and handle, never the cached values.
+    """
+
+    def __init__(self) -> None:
         self.handle = next(_HANDLES)
         _STATES[self.handle] = self
         self.spectra: torch.Tensor | None = None
@@ -601,19 +619,20 @@ class _AdapterState:
         self.rust_snapshot = _KernelSnapshot()
 
     def clear(self) -> None:
+        """Drop the cached spectra and resynchronise the Rust operator on next use."""
         self.spectra = None
         self.spectra_meta = None
         self.spectra_snapshot.clear()
         self.rust_snapshot.clear()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # pickle and deepcopy (of the state or of its module) rebuild the settings only:
-        # a fresh handle, no caches, no Rust operator
-        return (_AdapterState, (self.block_size, self.scale, self.init))
+        # pickle and deepcopy rebuild an empty cache: a fresh handle, no Rust operator
+        return (type(self), ())
 
     def cached_spectra(
         self, kernel: torch.Tensor, cdtype: torch.dtype, scale: float
     ) -> torch.Tensor:
+        """``scale *`` the kernel's spectra in ``cdtype`` (recomputed only on a change)."""
         snap = self.spectra_snapshot
         meta = (cdtype, scale)
         if self.spectra is None or self.spectra_meta != meta or not snap.matches(kernel):
@@ -627,12 +646,273 @@ class _AdapterState:
         """The Rust operator for ``kernel``; ``set_kernel`` is called only on a change."""
         core = _rust_core()
         snap = self.rust_snapshot
-        if self.rust_op is None or self.rust_op.dtype != kernel.detach().numpy().dtype:
-            self.rust_op = core.BlockCirculant(
-                kernel.detach().contiguous().numpy(), in_features, out_features
-            )
+        op = self.rust_op
+        k = kernel.detach()
+        if (
+            op is None
+            or op.dtype != k.numpy().dtype
+            or (op.in_features, op.out_features) != (in_features, out_features)
+            or op.block_size != k.shape[-1]
+        ):
+            self.rust_op = core.BlockCirculant(k.contiguous().numpy(), in_features, out_features)
             snap.take(kernel)
         elif not snap.matches(kernel):
-            self.rust_op.set_kernel(kernel.detach().contiguous().numpy())
+            op.set_kernel(k.contiguous().numpy())
             snap.take(kernel)
         return self.rust_op
+
+
+# --------------------------------------------------------------------------------------
+# the entry points
+# --------------------------------------------------------------------------------------
+def _check_rust_input(x: torch.Tensor, k: torch.Tensor) -> None:
+    if _rust_core() is None:
+        raise RuntimeError(
+            "backend='rust' needs the compiled extension bca._bca, which did not import "
+            f"({_CORE_ERROR}); use backend='torch' or 'auto'"
+        )
+    if x.device.type != "cpu" or k.device.type != "cpu":
+        raise ValueError(
+            f"backend='rust' runs on CPU only, got x on {x.device} and kernel on "
+            f"{k.device}; use backend='torch' (or 'auto') for other devices"
+        )
+    if k.dtype not in _RUST_DTYPES:
+        raise TypeError(
+            f"backend='rust' supports float32/float64 kernels, got bca_kernel {k.dtype}; "
+            "use backend='torch'"
+        )
+    if x.dtype != k.dtype:
+        raise TypeError(
+            f"backend='rust' needs x of the kernel's dtype {k.dtype}, got x {x.dtype}; "
+            "cast x or use backend='torch' (which computes half inputs in float32)"
+        )
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(
+    x: torch.Tensor, kernels: torch.Tensor | Sequence[torch.Tensor], backend: str = "auto"
+) -> str:
+    """The backend :func:`block_circulant` (one kernel) or :func:`mixed_block_circulant`
+    (a sequence) uses: ``backend`` unless ``"auto"``, which is ``"rust"`` for CPU
+    float32/float64 ``x`` of the kernels' dtype when the extension imports, else
+    ``"torch"``."""
+    _check_backend(backend)
+    if backend != "auto":
+        return backend
+    ks = [kernels] if isinstance(kernels, torch.Tensor) else list(kernels)
+    if (
+        x.device.type == "cpu"
+        and x.dtype in _RUST_DTYPES
+        and all(k.device.type == "cpu" and k.dtype == x.dtype for k in ks)
+        and rust_available()
+    ):
+        return "rust"
+    return "torch"
+
+
+def _features(
+    kernel: torch.Tensor, in_features: int | None, out_features: int | None
+) -> tuple[int, int]:
+    if kernel.dim() != 3:
+        raise ValueError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
+    q_out, q_in, p = (int(n) for n in kernel.shape)
+    n_in = q_in * p if in_features is None else int(in_features)
+    n_out = q_out * p if out_features is None else int(out_features)
+    _check_padding("in_features", n_in, q_in, p)
+    _check_padding("out_features", n_out, q_out, p)
+    return n_in, n_out
+
+
+def _check_x(x: object, in_features: int, *, batch: bool = False) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if batch:
+        if x.dim() < 2 or x.shape[-1] != in_features:
+            raise ValueError(
+                "a mixed batch needs x of shape (batch, ..., in_features="
+                f"{in_features}), got shape {tuple(x.shape)}"
+            )
+    elif x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have last dimension in_features={in_features}, got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+    return x
+
+
+def block_circulant(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    *,
+    scale: float = 1.0,
+    backend: str = "auto",
+    cache: KernelCache | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    """``scale · ΔW x`` over the last axis: ``(..., in_features) -> (..., out_features)``.
+
+    ``kernel`` ``(q_out, q_in, p)``: block ``(i, j)`` of ΔW is ``circulant(kernel[i, j])``;
+    ``in_features``/``out_features`` default to ``q_in·p``/``q_out·p``, smaller values mean
+    zero padding (x padded, output cut). Differentiable in ``x`` and ``kernel`` to any
+    order (``create_graph=True`` backwards run on differentiable ``torch.fft`` ops), and
+    traceable by ``torch.compile(fullgraph=True)``. The result has x's dtype.
+
+    ``backend``: ``"torch"`` (``torch.fft``, any device and dtype; half precision computed
+    in float32), ``"rust"`` (the Rust core, CPU float32/float64 with ``x`` of the kernel's
+    dtype; under ``torch.compile`` the custom operator ``torch.ops.bca.rust_block_circulant``)
+    or ``"auto"`` (see :func:`resolve_backend`).
+
+    ``cache``: a :class:`KernelCache` owned by whoever owns the kernel (a module): the Rust
+    operator is then built once and resynchronised only when the kernel changes, and with
+    ``training=False`` or grad disabled the kernel spectra of the ``"torch"`` backend are
+    reused too (not inside a compiled graph, which computes them itself). Without a cache
+    each call transforms the kernel.
+    """
+    n_in, n_out = _features(kernel, in_features, out_features)
+    _check_x(x, n_in)
+    x2 = x if x.dim() == 2 else x.reshape(-1, n_in)
+    backend = resolve_backend(x, kernel, backend)
+    compiling = torch.compiler.is_compiling()
+    y: torch.Tensor
+    if backend == "rust":
+        _check_rust_input(x2, kernel)
+        if compiling:
+            handle = 0 if cache is None else cache.handle
+            y = _rust_op(x2, kernel, handle, n_in, n_out, scale)
+        else:
+            y = _RustBlockCirculant.apply(
+                x2, kernel, KernelCache() if cache is None else cache, (n_in, n_out), scale
+            )
+    else:
+        cdtype = _compute_dtype(x.dtype, kernel.dtype)
+        spectra = None
+        if cache is not None and (not training or not torch.is_grad_enabled()) and not compiling:
+            spectra = cache.cached_spectra(kernel, cdtype, scale)
+        y = _TorchBlockCirculant.apply(
+            x2 if x2.dtype == cdtype else x2.to(cdtype),
+            kernel if kernel.dtype == cdtype else kernel.to(cdtype),
+            spectra,
+            scale,
+            n_in,
+            n_out,
+        )
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], n_out)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def mixed_block_circulant(
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    adapter_index: Sequence[int],
+    in_features: int | None = None,
+    out_features: int | None = None,
+    *,
+    scales: Sequence[float] | None = None,
+    backend: str = "auto",
+    caches: Sequence[KernelCache] | None = None,
+) -> torch.Tensor:
+    """A mixed batch: row ``b`` of ``x`` ``(B, ..., in)`` (every position of ``x[b]``) gets
+    ``scales[a] · ΔW_a x[b]`` with ``a = adapter_index[b]``; ``-1`` gives a zero row.
+
+    ``kernels`` share one shape ``(q_out, q_in, p)`` and dtype. Each row is transformed
+    once and multiplied with its own kernel's spectra (about the cost of one
+    :func:`block_circulant` on all rows): on the ``"rust"`` backend one core call
+    (``bca.mixed_matmul``), on ``"torch"`` one rfft of the rows sorted by kernel, one
+    complex matmul per kernel and one irfft. Under ``torch.compile`` the ``"torch"`` path
+    runs (the Rust mixed path is an eager autograd function). Gradients reach exactly
+    the kernels with rows; double backward is exact. ``caches`` (one per kernel) keep
+    the Rust operators and, for kernels that need no gradient, the spectra.
+    """
+    if not kernels:
+        raise ValueError("kernels: at least one kernel is needed")
+    n_in, n_out = _features(kernels[0], in_features, out_features)
+    for k in kernels[1:]:
+        if k.shape != kernels[0].shape or k.dtype != kernels[0].dtype:
+            raise ValueError(
+                f"kernels must share one shape and dtype, got {tuple(kernels[0].shape)} "
+                f"{kernels[0].dtype} and {tuple(k.shape)} {k.dtype}"
+            )
+    _check_x(x, n_in, batch=True)
+    batch = x.shape[0]
+    index = [int(a) for a in adapter_index]
+    if len(index) != batch:
+        raise ValueError(f"adapter_index has {len(index)} entries for a batch of {batch} rows")
+    if any(not -1 <= a < len(kernels) for a in index):
+        raise ValueError(f"adapter_index entries must be in [-1, {len(kernels)}), got {index}")
+    scale_list = [1.0] * len(kernels) if scales is None else [float(s) for s in scales]
+    cache_list = [KernelCache() for _ in kernels] if caches is None else list(caches)
+    if len(scale_list) != len(kernels) or len(cache_list) != len(kernels):
+        raise ValueError("scales and caches need one entry per kernel")
+    n_rows = x.numel() // n_in
+    if n_rows == 0 or all(a < 0 for a in index):
+        return x.new_zeros(*x.shape[:-1], n_out)
+    per_row = n_rows // batch
+    x2 = x.reshape(n_rows, n_in)
+    backend = "torch" if torch.compiler.is_compiling() else resolve_backend(x, kernels, backend)
+    if backend == "rust":
+        for k in kernels:
+            _check_rust_input(x2, k)
+        rows_index = np.repeat(np.asarray(index, np.int64), per_row)
+        y: torch.Tensor = _RustMixedBlockCirculant.apply(
+            x2, rows_index, scale_list, cache_list, (n_in, n_out), *kernels
+        )
+    else:
+        y = _torch_mixed_rows(x2, kernels, index, per_row, scale_list, cache_list, (n_in, n_out))
+    y = y.reshape(*x.shape[:-1], n_out)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _torch_mixed_rows(
+    x2: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    index: list[int],
+    per_row: int,
+    scales: list[float],
+    caches: list[KernelCache],
+    features: tuple[int, int],
+) -> torch.Tensor:
+    """The ``"torch"`` mixed path on rows ``x2`` ``(B·per_row, in)``: rows sorted by
+    kernel, one rfft, a matmul per kernel on its rows, one irfft, rows put back."""
+    batch = len(index)
+    used = sorted({a for a in index if a >= 0})
+    elems = {a: [b for b in range(batch) if index[b] == a] for a in used}
+    cdtype = _compute_dtype(x2.dtype, kernels[0].dtype)
+    order = [b for a in used for b in elems[a]]
+    counts = [len(elems[a]) * per_row for a in used]
+    rows: torch.Tensor | None = None
+    xs = x2
+    if order != list(range(batch)):
+        elem_t = torch.tensor(order, dtype=torch.long)
+        rows = (elem_t[:, None] * per_row + torch.arange(per_row)).reshape(-1)
+        rows = rows.to(x2.device)
+        xs = x2.index_select(0, rows)
+    compiling = torch.compiler.is_compiling()
+    spectra = [
+        caches[a].cached_spectra(kernels[a], cdtype, scales[a])
+        if not compiling and not (torch.is_grad_enabled() and kernels[a].requires_grad)
+        else None
+        for a in used
+    ]
+    y = _torch_mixed(
+        xs if xs.dtype == cdtype else xs.to(cdtype),
+        [kernels[a] if kernels[a].dtype == cdtype else kernels[a].to(cdtype) for a in used],
+        spectra,
+        [scales[a] for a in used],
+        counts,
+        features,
+    )
+    if rows is None:
+        return y
+    if len(order) == batch:  # every row, permuted: undo the permutation
+        inverse = torch.empty_like(rows)
+        inverse[rows] = torch.arange(rows.numel(), device=rows.device)
+        return y.index_select(0, inverse)
+    return y.new_zeros(x2.shape[0], features[1]).index_copy(0, rows, y)

@@ -8,24 +8,16 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import functional as _functional
 from .functional import (
-    _RUST_DTYPES,
     BACKENDS,
-    _AdapterState,
-    _compute_dtype,
-    _rust_core,
-    _rust_op,
-    _RustBlockCirculant,
-    _RustMixedBlockCirculant,
-    _torch_mixed,
-    _TorchBlockCirculant,
+    KernelCache,
+    block_circulant,
     block_circulant_dense,
-    rust_available,
+    mixed_block_circulant,
+    resolve_backend,
 )
 
 INITS: tuple[str, ...] = ("zeros", "xavier_uniform", "gaussian", "kaiming")
@@ -106,6 +98,21 @@ def _check_scale(scale: object, arg: str = "scale") -> float:
     if not math.isfinite(float(scale)):
         raise ValueError(f"{arg} must be finite, got {scale}")
     return float(scale)
+
+
+class _AdapterState(KernelCache):
+    """One named adapter's settings and its backend cache (the kernel is a parameter).
+
+    Copies (pickle, deepcopy) rebuild the settings only: a fresh cache and handle."""
+
+    def __init__(self, block_size: int, scale: float, init: str) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.scale = scale
+        self.init = init
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_AdapterState, (self.block_size, self.scale, self.init))
 
 
 class BlockCirculantLinear(nn.Module):
@@ -449,112 +456,32 @@ class BlockCirculantLinear(nn.Module):
     def _mixed_delta(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
         """``scale_a · ΔW_a x[b]`` per batch row (zeros for base rows); None if no row has
         an adapter. Adapters of different block sizes are run as one group per size."""
-        elems: dict[str, list[int]] = {}
-        for b, n in enumerate(names):
-            if n != BASE_ADAPTER:
-                elems.setdefault(n, []).append(b)
-        n_rows = x.numel() // self.in_features
-        if not elems or n_rows == 0:
+        used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
+        if not used or x.numel() == 0:
             return None
-        x2 = x.reshape(n_rows, self.in_features)
         groups: dict[int, list[str]] = {}
-        for n in elems:
+        for n in used:
             groups.setdefault(self._adapters[n].block_size, []).append(n)
         delta: torch.Tensor | None = None
         for group in groups.values():
-            y = self._mixed_group(x2, n_rows // x.shape[0], x.shape[0], group, elems)
-            delta = y if delta is None else delta + y
-        assert delta is not None
-        delta = delta.reshape(*x.shape[:-1], self.out_features)
-        return delta if delta.dtype == x.dtype else delta.to(x.dtype)
-
-    def _mixed_backend(self, x: torch.Tensor, kernels: list[torch.Tensor]) -> str:
-        if torch.compiler.is_compiling():
-            return "torch"  # the Rust mixed path is an eager autograd.Function
-        if self.backend != "auto":
-            return self.backend
-        if (
-            x.device.type == "cpu"
-            and x.dtype in _RUST_DTYPES
-            and all(k.device.type == "cpu" and k.dtype == x.dtype for k in kernels)
-            and rust_available()
-        ):
-            return "rust"
-        return "torch"
-
-    def _mixed_group(
-        self,
-        x2: torch.Tensor,
-        per_row: int,
-        batch: int,
-        group: list[str],
-        elems: dict[str, list[int]],
-    ) -> torch.Tensor:
-        """The update of the rows whose adapters are ``group`` (one block size), zeros
-        elsewhere: (N, in) -> (N, out), N = batch · per_row."""
-        kernels = [self.bca_kernels[n] for n in group]
-        states = [self._adapters[n] for n in group]
-        scales = [st.scale for st in states]
-        features = (self.in_features, self.out_features)
-        if self._mixed_backend(x2, kernels) == "rust":
-            for k in kernels:
-                self._check_rust_input(x2, k)
-            elem_index = np.full(batch, -1, np.int64)
-            for a, n in enumerate(group):
-                elem_index[elems[n]] = a
-            index = np.repeat(elem_index, per_row)
-            y: torch.Tensor = _RustMixedBlockCirculant.apply(
-                x2, index, scales, states, features, *kernels
+            position = {n: a for a, n in enumerate(group)}
+            y = mixed_block_circulant(
+                x,
+                [self.bca_kernels[n] for n in group],
+                [position.get(n, -1) for n in names],
+                self.in_features,
+                self.out_features,
+                scales=[self._adapters[n].scale for n in group],
+                backend=self.backend,
+                caches=[self._adapters[n] for n in group],
             )
-            return y
-        # torch: rows sorted by adapter, one rfft, a matmul per adapter, one irfft
-        cdtype = _compute_dtype(x2.dtype, kernels[0].dtype)
-        order = [b for n in group for b in elems[n]]
-        counts = [len(elems[n]) * per_row for n in group]
-        rows: torch.Tensor | None = None
-        xs = x2
-        if order != list(range(batch)):
-            elem_t = torch.tensor(order, dtype=torch.long)
-            rows = (elem_t[:, None] * per_row + torch.arange(per_row)).reshape(-1)
-            rows = rows.to(x2.device)
-            xs = x2.index_select(0, rows)
-        compiling = torch.compiler.is_compiling()
-        spectra = [
-            st.cached_spectra(k, cdtype, st.scale)
-            if not compiling and not (torch.is_grad_enabled() and k.requires_grad)
-            else None
-            for st, k in zip(states, kernels, strict=True)
-        ]
-        y = _torch_mixed(
-            xs if xs.dtype == cdtype else xs.to(cdtype),
-            [k if k.dtype == cdtype else k.to(cdtype) for k in kernels],
-            spectra,
-            scales,
-            counts,
-            features,
-        )
-        if rows is None:
-            return y
-        if len(order) == batch:  # every row, permuted: undo the permutation
-            inverse = torch.empty_like(rows)
-            inverse[rows] = torch.arange(rows.numel(), device=rows.device)
-            return y.index_select(0, inverse)
-        return y.new_zeros(x2.shape[0], self.out_features).index_copy(0, rows, y)
+            delta = y if delta is None else delta + y
+        return delta
 
     def resolve_backend(self, x: torch.Tensor, adapter_name: str | None = None) -> str:
         """The backend that :meth:`adapter_forward` uses for input ``x``."""
-        if self.backend != "auto":
-            return self.backend
         k = self.bca_kernels[self.current_adapter if adapter_name is None else adapter_name]
-        if (
-            x.device.type == "cpu"
-            and k.device.type == "cpu"
-            and x.dtype in _RUST_DTYPES
-            and x.dtype == k.dtype
-            and rust_available()
-        ):
-            return "rust"
-        return "torch"
+        return resolve_backend(x, k, self.backend)
 
     def adapter_forward(self, x: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor:
         """The update alone, ``(..., in_features) -> (..., out_features)``.
@@ -575,75 +502,23 @@ class BlockCirculantLinear(nn.Module):
         return out
 
     def _adapter_forward(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have last dimension in_features={self.in_features}, "
-                f"got shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        backend = self.resolve_backend(x, name)
-        kernel = self.bca_kernels[name]
         state = self._adapters[name]
-        scale = state.scale * weight
-        if backend == "rust":
-            self._check_rust_input(x2, kernel)
-            if torch.compiler.is_compiling():
-                y = _rust_op(x2, kernel, state.handle, self.in_features, self.out_features, scale)
-            else:
-                y = _RustBlockCirculant.apply(
-                    x2, kernel, state, (self.in_features, self.out_features), scale
-                )
-        else:
-            cdtype = _compute_dtype(x.dtype, kernel.dtype)
-            spectra = None
-            if (not self.training or not torch.is_grad_enabled()) and (
-                not torch.compiler.is_compiling()
-            ):  # a compiled graph computes the (parameter-sized) spectra itself
-                spectra = state.cached_spectra(kernel, cdtype, scale)
-            y = _TorchBlockCirculant.apply(
-                x2 if x2.dtype == cdtype else x2.to(cdtype),
-                kernel if kernel.dtype == cdtype else kernel.to(cdtype),
-                spectra,
-                scale,
-                self.in_features,
-                self.out_features,
-            )
-        if x.dim() != 2:
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return block_circulant(
+            x,
+            self.bca_kernels[name],
+            self.in_features,
+            self.out_features,
+            scale=state.scale * weight,
+            backend=self.backend,
+            cache=state,
+            training=self.training,
+        )
 
     # -- backend state ------------------------------------------------------------------
     def clear_cache(self) -> None:
         """Drop the cached kernel spectra and Rust operator state (recomputed on next use)."""
         for state in self._adapters.values():
             state.clear()
-
-    def _check_rust_input(self, x: torch.Tensor, k: torch.Tensor) -> None:
-        core = _rust_core()
-        if core is None:
-            raise RuntimeError(
-                "backend='rust' needs the compiled extension bca._bca, which did not import "
-                f"({_functional._CORE_ERROR}); use backend='torch' or 'auto'"
-            )
-        if x.device.type != "cpu" or k.device.type != "cpu":
-            raise ValueError(
-                f"backend='rust' runs on CPU only, got x on {x.device} and kernel on "
-                f"{k.device}; use backend='torch' (or 'auto') for other devices"
-            )
-        if k.dtype not in _RUST_DTYPES:
-            raise TypeError(
-                f"backend='rust' supports float32/float64 kernels, got bca_kernel {k.dtype}; "
-                "use backend='torch'"
-            )
-        if x.dtype != k.dtype:
-            raise TypeError(
-                f"backend='rust' needs x of the kernel's dtype {k.dtype}, got x {x.dtype}; "
-                "cast x or use backend='torch' (which computes half inputs in float32)"
-            )
 
     def _selection(
         self, adapter_names: str | Sequence[str] | None, weights: Sequence[float] | None
