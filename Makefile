@@ -13,8 +13,9 @@ rust-check:  ## format, lints and the pure-Rust tests (no Python needed)
 	cargo clippy --all-targets --features python -- -D warnings
 	cargo test --release
 
-py-check:  ## lint, and the extension's stub against the built module
+py-check:  ## lint, type-check the package, and the extension's stub against the built module
 	$(PYTHON) -m ruff check python tests benches fuzz
+	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy.stubtest bca._bca
 
 pytest:
