@@ -93,7 +93,8 @@ class _KernelSnapshot:
     The version counter and storage pointer catch ordinary in-place updates (optimizer
     steps, ``load_state_dict``) without looking at the values. For CPU tensors a value
     comparison with a parameter-sized copy also catches edits through ``.data`` (which
-    have their own version counter); on other devices that comparison would force a
+    have their own version counter) and accepts another tensor of equal values (a kernel
+    derived anew on each call, as the PEFT patch's); on other devices that comparison would force a
     device synchronisation per call, so it is skipped there (call
     :meth:`BlockCirculantLinear.clear_cache` after editing ``.data`` on a GPU).
     """
@@ -109,11 +110,22 @@ class _KernelSnapshot:
         return (kernel._version, kernel.data_ptr(), kernel.device, kernel.dtype, kernel.shape)
 
     def matches(self, kernel: torch.Tensor) -> bool:
-        if self.key is None or self.key != self._key(kernel):
+        if self.key is None:
             return False
+        key = self._key(kernel)
         if self.values is None:  # non-CPU: version and storage only
-            return True
-        return bool(torch.equal(self.values, kernel.detach()))
+            return key == self.key
+        values = self.values
+        if key != self.key and (  # another tensor: equal values still count (CPU only)
+            kernel.device.type != "cpu"
+            or kernel.dtype != values.dtype
+            or kernel.shape != values.shape
+        ):
+            return False
+        if not torch.equal(values, kernel.detach()):
+            return False
+        self.key = key
+        return True
 
     def take(self, kernel: torch.Tensor) -> None:
         self.key = self._key(kernel)
