@@ -233,6 +233,47 @@ def test_patch_peft_c3a_trains_and_saves(tmp_path: Path) -> None:
         torch.testing.assert_close(back(input_ids=ids()).logits, want, rtol=1e-5, atol=1e-6)
 
 
+def test_patch_peft_c3a_reuses_operator_in_eval() -> None:
+    """Each patched layer keeps one bca.nn.KernelCache per adapter: in eval mode its Rust
+    operator is built once and not rebuilt per forward (the kernel is unchanged)."""
+    pm = peft_c3a().eval()
+    patch_peft_c3a(pm, backend="rust" if rust_available() else "torch")
+    layers = [m for m in pm.modules() if "_bca_caches" in m.__dict__]
+    assert len(layers) == 4
+    with torch.no_grad():
+        first = pm(input_ids=ids()).logits
+        if rust_available():
+            ops = [m._bca_caches["default"].rust_op for m in layers]
+            assert all(op is not None for op in ops)
+        second = pm(input_ids=ids()).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    if rust_available():
+        assert [m._bca_caches["default"].rust_op for m in layers] == ops
+    unpatch_peft_c3a(pm)
+    assert not any("_bca_caches" in m.__dict__ for m in pm.modules())
+
+
+@pytest.mark.skipif(not rust_available(), reason="bca._bca extension not built")
+def test_patch_peft_c3a_compiles_fullgraph() -> None:
+    """A patched model compiles with fullgraph=True on the Rust backend (the custom
+    operator, no graph break); compiled logits and kernel gradients equal eager mode's."""
+    pm = peft_c3a()
+    patch_peft_c3a(pm, backend="rust")
+    labels = torch.tensor([0, 2, 1])
+    pm.zero_grad()
+    eager_loss = pm(input_ids=ids(), labels=labels).loss
+    eager_loss.backward()
+    eager = {n: p.grad.clone() for n, p in pm.named_parameters() if "c3a_kernel" in n}
+    pm.zero_grad()
+    compiled = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    loss = compiled(input_ids=ids(), labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    for n, p in pm.named_parameters():
+        if "c3a_kernel" in n:
+            torch.testing.assert_close(p.grad, eager[n])
+
+
 def test_patch_errors() -> None:
     with pytest.raises(ValueError, match="no PEFT C3A layers"):
         patch_peft_c3a(tiny_classifier())

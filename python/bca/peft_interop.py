@@ -125,6 +125,17 @@ def _flip_index(p: int) -> np.ndarray:
     return (-np.arange(p)) % p
 
 
+def _flip_torch(kernel: torch.Tensor) -> torch.Tensor:
+    """``kernel[..., (-n) mod p]`` (differentiable, traceable by torch.compile)."""
+    import torch
+
+    return torch.roll(torch.flip(kernel, (-1,)), 1, -1)
+
+
+def _c3a_to_bca_torch(w: torch.Tensor, in_features: int) -> torch.Tensor:
+    return _flip_torch(w) / in_features
+
+
 def c3a_kernel_to_bca(kernel: ArrayT, in_features: int | None = None) -> ArrayT:
     """Map a PEFT C3A kernel ``w`` (q_out, q_in, b) to a bca kernel with the same ΔW at scale 1:
     ``c[..., n] = w[..., (-n) mod b] / in_features``.
@@ -134,13 +145,9 @@ def c3a_kernel_to_bca(kernel: ArrayT, in_features: int | None = None) -> ArrayT:
     """
     _, q_in, p = _check_kernel(kernel, "kernel")
     d_in = _check_in_features(in_features, q_in, p, padded_ok=False)
-    idx = _flip_index(p)
     if _is_torch(kernel):
-        import torch
-
-        t_idx = torch.as_tensor(idx, device=kernel.device)  # type: ignore[attr-defined]
-        return kernel.index_select(-1, t_idx) / d_in  # type: ignore[attr-defined,no-any-return]
-    return kernel[..., idx] / kernel.dtype.type(d_in)  # type: ignore[attr-defined,index,no-any-return]
+        return _c3a_to_bca_torch(kernel, d_in)  # type: ignore[arg-type,return-value]
+    return kernel[..., _flip_index(p)] / kernel.dtype.type(d_in)  # type: ignore[attr-defined,index,no-any-return]
 
 
 def bca_kernel_to_c3a(kernel: ArrayT, in_features: int | None = None, scale: float = 1.0) -> ArrayT:
@@ -154,14 +161,10 @@ def bca_kernel_to_c3a(kernel: ArrayT, in_features: int | None = None, scale: flo
     d_in = _check_in_features(in_features, q_in, p, padded_ok=False)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    idx = _flip_index(p)
     factor = float(scale) * d_in
     if _is_torch(kernel):
-        import torch
-
-        t_idx = torch.as_tensor(idx, device=kernel.device)  # type: ignore[attr-defined]
-        return kernel.index_select(-1, t_idx) * factor  # type: ignore[attr-defined,no-any-return]
-    return kernel[..., idx] * kernel.dtype.type(factor)  # type: ignore[attr-defined,index,no-any-return]
+        return _flip_torch(kernel) * factor  # type: ignore[arg-type,return-value]
+    return kernel[..., _flip_index(p)] * kernel.dtype.type(factor)  # type: ignore[attr-defined,index,no-any-return]
 
 
 # --------------------------------------------------------------------------- directories
@@ -655,85 +658,26 @@ def bca_model_to_c3a(
 # --------------------------------------------------------------------------- PEFT patch
 
 
-class _CoreBlockCirculant:
-    """ΔW x through bca's Rust core (bca.core.BlockCirculant), as a torch autograd op."""
-
-    @staticmethod
-    def apply(x: torch.Tensor, kernel: torch.Tensor, out_features: int) -> torch.Tensor:
-        return _core_function().apply(x, kernel, out_features)  # type: ignore[no-any-return]
-
-
-_CORE_FN: Any = None
-
-
-def _core_function() -> Any:
-    global _CORE_FN
-    if _CORE_FN is not None:
-        return _CORE_FN
+def _bca_delta(layer: Any, name: str, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``ΔW x`` of the C3A adapter ``name`` of ``layer``: the kernel mapped to bca's
+    convention (differentiably) and applied by :func:`bca.nn.functional.block_circulant`
+    with the layer's cache for that adapter (Rust operator, eval-mode spectra)."""
     import torch
 
-    from bca.core import BlockCirculant
-
-    class CoreBlockCirculant(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor, kernel: torch.Tensor, out_features: int) -> Any:
-            op = BlockCirculant(kernel.detach().contiguous().numpy(), x.shape[-1], out_features)
-            ctx.op = op
-            ctx.save_for_backward(x)
-            return torch.from_numpy(op.matmul(x.detach().contiguous().numpy()))
-
-        @staticmethod
-        def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
-            (x,) = ctx.saved_tensors
-            need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-            if not (need_x or need_k):
-                return None, None, None
-            gx, gk = ctx.op.backward(
-                x.detach().contiguous().numpy() if need_k else None,
-                grad_output.detach().to(x.dtype).contiguous().numpy(),
-                input_grad=need_x,
-                kernel_grad=need_k,
-            )
-            return (
-                torch.from_numpy(gx) if gx is not None else None,
-                torch.from_numpy(gk) if gk is not None else None,
-                None,
-            )
-
-    _CORE_FN = CoreBlockCirculant
-    return _CORE_FN
-
-
-def _torch_block_circulant(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """ΔW x with torch.fft real transforms (autograd through torch.fft; any device)."""
-    import torch
-
-    q_out, q_in, p = kernel.shape
-    xs = torch.fft.rfft(x.reshape(x.shape[0], q_in, p), dim=-1)  # (N, q_in, F)
-    ks = torch.fft.rfft(kernel, dim=-1)  # (q_out, q_in, F)
-    ys = torch.einsum("njf,ijf->nif", xs, ks)
-    return torch.fft.irfft(ys, n=p, dim=-1).reshape(x.shape[0], q_out * p)
-
-
-def _bca_delta(layer: Any, x: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
-    import torch
-
-    from bca.nn import rust_available
+    from bca.nn.functional import block_circulant
 
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x2 = x.reshape(-1, layer.in_features).to(cdtype)
-    c = c3a_kernel_to_bca(w.to(cdtype), layer.in_features)  # differentiable in w
-    use_rust = backend == "rust" or (
-        backend == "auto"
-        and x2.device.type == "cpu"
-        and c.device.type == "cpu"
-        and rust_available()
+    w = layer.c3a_kernel[name]
+    kernel = _c3a_to_bca_torch(w if w.dtype == cdtype else w.to(cdtype), layer.in_features)
+    return block_circulant(
+        x if x.dtype == cdtype else x.to(cdtype),
+        kernel,
+        layer.in_features,
+        layer.out_features,
+        backend=backend,
+        cache=layer._bca_caches.get(name),
+        training=layer.training,
     )
-    if use_rust:
-        y = _CoreBlockCirculant.apply(x2, c, layer.out_features)
-    else:
-        y = _torch_block_circulant(x2, c)
-    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 def _patched_c3a_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -749,7 +693,7 @@ def _patched_c3a_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
         for active_adapter in self.active_adapters:
             if active_adapter not in self.c3a_kernel.keys():
                 continue
-            delta = _bca_delta(self, x, self.c3a_kernel[active_adapter], self._bca_backend)
+            delta = _bca_delta(self, active_adapter, x, self._bca_backend)
             result = result + delta.to(result.dtype)
     return result.to(previous_dtype)  # type: ignore[no-any-return]
 
@@ -760,9 +704,13 @@ def patch_peft_c3a(peft_model: nn.Module, *, backend: str = "auto") -> int:
     The PEFT workflow stays as it is (``get_peft_model``, training, ``save_pretrained``,
     ``merge_and_unload``; the ``c3a_kernel`` parameters are unchanged); only each
     ``C3ALinear``'s forward is replaced by one that maps the kernel to bca's convention
-    (differentiably) and applies it with bca's Rust core (``backend="rust"``, CPU) or real
-    FFTs in torch (``"torch"``, any device); ``"auto"`` picks Rust on CPU. Gradients then
-    match the dense oracle, unlike PEFT 0.21's own C3A backward (wrong input gradient).
+    (differentiably) and applies it with :func:`bca.nn.functional.block_circulant`, the
+    product :class:`bca.nn.BlockCirculantLinear` uses: bca's Rust core (``backend="rust"``,
+    CPU) or real FFTs in torch (``"torch"``, any device); ``"auto"`` picks Rust on CPU.
+    Each layer keeps a :class:`bca.nn.KernelCache` per adapter (the Rust operator, and in
+    eval mode the spectra, are not rebuilt while the kernel is unchanged); patched models
+    compile with ``torch.compile(fullgraph=True)``. Gradients then match the dense oracle,
+    unlike PEFT 0.21's own C3A backward (wrong input gradient).
     Several active adapters each see the layer input (PEFT 0.21 feeds the second adapter
     the first one's output). Returns the number of layers patched; undo with
     :func:`unpatch_peft_c3a`.
@@ -778,8 +726,11 @@ def patch_peft_c3a(peft_model: nn.Module, *, backend: str = "auto") -> int:
     layers = _c3a_layers(peft_model)
     if not layers:
         raise ValueError(f"{type(peft_model).__name__} has no PEFT C3A layers to patch")
+    from bca.nn import KernelCache
+
     for _, layer in layers:
         layer._bca_backend = backend
+        layer._bca_caches = {name: KernelCache() for name in layer.c3a_kernel}
         layer.forward = types.MethodType(_patched_c3a_forward, layer)
     return len(layers)
 
@@ -792,4 +743,5 @@ def unpatch_peft_c3a(peft_model: nn.Module) -> int:
             del layer.forward
             n += 1
         layer.__dict__.pop("_bca_backend", None)
+        layer.__dict__.pop("_bca_caches", None)
     return n
