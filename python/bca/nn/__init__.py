@@ -47,8 +47,6 @@ from .layer import (
     INITS,
     BlockCirculantLinear,
     _AdapterState,  # noqa: F401  (pickles of models saved before the split name bca.nn._AdapterState)
-    _check_adapter_name,  # noqa: F401  (used by bca.model)
-    _weight,  # noqa: F401  (used by bca.model)
     is_supported_layer,
     layer_features,
 )

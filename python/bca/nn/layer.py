@@ -47,7 +47,7 @@ def layer_features(module: nn.Module) -> tuple[int, int, bool]:
     if isinstance(module, nn.Linear):
         return int(module.in_features), int(module.out_features), False
     if _is_conv1d(module):
-        w = _weight(module)
+        w = base_weight(module)
         return int(w.shape[0]), int(w.shape[1]), True
     raise TypeError(
         f"bca adapts nn.Linear and transformers' Conv1D layers only, got {type(module).__name__}"
@@ -60,7 +60,8 @@ def _param(module: nn.Module, name: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor of a supported layer (TypeError if it has none)."""
     w = _param(module, "weight")
     if w is None:
         raise TypeError(f"{type(module).__name__} has no weight tensor")
@@ -78,7 +79,8 @@ BASE_ADAPTER = "__base__"
 _RESERVED = nn.ParameterDict()
 
 
-def _check_adapter_name(name: object, arg: str = "adapter_name") -> str:
+def check_adapter_name(name: object, arg: str = "adapter_name") -> str:
+    """``name`` if it can name an adapter (non-empty, no ``.``, not reserved), else raise."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"{arg} must be a non-empty str, got {name!r}")
     if "." in name:
@@ -205,7 +207,7 @@ class BlockCirculantLinear(nn.Module):
         Raises:
             ValueError: the name exists, or ``block_size`` does not fit the layer.
         """
-        name = _check_adapter_name(adapter_name)
+        name = check_adapter_name(adapter_name)
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} already exists; delete_adapter it first")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -220,7 +222,7 @@ class BlockCirculantLinear(nn.Module):
                 f"{self.in_features}, out_features={self.out_features}) and pad=False; use "
                 "pad=True (zero padding) or a block size that divides both"
             )
-        weight = _weight(self.base_layer)
+        weight = base_weight(self.base_layer)
         kdtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         q_out, q_in = -(-self.out_features // p), -(-self.in_features // p)
         kernel = nn.Parameter(torch.zeros(q_out, q_in, p, dtype=kdtype, device=weight.device))
@@ -352,7 +354,7 @@ class BlockCirculantLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (for code that reads ``layer.weight``)."""
-        return _weight(self.base_layer)
+        return base_weight(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -614,7 +616,7 @@ class BlockCirculantLinear(nn.Module):
         if not todo:
             warnings.warn("adapter already merged (or none active); merge() ignored", stacklevel=2)
             return
-        w = _weight(self.base_layer)
+        w = base_weight(self.base_layer)
         if not self.merged_adapters:
             self._original_weight = w.detach().to("cpu", copy=True) if exact_unmerge else None
         dw = self.delta_weight([n for n, _ in todo], [x for _, x in todo]).to(w.dtype)
@@ -627,7 +629,7 @@ class BlockCirculantLinear(nn.Module):
         if not self.merged_adapters:
             warnings.warn("adapter is not merged; unmerge() ignored", stacklevel=2)
             return
-        w = _weight(self.base_layer)
+        w = base_weight(self.base_layer)
         if self._original_weight is not None:
             w.copy_(self._original_weight.to(w.device))
         else:

@@ -263,9 +263,9 @@ class _MixedEntry:
 
 
 def _modules_to_save_of(model: Any) -> dict[str, Any]:
-    from ..model import _modules_to_save_params
+    from ..model import modules_to_save_parameters
 
-    return dict(_modules_to_save_params(model))
+    return dict(modules_to_save_parameters(model))
 
 
 def _mixed_entries(
@@ -644,9 +644,9 @@ def export_model(
     saved_params: dict[str, Any] = {}
     saved_base: dict[str, np.ndarray] = {}
     if servable:
-        from ..model import _modules_to_save_params
+        from ..model import modules_to_save_parameters
 
-        saved_params = dict(_modules_to_save_params(model))
+        saved_params = dict(modules_to_save_parameters(model))
         if saved_params:
             saved_base = _base_saved_values(saved_params, servable_base)
     modules = _adapter_modules(model)

@@ -709,11 +709,11 @@ def _kernels_of(adapter: object) -> tuple[str, list[_Kernel], dict[str, np.ndarr
         ]
         return label, kernels, {k: np.asarray(v) for k, v in adapter.modules_to_save.items()}
     if hasattr(adapter, "named_modules"):
-        from ..model import _modules_to_save_params
+        from ..model import modules_to_save_parameters
 
         saved = {
             k: p.detach().to("cpu").numpy().copy()
-            for k, p in _modules_to_save_params(adapter).items()  # type: ignore[arg-type]
+            for k, p in modules_to_save_parameters(adapter).items()  # type: ignore[arg-type]
         }
         return _describe_source(adapter), _torch_kernels(adapter), saved
     raise TypeError(
