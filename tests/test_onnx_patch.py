@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import dense_oracle, rel_err
+from conftest import dense_oracle, rel_err, tiny_model
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -44,16 +44,7 @@ class _Hidden(torch.nn.Module):
 
 
 def _base(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=40,
-        max_position_embeddings=32,
-    )
-    return _Hidden(transformers.BertModel(cfg)).eval()
+    return _Hidden(tiny_model("bert", seed=seed, vocab_size=VOCAB, hidden_size=24)).eval()
 
 
 def _inputs(b: int, s: int, seed: int) -> dict[str, torch.Tensor]:
@@ -199,17 +190,9 @@ def test_several_adapters_in_one_graph(tmp_path: Path) -> None:
 
 def test_patch_modules_to_save(tmp_path: Path) -> None:
     """A trained classifier head (modules_to_save) replaces the base's initializers."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=40,
-        max_position_embeddings=32,
-        num_labels=3,
+    base = tiny_model(
+        "bert", "classifier", vocab_size=VOCAB, hidden_size=24, num_hidden_layers=1, num_labels=3
     )
-    base = transformers.BertForSequenceClassification(cfg).eval()
 
     class Logits(torch.nn.Module):
         def __init__(self, m: torch.nn.Module) -> None:
@@ -220,7 +203,7 @@ def test_patch_modules_to_save(tmp_path: Path) -> None:
             return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
     base_onnx = _export_base(Logits(base), tmp_path / "base.onnx")
-    model = Logits(transformers.BertForSequenceClassification(cfg)).eval()
+    model = Logits(transformers.BertForSequenceClassification(base.config)).eval()
     model.m.load_state_dict(base.state_dict())
     inject_adapters(
         model,
@@ -241,7 +224,7 @@ def test_patch_modules_to_save(tmp_path: Path) -> None:
     _assert_parity(model, out)
 
     # one graph holds one head: adapters with different heads are refused, equal ones not
-    other = Logits(transformers.BertForSequenceClassification(cfg)).eval()
+    other = Logits(transformers.BertForSequenceClassification(base.config)).eval()
     other.m.load_state_dict(model.m.state_dict(), strict=False)  # the same trained head
     torch.manual_seed(5)
     inject_adapters(
@@ -343,15 +326,13 @@ def test_no_matching_node(tmp_path: Path) -> None:
     base_onnx = _export_base(_base(), tmp_path / "base.onnx")
     # an adapter saved from a model with other widths
     other = _Hidden(
-        transformers.BertModel(
-            transformers.BertConfig(
-                vocab_size=VOCAB,
-                hidden_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=20,
-                max_position_embeddings=32,
-            )
+        tiny_model(
+            "bert",
+            seed=None,
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            intermediate_size=20,
         )
     ).eval()
     inject_adapters(other, BCAConfig(block_size=8, target_modules=["query"]))
@@ -409,7 +390,7 @@ def test_patch_checks_the_base_weights(tmp_path: Path) -> None:
     patched into this base graph (its saved weight sketch differs from the located
     layers' weights); the sketch computed from the ONNX weights equals the torch one."""
     from bca import _sketch
-    from bca.model import _weight_sketch
+    from bca.model.io import _weight_sketch
 
     base = _base(0)
     base_onnx = _export_base(base, tmp_path / "base.onnx")
