@@ -34,7 +34,18 @@ from ._builder import (
     make_mixed_adapter_model,
 )
 from ._export import DEFAULT_OPSET, MODES, export_model  # torch imported on use
+from ._feeds import adapter_feeds
 from ._io import SavedAdapter, read_adapter
+from ._layout import (
+    LAYOUT_METADATA_KEY,
+    SERVABLE_DEFAULTS,
+    ServableLayer,
+    ServableLayout,
+    ServableSaved,
+    saved_parameter_name,
+    servable_layout,
+    spectra_parameter_name,
+)
 from ._lowering import MATMUL_MAX_BLOCK, choose_lowering
 from ._mixed import (
     ADAPTER_INDEX_NAME,
@@ -46,21 +57,7 @@ from ._mixed import (
     stack_parameter_name,
 )
 from ._patch import add_adapters, patch_model
-from ._serving import (
-    ADAPTER_FILE_SUFFIX,
-    LAYOUT_METADATA_KEY,
-    SERVABLE_DEFAULTS,
-    AdapterSession,
-    ServableLayer,
-    ServableLayout,
-    ServableSaved,
-    adapter_feeds,
-    read_ort_adapter,
-    saved_parameter_name,
-    servable_layout,
-    spectra_parameter_name,
-    write_ort_adapter,
-)
+from ._session import ADAPTER_FILE_SUFFIX, AdapterSession, read_ort_adapter, write_ort_adapter
 from ._splice import (
     AdapterSpec,
     AmbiguousTargetError,

@@ -349,7 +349,7 @@ def build_adapter_subgraph(
             (which is then updated): one pair per block size per graph.
         spectra_name: name of the kernel-spectra initializer ``G`` (see
             :func:`lowered_spectra`); default ``<prefix>/kernel_spectra_<n>``. Servable
-            graphs (:mod:`bca.onnx._serving`) give it a stable name and override it per run.
+            graphs (:mod:`bca.onnx._overridable`) give it a stable name and override it per run.
     """
     return _build(
         kernel,

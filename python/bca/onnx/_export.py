@@ -17,8 +17,9 @@ import onnx
 
 from ._builder import MIN_OPSET
 from ._io import save_checked
+from ._layout import ServableLayout, check_servable_default, servable_layout
+from ._overridable import SavedSlot
 from ._patch import add_adapters
-from ._serving import SavedSlot, ServableLayout, check_servable_default, servable_layout
 from ._splice import (
     AdapterSpec,
     TargetNotFoundError,
@@ -273,8 +274,8 @@ def _mixed_entries(
 ) -> list[_MixedEntry]:
     """The entries of ``export_model(mixed=...)`` as specs (validated, nothing exported)."""
     from ..model import adapter_modules, adapter_names
+    from ._feeds import kernels_of
     from ._io import SavedAdapter
-    from ._serving import _kernels_of
 
     if isinstance(mixed, (str, os.PathLike)) or not isinstance(mixed, Sequence):
         raise TypeError(
@@ -309,7 +310,7 @@ def _mixed_entries(
                 f"mixed[{i}] = {e!r} is neither an adapter of the model ({known}) nor an "
                 "existing adapter directory"
             )
-        _, kernels, saved = _kernels_of(e)
+        _, kernels, saved = kernels_of(e)
         specs = [
             AdapterSpec(k.module, k.kernel, k.in_features, k.out_features, k.scale) for k in kernels
         ]

@@ -39,8 +39,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ._builder import LOWERINGS, check_opset
+from ._layout import LAYOUT_METADATA_KEY
 from ._lowering import choose_lowering
-from ._serving import LAYOUT_METADATA_KEY, combine_specs
+from ._overridable import combine_specs
 from ._splice import (
     AdapterSpec,
     graph_opset,

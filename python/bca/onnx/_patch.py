@@ -12,11 +12,11 @@ import onnx
 from .. import _sketch
 from ._builder import LOWERINGS, check_opset
 from ._io import SavedAdapter, load_onnx, read_adapter, save_checked
+from ._layout import check_servable_default
 from ._lowering import choose_lowering
-from ._serving import (
+from ._overridable import (
     SavedSlot,
     check_saved_slots,
-    check_servable_default,
     combine_specs,
     make_overridable,
     reserve_spectra_names,
