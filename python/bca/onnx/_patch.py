@@ -25,13 +25,13 @@ from ._overridable import (
 from ._splice import (
     AdapterSpec,
     TargetNotFoundError,
-    _weight_array,
     find_linear_sites,
     graph_opset,
     replace_initializer,
     resolve_targets,
     splice_adapters,
     unique_prefixes,
+    weight_array,
 )
 
 __all__ = ["patch_model", "add_adapters"]
@@ -287,7 +287,7 @@ def _check_base_sketches(
             continue  # patching itself reports what cannot be located, in its own order
         differing = []
         for spec, site in zip(specs, sites, strict=True):
-            w = _weight_array(model, site.weight_name)
+            w = weight_array(model, site.weight_name)
             if _sketch.differ(saved[spec.name], _sketch.sketch(w.T if site.weight_in_out else w)):
                 differing.append(spec.name)
         _sketch.report_mismatch(

@@ -219,7 +219,7 @@ def match_by_name(
     return by_node
 
 
-def _weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     for t in model.graph.initializer:
         if t.name == name:
             return numpy_helper.to_array(t)
@@ -238,7 +238,7 @@ def match_by_values(
     for s in sites:
         if (s.in_features, s.out_features) != (weight.shape[1], weight.shape[0]):
             continue
-        w = _weight_array(model, s.weight_name)
+        w = weight_array(model, s.weight_name)
         as_out_in = w.T if s.weight_in_out else w
         if as_out_in.shape == weight.shape and np.array_equal(
             as_out_in.astype(weight.dtype), weight
