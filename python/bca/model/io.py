@@ -59,13 +59,8 @@ def _weight_sketch(module: nn.Module) -> dict[str, Any] | None:
     if w.device.type == "meta":
         return None
     conv = layer_features(base)[2]  # GPT-2 Conv1D stores its weight (in, out)
-    if isinstance(module, BlockCirculantLinear) and module.merged:
-        if module._original_weight is not None:
-            w = module._original_weight
-        else:
-            names = list(module.merged_adapters)
-            dw = module.delta_weight(names, [module.merged_adapters[n] for n in names])
-            w = w - (dw.T if conv else dw).to(w.dtype)
+    if isinstance(module, BlockCirculantLinear):
+        w = module.unmerged_weight()
     if conv:
         w = w.T
     d_out, d_in = w.shape

@@ -624,6 +624,20 @@ class BlockCirculantLinear(nn.Module):
         self.merged_adapters.update(todo)
 
     @torch.no_grad()
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight without the merged adapters, stored as the base layer stores it
+        (``(in, out)`` for Conv1D): the kept original when merged with ``exact_unmerge``,
+        else the weight minus the merged update; the weight itself when nothing is merged."""
+        w = base_weight(self.base_layer).detach()
+        if not self.merged_adapters:
+            return w
+        if self._original_weight is not None:
+            return self._original_weight.to(w.device)
+        names = list(self.merged_adapters)
+        dw = self.delta_weight(names, [self.merged_adapters[n] for n in names])
+        return w - (dw.T if self.is_conv1d else dw).to(w.dtype)
+
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter (bit-exact with ``exact_unmerge``)."""
         if not self.merged_adapters:
