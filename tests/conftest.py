@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -128,3 +129,70 @@ TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+# -- tiny transformers models, shared by the torch/ONNX/PEFT tests --------------------
+# Random weights from a config (no hub access), small enough for CPU tests. Each arch's
+# defaults below; keyword overrides replace config fields (tests pick widths that a block
+# size does not divide on purpose). torch and transformers are imported on call only, so
+# numpy-only test runs still import this file.
+
+TINY_VOCAB = 97
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bert": (
+        "BertConfig",
+        dict(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+             intermediate_size=40, max_position_embeddings=32),
+    ),
+    "roberta": (
+        "RobertaConfig",
+        dict(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+             intermediate_size=64, max_position_embeddings=64),
+    ),
+    "llama": (
+        "LlamaConfig",
+        dict(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=44, max_position_embeddings=64),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+             bos_token_id=0, eos_token_id=1),
+    ),
+}  # fmt: skip
+TINY_HEADS: dict[str, dict[str, str]] = {
+    "base": {"bert": "BertModel", "roberta": "RobertaModel", "llama": "LlamaModel",
+             "gpt2": "GPT2Model"},
+    "classifier": {"bert": "BertForSequenceClassification",
+                   "roberta": "RobertaForSequenceClassification",
+                   "llama": "LlamaForSequenceClassification",
+                   "gpt2": "GPT2ForSequenceClassification"},
+    "lm": {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"},
+}  # fmt: skip
+
+
+def tiny_config(arch: str, **overrides: Any) -> Any:
+    """The transformers config of a tiny ``arch`` model: TINY_CONFIGS' defaults, overridden."""
+    import transformers
+
+    cls_name, defaults = TINY_CONFIGS[arch]
+    return getattr(transformers, cls_name)(**{**defaults, **overrides})
+
+
+def tiny_model(
+    arch: str, head: str = "base", *, seed: int | None = 0, train: bool = False, **overrides: Any
+) -> Any:
+    """A tiny randomly initialised transformers model.
+
+    ``arch``: ``"bert"``, ``"roberta"``, ``"llama"`` or ``"gpt2"``; ``head``: ``"base"``
+    (e.g. BertModel), ``"classifier"`` (…ForSequenceClassification) or ``"lm"`` (LLaMA,
+    GPT-2); ``seed``: ``torch.manual_seed`` before the weights are drawn (``None``: the
+    caller's generator state); eval mode unless ``train``; ``overrides``: config fields.
+    """
+    import torch
+    import transformers
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = getattr(transformers, TINY_HEADS[head][arch])(tiny_config(arch, **overrides))
+    return model.train(train)

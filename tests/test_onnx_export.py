@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, tiny_model
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -57,61 +57,25 @@ class _Hidden(torch.nn.Module):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _bert() -> torch.nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=36,
-        num_hidden_layers=2,
-        num_attention_heads=3,
-        intermediate_size=52,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg)
-
-
-def _roberta() -> torch.nn.Module:
-    cfg = transformers.RobertaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return transformers.RobertaModel(cfg)
-
-
-def _llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=44,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaModel(cfg)
-
-
-def _gpt2() -> torch.nn.Module:
-    cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    return transformers.GPT2Model(cfg)
-
-
-ARCHS = {
-    # (builder, targets, block size): widths p does not divide are included on purpose
-    "bert": (_bert, ["query", "value", "intermediate.dense"], 8),
-    "roberta": (_roberta, ["query", "value"], 16),
-    "llama": (_llama, ["q_proj", "v_proj", "down_proj", "gate_proj"], 8),
-    "gpt2": (_gpt2, ["c_attn", "c_fc"], 12),  # Conv1D: weights stored (in, out)
+ARCHS: dict[str, tuple[dict[str, int], list[str], int]] = {
+    # (config fields over conftest.tiny_model's, targets, block size): widths p does not
+    # divide are included on purpose
+    "bert": (
+        dict(
+            hidden_size=36, num_attention_heads=3, intermediate_size=52, max_position_embeddings=64
+        ),
+        ["query", "value", "intermediate.dense"],
+        8,
+    ),
+    "roberta": ({}, ["query", "value"], 16),
+    "llama": ({}, ["q_proj", "v_proj", "down_proj", "gate_proj"], 8),
+    "gpt2": ({}, ["c_attn", "c_fc"], 12),  # Conv1D: weights stored (in, out)
 }
 
 
 def _adapted(arch: str, seed: int = 0) -> torch.nn.Module:
-    build, targets, p = ARCHS[arch]
-    torch.manual_seed(seed)
-    model = _Hidden(build()).eval()
+    overrides, targets, p = ARCHS[arch]
+    model = _Hidden(tiny_model(arch, seed=seed, **overrides)).eval()
     inject_adapters(
         model, BCAConfig(block_size=p, target_modules=targets, scale=0.5, init="xavier_uniform")
     )

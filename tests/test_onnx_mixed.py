@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import dense_oracle, rel_err
+from conftest import dense_oracle, rel_err, tiny_model
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -68,30 +68,26 @@ class _Hidden(torch.nn.Module):
 
 
 def _bert() -> Any:
-    cfg = transformers.BertConfig(
+    return tiny_model(
+        "bert",
+        seed=None,  # the callers seed
         vocab_size=VOCAB,
         hidden_size=36,  # p = 16 does not divide it: padding
-        num_hidden_layers=2,
         num_attention_heads=3,
-        intermediate_size=40,
-        max_position_embeddings=32,
         initializer_range=0.2,
         hidden_act="relu",  # onnxruntime has no float64 Erf (GELU)
     )
-    return transformers.BertModel(cfg)
 
 
 def _gpt2() -> Any:
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,  # p = 12 does not divide 32 (padding); c_attn's 96 = 8 * 12
-        n_layer=2,
-        n_head=2,
+    return tiny_model(
+        "gpt2",
+        seed=None,
+        vocab_size=VOCAB,  # n_embd 32: p = 12 does not divide it (padding); c_attn's 96 = 8 * 12
         n_positions=32,
         initializer_range=0.2,
         activation_function="relu",
     )
-    return transformers.GPT2Model(cfg)
 
 
 ARCHS = {
@@ -455,18 +451,16 @@ def test_subgraph_against_dense_oracle(lowering: str, dtype: Any) -> None:
 # fully trained modules: one head for all adapters, or refused
 # --------------------------------------------------------------------------------------
 def test_heads(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
+    base = tiny_model(
+        "bert",
+        "classifier",
         vocab_size=VOCAB,
         hidden_size=24,
         num_hidden_layers=1,
-        num_attention_heads=2,
         intermediate_size=32,
-        max_position_embeddings=32,
         initializer_range=0.2,
         num_labels=3,
     )
-    base = transformers.BertForSequenceClassification(cfg).eval()
 
     class Logits(torch.nn.Module):
         def __init__(self, m: Any) -> None:

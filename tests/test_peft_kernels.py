@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.linalg import circulant
 
+from conftest import tiny_model
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -113,17 +115,15 @@ def test_kernel_errors() -> None:
 
 
 def tiny_classifier() -> torch.nn.Module:
-    cfg = transformers.RobertaConfig(
-        vocab_size=97,
+    return tiny_model(
+        "roberta",
+        "classifier",
         hidden_size=64,
-        num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=96,
         max_position_embeddings=40,
         num_labels=3,
     )
-    torch.manual_seed(0)
-    return transformers.RobertaForSequenceClassification(cfg).eval()
 
 
 def make_peft_c3a(tmp_path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
