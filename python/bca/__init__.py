@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from ._adapter_format import BcaFormatError
+from ._errors import BcaError, NonFiniteError, ShapeError
 
 _CORE_NAMES = (
     "BlockCirculant",
@@ -47,6 +48,7 @@ except ImportError as _err:  # the Rust extension is not built: the torch backen
 
 __all__ = [
     "__version__",
+    "BcaError",
     "BcaFormatError",
     "BlockCirculant",
     "block_circulant_matmul",
@@ -56,8 +58,10 @@ __all__ = [
     "mixed_matmul",
     "mixed_matmul_backward",
     "NO_ADAPTER",
+    "NonFiniteError",
     "num_blocks",
     "set_num_threads",
+    "ShapeError",
 ]
 
 _LAZY_SUBMODULES = {"nn", "model", "onnx", "cost", "peft_interop", "cli", "demo"}

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from . import _sketch
+from ._errors import BcaError
 
 __all__ = [
     "CONFIG_NAME",
@@ -122,7 +123,7 @@ _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
 }
 
 
-class BcaFormatError(ValueError):
+class BcaFormatError(BcaError):
     """A saved adapter file that does not follow the format.
 
     ``path`` is the file, ``field`` what in it is wrong (a dotted config key such as

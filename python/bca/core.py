@@ -7,8 +7,10 @@ outputs cut, so ΔW is the top-left ``out_features × in_features`` corner of th
 block circulant matrix.
 
 All functions take float32 or float64 C-contiguous numpy arrays; ``x`` and ``kernel``
-must share a dtype. Bad input raises ``TypeError`` (wrong type/dtype) or ``ValueError``
-(shape, contiguity, NaN/Inf), naming the argument. The work runs in Rust without the GIL.
+must share a dtype. Bad input raises ``TypeError`` (wrong type/dtype) or a
+:class:`BcaError` (a ``ValueError``): :class:`ShapeError` for shapes, sizes and
+contiguity, :class:`NonFiniteError` for NaN/Inf, naming the argument. The work runs in
+Rust without the GIL.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _bca
+from ._errors import BcaError, NonFiniteError, ShapeError
 
 __all__ = [
+    "BcaError",
     "BlockCirculant",
     "block_circulant_matmul",
     "block_circulant_matmul_backward",
@@ -30,9 +34,11 @@ __all__ = [
     "mixed_matmul",
     "mixed_matmul_backward",
     "NO_ADAPTER",
+    "NonFiniteError",
     "num_blocks",
     "set_num_threads",
     "get_num_threads",
+    "ShapeError",
 ]
 
 FloatArray = NDArray[np.float32] | NDArray[np.float64]
@@ -51,7 +57,7 @@ def _check_count(name: str, value: object, *, allow_none: bool = True) -> int | 
             f"got {type(value).__name__}"
         )
     if int(value) < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
+        raise BcaError(f"{name} must be a positive int, got {value}")
     return int(value)
 
 
@@ -237,7 +243,7 @@ def _adapter_index(adapter_index: object) -> NDArray[np.int64]:
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iu":
         raise TypeError(f"adapter_index must hold integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-        raise ValueError(f"adapter_index: {int(arr.max())} is out of range")
+        raise BcaError(f"adapter_index: {int(arr.max())} is out of range")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
@@ -261,7 +267,7 @@ def mixed_matmul(
             not Python-style indexing.
         x: ``(..., in_features)`` of the operators' dtype.
 
-    Raises ``TypeError``/``ValueError`` naming ``operators`` (with the index of the
+    Raises ``TypeError``/:class:`BcaError` naming ``operators`` (with the index of the
     operator that differs), ``adapter_index`` (with the offending position) or ``x``.
     """
     return _bca.mixed_forward(_core_operators(operators), _adapter_index(adapter_index), x)
