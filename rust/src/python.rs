@@ -2,9 +2,10 @@
 //!
 //! Every argument is checked here before the core sees it (type, dtype, contiguity,
 //! shape; finiteness is checked by the core without the GIL). Every failure becomes a
-//! `TypeError`, `ValueError` or `MemoryError` that names the argument or the buffer; a
-//! panic, which the core should never raise, is caught and becomes a `RuntimeError`
-//! rather than crossing into Python. Output arrays are allocated through numpy's C API
+//! `TypeError`, a `bca.BcaError` (a `ValueError`; `bca.ShapeError` for shapes, sizes and
+//! layouts, `bca.NonFiniteError` for NaN/Inf) or a `MemoryError` that names the argument
+//! or the buffer; a panic, which the core should never raise, is caught and becomes a
+//! `RuntimeError` rather than crossing into Python. Output arrays are allocated through numpy's C API
 //! with the failure checked (numpy's own `MemoryError`), never with a helper that panics.
 //!
 //! Sharing and fork. An operator holds its current core operator in an `Arc`, swapped by
@@ -28,14 +29,48 @@ use numpy::{
 };
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBool;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyType};
 
 use crate::{BcaError, BlockCirculant, Float};
 
+// bca's exception hierarchy is defined once, in Python (python/bca/_errors.py: BcaError
+// subclasses ValueError; ShapeError and NonFiniteError subclass BcaError), so that it
+// exists without the extension too; the binding imports each class once.
+static BCA_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static SHAPE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static NON_FINITE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn bca_exception(cell: &'static PyOnceLock<Py<PyType>>, name: &str, message: String) -> PyErr {
+    Python::attach(|py| match cell.import(py, "bca._errors", name) {
+        Ok(ty) => PyErr::from_type(ty.clone(), message),
+        Err(_) => PyValueError::new_err(message), // bca._errors missing: a plain ValueError
+    })
+}
+
+/// `bca.BcaError` (a ValueError): a bad argument value.
+fn bca_error(message: impl Into<String>) -> PyErr {
+    bca_exception(&BCA_ERROR, "BcaError", message.into())
+}
+
+/// `bca.ShapeError` (a BcaError): a shape, size, width or memory layout that does not fit.
+fn shape_error(message: impl Into<String>) -> PyErr {
+    bca_exception(&SHAPE_ERROR, "ShapeError", message.into())
+}
+
 fn to_py_err(e: BcaError) -> PyErr {
     match e {
-        BcaError::InvalidArgument { .. } | BcaError::NonFinite { .. } => {
-            PyValueError::new_err(e.to_string())
+        // an adapter index out of range is a value; the binding checks the index array's
+        // shape before the core sees it
+        BcaError::InvalidArgument {
+            arg: "adapter_index",
+            ..
+        } => bca_error(e.to_string()),
+        // the core's other invalid arguments are shapes, sizes and geometries (shape.rs,
+        // operator.rs, mixed.rs)
+        BcaError::InvalidArgument { .. } => shape_error(e.to_string()),
+        BcaError::NonFinite { .. } => {
+            bca_exception(&NON_FINITE_ERROR, "NonFiniteError", e.to_string())
         }
         BcaError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
         BcaError::Fft(_) => PyRuntimeError::new_err(e.to_string()),
@@ -153,19 +188,19 @@ fn new_array<'py, T: Float + Element>(
     Ok(unsafe { obj.cast_into_unchecked() })
 }
 
-/// A read-only borrow of an input array, or a ValueError naming `arg`.
+/// A read-only borrow of an input array, or a BcaError naming `arg`.
 fn read_view<'py, T: Element>(
     arr: &Bound<'py, PyArrayDyn<T>>,
     arg: &str,
 ) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     arr.try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("{arg}: {e}")))
+        .map_err(|e| bca_error(format!("{arg}: {e}")))
 }
 
-/// The data of a borrowed input array (C-contiguous), or a ValueError naming `arg`.
+/// The data of a borrowed input array (C-contiguous), or a ShapeError naming `arg`.
 fn as_slice<'a, T: Element>(ro: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> PyResult<&'a [T]> {
     ro.as_slice()
-        .map_err(|e| PyValueError::new_err(format!("{arg}: {e}")))
+        .map_err(|e| shape_error(format!("{arg}: {e}")))
 }
 
 /// A writable borrow of an output array this binding allocated.
@@ -182,7 +217,7 @@ fn as_slice_mut<'a, T: Element>(rw: &'a mut PyReadwriteArrayDyn<'_, T>) -> PyRes
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
-/// `obj` as a C-contiguous ndarray of `T`, or a TypeError/ValueError naming `arg`.
+/// `obj` as a C-contiguous ndarray of `T`, or a TypeError/ShapeError naming `arg`.
 fn typed_array<'py, T: Float + Element>(
     obj: &Bound<'py, PyAny>,
     arg: &str,
@@ -203,7 +238,7 @@ fn typed_array<'py, T: Float + Element>(
         ))
     })?;
     if !untyped.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
+        return Err(shape_error(format!(
             "{arg} must be C-contiguous (use numpy.ascontiguousarray)"
         )));
     }
@@ -223,10 +258,10 @@ fn rows_of(arr: &Bound<'_, PyUntypedArray>, arg: &str, d: usize, what: &str) -> 
                 .iter()
                 .try_fold(1usize, |acc, &n| acc.checked_mul(n))
                 .ok_or_else(|| {
-                    PyValueError::new_err(format!("{arg}: shape {} is too large", shape_str(shape)))
+                    shape_error(format!("{arg}: shape {} is too large", shape_str(shape)))
                 })
         }
-        _ => Err(PyValueError::new_err(format!(
+        _ => Err(shape_error(format!(
             "{arg}: last dimension must be {what} = {d}, got shape {}",
             shape_str(shape)
         ))),
@@ -241,7 +276,7 @@ fn out_shape(leading: &[usize], d: usize) -> Vec<usize> {
 
 /// An optional non-negative integer argument (Python int or anything with `__index__`):
 /// None stays None; a bool, a float or another type is a TypeError, a negative value or
-/// one above `max` a ValueError — each naming `arg` (never an OverflowError).
+/// one above `max` a BcaError — each naming `arg` (never an OverflowError).
 fn count_arg(obj: Option<&Bound<'_, PyAny>>, arg: &str, max: u64) -> PyResult<Option<usize>> {
     let Some(obj) = obj.filter(|o| !o.is_none()) else {
         return Ok(None);
@@ -257,8 +292,7 @@ fn count_arg(obj: Option<&Bound<'_, PyAny>>, arg: &str, max: u64) -> PyResult<Op
     if obj.is_instance_of::<PyBool>() {
         return Err(type_err());
     }
-    let range_err =
-        || PyValueError::new_err(format!("{arg} must be between 1 and {max}, got {obj}"));
+    let range_err = || bca_error(format!("{arg} must be between 1 and {max}, got {obj}"));
     match obj.extract::<i64>() {
         Ok(v) if v >= 1 && (v as u64) <= max => Ok(Some(v as usize)),
         Ok(_) => Err(range_err()),
@@ -288,7 +322,7 @@ fn parse_threads(num_threads: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
 fn kernel_dims(kernel: &Bound<'_, PyUntypedArray>) -> PyResult<(usize, usize, usize)> {
     match kernel.shape() {
         &[q_out, q_in, p] => Ok((q_out, q_in, p)),
-        s => Err(PyValueError::new_err(format!(
+        s => Err(shape_error(format!(
             "kernel must have 3 dimensions (q_out, q_in, p), got shape {}",
             shape_str(s)
         ))),
@@ -363,7 +397,7 @@ fn backward_impl<'py, T: Float + Element>(
             let a = typed_array::<T>(x, "x")?;
             rows_of(a.as_untyped(), "x", s.in_features, "in_features")?;
             if &a.shape()[..a.ndim() - 1] != leading {
-                return Err(PyValueError::new_err(format!(
+                return Err(shape_error(format!(
                     "x and grad_output must have the same leading dimensions, got {} and {}",
                     shape_str(a.shape()),
                     shape_str(&g_dims)
@@ -372,7 +406,7 @@ fn backward_impl<'py, T: Float + Element>(
             Some(a)
         }
         (None, true) => {
-            return Err(PyValueError::new_err(
+            return Err(bca_error(
                 "x: needed for the kernel gradient (pass x, or kernel_grad=False)",
             ))
         }
@@ -422,7 +456,7 @@ fn set_kernel_impl<T: Float + Element>(
     let arr = typed_array::<T>(kernel, "kernel")?;
     let dims = kernel_dims(arr.as_untyped())?;
     if dims != (s.q_out, s.q_in, s.p) {
-        return Err(PyValueError::new_err(format!(
+        return Err(shape_error(format!(
             "kernel must keep its shape ({}, {}, {}), got {}",
             s.q_out,
             s.q_in,
@@ -680,7 +714,7 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 }
 
 /// `operators` (a list or tuple of BlockCirculantOperator of one dtype) as core operators
-/// (their current versions), or a TypeError/ValueError naming the argument.
+/// (their current versions), or a TypeError/BcaError naming the argument.
 fn mixed_ops(operators: &Bound<'_, PyAny>) -> PyResult<MixedOps> {
     let seq_err = || {
         PyTypeError::new_err(format!(
@@ -723,7 +757,7 @@ fn mixed_ops(operators: &Bound<'_, PyAny>) -> PyResult<MixedOps> {
             }
         }
     }
-    ops.ok_or_else(|| PyValueError::new_err("operators: at least one operator is needed"))
+    ops.ok_or_else(|| bca_error("operators: at least one operator is needed"))
 }
 
 fn as_refs<T: Float>(ops: &[Arc<BlockCirculant<T>>]) -> Vec<&BlockCirculant<T>> {
@@ -748,12 +782,12 @@ fn index_array<'py>(
         ))
     })?;
     if !untyped.is_c_contiguous() {
-        return Err(PyValueError::new_err(
+        return Err(shape_error(
             "adapter_index must be C-contiguous (use numpy.ascontiguousarray)",
         ));
     }
     if untyped.shape() != leading {
-        return Err(PyValueError::new_err(format!(
+        return Err(shape_error(format!(
             "adapter_index: shape must be the leading dimensions of the rows {}, got {}",
             shape_str(leading),
             shape_str(untyped.shape())
@@ -814,7 +848,7 @@ fn mixed_backward_impl<'py, T: Float + Element>(
             let a = typed_array::<T>(x, "x")?;
             rows_of(a.as_untyped(), "x", s.in_features, "in_features")?;
             if &a.shape()[..a.ndim() - 1] != leading {
-                return Err(PyValueError::new_err(format!(
+                return Err(shape_error(format!(
                     "x and grad_output must have the same leading dimensions, got {} and {}",
                     shape_str(a.shape()),
                     shape_str(&g_dims)
@@ -823,7 +857,7 @@ fn mixed_backward_impl<'py, T: Float + Element>(
             Some(a)
         }
         (None, true) => {
-            return Err(PyValueError::new_err(
+            return Err(bca_error(
                 "x: needed for the kernel gradients (pass x, or kernel_grad=False)",
             ))
         }
