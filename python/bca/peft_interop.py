@@ -43,6 +43,7 @@ import numpy as np
 
 from . import _adapter_format as _fmt
 from ._adapter_format import BcaFormatError, ModuleInfo
+from ._errors import BcaError, ShapeError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -98,7 +99,7 @@ def _check_kernel(kernel: Any, name: str) -> tuple[int, int, int]:
             f"{name} must be a numpy array or torch tensor, got {type(kernel).__name__}"
         )
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{name} must have shape (q_out, q_in, block_size), got {shape}")
+        raise ShapeError(f"{name} must have shape (q_out, q_in, block_size), got {shape}")
     if not floating:
         raise TypeError(f"{name} must be floating point, got dtype {kernel.dtype}")
     return shape  # type: ignore[return-value]
@@ -111,11 +112,11 @@ def _check_in_features(in_features: int | None, q_in: int, p: int, padded_ok: bo
         raise TypeError(f"in_features must be an int, got {type(in_features).__name__}")
     if padded_ok:
         if not (q_in - 1) * p < in_features <= q_in * p:
-            raise ValueError(
+            raise ShapeError(
                 f"in_features={in_features} does not fit a kernel with q_in={q_in} blocks of {p}"
             )
     elif in_features != q_in * p:
-        raise ValueError(
+        raise ShapeError(
             f"in_features={in_features} must equal q_in * block_size = {q_in * p} for C3A"
         )
     return in_features
@@ -160,7 +161,7 @@ def bca_kernel_to_c3a(kernel: ArrayT, in_features: int | None = None, scale: flo
     _, q_in, p = _check_kernel(kernel, "kernel")
     d_in = _check_in_features(in_features, q_in, p, padded_ok=False)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+        raise BcaError(f"scale must be a finite number, got {scale!r}")
     factor = float(scale) * d_in
     if _is_torch(kernel):
         return _flip_torch(kernel) * factor  # type: ignore[arg-type,return-value]
@@ -351,9 +352,9 @@ def _check_base_linear(named: Mapping[str, Any], name: str, d_in: int, d_out: in
     if isinstance(base, nn.Module):
         mod = base
     if not isinstance(mod, nn.Linear):
-        raise ValueError(f"base_model has no nn.Linear named {name!r} (found {type(mod).__name__})")
+        raise BcaError(f"base_model has no nn.Linear named {name!r} (found {type(mod).__name__})")
     if (mod.in_features, mod.out_features) != (d_in, d_out):
-        raise ValueError(
+        raise ShapeError(
             f"module {name!r} is {mod.in_features}->{mod.out_features} in base_model but the "
             f"adapter kernel is for {d_in}->{d_out}"
         )
@@ -417,7 +418,7 @@ def bca_adapter_dir_to_c3a(
     doc = files.doc
     problems = [msg for n, m in doc.modules.items() if (msg := _c3a_refusal(n, m)) is not None]
     if problems:
-        raise ValueError(f"cannot convert {doc.path} to PEFT C3A: " + "; ".join(problems))
+        raise BcaError(f"cannot convert {doc.path} to PEFT C3A: " + "; ".join(problems))
     import torch
 
     out_tensors: dict[str, torch.Tensor] = {}
@@ -499,7 +500,7 @@ def _unwrap_peft(inner: nn.Module, adapter_name: str) -> tuple[nn.Module, list[s
                 mts.append(n)
             skip.append(n)
         elif isinstance(m, BaseTunerLayer) or type(m).__name__.endswith("Wrapper"):
-            raise ValueError(
+            raise BcaError(
                 f"module {n!r} is a {type(m).__name__}; only C3A layers and modules_to_save "
                 "can be converted to bca"
             )
@@ -529,17 +530,17 @@ def c3a_model_to_bca(
     from bca.nn import BACKENDS, BlockCirculantLinear
 
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise BcaError(f"backend must be one of {BACKENDS}, got {backend!r}")
     inner = _inner_model(peft_model)
     configs = getattr(peft_model, "peft_config", {})
     name = adapter_name if adapter_name is not None else peft_model.active_adapter
     if not isinstance(name, str) or name not in configs:
-        raise ValueError(f"adapter_name {name!r} not in the model's adapters {sorted(configs)}")
+        raise BcaError(f"adapter_name {name!r} not in the model's adapters {sorted(configs)}")
     cfg = configs[name]
     if str(getattr(cfg, "peft_type", "")).upper().rsplit(".", 1)[-1] != "C3A":
-        raise ValueError(f"adapter {name!r} is a {cfg.peft_type} adapter, not C3A")
+        raise BcaError(f"adapter {name!r} is a {cfg.peft_type} adapter, not C3A")
     if getattr(cfg, "bias", "none") != "none":
-        raise ValueError(
+        raise BcaError(
             f"C3A adapter with bias={cfg.bias!r}: trained biases are not part of a bca adapter"
         )
     kernels: dict[str, torch.Tensor] = {}
@@ -547,10 +548,10 @@ def c3a_model_to_bca(
         if name not in layer.c3a_kernel:
             continue
         if layer.merged:
-            raise ValueError(f"C3A layer {mod_name!r} is merged; call unmerge_adapter() first")
+            raise BcaError(f"C3A layer {mod_name!r} is merged; call unmerge_adapter() first")
         kernels[mod_name] = layer.c3a_kernel[name].detach().clone()
     if not kernels:
-        raise ValueError(f"the model has no C3A layer for adapter {name!r}")
+        raise BcaError(f"the model has no C3A layer for adapter {name!r}")
     base, mts = _unwrap_peft(inner, name)
 
     sizes = Counter(int(k.shape[-1]) for k in kernels.values())
@@ -601,7 +602,7 @@ def bca_model_to_c3a(
 
     modules = dict(adapter_modules(model))
     if not modules:
-        raise ValueError("model has no bca adapters")
+        raise BcaError("model has no bca adapters")
     problems = []
     for n, m in modules.items():
         if m.merged:
@@ -619,7 +620,7 @@ def bca_model_to_c3a(
         if msg is not None:
             problems.append(msg)
     if problems:
-        raise ValueError("cannot convert to PEFT C3A: " + "; ".join(problems))
+        raise BcaError("cannot convert to PEFT C3A: " + "; ".join(problems))
     bca_cfg = getattr(model, "bca_config", None)
     mts = list(getattr(bca_cfg, "modules_to_save", []) or [])
     kernels = {
@@ -718,14 +719,14 @@ def patch_peft_c3a(peft_model: nn.Module, *, backend: str = "auto") -> int:
     from bca.nn import BACKENDS, rust_available
 
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise BcaError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "rust" and not rust_available():
         raise RuntimeError("backend='rust' needs the compiled extension bca._bca")
     import types
 
     layers = _c3a_layers(peft_model)
     if not layers:
-        raise ValueError(f"{type(peft_model).__name__} has no PEFT C3A layers to patch")
+        raise BcaError(f"{type(peft_model).__name__} has no PEFT C3A layers to patch")
     from bca.nn import KernelCache
 
     for _, layer in layers:

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from .._errors import BcaError
 from ..nn import BASE_ADAPTER, BlockCirculantLinear
 from ..nn.layer import check_adapter_name
 from .config import (
@@ -33,9 +34,9 @@ def check_names(model: nn.Module, adapter_names: str | Sequence[str] | None) -> 
     known = _all_adapter_names(model)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown adapters {unknown}; the model has {known}")
+        raise BcaError(f"unknown adapters {unknown}; the model has {known}")
     if len(set(names)) != len(names):
-        raise ValueError(f"adapter_names has duplicates: {names}")
+        raise BcaError(f"adapter_names has duplicates: {names}")
     return names
 
 
@@ -59,9 +60,9 @@ def adapter_weights(names: list[str], weights: Sequence[float] | None) -> list[f
         return [1.0] * len(names)
     ws = [float(w) for w in weights]
     if len(ws) != len(names):
-        raise ValueError(f"weights has {len(ws)} entries for {len(names)} adapters")
+        raise BcaError(f"weights has {len(ws)} entries for {len(names)} adapters")
     if not all(math.isfinite(w) for w in ws):
-        raise ValueError(f"weights must be finite, got {ws}")
+        raise BcaError(f"weights must be finite, got {ws}")
     return ws
 
 
@@ -83,10 +84,10 @@ def add_adapter(
     if not existing:
         return inject_adapters(model, config, adapter_name=adapter_name)
     if adapter_name in existing:
-        raise ValueError(f"model already has an adapter {adapter_name!r}")
+        raise BcaError(f"model already has an adapter {adapter_name!r}")
     configs = configs_of(model)
     if config.modules_to_save or any(c.modules_to_save for c in configs.values()):
-        raise ValueError(
+        raise BcaError(
             "modules_to_save cannot be combined with several named adapters (the fully "
             "trained modules would be shared between them)"
         )
@@ -137,7 +138,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     modules = [(n, m) for n, m in adapter_modules(model) if adapter_name in m.adapter_names]
     merged = [n for n, m in modules if adapter_name in m.merged_adapters]
     if merged:
-        raise ValueError(f"adapter {adapter_name!r} is merged in {merged}; unmerge first")
+        raise BcaError(f"adapter {adapter_name!r} is merged in {merged}; unmerge first")
     for name, module in modules:
         module.delete_adapter(adapter_name)
         if not module.adapter_names:
@@ -166,7 +167,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     modules = [m for _, m in adapter_modules(model)]
     merged = [m for m in modules if m.merged]
     if merged:
-        raise ValueError("adapters are merged into the base weights; unmerge before disabling")
+        raise BcaError("adapters are merged into the base weights; unmerge before disabling")
     before = [m.adapter_enabled for m in modules]
     try:
         for m in modules:
@@ -197,14 +198,14 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
     known = _all_adapter_names(model)
     unknown = sorted({str(n) for n in names if n != BASE_ADAPTER and n not in known})
     if unknown:
-        raise ValueError(
+        raise BcaError(
             f"unknown adapters {unknown} in adapter_names; the model has {known} "
             f"({BASE_ADAPTER!r}: no adapter)"
         )
     modules = [m for _, m in adapter_modules(model)]
     merged = sorted({n for m in modules for n in m.merged_adapters})
     if merged:
-        raise ValueError(
+        raise BcaError(
             f"adapters {merged} are merged into the base weights; unmerge before running a "
             "mixed batch"
         )

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .._errors import BcaError
 from ..nn import BACKENDS, INITS
 
 
@@ -41,7 +42,7 @@ class BCAConfig:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise TypeError(f"block_size must be an int, got {type(self.block_size).__name__}")
         if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+            raise BcaError(f"block_size must be positive, got {self.block_size}")
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = (
                 sorted(self.target_modules)
@@ -52,7 +53,7 @@ class BCAConfig:
             _compile("target_modules", self.target_modules)
         elif isinstance(self.target_modules, list):
             if not self.target_modules:
-                raise ValueError("target_modules must name at least one module")
+                raise BcaError("target_modules must name at least one module")
             for t in self.target_modules:
                 if not isinstance(t, str) or not t:
                     raise TypeError(f"target_modules entries must be non-empty str, got {t!r}")
@@ -64,14 +65,14 @@ class BCAConfig:
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise TypeError(f"scale must be a float, got {type(self.scale).__name__}")
         if not math.isfinite(float(self.scale)):
-            raise ValueError(f"scale must be finite, got {self.scale}")
+            raise BcaError(f"scale must be finite, got {self.scale}")
         self.scale = float(self.scale)
         if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+            raise BcaError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.pad, bool):
             raise TypeError(f"pad must be a bool, got {type(self.pad).__name__}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise BcaError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         self.modules_to_save = list(self.modules_to_save or [])
@@ -82,7 +83,7 @@ class BCAConfig:
             raise TypeError("block_size_pattern must be a dict {pattern: block_size}")
         for k, v in self.block_size_pattern.items():
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(
+                raise BcaError(
                     f"block_size_pattern entries must be str -> positive int, got {k!r}: {v!r}"
                 )
 
@@ -101,7 +102,7 @@ def _compile(arg: str, pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"{arg}: invalid regular expression {pattern!r}: {exc}") from exc
+        raise BcaError(f"{arg}: invalid regular expression {pattern!r}: {exc}") from exc
 
 
 def entry_matches(name: str, entry: str) -> bool:

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from .._errors import BcaError, ShapeError
 from ..nn import DEFAULT_ADAPTER, BlockCirculantLinear
 from ..nn.layer import check_adapter_name, is_supported_layer
 from .config import (
@@ -70,9 +71,9 @@ def add_to_layers(
         module = model.get_submodule(name)
         if isinstance(module, BlockCirculantLinear):
             if adapter_name in module.adapter_names:
-                raise ValueError(f"module {name!r} already has an adapter {adapter_name!r}")
+                raise BcaError(f"module {name!r} already has an adapter {adapter_name!r}")
             if not module.pad and (module.in_features % p or module.out_features % p):
-                raise ValueError(
+                raise ShapeError(
                     f"module {name!r}: block_size={p} does not divide (in_features="
                     f"{module.in_features}, out_features={module.out_features}) and pad=False"
                 )
@@ -104,7 +105,7 @@ def match_modules_to_save(model: nn.Module, config: BCAConfig) -> list[str]:
         hits = [n for n, _ in _candidate_modules(model) if entry_matches(n, entry)]
         hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
         if not hits:
-            raise ValueError(
+            raise BcaError(
                 f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}"
             )
         names.extend(h for h in hits if h not in names)
@@ -140,7 +141,7 @@ def inject_adapters(
         raise TypeError(f"config must be a BCAConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
     if any(True for _ in adapter_modules(model)):
-        raise ValueError(
+        raise BcaError(
             "model already has bca adapters; inject_adapters runs once per model (use "
             "add_adapter for another named adapter)"
         )
@@ -148,7 +149,7 @@ def inject_adapters(
     save_names = match_modules_to_save(model, config)
     overlap = [n for n in matched if any(n == s or n.startswith(s + ".") for s in save_names)]
     if overlap:
-        raise ValueError(f"modules {overlap} are both adapted and in modules_to_save")
+        raise BcaError(f"modules {overlap} are both adapted and in modules_to_save")
     add_to_layers(model, {n: config.block_size_for(n) for n in matched}, config, adapter_name)
     model.bca_config = config  # type: ignore[assignment]
     model.bca_configs = {adapter_name: config}  # type: ignore[assignment]
@@ -177,7 +178,7 @@ def match_targets(model: nn.Module, config: BCAConfig) -> list[str]:
     missing = [t for t, n in entry_hits.items() if n == 0]
     if missing or not matched:
         what = missing if missing else [targets]
-        raise ValueError(
+        raise BcaError(
             f"target_modules {what} match no module of {type(model).__name__}; "
             f"linear layers it has: {_linear_names(model)}"
         )
@@ -192,7 +193,7 @@ def get_bca_model(model: nn.Module, config: BCAConfig) -> nn.Module:
 def config_of(model: nn.Module) -> BCAConfig:
     config = getattr(model, "bca_config", None)
     if not isinstance(config, BCAConfig):
-        raise ValueError("model has no bca adapters (no model.bca_config); call inject_adapters")
+        raise BcaError("model has no bca adapters (no model.bca_config); call inject_adapters")
     return config
 
 
@@ -239,7 +240,7 @@ def parameter_groups(
     Only parameters with ``requires_grad`` are included.
     """
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive float, got {lr!r}")
+        raise BcaError(f"lr must be a positive float, got {lr!r}")
     kwd = weight_decay if kernel_weight_decay is None else kernel_weight_decay
     by_p: dict[int, list[nn.Parameter]] = {}
     kernel_ids: set[int] = set()
@@ -272,7 +273,7 @@ def parameter_groups(
     if other:
         groups.append({"params": other, "lr": lr, "weight_decay": weight_decay, "name": "other"})
     if not groups:
-        raise ValueError("model has no trainable parameters")
+        raise BcaError("model has no trainable parameters")
     return groups
 
 

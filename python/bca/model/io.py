@@ -19,6 +19,7 @@ from .._adapter_format import (
     AdapterDocument,
     BcaFormatError,
 )
+from .._errors import BcaError, ShapeError
 from ..nn import DEFAULT_ADAPTER, BlockCirculantLinear
 from ..nn.layer import base_weight, check_adapter_name, is_supported_layer, layer_features
 from .adapters import (
@@ -109,17 +110,17 @@ def _name_or_path(model: nn.Module) -> str:
 def _resolve_adapter(model: nn.Module, adapter_name: str | None, what: str) -> str:
     names = adapter_names(model)
     if not names:
-        raise ValueError("model has no bca adapters")
+        raise BcaError("model has no bca adapters")
     if adapter_name is not None:
         if adapter_name not in names:
-            raise ValueError(f"unknown adapter {adapter_name!r}; the model has {names}")
+            raise BcaError(f"unknown adapter {adapter_name!r}; the model has {names}")
         return adapter_name
     if len(names) == 1:
         return names[0]
     active = active_adapters(model)
     if len(active) == 1:
         return active[0]
-    raise ValueError(
+    raise BcaError(
         f"model has adapters {names} ({len(active)} active); pass adapter_name to {what}"
     )
 
@@ -149,7 +150,7 @@ def save_adapter(
     modules = {n: m for n, m in adapter_modules(model) if adapter in m.adapter_names}
     scales = {m.adapter_scale(adapter) for m in modules.values()}
     if len(scales) != 1:
-        raise ValueError(
+        raise BcaError(
             f"adapter {adapter!r} has different scales on different layers {sorted(scales)}; "
             "the adapter format stores one scale"
         )
@@ -210,7 +211,7 @@ def _check_fingerprint(model: nn.Module, doc: AdapterDocument) -> None:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(
+            raise BcaError(
                 f"{doc.path}: adapter module {name!r} not found in {type(model).__name__}: the "
                 f"adapter was saved from a different model ({doc.base_class!r}, "
                 f"{doc.base_name_or_path!r})"
@@ -227,7 +228,7 @@ def _check_fingerprint(model: nn.Module, doc: AdapterDocument) -> None:
         want = doc.fingerprint.get(name, doc.raw["modules"][name])
         expected = {k: want[k] for k in ("in_features", "out_features", "is_conv1d") if k in want}
         if any(got[k] != v for k, v in expected.items()):
-            raise ValueError(
+            raise ShapeError(
                 f"{doc.path}: adapter module {name!r} does not match this model: saved for "
                 f"(in_features={want.get('in_features')}, out_features={want.get('out_features')}, "
                 f"is_conv1d={want.get('is_conv1d')}), model has (in_features="
@@ -298,16 +299,16 @@ def load_adapter(
     existing = {n: m for n, m in adapter_modules(model) if target in m.adapter_names}
     if mode == "overwrite":
         if set(existing) != set(modules_info):
-            raise ValueError(
+            raise BcaError(
                 f"model's adapter {target!r} differs from the saved one in its layers: missing "
                 f"{sorted(set(modules_info) - set(existing))}, unexpected "
                 f"{sorted(set(existing) - set(modules_info))}"
             )
         for name, m in existing.items():
             if target in m.merged_adapters:
-                raise ValueError(f"adapter {name!r} is merged; unmerge before load_adapter")
+                raise BcaError(f"adapter {name!r} is merged; unmerge before load_adapter")
             if m.adapter_block_size(target) != modules_info[name].block_size:
-                raise ValueError(
+                raise BcaError(
                     f"adapter {name!r} has block_size {m.adapter_block_size(target)}, saved "
                     f"block_size {modules_info[name].block_size}"
                 )
@@ -316,7 +317,7 @@ def load_adapter(
             config.init = prior.init
     elif mode == "add":
         if config.modules_to_save or any(c.modules_to_save for c in configs_of(model).values()):
-            raise ValueError(
+            raise BcaError(
                 f"cannot load {directory} as another named adapter {target!r}: "
                 "modules_to_save cannot be combined with several named adapters (the fully "
                 "trained modules would be shared between them)"
@@ -329,17 +330,17 @@ def load_adapter(
                 and not module.pad
                 and (module.in_features % p or module.out_features % p)
             ):
-                raise ValueError(f"module {name!r} has pad=False and block_size {p} needs padding")
+                raise BcaError(f"module {name!r} has pad=False and block_size {p} needs padding")
     kernels = {n: torch.from_numpy(k) for n, k in files.kernels.items()}
     params = dict(model.named_parameters())
     saved_params = {n: torch.from_numpy(v) for n, v in files.modules_to_save.items()}
     for pname, t in saved_params.items():
         if pname not in params:
-            raise ValueError(
+            raise BcaError(
                 f"saved module parameter {pname!r} ({files.weights_path}) not found in the model"
             )
         if tuple(params[pname].shape) != tuple(t.shape):
-            raise ValueError(
+            raise ShapeError(
                 f"saved module parameter {pname!r} has shape {tuple(t.shape)} in "
                 f"{files.weights_path}, the model's has {tuple(params[pname].shape)}"
             )
@@ -360,7 +361,7 @@ def load_adapter(
             try:
                 match_modules_to_save(model, config)
             except ValueError as e:
-                raise ValueError(f"{doc.path}: {e}") from None
+                raise BcaError(f"{doc.path}: {e}") from None
         add_to_layers(model, sizes, config, target)
         model.bca_config = config  # type: ignore[assignment]
         model.bca_configs = {target: config}  # type: ignore[assignment]

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._errors import BcaError, ShapeError
+
 __all__ = [
     "BACKENDS",
     "KernelCache",
@@ -68,7 +70,7 @@ def block_circulant_dense(
     rounding) and differentiable with respect to ``kernel``.
     """
     if kernel.dim() != 3:
-        raise ValueError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
+        raise ShapeError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
     q_out, q_in, p = kernel.shape
     n_in = q_in * p if in_features is None else in_features
     n_out = q_out * p if out_features is None else out_features
@@ -81,7 +83,7 @@ def block_circulant_dense(
 
 def _check_padding(name: str, features: int, q: int, p: int) -> None:
     if not (q - 1) * p < features <= q * p:
-        raise ValueError(
+        raise ShapeError(
             f"{name}={features} does not fit {q} blocks of size {p}: need "
             f"{(q - 1) * p} < {name} <= {q * p}"
         )
@@ -684,7 +686,7 @@ def _check_rust_input(x: torch.Tensor, k: torch.Tensor) -> None:
             f"({_CORE_ERROR}); use backend='torch' or 'auto'"
         )
     if x.device.type != "cpu" or k.device.type != "cpu":
-        raise ValueError(
+        raise BcaError(
             f"backend='rust' runs on CPU only, got x on {x.device} and kernel on "
             f"{k.device}; use backend='torch' (or 'auto') for other devices"
         )
@@ -702,7 +704,7 @@ def _check_rust_input(x: torch.Tensor, k: torch.Tensor) -> None:
 
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise BcaError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def resolve_backend(
@@ -730,7 +732,7 @@ def _features(
     kernel: torch.Tensor, in_features: int | None, out_features: int | None
 ) -> tuple[int, int]:
     if kernel.dim() != 3:
-        raise ValueError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
+        raise ShapeError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
     q_out, q_in, p = (int(n) for n in kernel.shape)
     n_in = q_in * p if in_features is None else int(in_features)
     n_out = q_out * p if out_features is None else int(out_features)
@@ -744,12 +746,12 @@ def _check_x(x: object, in_features: int, *, batch: bool = False) -> torch.Tenso
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if batch:
         if x.dim() < 2 or x.shape[-1] != in_features:
-            raise ValueError(
+            raise ShapeError(
                 "a mixed batch needs x of shape (batch, ..., in_features="
                 f"{in_features}), got shape {tuple(x.shape)}"
             )
     elif x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(
+        raise ShapeError(
             f"x must have last dimension in_features={in_features}, got shape {tuple(x.shape)}"
         )
     if not x.is_floating_point():
@@ -844,11 +846,11 @@ def mixed_block_circulant(
     the Rust operators and, for kernels that need no gradient, the spectra.
     """
     if not kernels:
-        raise ValueError("kernels: at least one kernel is needed")
+        raise BcaError("kernels: at least one kernel is needed")
     n_in, n_out = _features(kernels[0], in_features, out_features)
     for k in kernels[1:]:
         if k.shape != kernels[0].shape or k.dtype != kernels[0].dtype:
-            raise ValueError(
+            raise ShapeError(
                 f"kernels must share one shape and dtype, got {tuple(kernels[0].shape)} "
                 f"{kernels[0].dtype} and {tuple(k.shape)} {k.dtype}"
             )
@@ -856,13 +858,13 @@ def mixed_block_circulant(
     batch = x.shape[0]
     index = [int(a) for a in adapter_index]
     if len(index) != batch:
-        raise ValueError(f"adapter_index has {len(index)} entries for a batch of {batch} rows")
+        raise ShapeError(f"adapter_index has {len(index)} entries for a batch of {batch} rows")
     if any(not -1 <= a < len(kernels) for a in index):
-        raise ValueError(f"adapter_index entries must be in [-1, {len(kernels)}), got {index}")
+        raise BcaError(f"adapter_index entries must be in [-1, {len(kernels)}), got {index}")
     scale_list = [1.0] * len(kernels) if scales is None else [float(s) for s in scales]
     cache_list = [KernelCache() for _ in kernels] if caches is None else list(caches)
     if len(scale_list) != len(kernels) or len(cache_list) != len(kernels):
-        raise ValueError("scales and caches need one entry per kernel")
+        raise BcaError("scales and caches need one entry per kernel")
     n_rows = x.numel() // n_in
     if n_rows == 0 or all(a < 0 for a in index):
         return x.new_zeros(*x.shape[:-1], n_out)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._errors import BcaError, ShapeError
 from .functional import (
     BACKENDS,
     KernelCache,
@@ -84,11 +85,11 @@ def check_adapter_name(name: object, arg: str = "adapter_name") -> str:
     if not isinstance(name, str) or not name:
         raise TypeError(f"{arg} must be a non-empty str, got {name!r}")
     if "." in name:
-        raise ValueError(f"{arg} must not contain '.', got {name!r} (it is a parameter name)")
+        raise BcaError(f"{arg} must not contain '.', got {name!r} (it is a parameter name)")
     if name == BASE_ADAPTER:
-        raise ValueError(f"{arg} {name!r} is reserved: it means 'no adapter' in a mixed batch")
+        raise BcaError(f"{arg} {name!r} is reserved: it means 'no adapter' in a mixed batch")
     if hasattr(_RESERVED, name):
-        raise ValueError(
+        raise BcaError(
             f"{arg} {name!r} is reserved (an attribute of torch's ParameterDict); pick another"
         )
     return name
@@ -98,7 +99,7 @@ def _check_scale(scale: object, arg: str = "scale") -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{arg} must be a float, got {type(scale).__name__}")
     if not math.isfinite(float(scale)):
-        raise ValueError(f"{arg} must be finite, got {scale}")
+        raise BcaError(f"{arg} must be finite, got {scale}")
     return float(scale)
 
 
@@ -170,7 +171,7 @@ class BlockCirculantLinear(nn.Module):
         if isinstance(base_layer, BlockCirculantLinear):  # pragma: no cover - defensive
             raise TypeError("base_layer is already a BlockCirculantLinear")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise BcaError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(pad, bool):
             raise TypeError(f"pad must be a bool, got {type(pad).__name__}")
 
@@ -209,15 +210,15 @@ class BlockCirculantLinear(nn.Module):
         """
         name = check_adapter_name(adapter_name)
         if name in self._adapters:
-            raise ValueError(f"adapter {name!r} already exists; delete_adapter it first")
+            raise BcaError(f"adapter {name!r} already exists; delete_adapter it first")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+            raise BcaError(f"block_size must be a positive int, got {block_size!r}")
         scale = _check_scale(scale)
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            raise BcaError(f"init must be one of {INITS}, got {init!r}")
         p = block_size
         if not self.pad and (self.in_features % p or self.out_features % p):
-            raise ValueError(
+            raise ShapeError(
                 f"block_size={p} does not divide the layer's shape (in_features="
                 f"{self.in_features}, out_features={self.out_features}) and pad=False; use "
                 "pad=True (zero padding) or a block size that divides both"
@@ -235,7 +236,7 @@ class BlockCirculantLinear(nn.Module):
         """Remove a named adapter (it must not be merged); it also leaves the active set."""
         name = self._known(adapter_name)
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged; unmerge before delete_adapter")
+            raise BcaError(f"adapter {name!r} is merged; unmerge before delete_adapter")
         del self.bca_kernels[name]
         del self._adapters[name]
         if name in self.active_adapters:
@@ -252,15 +253,13 @@ class BlockCirculantLinear(nn.Module):
         """
         names, ws = self._selection(adapter_names, weights)
         if len(set(names)) != len(names):
-            raise ValueError(f"adapter_names has duplicates: {names}")
+            raise BcaError(f"adapter_names has duplicates: {names}")
         self.active_adapters = names
         self.adapter_weights = dict(zip(names, ws, strict=True))
 
     def _known(self, adapter_name: str) -> str:
         if adapter_name not in self._adapters:
-            raise ValueError(
-                f"unknown adapter {adapter_name!r}; this layer has {self.adapter_names}"
-            )
+            raise BcaError(f"unknown adapter {adapter_name!r}; this layer has {self.adapter_names}")
         return adapter_name
 
     @property
@@ -269,7 +268,7 @@ class BlockCirculantLinear(nn.Module):
         if self.active_adapters:
             return self.active_adapters[0]
         if not self._adapters:
-            raise ValueError("this layer has no adapters")
+            raise BcaError("this layer has no adapters")
         return next(iter(self._adapters))
 
     @property
@@ -282,7 +281,7 @@ class BlockCirculantLinear(nn.Module):
         if not isinstance(value, bool):
             raise TypeError(f"adapter_enabled must be a bool, got {type(value).__name__}")
         if not value and self.merged_adapters:
-            raise ValueError(
+            raise BcaError(
                 f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
                 "unmerge before disabling adapters"
             )
@@ -312,7 +311,7 @@ class BlockCirculantLinear(nn.Module):
             a = 1.0 / math.sqrt(self.in_features)
             k.uniform_(-a, a)
         else:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            raise BcaError(f"init must be one of {INITS}, got {init!r}")
 
     @property
     def bca_kernel(self) -> nn.Parameter:
@@ -421,7 +420,7 @@ class BlockCirculantLinear(nn.Module):
     def _mixed_names(self, x: torch.Tensor, adapter_names: object) -> list[str]:
         """Check a mixed batch's arguments; return the names as a list."""
         if self.merged_adapters:
-            raise ValueError(
+            raise BcaError(
                 f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
                 "unmerge before running a mixed batch (adapter_names=...)"
             )
@@ -434,14 +433,14 @@ class BlockCirculantLinear(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 2 or x.shape[-1] != self.in_features:
-            raise ValueError(
+            raise ShapeError(
                 "a mixed batch needs x of shape (batch, ..., in_features="
                 f"{self.in_features}), got shape {tuple(x.shape)}"
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
         if len(names) != x.shape[0]:
-            raise ValueError(
+            raise ShapeError(
                 f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows "
                 f"(x.shape[0]); give one name per row"
             )
@@ -449,7 +448,7 @@ class BlockCirculantLinear(nn.Module):
             if not isinstance(n, str):
                 raise TypeError(f"adapter_names[{b}] must be a str, got {type(n).__name__}")
             if n != BASE_ADAPTER and n not in self._adapters:
-                raise ValueError(
+                raise BcaError(
                     f"adapter_names[{b}]: unknown adapter {n!r}; this layer has "
                     f"{self.adapter_names} ({BASE_ADAPTER!r}: no adapter)"
                 )
@@ -495,7 +494,7 @@ class BlockCirculantLinear(nn.Module):
         if adapter_name is not None:
             return self._adapter_forward(x, self._known(adapter_name), 1.0)
         if not self.active_adapters:
-            raise ValueError("no active adapter; call set_adapter or pass adapter_name")
+            raise BcaError("no active adapter; call set_adapter or pass adapter_name")
         out: torch.Tensor | None = None
         for name in self.active_adapters:
             y = self._adapter_forward(x, name, self.adapter_weights.get(name, 1.0))
@@ -528,7 +527,7 @@ class BlockCirculantLinear(nn.Module):
         """``(names, weights)``: the active adapters by default, else the given ones."""
         if adapter_names is None:
             if weights is not None:
-                raise ValueError("weights needs adapter_names")
+                raise BcaError("weights needs adapter_names")
             names = list(self.active_adapters)
             return names, [self.adapter_weights.get(n, 1.0) for n in names]
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -538,7 +537,7 @@ class BlockCirculantLinear(nn.Module):
             return names, [1.0] * len(names)
         ws = [_check_scale(w, "weights") for w in weights]
         if len(ws) != len(names):
-            raise ValueError(f"weights has {len(ws)} entries for {len(names)} adapters")
+            raise BcaError(f"weights has {len(ws)} entries for {len(names)} adapters")
         return names, ws
 
     # -- dense update, merge ------------------------------------------------------------
@@ -555,7 +554,7 @@ class BlockCirculantLinear(nn.Module):
         """
         names, ws = self._selection(adapter_names, weights)
         if not names:
-            raise ValueError("no adapter to build ΔW from (no active adapter)")
+            raise BcaError("no adapter to build ΔW from (no active adapter)")
         total: torch.Tensor | None = None
         for name, w in zip(names, ws, strict=True):
             state = self._adapters[self._known(name)]
@@ -584,7 +583,7 @@ class BlockCirculantLinear(nn.Module):
             return self.bca_kernels[name].detach(), self._adapters[name].scale * w
         sizes = {self._adapters[n].block_size for n, _ in live}
         if len(sizes) != 1:
-            raise ValueError(
+            raise BcaError(
                 f"active adapters {[n for n, _ in live]} have different block sizes "
                 f"{sorted(sizes)}; they cannot be combined into one kernel"
             )
@@ -611,7 +610,7 @@ class BlockCirculantLinear(nn.Module):
         for n in names:
             self._known(n)
         if not self._adapter_enabled:
-            raise ValueError("adapters are disabled; enable them before merge()")
+            raise BcaError("adapters are disabled; enable them before merge()")
         todo = [(n, w) for n, w in zip(names, ws, strict=True) if n not in self.merged_adapters]
         if not todo:
             warnings.warn("adapter already merged (or none active); merge() ignored", stacklevel=2)
