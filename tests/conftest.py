@@ -84,6 +84,29 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# -- `make wheel-test`: the tests must run against the installed wheel -----------------
+# BCA_EXPECT_INSTALLED_UNDER=DIR (set by `make wheel-test` to its venv) makes the session
+# fail at its start unless bca and its extension are imported from under DIR, so a
+# checkout's python/ on sys.path cannot stand in for the wheel unnoticed.
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    prefix = os.environ.get("BCA_EXPECT_INSTALLED_UNDER")
+    if not prefix:
+        return
+    import bca
+    import bca._bca
+
+    root = os.path.realpath(prefix) + os.sep
+    for module in (bca, bca._bca):
+        where = os.path.realpath(str(module.__file__))
+        if not where.startswith(root):
+            raise pytest.UsageError(
+                f"BCA_EXPECT_INSTALLED_UNDER={prefix}: {module.__name__} is imported from "
+                f"{where}, not from the installed wheel"
+            )
+
+
 def dense_oracle(
     kernel: np.ndarray, in_features: int | None = None, out_features: int | None = None
 ) -> np.ndarray:
