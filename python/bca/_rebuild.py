@@ -166,7 +166,7 @@ def onnx_error(path: str | os.PathLike[str], model: Any, inputs: Mapping[str, An
     ``path`` run in onnxruntime (CPU) and those of ``model`` on ``inputs`` (keyword
     tensors; inputs the graph does not take are left out)."""
     import numpy as np
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]
     import torch
 
     opts = ort.SessionOptions()

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from .._adapter_format import BcaFormatError
 from . import bench, demo, experiment, export, info, merge, serve
-from ._common import EXIT_ERROR, EXIT_USAGE, CLIError
+from ._common import EXIT_ERROR, EXIT_USAGE, CLIError, install_hint
 from ._common import options as _options  # noqa: F401 - bca.cli._options (tests)
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -81,7 +81,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for the user, traceback on request
         if os.environ.get("BCA_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "" if isinstance(exc, (CLIError, BcaFormatError)) else f"{type(exc).__name__}: "
-        print(f"bca {args.command}: error: {kind}{msg}", file=sys.stderr)
+        print(f"bca {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+#: errors whose message is the whole story: printed without the exception's class name
+_PLAIN_ERRORS = (CLIError, BcaFormatError, ValueError, TypeError, RuntimeError, MemoryError)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for the user: the message alone for the errors a user's input causes
+    (bad files, values, missing packages), with the class name and a hint for anything
+    else (a bug, to report with ``BCA_DEBUG=1``'s traceback)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        name = exc.name.split(".")[0]
+        return f"needs {name}, not installed here; {install_hint([name])}"
+    if isinstance(exc, OSError):
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return first or type(exc).__name__
+    if isinstance(exc, (*_PLAIN_ERRORS, ImportError)) and first:
+        return first
+    return f"{type(exc).__name__}: {first} (a bug? BCA_DEBUG=1 shows the traceback)".replace(
+        ":  (", " ("
+    )

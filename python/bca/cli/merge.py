@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from .. import _adapter_format
-from ._common import CLIError, adapter_dir
+from ._common import adapter_dir, output_dir
 from .export import load_adapted
 
 
@@ -29,10 +28,8 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = output_dir(args.output, "--output")
     adapter = adapter_dir(args.adapter)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--output {args.output!r} exists and is not a folder")
     tok, model, info = load_adapted(adapter, args.base)
     from ..model import merge_and_unload
 

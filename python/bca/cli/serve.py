@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import EXIT_USAGE, CLIError, adapter_dir, float_list, need
+from ._common import (
+    EXIT_USAGE,
+    CLIError,
+    adapter_dir,
+    float_list,
+    need,
+    onnx_file,
+    output_dir,
+    output_file,
+)
 from .export import add_export_options, load_adapted
 
 
@@ -92,23 +101,15 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     si.add_argument("--json", action="store_true", help="print the layout as JSON")
 
 
-def _serve_graph(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise CLIError(f"--graph {text!r}: no such file")
-    return path
-
-
 def _export(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if out.suffix != ".onnx":
-        raise CLIError(f"--output {args.output!r} must end with .onnx")
-    dirs = [adapter_dir(a) for a in args.adapter]
-    need("onnx", "onnx")
+    out = output_file(args.output, "--output", ".onnx")
     if args.patch is not None:
-        base = Path(args.patch)
-        if not base.is_file():
-            raise CLIError(f"--patch {args.patch!r}: no such file")
+        need("patching", ["onnx"])
+    else:
+        need("exporting", ["onnx", "onnxruntime"])
+    base = onnx_file(args.patch, "--patch") if args.patch is not None else None
+    dirs = [adapter_dir(a) for a in args.adapter]
+    if base is not None:
         from ..onnx import patch_model
 
         path = patch_model(
@@ -152,15 +153,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _adapter(args: argparse.Namespace) -> int:
-    graph = _serve_graph(args.graph)
-    dirs = [adapter_dir(a) for a in args.adapter]
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"--out-dir {args.out_dir!r} exists and is not a folder")
     if args.weights is not None and args.combine is None:
         raise CLIError("--weights needs --combine NAME")
-    need("onnx", "onnx")
-    need("onnxruntime", "onnx")
+    out_dir = output_dir(args.out_dir, "--out-dir")
+    need("writing adapter files", ["onnx", "onnxruntime"])
+    graph = onnx_file(args.graph, "--graph")
+    dirs = [adapter_dir(a) for a in args.adapter]
     from ..onnx import ADAPTER_FILE_SUFFIX, adapter_feeds, servable_layout, write_ort_adapter
     from ..onnx._io import read_adapter
 
@@ -192,10 +190,8 @@ def _adapter(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    graph = Path(args.graph)
-    if not graph.is_file():
-        raise CLIError(f"{args.graph!r}: no such file")
-    need("onnx", "onnx")
+    need("reading a servable graph", ["onnx"])
+    graph = onnx_file(args.graph)
     from ..onnx import servable_layout
 
     layout = servable_layout(graph)
