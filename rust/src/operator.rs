@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use rayon::prelude::*;
-use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
-use rustfft::num_complex::Complex;
 
 use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_grow, try_vec};
+use crate::rfft::{FftScratch, RealFft};
 use crate::simd;
 use crate::threads;
 use crate::{BcaError, Float, Shape};
@@ -29,10 +28,6 @@ const BACKWARD_BLOCK_BYTES: usize = 4 << 20;
 /// Most idle workspaces an operator keeps for reuse.
 const MAX_POOLED_WORKSPACES: usize = 64;
 
-fn fft_err(e: impl std::fmt::Display) -> BcaError {
-    BcaError::Fft(e.to_string())
-}
-
 /// Returns an error naming `arg` when `data` holds NaN or ±Inf.
 pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<(), BcaError> {
     if simd::all_finite(data) {
@@ -44,9 +39,7 @@ pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<()
 
 /// Per-task scratch memory, reused across calls.
 struct Workspace<T> {
-    time: Vec<T>,
-    freq: Vec<Complex<T>>,
-    scratch: Vec<Complex<T>>,
+    fft: FftScratch<T>,
     a_re: Vec<T>,
     a_im: Vec<T>,
     b_re: Vec<T>,
@@ -56,14 +49,12 @@ struct Workspace<T> {
 impl<T> Workspace<T> {
     fn bytes(&self) -> usize {
         let t = std::mem::size_of::<T>();
-        let c = std::mem::size_of::<Complex<T>>();
-        (self.time.capacity()
-            + self.a_re.capacity()
-            + self.a_im.capacity()
-            + self.b_re.capacity()
-            + self.b_im.capacity())
-            * t
-            + (self.freq.capacity() + self.scratch.capacity()) * c
+        self.fft.bytes()
+            + (self.a_re.capacity()
+                + self.a_im.capacity()
+                + self.b_re.capacity()
+                + self.b_im.capacity())
+                * t
     }
 }
 
@@ -133,9 +124,7 @@ pub struct BlockCirculant<T: Float> {
     kernel: Vec<T>,
     fwd: Spectra<T>,
     bwd: Spectra<T>,
-    r2c: Arc<dyn RealToComplex<T>>,
-    c2r: Arc<dyn ComplexToReal<T>>,
-    scratch_len: usize,
+    fft: Arc<RealFft<T>>,
     /// Frequency stride of every spectrum buffer (F rounded up to the SIMD tile).
     f_pad: usize,
     num_threads: AtomicUsize,
@@ -176,13 +165,11 @@ impl<T: Float> BlockCirculant<T> {
         // Planning allocates (twiddles, scratch) infallibly, a few times p complex values:
         // make sure that much memory can be had first.
         probe(
-            mul(p, 4 * std::mem::size_of::<Complex<T>>(), "kernel")?,
+            mul(p, 8 * std::mem::size_of::<T>(), "kernel")?,
             "the FFT plans",
         )?;
-        let mut planner = RealFftPlanner::<T>::new();
-        let r2c = planner.plan_fft_forward(p);
-        let c2r = planner.plan_fft_inverse(p);
-        let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
+        let fft = Arc::new(RealFft::new(p));
+        debug_assert_eq!(fft.f_pad(), f_pad);
         let empty = |q_a, q_b| Spectra {
             re: Vec::new(),
             im: Vec::new(),
@@ -194,9 +181,7 @@ impl<T: Float> BlockCirculant<T> {
             kernel: Vec::new(),
             fwd: empty(q_in, q_out),
             bwd: empty(q_out, q_in),
-            r2c,
-            c2r,
-            scratch_len,
+            fft,
             f_pad,
             num_threads: AtomicUsize::new(0),
             workspaces: Arc::new(WorkspacePool::new()),
@@ -256,19 +241,17 @@ impl<T: Float> BlockCirculant<T> {
         let mut ws = self.take_workspace(0)?;
         for (b, block) in kernel.chunks_exact(p).enumerate() {
             let (i, j) = (b / s.q_in, b % s.q_in);
-            ws.time.copy_from_slice(block);
-            self.r2c
-                .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
-                .map_err(fft_err)?;
-            for (f, c) in ws.freq.iter().enumerate() {
-                let at_f = i * s.q_in * f_pad + simd::packed(s.q_in, j, f);
-                let at_b = j * s.q_out * f_pad + simd::packed(s.q_out, i, f);
-                let (c_re, c_im) = (c.re * inv_p, c.im * inv_p);
-                fwd.re[at_f] = c_re;
-                fwd.im[at_f] = c_im;
-                bwd.re[at_b] = c_re;
-                bwd.im[at_b] = -c_im;
-            }
+            self.fft.forward(block, &mut ws.fft, |t, re, im| {
+                let at_f = i * s.q_in * f_pad + simd::packed(s.q_in, j, t * simd::LANES);
+                let at_b = j * s.q_out * f_pad + simd::packed(s.q_out, i, t * simd::LANES);
+                for l in 0..simd::LANES {
+                    let (c_re, c_im) = (re[l] * inv_p, im[l] * inv_p);
+                    fwd.re[at_f + l] = c_re;
+                    fwd.im[at_f + l] = c_im;
+                    bwd.re[at_b + l] = c_re;
+                    bwd.im[at_b + l] = -c_im;
+                }
+            })?;
         }
         self.give_back_workspace(ws);
         let mut kernel_copy = Vec::new();
@@ -284,9 +267,7 @@ impl<T: Float> BlockCirculant<T> {
             kernel: kernel_copy,
             fwd,
             bwd,
-            r2c: self.r2c.clone(),
-            c2r: self.c2r.clone(),
-            scratch_len: self.scratch_len,
+            fft: self.fft.clone(),
             f_pad,
             num_threads: AtomicUsize::new(self.num_threads()),
             workspaces: self.workspaces.clone(),
@@ -360,11 +341,8 @@ impl<T: Float> BlockCirculant<T> {
     }
 
     fn new_workspace(&self) -> Result<Workspace<T>, BcaError> {
-        let what = "an FFT workspace";
         Ok(Workspace {
-            time: try_vec(self.shape.p, T::zero(), what)?,
-            freq: try_vec(self.shape.n_freq(), Complex::default(), what)?,
-            scratch: try_vec(self.scratch_len, Complex::default(), what)?,
+            fft: self.fft.scratch()?,
             a_re: Vec::new(),
             a_im: Vec::new(),
             b_re: Vec::new(),
@@ -435,42 +413,19 @@ impl<T: Float> BlockCirculant<T> {
                 if !simd::all_finite(block) {
                     return Err(BcaError::NonFinite { arg });
                 }
-                ws.time[..hi - lo].copy_from_slice(block);
-                ws.time[hi - lo..].fill(T::zero());
-                self.r2c
-                    .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
-                    .map_err(fft_err)?;
                 let first = if by_row {
                     simd::packed_by_row(q, rows, r, j, 0)
                 } else {
                     r * q * f_pad + simd::packed(q, j, 0)
                 };
-                for (t, tile) in ws.freq.chunks(simd::LANES).enumerate() {
+                self.fft.forward(block, &mut ws.fft, |t, tr, ti| {
                     let at = first + t * tile_stride;
-                    let n = tile.len();
-                    let (dr, di) = (&mut re[at..at + n], &mut im[at..at + n]);
-                    for ((c, a), b) in tile.iter().zip(dr).zip(di) {
-                        *a = c.re;
-                        *b = c.im;
-                    }
-                }
+                    re[at..at + simd::LANES].copy_from_slice(tr);
+                    im[at..at + simd::LANES].copy_from_slice(ti);
+                })?;
             }
         }
         Ok(())
-    }
-
-    /// Complex-to-real transform of `ws.freq` into `ws.time` (unnormalised).
-    fn inverse(&self, ws: &mut Workspace<T>) -> Result<(), BcaError> {
-        // The spectrum of a real signal has real DC and Nyquist bins; rounding, or an
-        // overflow to Inf, must not make realfft refuse it.
-        let f_n = ws.freq.len();
-        ws.freq[0].im = T::zero();
-        if self.shape.p.is_multiple_of(2) {
-            ws.freq[f_n - 1].im = T::zero();
-        }
-        self.c2r
-            .process_with_scratch(&mut ws.freq, &mut ws.time, &mut ws.scratch)
-            .map_err(fft_err)
     }
 
     /// Inverse transform of `q` spectra (F each) into one row of `dst` (width `d`), / p.
@@ -484,19 +439,19 @@ impl<T: Float> BlockCirculant<T> {
         // The kernel spectra carry the inverse transform's 1/p (see `with_kernel`).
         let p = self.shape.p;
         let d = dst.len();
+        const L: usize = simd::LANES;
         for i in 0..q {
             let first = simd::packed(q, i, 0);
-            for (t, tile) in ws.freq.chunks_mut(simd::LANES).enumerate() {
-                let at = first + t * q * simd::LANES;
-                let n = tile.len();
-                for ((c, &a), &b) in tile.iter_mut().zip(&re[at..at + n]).zip(&im[at..at + n]) {
-                    *c = Complex::new(a, b);
-                }
-            }
-            self.inverse(ws)?;
             let lo = i * p;
             let hi = (lo + p).min(d);
-            dst[lo..hi].copy_from_slice(&ws.time[..hi - lo]);
+            self.fft.inverse(
+                |t| {
+                    let at = first + t * q * L;
+                    (&re[at..at + L], &im[at..at + L])
+                },
+                &mut dst[lo..hi],
+                &mut ws.fft,
+            )?;
         }
         Ok(())
     }
@@ -956,15 +911,17 @@ impl<T: Float> BlockCirculant<T> {
                 .chunks_exact_mut(p)
                 .enumerate()
                 .try_for_each(|(j, block)| {
-                    for (f, c) in ws.freq.iter_mut().enumerate() {
+                    let (pr, pi) = ws.fft.planes_mut();
+                    for (f, (a, b)) in pr.iter_mut().zip(pi.iter_mut()).enumerate() {
                         let at = (f / simd::LANES) * slab
                             + (i * q_in + j) * simd::LANES
                             + f % simd::LANES;
-                        *c = Complex::new(T::narrow(k_re[at]), T::narrow(k_im[at]));
+                        *a = T::narrow(k_re[at]);
+                        *b = T::narrow(k_im[at]);
                     }
-                    self.inverse(&mut ws)?;
-                    for (o, &t) in block.iter_mut().zip(ws.time.iter()) {
-                        *o = t * scale;
+                    self.fft.inverse_contiguous(block, &mut ws.fft)?;
+                    for o in block.iter_mut() {
+                        *o = *o * scale;
                     }
                     Ok(())
                 });

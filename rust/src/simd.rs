@@ -55,6 +55,7 @@ macro_rules! dispatch_avx2 {
         $generic($($arg),*)
     }};
 }
+pub(crate) use dispatch_avx2;
 
 #[inline(always)]
 fn load<T: Float>(src: &[T], at: usize) -> Lane<T> {
