@@ -251,7 +251,7 @@ impl<T: Float> BlockCirculant<T> {
                     bwd.re[at_b + l] = c_re;
                     bwd.im[at_b + l] = -c_im;
                 }
-            })?;
+            })?; // finite: checked above
         }
         self.give_back_workspace(ws);
         let mut kernel_copy = Vec::new();
@@ -409,20 +409,20 @@ impl<T: Float> BlockCirculant<T> {
                 let lo = j * p;
                 let hi = (lo + p).min(d);
                 let block = &row[lo..hi];
-                // Checked here, while the block is in cache, rather than in a separate pass.
-                if !simd::all_finite(block) {
-                    return Err(BcaError::NonFinite { arg });
-                }
                 let first = if by_row {
                     simd::packed_by_row(q, rows, r, j, 0)
                 } else {
                     r * q * f_pad + simd::packed(q, j, 0)
                 };
-                self.fft.forward(block, &mut ws.fft, |t, tr, ti| {
+                // NaN/Inf are found while the block is copied, not in a separate pass.
+                let finite = self.fft.forward(block, &mut ws.fft, |t, tr, ti| {
                     let at = first + t * tile_stride;
                     re[at..at + simd::LANES].copy_from_slice(tr);
                     im[at..at + simd::LANES].copy_from_slice(ti);
                 })?;
+                if !finite {
+                    return Err(BcaError::NonFinite { arg });
+                }
             }
         }
         Ok(())

@@ -150,13 +150,15 @@ impl<T: Float> RealFft<T> {
 
     /// Spectrum of `block` (at most p samples, zero-padded to p), handed to `sink` one
     /// tile at a time: `sink(t, re, im)` gets frequencies t·LANES.. (padding lanes zero).
+    /// Returns false, without calling `sink`, when `block` holds NaN or ±Inf (checked
+    /// while it is copied, not in a separate pass).
     #[inline]
     pub(crate) fn forward(
         &self,
         block: &[T],
         ws: &mut FftScratch<T>,
         mut sink: impl FnMut(usize, &[T; LANES], &[T; LANES]),
-    ) -> Result<(), BcaError> {
+    ) -> Result<bool, BcaError> {
         let n = block.len().min(self.p);
         match &self.plan {
             Plan::Even {
@@ -165,7 +167,9 @@ impl<T: Float> RealFft<T> {
                 let h = self.p / 2;
                 {
                     let flat = as_flat_mut(&mut ws.buf[..h]);
-                    flat[..n].copy_from_slice(&block[..n]);
+                    if !copy_finite(&mut flat[..n], &block[..n]) {
+                        return Ok(false);
+                    }
                     flat[n..].fill(T::zero());
                 }
                 fwd.process_with_scratch(&mut ws.buf[..h], &mut ws.scratch);
@@ -185,7 +189,9 @@ impl<T: Float> RealFft<T> {
                 }
             }
             Plan::Odd { r2c, .. } => {
-                ws.time[..n].copy_from_slice(&block[..n]);
+                if !copy_finite(&mut ws.time[..n], &block[..n]) {
+                    return Ok(false);
+                }
                 ws.time[n..].fill(T::zero());
                 r2c.process_with_scratch(&mut ws.time, &mut ws.buf, &mut ws.scratch)
                     .map_err(fft_err)?;
@@ -202,7 +208,7 @@ impl<T: Float> RealFft<T> {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Unnormalised inverse (p · x) of the spectrum that `source(t)` gives tile by tile
@@ -250,9 +256,16 @@ impl<T: Float> RealFft<T> {
                     b_im,
                     ..
                 } = ws;
-                split_inverse(h, (a_re, a_im), (b_re, b_im), (tw_re, tw_im), &mut buf[..h]);
-                inv.process_with_scratch(&mut buf[..h], scratch);
-                dst[..n].copy_from_slice(&as_flat_mut(&mut buf[..h])[..n]);
+                if n == self.p {
+                    // A whole block: transform in place in the destination.
+                    let out = as_complex_mut(dst);
+                    split_inverse(h, (a_re, a_im), (b_re, b_im), (tw_re, tw_im), out);
+                    inv.process_with_scratch(out, scratch);
+                } else {
+                    split_inverse(h, (a_re, a_im), (b_re, b_im), (tw_re, tw_im), &mut buf[..h]);
+                    inv.process_with_scratch(&mut buf[..h], scratch);
+                    dst[..n].copy_from_slice(&as_flat_mut(&mut buf[..h])[..n]);
+                }
             }
             Plan::Odd { c2r, .. } => {
                 for (k, c) in ws.buf.iter_mut().enumerate() {
@@ -283,6 +296,36 @@ fn as_flat_mut<T: Float>(v: &mut [Complex<T>]) -> &mut [T] {
     // values is 2n contiguous, initialised, properly aligned T values; the borrow is
     // carried over.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<T>(), len) }
+}
+
+/// An even number of samples as complex values (pairs).
+fn as_complex_mut<T: Float>(v: &mut [T]) -> &mut [Complex<T>] {
+    debug_assert!(v.len().is_multiple_of(2));
+    let len = v.len() / 2;
+    // SAFETY: as in `as_flat_mut`: `Complex<T>` is `#[repr(C)]` { re: T, im: T } with
+    // the alignment of T, so 2n contiguous T values are n complex values.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<Complex<T>>(), len) }
+}
+
+/// `dst ← src`; true when every value is finite (no NaN, no ±Inf).
+fn copy_finite<T: Float>(dst: &mut [T], src: &[T]) -> bool {
+    crate::simd::dispatch_avx2!(copy_finite_body, copy_finite_avx2(dst, src))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_finite_avx2<T: Float>(dst: &mut [T], src: &[T]) -> bool {
+    copy_finite_body(dst, src)
+}
+
+#[inline(always)]
+fn copy_finite_body<T: Float>(dst: &mut [T], src: &[T]) -> bool {
+    let inf = T::infinity();
+    // |v| < inf is false for ±Inf and for NaN; branch-free so that it vectorises.
+    dst.iter_mut().zip(src).fold(true, |ok, (d, &v)| {
+        *d = v;
+        ok & (v.abs() < inf)
+    })
 }
 
 type PlanesMut<'a, T> = (&'a mut [T], &'a mut [T]);
@@ -454,11 +497,13 @@ mod tests {
             let want = dft(&full);
             let f_n = p / 2 + 1;
             let (mut re, mut im) = (vec![T::zero(); fft.f_pad()], vec![T::zero(); fft.f_pad()]);
-            fft.forward(&x, &mut ws, |t, r, i| {
-                re[t * LANES..(t + 1) * LANES].copy_from_slice(r);
-                im[t * LANES..(t + 1) * LANES].copy_from_slice(i);
-            })
-            .unwrap();
+            let finite = fft
+                .forward(&x, &mut ws, |t, r, i| {
+                    re[t * LANES..(t + 1) * LANES].copy_from_slice(r);
+                    im[t * LANES..(t + 1) * LANES].copy_from_slice(i);
+                })
+                .unwrap();
+            assert!(finite);
             let scale = (p as f64).sqrt();
             for k in 0..f_n {
                 let (gr, gi) = (re[k].to_f64().unwrap(), im[k].to_f64().unwrap());
@@ -471,7 +516,7 @@ mod tests {
             }
             // inverse: p·x back; junk in the ignored imaginary DC/Nyquist bins
             im[0] = T::from(3.0).unwrap();
-            if p % 2 == 0 {
+            if p.is_multiple_of(2) {
                 im[p / 2] = T::from(-2.0).unwrap();
             }
             let mut back = vec![T::zero(); p];
@@ -508,6 +553,25 @@ mod tests {
             )
             .unwrap();
             assert_eq!(short[..], back[..len]);
+        }
+    }
+
+    #[test]
+    fn refuses_non_finite_blocks() {
+        for p in [6, 7, 64] {
+            let fft = RealFft::<f32>::new(p);
+            let mut ws = fft.scratch().unwrap();
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut x = vec![1.0f32; p];
+                x[p - 1] = bad;
+                let mut called = false;
+                let ok = fft.forward(&x, &mut ws, |_, _, _| called = true).unwrap();
+                assert!(!ok && !called, "p={p} {bad}");
+            }
+            let ok = fft
+                .forward(&vec![f32::MAX; p], &mut ws, |_, _, _| ())
+                .unwrap();
+            assert!(ok);
         }
     }
 
