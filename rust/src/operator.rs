@@ -390,10 +390,9 @@ impl<T: Float> BlockCirculant<T> {
     /// Spectra of the rows of `src` (row width `d`, `q` blocks) into planes: one packed
     /// group per row (`by_row` false) or the chunk's row-transposed layout (`by_row` true).
     #[allow(clippy::too_many_arguments)]
-    fn rows_to_spectra(
+    fn rows_to_spectra<'r>(
         &self,
-        src: &[T],
-        d: usize,
+        src: impl ExactSizeIterator<Item = &'r [T]>,
         q: usize,
         (re, im): (&mut [T], &mut [T]),
         by_row: bool,
@@ -401,10 +400,11 @@ impl<T: Float> BlockCirculant<T> {
         ws: &mut Workspace<T>,
     ) -> Result<(), BcaError> {
         let (p, f_pad) = (self.shape.p, self.f_pad);
-        let rows = src.len() / d;
+        let rows = src.len();
         // Consecutive tiles of LANES frequencies of one spectrum are `tile_stride` apart.
         let tile_stride = if by_row { q * rows } else { q } * simd::LANES;
-        for (r, row) in src.chunks_exact(d).enumerate() {
+        for (r, row) in src.enumerate() {
+            let d = row.len();
             for j in 0..q {
                 let lo = j * p;
                 let hi = (lo + p).min(d);
@@ -458,16 +458,18 @@ impl<T: Float> BlockCirculant<T> {
 
     /// Rows whose spectra are `src` (rows, q_a, F) → rows of `dst` (width `d_b`) through
     /// one orientation of the kernel spectra.
-    fn product_to_rows(
+    fn product_to_rows<'r>(
         &self,
         src: (&[T], &[T]),
         spectra: &Spectra<T>,
-        dst: &mut [T],
-        d_b: usize,
+        dst: impl ExactSizeIterator<Item = &'r mut [T]>,
         ws: &mut Workspace<T>,
-    ) -> Result<(), BcaError> {
+    ) -> Result<(), BcaError>
+    where
+        T: 'r,
+    {
         let f_pad = self.f_pad;
-        let rows = dst.len() / d_b;
+        let rows = dst.len();
         let n_b = rows * spectra.q_b * f_pad;
         let mut y_re = std::mem::take(&mut ws.b_re);
         let mut y_im = std::mem::take(&mut ws.b_im);
@@ -480,34 +482,34 @@ impl<T: Float> BlockCirculant<T> {
             (&mut y_re[..n_b], &mut y_im[..n_b]),
         );
         let row_b = spectra.q_b * f_pad;
-        let result = dst
-            .chunks_exact_mut(d_b)
-            .enumerate()
-            .try_for_each(|(r, row)| {
-                let o = r * row_b;
-                self.spectra_to_row(
-                    (&y_re[o..o + row_b], &y_im[o..o + row_b]),
-                    spectra.q_b,
-                    row,
-                    ws,
-                )
-            });
+        let result = dst.enumerate().try_for_each(|(r, row)| {
+            let o = r * row_b;
+            self.spectra_to_row(
+                (&y_re[o..o + row_b], &y_im[o..o + row_b]),
+                spectra.q_b,
+                row,
+                ws,
+            )
+        });
         ws.b_re = y_re;
         ws.b_im = y_im;
         result
     }
 
-    /// One chunk of rows: `src` (rows × d_a) → `dst` (rows × d_b).
-    fn apply_chunk(
+    /// One chunk of rows (at most a workspace's worth): each row of `src` (width d_a) →
+    /// the matching row of `dst` (width d_b). The rows need not be contiguous.
+    fn apply_chunk<'r>(
         &self,
         arg: &'static str,
-        src: &[T],
-        d_a: usize,
+        src: impl ExactSizeIterator<Item = &'r [T]>,
         spectra: &Spectra<T>,
-        dst: &mut [T],
-        d_b: usize,
-    ) -> Result<(), BcaError> {
-        let rows = src.len() / d_a;
+        dst: impl ExactSizeIterator<Item = &'r mut [T]>,
+    ) -> Result<(), BcaError>
+    where
+        T: 'r,
+    {
+        let rows = src.len();
+        debug_assert_eq!(rows, dst.len());
         let n_a = rows * spectra.q_a * self.f_pad;
         let mut ws = self.take_workspace(rows)?;
         let mut a_re = std::mem::take(&mut ws.a_re);
@@ -515,7 +517,6 @@ impl<T: Float> BlockCirculant<T> {
         let result = self
             .rows_to_spectra(
                 src,
-                d_a,
                 spectra.q_a,
                 (&mut a_re[..n_a], &mut a_im[..n_a]),
                 false,
@@ -523,7 +524,7 @@ impl<T: Float> BlockCirculant<T> {
                 &mut ws,
             )
             .and_then(|()| {
-                self.product_to_rows((&a_re[..n_a], &a_im[..n_a]), spectra, dst, d_b, &mut ws)
+                self.product_to_rows((&a_re[..n_a], &a_im[..n_a]), spectra, dst, &mut ws)
             });
         ws.a_re = a_re;
         ws.a_im = a_im;
@@ -551,7 +552,9 @@ impl<T: Float> BlockCirculant<T> {
         }
         let pool = self.parallel_pool(n_rows);
         let rows = Self::rows_per_chunk(n_rows, &pool);
-        let work = |(s, d): (&[T], &mut [T])| self.apply_chunk(arg, s, d_a, spectra, d, d_b);
+        let work = |(s, d): (&[T], &mut [T])| {
+            self.apply_chunk(arg, s.chunks_exact(d_a), spectra, d.chunks_exact_mut(d_b))
+        };
         match pool {
             Some(pool) => pool.install(|| {
                 src.par_chunks(rows * d_a)
@@ -566,27 +569,54 @@ impl<T: Float> BlockCirculant<T> {
     }
 
     /// ΔW x (`transposed` false: rows of width in_features → out_features) or ΔWᵀ g
-    /// (`transposed` true: out_features → in_features) for the contiguous rows of `src`
-    /// into `dst`, on the calling thread, through this operator's spectra and workspaces.
-    /// NaN/Inf are refused per block (naming x or grad_output). For `mixed.rs`, which runs row groups of several operators in
+    /// (`transposed` true: out_features → in_features) for the rows `rows` of `src`
+    /// (n × d_a, row-major) into `dst[k]` for the k-th of them, on the calling thread,
+    /// through this operator's spectra and workspaces: rows are read and written where
+    /// they are, never gathered. NaN/Inf are refused per block (naming x or
+    /// grad_output). For `mixed.rs`, which runs row groups of several operators in
     /// parallel itself.
-    pub(crate) fn apply_rows(
+    pub(crate) fn apply_indexed(
         &self,
         transposed: bool,
         src: &[T],
-        dst: &mut [T],
+        rows: &[usize],
+        dst: &mut [&mut [T]],
     ) -> Result<(), BcaError> {
         let s = self.shape;
         let (spectra, d_a, d_b, arg) = match transposed {
             false => (&self.fwd, s.in_features, s.out_features, "x"),
             true => (&self.bwd, s.out_features, s.in_features, "grad_output"),
         };
-        let n_rows = src.len() / d_a;
-        Self::check_len("src", src, n_rows, d_a)?;
-        Self::check_len("dst", dst, n_rows, d_b)?;
-        src.chunks(MAX_ROWS_PER_CHUNK * d_a)
-            .zip(dst.chunks_mut(MAX_ROWS_PER_CHUNK * d_b))
-            .try_for_each(|(s, d)| self.apply_chunk(arg, s, d_a, spectra, d, d_b))
+        if rows.len() != dst.len() {
+            return Err(BcaError::invalid(
+                "dst",
+                "one output row per input row is needed",
+            ));
+        }
+        let n_src = src.len() / d_a;
+        Self::check_len("src", src, n_src, d_a)?;
+        if let Some(&r) = rows.iter().find(|&&r| r >= n_src) {
+            return Err(BcaError::invalid(
+                "rows",
+                format!("row {r} is out of range"),
+            ));
+        }
+        if dst.iter().any(|row| row.len() != d_b) {
+            return Err(BcaError::invalid(
+                "dst",
+                format!("rows of {d_b} values expected"),
+            ));
+        }
+        rows.chunks(MAX_ROWS_PER_CHUNK)
+            .zip(dst.chunks_mut(MAX_ROWS_PER_CHUNK))
+            .try_for_each(|(rs, ds)| {
+                self.apply_chunk(
+                    arg,
+                    rs.iter().map(|&r| &src[r * d_a..(r + 1) * d_a]),
+                    spectra,
+                    ds.iter_mut().map(|row| &mut **row),
+                )
+            })
     }
 
     fn check_len(arg: &'static str, data: &[T], n_rows: usize, d: usize) -> Result<(), BcaError> {
@@ -805,12 +835,11 @@ impl<T: Float> BlockCirculant<T> {
                 let mut a_im = std::mem::take(&mut ws.a_im);
                 let n_g = chunk_rows * row_g;
                 let r = self
-                    .rows_to_spectra(xc, d_in, q_in, (xr, xi), true, "x", &mut ws)
+                    .rows_to_spectra(xc.chunks_exact(d_in), q_in, (xr, xi), true, "x", &mut ws)
                     .and_then(|()| {
                         let g_planes = (&mut a_re[..n_g], &mut a_im[..n_g]);
                         self.rows_to_spectra(
-                            gc,
-                            d_out,
+                            gc.chunks_exact(d_out),
                             q_out,
                             g_planes,
                             false,
@@ -835,8 +864,7 @@ impl<T: Float> BlockCirculant<T> {
                             Some(gx) => self.product_to_rows(
                                 (&a_re[..n_g], &a_im[..n_g]),
                                 &self.bwd,
-                                gx,
-                                d_in,
+                                gx.chunks_exact_mut(d_in),
                                 &mut ws,
                             ),
                             None => Ok(()),
