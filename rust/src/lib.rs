@@ -14,6 +14,7 @@ mod error;
 mod float;
 mod mixed;
 mod operator;
+mod rfft;
 mod shape;
 mod simd;
 mod threads;

@@ -8,10 +8,10 @@
 //!
 //! Cost: the same as one operator on the same rows. Rows are grouped by operator (a
 //! stable counting sort, O(rows)), each group is cut into tasks of at most
-//! [`MAX_ROWS_PER_TASK`] rows, and each task gathers its rows, runs the operator's own
-//! chunk kernel on them (one real FFT per input block, the product against that
-//! operator's cached spectra, one inverse FFT per output block: `apply_rows` in
-//! operator.rs) and scatters the results. Tasks run in parallel; every row's result
+//! [`MAX_ROWS_PER_TASK`] rows, and each task runs the operator's own chunk kernel on its
+//! rows where they lie (one real FFT per input block, the product against that
+//! operator's cached spectra, one inverse FFT per output block, written straight into
+//! the output rows: `apply_indexed` in operator.rs). Tasks run in parallel; every row's result
 //! depends only on its row and its operator, so results are the same bit for bit for
 //! any thread count, and equal to that operator's own `forward` of the row.
 //!
@@ -175,16 +175,14 @@ fn pool_for<T: Float>(
 type Task<'a, T> = (usize, &'a [usize], Vec<&'a mut [T]>);
 
 /// `dst[r] = op_{idx[r]} src[r]` (forward spectra, or the transposed ones) for every row
-/// with an operator, zero for the others. `arg` names `src` in a size error (NaN/Inf are
-/// refused per block by `apply_rows`, naming x or grad_output).
-#[allow(clippy::too_many_arguments)]
+/// with an operator, zero for the others. Rows are read and written in place (no gather
+/// or scatter copies); NaN/Inf are refused per block by `apply_indexed`, naming x or
+/// grad_output.
 fn apply_mixed<T: Float>(
     ops: &[&BlockCirculant<T>],
     groups: &Groups,
     transposed: bool,
-    arg: &'static str,
     src: &[T],
-    d_a: usize,
     dst: &mut [T],
     d_b: usize,
 ) -> Result<(), BcaError> {
@@ -225,36 +223,13 @@ fn apply_mixed<T: Float>(
         row.fill(T::zero()); // rows without an adapter
     }
 
-    // Gather buffers, reused by the tasks one worker runs (no allocation per task).
-    type Bufs<T> = (Vec<T>, Vec<T>);
-    let work =
-        |(a_buf, b_buf): &mut Bufs<T>, (a, rows, mut outs): Task<'_, T>| -> Result<(), BcaError> {
-            let what = "a mixed-batch workspace";
-            let (len_a, len_b) = (mul(rows.len(), d_a, arg)?, mul(rows.len(), d_b, arg)?);
-            a_buf.clear();
-            if a_buf.capacity() < len_a {
-                a_buf
-                    .try_reserve_exact(len_a)
-                    .map_err(|_| oom(what, len_a.saturating_mul(std::mem::size_of::<T>())))?;
-            }
-            for &r in rows {
-                a_buf.extend_from_slice(&src[r * d_a..(r + 1) * d_a]);
-            }
-            try_grow(b_buf, len_b, T::zero(), what)?;
-            let b = &mut b_buf[..len_b];
-            ops[a].apply_rows(transposed, a_buf, b)?;
-            for (to, from) in outs.iter_mut().zip(b.chunks_exact(d_b)) {
-                to.copy_from_slice(from);
-            }
-            Ok(())
-        };
-    let init = || (Vec::new(), Vec::new());
+    // Each task reads its rows of `src` and writes its output rows where they are.
+    let work = |(a, rows, mut outs): Task<'_, T>| -> Result<(), BcaError> {
+        ops[a].apply_indexed(transposed, src, rows, &mut outs)
+    };
     match pool {
-        Some(pool) => pool.install(|| tasks.into_par_iter().try_for_each_init(init, work)),
-        None => {
-            let mut bufs = init();
-            tasks.into_iter().try_for_each(|t| work(&mut bufs, t))
-        }
+        Some(pool) => pool.install(|| tasks.into_par_iter().try_for_each(work)),
+        None => tasks.into_iter().try_for_each(work),
     }
 }
 
@@ -275,16 +250,7 @@ pub fn mixed_forward<T: Float>(
     if n_rows == 0 {
         return Ok(());
     }
-    apply_mixed(
-        ops,
-        &groups,
-        false,
-        "x",
-        x,
-        s.in_features,
-        out,
-        s.out_features,
-    )
+    apply_mixed(ops, &groups, false, x, out, s.out_features)
 }
 
 /// Gradients of `sum(grad_output * mixed_forward(x))`: with respect to the input (into
@@ -310,16 +276,7 @@ pub fn mixed_backward<T: Float>(
     let groups = Groups::new(adapter_index, ops.len(), n_rows)?;
     let Some(grad_kernels) = grad_kernels else {
         return match grad_x {
-            Some(gx) if n_rows > 0 => apply_mixed(
-                ops,
-                &groups,
-                true,
-                "grad_output",
-                grad_output,
-                d_out,
-                gx,
-                d_in,
-            ),
+            Some(gx) if n_rows > 0 => apply_mixed(ops, &groups, true, grad_output, gx, d_in),
             _ => Ok(()),
         };
     };

@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use rayon::prelude::*;
-use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
-use rustfft::num_complex::Complex;
 
 use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_grow, try_vec};
+use crate::rfft::{FftScratch, RealFft};
 use crate::simd;
 use crate::threads;
 use crate::{BcaError, Float, Shape};
@@ -29,10 +28,6 @@ const BACKWARD_BLOCK_BYTES: usize = 4 << 20;
 /// Most idle workspaces an operator keeps for reuse.
 const MAX_POOLED_WORKSPACES: usize = 64;
 
-fn fft_err(e: impl std::fmt::Display) -> BcaError {
-    BcaError::Fft(e.to_string())
-}
-
 /// Returns an error naming `arg` when `data` holds NaN or ±Inf.
 pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<(), BcaError> {
     if simd::all_finite(data) {
@@ -44,9 +39,7 @@ pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<()
 
 /// Per-task scratch memory, reused across calls.
 struct Workspace<T> {
-    time: Vec<T>,
-    freq: Vec<Complex<T>>,
-    scratch: Vec<Complex<T>>,
+    fft: FftScratch<T>,
     a_re: Vec<T>,
     a_im: Vec<T>,
     b_re: Vec<T>,
@@ -56,14 +49,12 @@ struct Workspace<T> {
 impl<T> Workspace<T> {
     fn bytes(&self) -> usize {
         let t = std::mem::size_of::<T>();
-        let c = std::mem::size_of::<Complex<T>>();
-        (self.time.capacity()
-            + self.a_re.capacity()
-            + self.a_im.capacity()
-            + self.b_re.capacity()
-            + self.b_im.capacity())
-            * t
-            + (self.freq.capacity() + self.scratch.capacity()) * c
+        self.fft.bytes()
+            + (self.a_re.capacity()
+                + self.a_im.capacity()
+                + self.b_re.capacity()
+                + self.b_im.capacity())
+                * t
     }
 }
 
@@ -133,9 +124,7 @@ pub struct BlockCirculant<T: Float> {
     kernel: Vec<T>,
     fwd: Spectra<T>,
     bwd: Spectra<T>,
-    r2c: Arc<dyn RealToComplex<T>>,
-    c2r: Arc<dyn ComplexToReal<T>>,
-    scratch_len: usize,
+    fft: Arc<RealFft<T>>,
     /// Frequency stride of every spectrum buffer (F rounded up to the SIMD tile).
     f_pad: usize,
     num_threads: AtomicUsize,
@@ -176,13 +165,11 @@ impl<T: Float> BlockCirculant<T> {
         // Planning allocates (twiddles, scratch) infallibly, a few times p complex values:
         // make sure that much memory can be had first.
         probe(
-            mul(p, 4 * std::mem::size_of::<Complex<T>>(), "kernel")?,
+            mul(p, 8 * std::mem::size_of::<T>(), "kernel")?,
             "the FFT plans",
         )?;
-        let mut planner = RealFftPlanner::<T>::new();
-        let r2c = planner.plan_fft_forward(p);
-        let c2r = planner.plan_fft_inverse(p);
-        let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
+        let fft = Arc::new(RealFft::new(p));
+        debug_assert_eq!(fft.f_pad(), f_pad);
         let empty = |q_a, q_b| Spectra {
             re: Vec::new(),
             im: Vec::new(),
@@ -194,9 +181,7 @@ impl<T: Float> BlockCirculant<T> {
             kernel: Vec::new(),
             fwd: empty(q_in, q_out),
             bwd: empty(q_out, q_in),
-            r2c,
-            c2r,
-            scratch_len,
+            fft,
             f_pad,
             num_threads: AtomicUsize::new(0),
             workspaces: Arc::new(WorkspacePool::new()),
@@ -256,19 +241,17 @@ impl<T: Float> BlockCirculant<T> {
         let mut ws = self.take_workspace(0)?;
         for (b, block) in kernel.chunks_exact(p).enumerate() {
             let (i, j) = (b / s.q_in, b % s.q_in);
-            ws.time.copy_from_slice(block);
-            self.r2c
-                .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
-                .map_err(fft_err)?;
-            for (f, c) in ws.freq.iter().enumerate() {
-                let at_f = i * s.q_in * f_pad + simd::packed(s.q_in, j, f);
-                let at_b = j * s.q_out * f_pad + simd::packed(s.q_out, i, f);
-                let (c_re, c_im) = (c.re * inv_p, c.im * inv_p);
-                fwd.re[at_f] = c_re;
-                fwd.im[at_f] = c_im;
-                bwd.re[at_b] = c_re;
-                bwd.im[at_b] = -c_im;
-            }
+            self.fft.forward(block, &mut ws.fft, |t, re, im| {
+                let at_f = i * s.q_in * f_pad + simd::packed(s.q_in, j, t * simd::LANES);
+                let at_b = j * s.q_out * f_pad + simd::packed(s.q_out, i, t * simd::LANES);
+                for l in 0..simd::LANES {
+                    let (c_re, c_im) = (re[l] * inv_p, im[l] * inv_p);
+                    fwd.re[at_f + l] = c_re;
+                    fwd.im[at_f + l] = c_im;
+                    bwd.re[at_b + l] = c_re;
+                    bwd.im[at_b + l] = -c_im;
+                }
+            })?; // finite: checked above
         }
         self.give_back_workspace(ws);
         let mut kernel_copy = Vec::new();
@@ -284,9 +267,7 @@ impl<T: Float> BlockCirculant<T> {
             kernel: kernel_copy,
             fwd,
             bwd,
-            r2c: self.r2c.clone(),
-            c2r: self.c2r.clone(),
-            scratch_len: self.scratch_len,
+            fft: self.fft.clone(),
             f_pad,
             num_threads: AtomicUsize::new(self.num_threads()),
             workspaces: self.workspaces.clone(),
@@ -360,11 +341,8 @@ impl<T: Float> BlockCirculant<T> {
     }
 
     fn new_workspace(&self) -> Result<Workspace<T>, BcaError> {
-        let what = "an FFT workspace";
         Ok(Workspace {
-            time: try_vec(self.shape.p, T::zero(), what)?,
-            freq: try_vec(self.shape.n_freq(), Complex::default(), what)?,
-            scratch: try_vec(self.scratch_len, Complex::default(), what)?,
+            fft: self.fft.scratch()?,
             a_re: Vec::new(),
             a_im: Vec::new(),
             b_re: Vec::new(),
@@ -412,10 +390,9 @@ impl<T: Float> BlockCirculant<T> {
     /// Spectra of the rows of `src` (row width `d`, `q` blocks) into planes: one packed
     /// group per row (`by_row` false) or the chunk's row-transposed layout (`by_row` true).
     #[allow(clippy::too_many_arguments)]
-    fn rows_to_spectra(
+    fn rows_to_spectra<'r>(
         &self,
-        src: &[T],
-        d: usize,
+        src: impl ExactSizeIterator<Item = &'r [T]>,
         q: usize,
         (re, im): (&mut [T], &mut [T]),
         by_row: bool,
@@ -423,54 +400,32 @@ impl<T: Float> BlockCirculant<T> {
         ws: &mut Workspace<T>,
     ) -> Result<(), BcaError> {
         let (p, f_pad) = (self.shape.p, self.f_pad);
-        let rows = src.len() / d;
+        let rows = src.len();
         // Consecutive tiles of LANES frequencies of one spectrum are `tile_stride` apart.
         let tile_stride = if by_row { q * rows } else { q } * simd::LANES;
-        for (r, row) in src.chunks_exact(d).enumerate() {
+        for (r, row) in src.enumerate() {
+            let d = row.len();
             for j in 0..q {
                 let lo = j * p;
                 let hi = (lo + p).min(d);
                 let block = &row[lo..hi];
-                // Checked here, while the block is in cache, rather than in a separate pass.
-                if !simd::all_finite(block) {
-                    return Err(BcaError::NonFinite { arg });
-                }
-                ws.time[..hi - lo].copy_from_slice(block);
-                ws.time[hi - lo..].fill(T::zero());
-                self.r2c
-                    .process_with_scratch(&mut ws.time, &mut ws.freq, &mut ws.scratch)
-                    .map_err(fft_err)?;
                 let first = if by_row {
                     simd::packed_by_row(q, rows, r, j, 0)
                 } else {
                     r * q * f_pad + simd::packed(q, j, 0)
                 };
-                for (t, tile) in ws.freq.chunks(simd::LANES).enumerate() {
+                // NaN/Inf are found while the block is copied, not in a separate pass.
+                let finite = self.fft.forward(block, &mut ws.fft, |t, tr, ti| {
                     let at = first + t * tile_stride;
-                    let n = tile.len();
-                    let (dr, di) = (&mut re[at..at + n], &mut im[at..at + n]);
-                    for ((c, a), b) in tile.iter().zip(dr).zip(di) {
-                        *a = c.re;
-                        *b = c.im;
-                    }
+                    re[at..at + simd::LANES].copy_from_slice(tr);
+                    im[at..at + simd::LANES].copy_from_slice(ti);
+                })?;
+                if !finite {
+                    return Err(BcaError::NonFinite { arg });
                 }
             }
         }
         Ok(())
-    }
-
-    /// Complex-to-real transform of `ws.freq` into `ws.time` (unnormalised).
-    fn inverse(&self, ws: &mut Workspace<T>) -> Result<(), BcaError> {
-        // The spectrum of a real signal has real DC and Nyquist bins; rounding, or an
-        // overflow to Inf, must not make realfft refuse it.
-        let f_n = ws.freq.len();
-        ws.freq[0].im = T::zero();
-        if self.shape.p.is_multiple_of(2) {
-            ws.freq[f_n - 1].im = T::zero();
-        }
-        self.c2r
-            .process_with_scratch(&mut ws.freq, &mut ws.time, &mut ws.scratch)
-            .map_err(fft_err)
     }
 
     /// Inverse transform of `q` spectra (F each) into one row of `dst` (width `d`), / p.
@@ -484,35 +439,37 @@ impl<T: Float> BlockCirculant<T> {
         // The kernel spectra carry the inverse transform's 1/p (see `with_kernel`).
         let p = self.shape.p;
         let d = dst.len();
+        const L: usize = simd::LANES;
         for i in 0..q {
             let first = simd::packed(q, i, 0);
-            for (t, tile) in ws.freq.chunks_mut(simd::LANES).enumerate() {
-                let at = first + t * q * simd::LANES;
-                let n = tile.len();
-                for ((c, &a), &b) in tile.iter_mut().zip(&re[at..at + n]).zip(&im[at..at + n]) {
-                    *c = Complex::new(a, b);
-                }
-            }
-            self.inverse(ws)?;
             let lo = i * p;
             let hi = (lo + p).min(d);
-            dst[lo..hi].copy_from_slice(&ws.time[..hi - lo]);
+            self.fft.inverse(
+                |t| {
+                    let at = first + t * q * L;
+                    (&re[at..at + L], &im[at..at + L])
+                },
+                &mut dst[lo..hi],
+                &mut ws.fft,
+            )?;
         }
         Ok(())
     }
 
     /// Rows whose spectra are `src` (rows, q_a, F) → rows of `dst` (width `d_b`) through
     /// one orientation of the kernel spectra.
-    fn product_to_rows(
+    fn product_to_rows<'r>(
         &self,
         src: (&[T], &[T]),
         spectra: &Spectra<T>,
-        dst: &mut [T],
-        d_b: usize,
+        dst: impl ExactSizeIterator<Item = &'r mut [T]>,
         ws: &mut Workspace<T>,
-    ) -> Result<(), BcaError> {
+    ) -> Result<(), BcaError>
+    where
+        T: 'r,
+    {
         let f_pad = self.f_pad;
-        let rows = dst.len() / d_b;
+        let rows = dst.len();
         let n_b = rows * spectra.q_b * f_pad;
         let mut y_re = std::mem::take(&mut ws.b_re);
         let mut y_im = std::mem::take(&mut ws.b_im);
@@ -525,34 +482,34 @@ impl<T: Float> BlockCirculant<T> {
             (&mut y_re[..n_b], &mut y_im[..n_b]),
         );
         let row_b = spectra.q_b * f_pad;
-        let result = dst
-            .chunks_exact_mut(d_b)
-            .enumerate()
-            .try_for_each(|(r, row)| {
-                let o = r * row_b;
-                self.spectra_to_row(
-                    (&y_re[o..o + row_b], &y_im[o..o + row_b]),
-                    spectra.q_b,
-                    row,
-                    ws,
-                )
-            });
+        let result = dst.enumerate().try_for_each(|(r, row)| {
+            let o = r * row_b;
+            self.spectra_to_row(
+                (&y_re[o..o + row_b], &y_im[o..o + row_b]),
+                spectra.q_b,
+                row,
+                ws,
+            )
+        });
         ws.b_re = y_re;
         ws.b_im = y_im;
         result
     }
 
-    /// One chunk of rows: `src` (rows × d_a) → `dst` (rows × d_b).
-    fn apply_chunk(
+    /// One chunk of rows (at most a workspace's worth): each row of `src` (width d_a) →
+    /// the matching row of `dst` (width d_b). The rows need not be contiguous.
+    fn apply_chunk<'r>(
         &self,
         arg: &'static str,
-        src: &[T],
-        d_a: usize,
+        src: impl ExactSizeIterator<Item = &'r [T]>,
         spectra: &Spectra<T>,
-        dst: &mut [T],
-        d_b: usize,
-    ) -> Result<(), BcaError> {
-        let rows = src.len() / d_a;
+        dst: impl ExactSizeIterator<Item = &'r mut [T]>,
+    ) -> Result<(), BcaError>
+    where
+        T: 'r,
+    {
+        let rows = src.len();
+        debug_assert_eq!(rows, dst.len());
         let n_a = rows * spectra.q_a * self.f_pad;
         let mut ws = self.take_workspace(rows)?;
         let mut a_re = std::mem::take(&mut ws.a_re);
@@ -560,7 +517,6 @@ impl<T: Float> BlockCirculant<T> {
         let result = self
             .rows_to_spectra(
                 src,
-                d_a,
                 spectra.q_a,
                 (&mut a_re[..n_a], &mut a_im[..n_a]),
                 false,
@@ -568,7 +524,7 @@ impl<T: Float> BlockCirculant<T> {
                 &mut ws,
             )
             .and_then(|()| {
-                self.product_to_rows((&a_re[..n_a], &a_im[..n_a]), spectra, dst, d_b, &mut ws)
+                self.product_to_rows((&a_re[..n_a], &a_im[..n_a]), spectra, dst, &mut ws)
             });
         ws.a_re = a_re;
         ws.a_im = a_im;
@@ -596,7 +552,9 @@ impl<T: Float> BlockCirculant<T> {
         }
         let pool = self.parallel_pool(n_rows);
         let rows = Self::rows_per_chunk(n_rows, &pool);
-        let work = |(s, d): (&[T], &mut [T])| self.apply_chunk(arg, s, d_a, spectra, d, d_b);
+        let work = |(s, d): (&[T], &mut [T])| {
+            self.apply_chunk(arg, s.chunks_exact(d_a), spectra, d.chunks_exact_mut(d_b))
+        };
         match pool {
             Some(pool) => pool.install(|| {
                 src.par_chunks(rows * d_a)
@@ -611,27 +569,54 @@ impl<T: Float> BlockCirculant<T> {
     }
 
     /// ΔW x (`transposed` false: rows of width in_features → out_features) or ΔWᵀ g
-    /// (`transposed` true: out_features → in_features) for the contiguous rows of `src`
-    /// into `dst`, on the calling thread, through this operator's spectra and workspaces.
-    /// NaN/Inf are refused per block (naming x or grad_output). For `mixed.rs`, which runs row groups of several operators in
+    /// (`transposed` true: out_features → in_features) for the rows `rows` of `src`
+    /// (n × d_a, row-major) into `dst[k]` for the k-th of them, on the calling thread,
+    /// through this operator's spectra and workspaces: rows are read and written where
+    /// they are, never gathered. NaN/Inf are refused per block (naming x or
+    /// grad_output). For `mixed.rs`, which runs row groups of several operators in
     /// parallel itself.
-    pub(crate) fn apply_rows(
+    pub(crate) fn apply_indexed(
         &self,
         transposed: bool,
         src: &[T],
-        dst: &mut [T],
+        rows: &[usize],
+        dst: &mut [&mut [T]],
     ) -> Result<(), BcaError> {
         let s = self.shape;
         let (spectra, d_a, d_b, arg) = match transposed {
             false => (&self.fwd, s.in_features, s.out_features, "x"),
             true => (&self.bwd, s.out_features, s.in_features, "grad_output"),
         };
-        let n_rows = src.len() / d_a;
-        Self::check_len("src", src, n_rows, d_a)?;
-        Self::check_len("dst", dst, n_rows, d_b)?;
-        src.chunks(MAX_ROWS_PER_CHUNK * d_a)
-            .zip(dst.chunks_mut(MAX_ROWS_PER_CHUNK * d_b))
-            .try_for_each(|(s, d)| self.apply_chunk(arg, s, d_a, spectra, d, d_b))
+        if rows.len() != dst.len() {
+            return Err(BcaError::invalid(
+                "dst",
+                "one output row per input row is needed",
+            ));
+        }
+        let n_src = src.len() / d_a;
+        Self::check_len("src", src, n_src, d_a)?;
+        if let Some(&r) = rows.iter().find(|&&r| r >= n_src) {
+            return Err(BcaError::invalid(
+                "rows",
+                format!("row {r} is out of range"),
+            ));
+        }
+        if dst.iter().any(|row| row.len() != d_b) {
+            return Err(BcaError::invalid(
+                "dst",
+                format!("rows of {d_b} values expected"),
+            ));
+        }
+        rows.chunks(MAX_ROWS_PER_CHUNK)
+            .zip(dst.chunks_mut(MAX_ROWS_PER_CHUNK))
+            .try_for_each(|(rs, ds)| {
+                self.apply_chunk(
+                    arg,
+                    rs.iter().map(|&r| &src[r * d_a..(r + 1) * d_a]),
+                    spectra,
+                    ds.iter_mut().map(|row| &mut **row),
+                )
+            })
     }
 
     fn check_len(arg: &'static str, data: &[T], n_rows: usize, d: usize) -> Result<(), BcaError> {
@@ -850,12 +835,11 @@ impl<T: Float> BlockCirculant<T> {
                 let mut a_im = std::mem::take(&mut ws.a_im);
                 let n_g = chunk_rows * row_g;
                 let r = self
-                    .rows_to_spectra(xc, d_in, q_in, (xr, xi), true, "x", &mut ws)
+                    .rows_to_spectra(xc.chunks_exact(d_in), q_in, (xr, xi), true, "x", &mut ws)
                     .and_then(|()| {
                         let g_planes = (&mut a_re[..n_g], &mut a_im[..n_g]);
                         self.rows_to_spectra(
-                            gc,
-                            d_out,
+                            gc.chunks_exact(d_out),
                             q_out,
                             g_planes,
                             false,
@@ -880,8 +864,7 @@ impl<T: Float> BlockCirculant<T> {
                             Some(gx) => self.product_to_rows(
                                 (&a_re[..n_g], &a_im[..n_g]),
                                 &self.bwd,
-                                gx,
-                                d_in,
+                                gx.chunks_exact_mut(d_in),
                                 &mut ws,
                             ),
                             None => Ok(()),
@@ -956,15 +939,17 @@ impl<T: Float> BlockCirculant<T> {
                 .chunks_exact_mut(p)
                 .enumerate()
                 .try_for_each(|(j, block)| {
-                    for (f, c) in ws.freq.iter_mut().enumerate() {
+                    let (pr, pi) = ws.fft.planes_mut();
+                    for (f, (a, b)) in pr.iter_mut().zip(pi.iter_mut()).enumerate() {
                         let at = (f / simd::LANES) * slab
                             + (i * q_in + j) * simd::LANES
                             + f % simd::LANES;
-                        *c = Complex::new(T::narrow(k_re[at]), T::narrow(k_im[at]));
+                        *a = T::narrow(k_re[at]);
+                        *b = T::narrow(k_im[at]);
                     }
-                    self.inverse(&mut ws)?;
-                    for (o, &t) in block.iter_mut().zip(ws.time.iter()) {
-                        *o = t * scale;
+                    self.fft.inverse_contiguous(block, &mut ws.fft)?;
+                    for o in block.iter_mut() {
+                        *o = *o * scale;
                     }
                     Ok(())
                 });

@@ -1,14 +1,25 @@
 //! The inner loops of the core: register-tiled complex multiply-accumulates, vectorised
-//! across frequencies, and compiled a second time for AVX2 with a run-time check (wheels
-//! target baseline x86-64).
+//! across frequencies, compiled several times and chosen at run time (wheels target
+//! baseline x86-64):
+//!
+//! - generic (any CPU) and AVX2: the same operations, so the same results bit for bit;
+//! - AVX2+FMA block product: fused multiply-adds, equal to the generic build up to
+//!   rounding (within 4·q·ε, tested);
+//! - AVX-512F/DQ float32 block product: the FMA build's operations in the same order per
+//!   accumulator on 512-bit registers (two rows per register, 4 × 4 tiles), so equal to
+//!   the FMA build bit for bit (tested);
+//! - AVX-512F+FMA kernel-gradient sums: float64 accumulators one register per tile,
+//!   equal to the generic build up to float64 rounding (tested).
+//!
+//! Which build runs depends on the CPU only, never on the thread count or the batch.
 //!
 //! Spectra are stored as split real/imaginary planes in groups of q spectra (a row's
 //! blocks, or a kernel row's blocks), each group packed as (F / LANES, q, LANES) with F
 //! rounded up to `f_pad`, a multiple of [`LANES`] (see [`packed`]). Every kernel below
 //! works on tiles of `LANES` frequencies, keeps its accumulators in registers across the
-//! summed dimension and never sums across lanes, so results are the same, bit for bit, on
-//! either path and for any thread count. Padding lanes hold finite values and are never
-//! read back into results.
+//! summed dimension and never sums across lanes, so results do not depend on how rows are
+//! split between threads. Padding lanes hold finite values and are never read back into
+//! results.
 
 use crate::Float;
 
@@ -55,6 +66,7 @@ macro_rules! dispatch_avx2 {
         $generic($($arg),*)
     }};
 }
+pub(crate) use dispatch_avx2;
 
 #[inline(always)]
 fn load<T: Float>(src: &[T], at: usize) -> Lane<T> {
@@ -77,6 +89,21 @@ pub(crate) fn block_product<T: Float>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && avx512_block_available()
+        {
+            // SAFETY: T is f32 (checked just above), so the casts only rename the type;
+            // the CPU supports AVX-512F/DQ and FMA.
+            unsafe {
+                return block_product_avx512_f32(
+                    f_pad,
+                    q_a,
+                    q_b,
+                    (cast_f32(x.0), cast_f32(x.1)),
+                    (cast_f32(s.0), cast_f32(s.1)),
+                    (cast_f32_mut(y.0), cast_f32_mut(y.1)),
+                );
+            }
+        }
         if fma_available() {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
             return unsafe { block_product_fma(f_pad, q_a, q_b, x, s, y) };
@@ -104,7 +131,7 @@ unsafe fn block_product_avx2<T: Float>(
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
-    block_product_body::<T, false, false>(f_pad, q_a, q_b, x, s, y)
+    block_product_body::<T, false>(f_pad, q_a, q_b, x, s, y)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -117,7 +144,7 @@ unsafe fn block_product_fma<T: Float>(
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
-    block_product_body::<T, true, false>(f_pad, q_a, q_b, x, s, y)
+    block_product_body::<T, true>(f_pad, q_a, q_b, x, s, y)
 }
 
 fn block_product_generic<T: Float>(
@@ -128,11 +155,11 @@ fn block_product_generic<T: Float>(
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
-    block_product_body::<T, false, false>(f_pad, q_a, q_b, x, s, y)
+    block_product_body::<T, false>(f_pad, q_a, q_b, x, s, y)
 }
 
 #[inline(always)]
-fn block_product_body<T: Float, const FMA: bool, const WIDE: bool>(
+fn block_product_body<T: Float, const FMA: bool>(
     f_pad: usize,
     q_a: usize,
     q_b: usize,
@@ -140,33 +167,56 @@ fn block_product_body<T: Float, const FMA: bool, const WIDE: bool>(
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
 ) {
-    // Loop order: frequency tile, then output-block pair, then row pair, so that one
-    // pair of kernel spectra rows stays in L1 while it is applied to every row.
-    // WIDE holds a 4-row tile, else 2 rows; the tile shape changes which products share
-    // registers, never the order of any sum.
     let rows = x.0.len() / (q_a * f_pad);
-    let max_rows = if WIDE { 4 } else { 2 };
     let (y_re, y_im) = y;
     for fb in (0..f_pad).step_by(LANES) {
-        let mut i0 = 0;
-        while i0 < q_b {
-            let ni = (q_b - i0).min(2);
-            let mut r0 = 0;
-            while r0 < rows {
-                let nr = (rows - r0).min(max_rows);
+        let at = Region {
+            f_pad,
+            q_a,
+            q_b,
+            fb,
+        };
+        at.products::<T, FMA>(0..rows, 0..q_b, x, s, (&mut *y_re, &mut *y_im));
+    }
+}
+
+/// One tile of frequencies of the block product, for any range of rows and outputs.
+struct Region {
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    fb: usize,
+}
+
+impl Region {
+    /// Rows `rows` × output blocks `outs` in register tiles of 2 × 2. Loop order:
+    /// output-block pair, then row pair, so that one pair of kernel spectra rows stays in
+    /// L1 while it is applied to every row. The tile shape changes which products share
+    /// registers, never the order of any sum.
+    #[inline(always)]
+    fn products<T: Float, const FMA: bool>(
+        &self,
+        rows: std::ops::Range<usize>,
+        outs: std::ops::Range<usize>,
+        x: Planes<'_, T>,
+        s: Planes<'_, T>,
+        (y_re, y_im): PlanesMut<'_, T>,
+    ) {
+        let mut i0 = outs.start;
+        while i0 < outs.end {
+            let ni = (outs.end - i0).min(2);
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let nr = (rows.end - r0).min(2);
                 let at = Tile {
-                    f_pad,
-                    q_a,
-                    q_b,
+                    f_pad: self.f_pad,
+                    q_a: self.q_a,
+                    q_b: self.q_b,
                     r0,
                     i0,
-                    fb,
+                    fb: self.fb,
                 };
                 match (nr, ni) {
-                    (4, 2) => at.product::<T, 4, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
-                    (4, _) => at.product::<T, 4, 1, FMA>(x, s, (&mut *y_re, &mut *y_im)),
-                    (3, 2) => at.product::<T, 3, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
-                    (3, _) => at.product::<T, 3, 1, FMA>(x, s, (&mut *y_re, &mut *y_im)),
                     (2, 2) => at.product::<T, 2, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
                     (2, _) => at.product::<T, 2, 1, FMA>(x, s, (&mut *y_re, &mut *y_im)),
                     (_, 2) => at.product::<T, 1, 2, FMA>(x, s, (&mut *y_re, &mut *y_im)),
@@ -175,6 +225,162 @@ fn block_product_body<T: Float, const FMA: bool, const WIDE: bool>(
                 r0 += nr;
             }
             i0 += ni;
+        }
+    }
+}
+
+/// `v` as f32 values; only called when T is f32.
+///
+/// # Safety
+/// T must be f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn cast_f32<T>(v: &[T]) -> &[f32] {
+    // SAFETY: T is f32 (the caller's contract): same size, alignment and values.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) }
+}
+
+/// `v` as mutable f32 values; only called when T is f32.
+///
+/// # Safety
+/// T must be f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn cast_f32_mut<T>(v: &mut [T]) -> &mut [f32] {
+    // SAFETY: as in `cast_f32`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) }
+}
+
+/// Whether the AVX-512 build of the float32 block product runs on this CPU (AVX-512F and
+/// DQ, with FMA).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512_block_available() -> bool {
+    avx512_fma_available() && std::arch::is_x86_feature_detected!("avx512dq")
+}
+
+/// The float32 block product with 512-bit registers: each register holds one 8-frequency
+/// tile of two rows (the kernel spectra tile broadcast to both halves), and a register
+/// tile covers 4 rows × 4 output blocks (16 accumulators of 32 registers). Every
+/// accumulator sees the same fused multiply-adds in the same order as in
+/// `block_product_fma`, so the two give the same results bit for bit (tested); rows and
+/// outputs left over go through the same portable tiles as there.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512DQ and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+unsafe fn block_product_avx512_f32(
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    x: Planes<'_, f32>,
+    s: Planes<'_, f32>,
+    y: PlanesMut<'_, f32>,
+) {
+    use std::arch::x86_64::*;
+    let rows = x.0.len() / (q_a * f_pad);
+    // Every access below stays inside these lengths (offsets as in `packed`).
+    let (n_x, n_s, n_y) = (rows * q_a * f_pad, q_b * q_a * f_pad, rows * q_b * f_pad);
+    assert!(x.0.len() >= n_x && x.1.len() >= n_x, "x planes too short");
+    assert!(
+        s.0.len() >= n_s && s.1.len() >= n_s,
+        "kernel planes too short"
+    );
+    assert!(y.0.len() >= n_y && y.1.len() >= n_y, "y planes too short");
+    assert!(f_pad.is_multiple_of(LANES));
+    let (r_main, i_main) = (rows / 4 * 4, q_b / 4 * 4);
+    let (xr_p, xi_p, sr_p, si_p) = (x.0.as_ptr(), x.1.as_ptr(), s.0.as_ptr(), s.1.as_ptr());
+    let (y_re, y_im) = y;
+    for fb in (0..f_pad).step_by(LANES) {
+        let t = fb / LANES;
+        let mut i0 = 0;
+        while i0 < i_main {
+            // Offsets of block j = 0 of this tile for the 4 outputs and, below, 4 rows.
+            let sb: [usize; 4] =
+                std::array::from_fn(|ii| (i0 + ii) * q_a * f_pad + t * q_a * LANES);
+            let mut r0 = 0;
+            while r0 < r_main {
+                let xb: [usize; 4] =
+                    std::array::from_fn(|rr| (r0 + rr) * q_a * f_pad + t * q_a * LANES);
+                let mut acc_re = [[_mm512_setzero_ps(); 4]; 2];
+                let mut acc_im = [[_mm512_setzero_ps(); 4]; 2];
+                for j in 0..q_a {
+                    let o = j * LANES;
+                    // SAFETY: xb[rr] + o + LANES <= n_x and sb[ii] + o + LANES <= n_s
+                    // (rows < rows, outputs < q_b, j < q_a, t < f_pad / LANES); unaligned
+                    // loads.
+                    unsafe {
+                        let pair = |p: *const f32, a: usize, b: usize| {
+                            _mm512_insertf32x8::<1>(
+                                _mm512_castps256_ps512(_mm256_loadu_ps(p.add(a))),
+                                _mm256_loadu_ps(p.add(b)),
+                            )
+                        };
+                        let xr = [
+                            pair(xr_p, xb[0] + o, xb[1] + o),
+                            pair(xr_p, xb[2] + o, xb[3] + o),
+                        ];
+                        let xi = [
+                            pair(xi_p, xb[0] + o, xb[1] + o),
+                            pair(xi_p, xb[2] + o, xb[3] + o),
+                        ];
+                        for ii in 0..4 {
+                            let sr = _mm512_broadcast_f32x8(_mm256_loadu_ps(sr_p.add(sb[ii] + o)));
+                            let si = _mm512_broadcast_f32x8(_mm256_loadu_ps(si_p.add(sb[ii] + o)));
+                            for pr in 0..2 {
+                                let (a_re, a_im) = (&mut acc_re[pr][ii], &mut acc_im[pr][ii]);
+                                *a_re = _mm512_fmadd_ps(xr[pr], sr, *a_re);
+                                *a_re = _mm512_fnmadd_ps(xi[pr], si, *a_re);
+                                *a_im = _mm512_fmadd_ps(xr[pr], si, *a_im);
+                                *a_im = _mm512_fmadd_ps(xi[pr], sr, *a_im);
+                            }
+                        }
+                    }
+                }
+                for pr in 0..2 {
+                    for ii in 0..4 {
+                        for half in 0..2 {
+                            let r = r0 + 2 * pr + half;
+                            let at = r * q_b * f_pad + packed(q_b, i0 + ii, fb);
+                            let mut lo_re = [0f32; LANES];
+                            let mut lo_im = [0f32; LANES];
+                            // SAFETY: plain stores of register halves to local arrays.
+                            unsafe {
+                                let (v_re, v_im) = if half == 0 {
+                                    (
+                                        _mm512_castps512_ps256(acc_re[pr][ii]),
+                                        _mm512_castps512_ps256(acc_im[pr][ii]),
+                                    )
+                                } else {
+                                    (
+                                        _mm512_extractf32x8_ps::<1>(acc_re[pr][ii]),
+                                        _mm512_extractf32x8_ps::<1>(acc_im[pr][ii]),
+                                    )
+                                };
+                                _mm256_storeu_ps(lo_re.as_mut_ptr(), v_re);
+                                _mm256_storeu_ps(lo_im.as_mut_ptr(), v_im);
+                            }
+                            y_re[at..at + LANES].copy_from_slice(&lo_re);
+                            y_im[at..at + LANES].copy_from_slice(&lo_im);
+                        }
+                    }
+                }
+                r0 += 4;
+            }
+            i0 += 4;
+        }
+        // What the 4 × 4 tiles leave: the same portable FMA tiles as `block_product_fma`.
+        let at = Region {
+            f_pad,
+            q_a,
+            q_b,
+            fb,
+        };
+        let y = (&mut *y_re, &mut *y_im);
+        if r_main < rows {
+            at.products::<f32, true>(r_main..rows, 0..i_main, x, s, y);
+        }
+        if i_main < q_b {
+            let y = (&mut *y_re, &mut *y_im);
+            at.products::<f32, true>(0..rows, i_main..q_b, x, s, y);
         }
     }
 }
@@ -260,10 +466,43 @@ pub(crate) fn accumulate_kernel_grad<T: Float>(
     x: Planes<'_, T>,
     k: PlanesMut<'_, T::Acc>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512_fma_available() {
+            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
+            return unsafe { accumulate_kernel_grad_avx512(q_out, q_in, rows, fb, g, x, k) };
+        }
+    }
     dispatch_avx2!(
         accumulate_kernel_grad_body,
         accumulate_kernel_grad_avx2(q_out, q_in, rows, fb, g, x, k)
     )
+}
+
+/// Whether the AVX-512 build of the kernel-gradient sums runs on this CPU (AVX-512F with
+/// FMA): one 8-lane float64 register per tile of frequencies, fused multiply-adds, and
+/// 32 registers for a 4 × 2 block tile. Results differ from the generic build by
+/// rounding in the float64 accumulators only (tested).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512_fma_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_kernel_grad_avx512<T: Float>(
+    q_out: usize,
+    q_in: usize,
+    rows: usize,
+    fb: usize,
+    g: Planes<'_, T>,
+    x: Planes<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
+) {
+    accumulate_kernel_grad_tiles::<T, true>(q_out, q_in, rows, fb, g, x, k)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -292,9 +531,10 @@ struct GradTile {
 }
 
 impl GradTile {
-    /// I output blocks × J input blocks × LANES frequencies, summed over the chunk's rows.
+    /// I output blocks × J input blocks × LANES frequencies, summed over the chunk's rows
+    /// (FMA: fused multiply-adds, one rounding per product term).
     #[inline(always)]
-    fn accumulate<T: Float, const I: usize, const J: usize>(
+    fn accumulate<T: Float, const I: usize, const J: usize, const FMA: bool>(
         &self,
         (g_re, g_im): Planes<'_, T>,
         (x_re, x_im): Planes<'_, T>,
@@ -331,10 +571,18 @@ impl GradTile {
                 for j in 0..J {
                     for l in 0..LANES {
                         // g ⊙ conj(x)
-                        acc_re[i][j][l] =
-                            acc_re[i][j][l] + (gr[i][l] * xr[j][l] + gi[i][l] * xi[j][l]);
-                        acc_im[i][j][l] =
-                            acc_im[i][j][l] + (gi[i][l] * xr[j][l] - gr[i][l] * xi[j][l]);
+                        if FMA {
+                            let (a_re, a_im) = (&mut acc_re[i][j][l], &mut acc_im[i][j][l]);
+                            *a_re = num_traits::Float::mul_add(gr[i][l], xr[j][l], *a_re);
+                            *a_re = num_traits::Float::mul_add(gi[i][l], xi[j][l], *a_re);
+                            *a_im = num_traits::Float::mul_add(gi[i][l], xr[j][l], *a_im);
+                            *a_im = num_traits::Float::mul_add(-gr[i][l], xi[j][l], *a_im);
+                        } else {
+                            acc_re[i][j][l] =
+                                acc_re[i][j][l] + (gr[i][l] * xr[j][l] + gi[i][l] * xi[j][l]);
+                            acc_im[i][j][l] =
+                                acc_im[i][j][l] + (gi[i][l] * xr[j][l] - gr[i][l] * xi[j][l]);
+                        }
                     }
                 }
             }
@@ -368,10 +616,25 @@ fn accumulate_kernel_grad_body<T: Float>(
     x: Planes<'_, T>,
     k: PlanesMut<'_, T::Acc>,
 ) {
+    accumulate_kernel_grad_tiles::<T, false>(q_out, q_in, rows, fb, g, x, k)
+}
+
+/// Tiles of 2 × 2 blocks, or 4 × 2 (WIDE: the AVX-512 build with FMA, 32 registers).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_kernel_grad_tiles<T: Float, const WIDE: bool>(
+    q_out: usize,
+    q_in: usize,
+    rows: usize,
+    fb: usize,
+    g: Planes<'_, T>,
+    x: Planes<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
+) {
     let (k_re, k_im) = k;
     let mut i0 = 0;
     while i0 < q_out {
-        let ni = (q_out - i0).min(2);
+        let ni = (q_out - i0).min(if WIDE { 4 } else { 2 });
         let mut j0 = 0;
         while j0 < q_in {
             let nj = (q_in - j0).min(2);
@@ -385,10 +648,14 @@ fn accumulate_kernel_grad_body<T: Float>(
             };
             let k = (&mut *k_re, &mut *k_im);
             match (ni, nj) {
-                (2, 2) => t.accumulate::<T, 2, 2>(g, x, k),
-                (2, _) => t.accumulate::<T, 2, 1>(g, x, k),
-                (_, 2) => t.accumulate::<T, 1, 2>(g, x, k),
-                _ => t.accumulate::<T, 1, 1>(g, x, k),
+                (4, 2) => t.accumulate::<T, 4, 2, WIDE>(g, x, k),
+                (4, _) => t.accumulate::<T, 4, 1, WIDE>(g, x, k),
+                (3, 2) => t.accumulate::<T, 3, 2, WIDE>(g, x, k),
+                (3, _) => t.accumulate::<T, 3, 1, WIDE>(g, x, k),
+                (2, 2) => t.accumulate::<T, 2, 2, WIDE>(g, x, k),
+                (2, _) => t.accumulate::<T, 2, 1, WIDE>(g, x, k),
+                (_, 2) => t.accumulate::<T, 1, 2, WIDE>(g, x, k),
+                _ => t.accumulate::<T, 1, 1, WIDE>(g, x, k),
             }
             j0 += nj;
         }
@@ -456,7 +723,16 @@ mod tests {
     }
 
     fn check_block_product<T: Float>() {
-        for &(q_a, q_b, rows, f_n) in &[(1, 1, 1, 1), (3, 2, 5, 9), (4, 5, 3, 17), (7, 3, 2, 33)] {
+        for &(q_a, q_b, rows, f_n) in &[
+            (1, 1, 1, 1),
+            (3, 2, 5, 9),
+            (4, 5, 3, 17),
+            (7, 3, 2, 33),
+            (4, 4, 4, 8),
+            (5, 9, 11, 17),
+            (16, 8, 13, 33),
+            (2, 7, 8, 129),
+        ] {
             let f_pad = padded_freqs(f_n);
             let (x_re, x_im) = (
                 values::<T>(rows * q_a * f_pad, 1),
@@ -509,12 +785,46 @@ mod tests {
                     let err = rel(got, want);
                     assert!(err <= tol, "fma path off by {err:e} > {tol:e}");
                 }
+                if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                    && avx512_block_available()
+                {
+                    // The AVX-512 build runs the same fused multiply-adds in the same
+                    // order per accumulator: equal to the FMA build bit for bit.
+                    let (mut v_re, mut v_im) = (vec![T::zero(); n], vec![T::zero(); n]);
+                    // SAFETY: T is f32 and the CPU has AVX-512F/DQ and FMA.
+                    unsafe {
+                        block_product_avx512_f32(
+                            f_pad,
+                            q_a,
+                            q_b,
+                            (cast_f32(&x_re), cast_f32(&x_im)),
+                            (cast_f32(&s_re), cast_f32(&s_im)),
+                            (cast_f32_mut(&mut v_re), cast_f32_mut(&mut v_im)),
+                        )
+                    };
+                    assert_eq!(
+                        bits(&v_re),
+                        bits(&f_re),
+                        "avx512 re, {q_a} {q_b} {rows} {f_n}"
+                    );
+                    assert_eq!(
+                        bits(&v_im),
+                        bits(&f_im),
+                        "avx512 im, {q_a} {q_b} {rows} {f_n}"
+                    );
+                }
             }
         }
     }
 
     fn check_kernel_grad<T: Float>() {
-        for &(q_out, q_in, rows, f_n) in &[(1, 1, 1, 1), (3, 2, 5, 9), (5, 4, 16, 17)] {
+        for &(q_out, q_in, rows, f_n) in &[
+            (1, 1, 1, 1),
+            (3, 2, 5, 9),
+            (5, 4, 16, 17),
+            (9, 7, 3, 33),
+            (4, 3, 2, 8),
+        ] {
             let f_pad = padded_freqs(f_n);
             let (g_re, g_im) = (
                 values::<T>(rows * q_out * f_pad, 5),
@@ -528,6 +838,7 @@ mod tests {
             for fb in (0..f_pad).step_by(LANES) {
                 let start = values::<T>(slab, fb as u64 + 9);
                 let start: Vec<T::Acc> = start.iter().map(|v| v.widen()).collect();
+                let start_re = start.clone();
                 let (mut k1_re, mut k1_im) = (start.clone(), start.clone());
                 let (mut k2_re, mut k2_im) = (start.clone(), start);
                 accumulate_kernel_grad_body(
@@ -553,6 +864,28 @@ mod tests {
                 };
                 assert_eq!(bits(&k1_re), bits(&k2_re));
                 assert_eq!(bits(&k1_im), bits(&k2_im));
+                if avx512_fma_available() {
+                    // The AVX-512 build fuses the multiply-adds: equal up to rounding in
+                    // the float64 accumulators (2 roundings per term on either path).
+                    let (mut k3_re, mut k3_im) = (start_re.clone(), start_re.clone());
+                    // SAFETY: the CPU has AVX-512F and FMA.
+                    unsafe {
+                        accumulate_kernel_grad_avx512(
+                            q_out,
+                            q_in,
+                            rows,
+                            fb,
+                            (&g_re, &g_im),
+                            (&x_re, &x_im),
+                            (&mut k3_re, &mut k3_im),
+                        )
+                    };
+                    let tol = f64::EPSILON * 4.0 * (rows + 1) as f64;
+                    for (got, want) in [(&k3_re, &k1_re), (&k3_im, &k1_im)] {
+                        let err = rel(got, want);
+                        assert!(err <= tol, "avx512 path off by {err:e} > {tol:e}");
+                    }
+                }
             }
         }
     }

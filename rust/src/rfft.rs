@@ -1,0 +1,587 @@
+//! Real FFTs of one length p whose spectra come out as (and go in from) split
+//! real/imaginary planes, the layout the rest of the core works in.
+//!
+//! For even p (every block size people use), a real signal x of length p is transformed
+//! with one complex FFT of length h = p / 2 (rustfft, AVX where the CPU has it) of
+//! z[n] = x[2n] + i·x[2n+1], followed by a vectorised split step:
+//!
+//! ```text
+//!     X[k] = ½ (Z[k] + conj Z[h−k]) − ½ i·W^k (Z[k] − conj Z[h−k]),   W = e^{−2πi/p}
+//! ```
+//!
+//! for k = 0..=h (Z periodic in h), written straight into split planes. The inverse
+//! undoes it: Z[k] = (X[k] + conj X[h−k]) + i·conj(W^k)(X[k] − conj X[h−k]), then an
+//! inverse complex FFT of length h whose interleaved output is the signal. Conventions
+//! are realfft's: forward unnormalised, inverse unnormalised (returns p·x), the imaginary
+//! parts of the DC and Nyquist bins ignored by the inverse. Odd p goes through realfft.
+//!
+//! The split steps contain no fused multiply-adds and no sums across lanes, so the AVX2
+//! build gives the generic build's results bit for bit.
+
+use std::sync::Arc;
+
+use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
+use rustfft::num_complex::Complex;
+use rustfft::{Fft, FftPlanner};
+
+use crate::alloc::try_vec;
+use crate::simd::{padded_freqs, LANES};
+use crate::{BcaError, Float};
+
+fn fft_err(e: impl std::fmt::Display) -> BcaError {
+    BcaError::Fft(e.to_string())
+}
+
+enum Plan<T: Float> {
+    /// p = 2h: complex FFTs of length h and the split twiddles ½·W^k, k < f_pad.
+    Even {
+        fwd: Arc<dyn Fft<T>>,
+        inv: Arc<dyn Fft<T>>,
+        tw_re: Vec<T>,
+        tw_im: Vec<T>,
+    },
+    Odd {
+        r2c: Arc<dyn RealToComplex<T>>,
+        c2r: Arc<dyn ComplexToReal<T>>,
+    },
+}
+
+/// Forward and inverse real FFTs of length p (shared, immutable).
+pub(crate) struct RealFft<T: Float> {
+    p: usize,
+    f_pad: usize,
+    scratch_len: usize,
+    plan: Plan<T>,
+}
+
+/// Per-thread buffers for [`RealFft`].
+pub(crate) struct FftScratch<T> {
+    /// The complex buffer: h values (even p) or F values (odd p).
+    buf: Vec<Complex<T>>,
+    scratch: Vec<Complex<T>>,
+    /// Time samples (odd p only).
+    time: Vec<T>,
+    /// Four split planes of f_pad values.
+    a_re: Vec<T>,
+    a_im: Vec<T>,
+    b_re: Vec<T>,
+    b_im: Vec<T>,
+}
+
+impl<T> FftScratch<T> {
+    pub(crate) fn bytes(&self) -> usize {
+        let t = std::mem::size_of::<T>();
+        let c = std::mem::size_of::<Complex<T>>();
+        (self.buf.capacity() + self.scratch.capacity()) * c
+            + (self.time.capacity()
+                + self.a_re.capacity()
+                + self.a_im.capacity()
+                + self.b_re.capacity()
+                + self.b_im.capacity())
+                * t
+    }
+}
+
+impl<T: Float> RealFft<T> {
+    /// Plans for length `p` (≥ 1). Planning allocates infallibly: callers probe first.
+    pub(crate) fn new(p: usize) -> Self {
+        let f_pad = padded_freqs(p / 2 + 1);
+        if p >= 2 && p.is_multiple_of(2) {
+            let h = p / 2;
+            let mut planner = FftPlanner::<T>::new();
+            let fwd = planner.plan_fft_forward(h);
+            let inv = planner.plan_fft_inverse(h);
+            let scratch_len = fwd
+                .get_inplace_scratch_len()
+                .max(inv.get_inplace_scratch_len());
+            let (mut tw_re, mut tw_im) = (vec![T::zero(); f_pad], vec![T::zero(); f_pad]);
+            for k in 0..=h {
+                let angle = -2.0 * std::f64::consts::PI * k as f64 / p as f64;
+                tw_re[k] = T::from(0.5 * angle.cos()).unwrap_or_else(T::zero);
+                tw_im[k] = T::from(0.5 * angle.sin()).unwrap_or_else(T::zero);
+            }
+            RealFft {
+                p,
+                f_pad,
+                scratch_len,
+                plan: Plan::Even {
+                    fwd,
+                    inv,
+                    tw_re,
+                    tw_im,
+                },
+            }
+        } else {
+            let mut planner = RealFftPlanner::<T>::new();
+            let r2c = planner.plan_fft_forward(p);
+            let c2r = planner.plan_fft_inverse(p);
+            let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
+            RealFft {
+                p,
+                f_pad,
+                scratch_len,
+                plan: Plan::Odd { r2c, c2r },
+            }
+        }
+    }
+
+    /// Frequency stride (F = p / 2 + 1 rounded up to the SIMD tile).
+    pub(crate) fn f_pad(&self) -> usize {
+        self.f_pad
+    }
+
+    /// Fresh buffers for one thread.
+    pub(crate) fn scratch(&self) -> Result<FftScratch<T>, BcaError> {
+        let what = "an FFT workspace";
+        let (buf_len, time_len) = match self.plan {
+            Plan::Even { .. } => (self.p / 2, 0),
+            Plan::Odd { .. } => (self.p / 2 + 1, self.p),
+        };
+        Ok(FftScratch {
+            buf: try_vec(buf_len, Complex::default(), what)?,
+            scratch: try_vec(self.scratch_len, Complex::default(), what)?,
+            time: try_vec(time_len, T::zero(), what)?,
+            a_re: try_vec(self.f_pad, T::zero(), what)?,
+            a_im: try_vec(self.f_pad, T::zero(), what)?,
+            b_re: try_vec(self.f_pad, T::zero(), what)?,
+            b_im: try_vec(self.f_pad, T::zero(), what)?,
+        })
+    }
+
+    /// Spectrum of `block` (at most p samples, zero-padded to p), handed to `sink` one
+    /// tile at a time: `sink(t, re, im)` gets frequencies t·LANES.. (padding lanes zero).
+    /// Returns false, without calling `sink`, when `block` holds NaN or ±Inf (checked
+    /// while it is copied, not in a separate pass).
+    #[inline]
+    pub(crate) fn forward(
+        &self,
+        block: &[T],
+        ws: &mut FftScratch<T>,
+        mut sink: impl FnMut(usize, &[T; LANES], &[T; LANES]),
+    ) -> Result<bool, BcaError> {
+        let n = block.len().min(self.p);
+        match &self.plan {
+            Plan::Even {
+                fwd, tw_re, tw_im, ..
+            } => {
+                let h = self.p / 2;
+                {
+                    let flat = as_flat_mut(&mut ws.buf[..h]);
+                    if !copy_finite(&mut flat[..n], &block[..n]) {
+                        return Ok(false);
+                    }
+                    flat[n..].fill(T::zero());
+                }
+                fwd.process_with_scratch(&mut ws.buf[..h], &mut ws.scratch);
+                let FftScratch {
+                    buf,
+                    a_re,
+                    a_im,
+                    b_re,
+                    b_im,
+                    ..
+                } = ws;
+                split_forward(h, &buf[..h], (a_re, a_im), (b_re, b_im), (tw_re, tw_im));
+                // a now holds the spectrum (padding lanes zero).
+                let tiles = a_re.as_chunks::<LANES>().0.iter();
+                for (t, (re, im)) in tiles.zip(a_im.as_chunks::<LANES>().0).enumerate() {
+                    sink(t, re, im);
+                }
+            }
+            Plan::Odd { r2c, .. } => {
+                if !copy_finite(&mut ws.time[..n], &block[..n]) {
+                    return Ok(false);
+                }
+                ws.time[n..].fill(T::zero());
+                r2c.process_with_scratch(&mut ws.time, &mut ws.buf, &mut ws.scratch)
+                    .map_err(fft_err)?;
+                let f_n = ws.buf.len();
+                for (k, c) in ws.buf.iter().enumerate() {
+                    ws.a_re[k] = c.re;
+                    ws.a_im[k] = c.im;
+                }
+                ws.a_re[f_n..].fill(T::zero());
+                ws.a_im[f_n..].fill(T::zero());
+                let tiles = ws.a_re.as_chunks::<LANES>().0.iter();
+                for (t, (re, im)) in tiles.zip(ws.a_im.as_chunks::<LANES>().0).enumerate() {
+                    sink(t, re, im);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Unnormalised inverse (p · x) of the spectrum that `source(t)` gives tile by tile
+    /// into `dst` (its first `dst.len()` ≤ p samples). The imaginary parts of the DC and
+    /// Nyquist bins are ignored.
+    #[inline]
+    pub(crate) fn inverse<'s>(
+        &self,
+        source: impl Fn(usize) -> (&'s [T], &'s [T]),
+        dst: &mut [T],
+        ws: &mut FftScratch<T>,
+    ) -> Result<(), BcaError>
+    where
+        T: 's,
+    {
+        let n = dst.len().min(self.p);
+        for t in 0..self.f_pad / LANES {
+            let (re, im) = source(t);
+            let at = t * LANES;
+            ws.a_re[at..at + LANES].copy_from_slice(&re[..LANES]);
+            ws.a_im[at..at + LANES].copy_from_slice(&im[..LANES]);
+        }
+        self.inverse_contiguous(&mut dst[..n], ws)
+    }
+
+    /// Like [`inverse`](Self::inverse), from the f_pad-long planes `ws.a_*` already
+    /// filled by the caller (see [`FftScratch::planes_mut`]).
+    pub(crate) fn inverse_contiguous(
+        &self,
+        dst: &mut [T],
+        ws: &mut FftScratch<T>,
+    ) -> Result<(), BcaError> {
+        let n = dst.len().min(self.p);
+        match &self.plan {
+            Plan::Even {
+                inv, tw_re, tw_im, ..
+            } => {
+                let h = self.p / 2;
+                let FftScratch {
+                    buf,
+                    scratch,
+                    a_re,
+                    a_im,
+                    b_re,
+                    b_im,
+                    ..
+                } = ws;
+                if n == self.p {
+                    // A whole block: transform in place in the destination.
+                    let out = as_complex_mut(dst);
+                    split_inverse(h, (a_re, a_im), (b_re, b_im), (tw_re, tw_im), out);
+                    inv.process_with_scratch(out, scratch);
+                } else {
+                    split_inverse(h, (a_re, a_im), (b_re, b_im), (tw_re, tw_im), &mut buf[..h]);
+                    inv.process_with_scratch(&mut buf[..h], scratch);
+                    dst[..n].copy_from_slice(&as_flat_mut(&mut buf[..h])[..n]);
+                }
+            }
+            Plan::Odd { c2r, .. } => {
+                for (k, c) in ws.buf.iter_mut().enumerate() {
+                    *c = Complex::new(ws.a_re[k], ws.a_im[k]);
+                }
+                // realfft refuses a nonzero imaginary DC bin (rounding can leave one).
+                ws.buf[0].im = T::zero();
+                c2r.process_with_scratch(&mut ws.buf, &mut ws.time, &mut ws.scratch)
+                    .map_err(fft_err)?;
+                dst[..n].copy_from_slice(&ws.time[..n]);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T> FftScratch<T> {
+    /// The f_pad-long split planes that [`RealFft::inverse_contiguous`] reads.
+    pub(crate) fn planes_mut(&mut self) -> (&mut [T], &mut [T]) {
+        (&mut self.a_re, &mut self.a_im)
+    }
+}
+
+/// The samples of complex values, interleaved (re, im, re, im, …).
+fn as_flat_mut<T: Float>(v: &mut [Complex<T>]) -> &mut [T] {
+    let len = v.len() * 2;
+    // SAFETY: `Complex<T>` is `#[repr(C)]` { re: T, im: T }, so a slice of n complex
+    // values is 2n contiguous, initialised, properly aligned T values; the borrow is
+    // carried over.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<T>(), len) }
+}
+
+/// An even number of samples as complex values (pairs).
+fn as_complex_mut<T: Float>(v: &mut [T]) -> &mut [Complex<T>] {
+    debug_assert!(v.len().is_multiple_of(2));
+    let len = v.len() / 2;
+    // SAFETY: as in `as_flat_mut`: `Complex<T>` is `#[repr(C)]` { re: T, im: T } with
+    // the alignment of T, so 2n contiguous T values are n complex values.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<Complex<T>>(), len) }
+}
+
+/// `dst ← src`; true when every value is finite (no NaN, no ±Inf).
+fn copy_finite<T: Float>(dst: &mut [T], src: &[T]) -> bool {
+    crate::simd::dispatch_avx2!(copy_finite_body, copy_finite_avx2(dst, src))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_finite_avx2<T: Float>(dst: &mut [T], src: &[T]) -> bool {
+    copy_finite_body(dst, src)
+}
+
+#[inline(always)]
+fn copy_finite_body<T: Float>(dst: &mut [T], src: &[T]) -> bool {
+    let inf = T::infinity();
+    // |v| < inf is false for ±Inf and for NaN; branch-free so that it vectorises.
+    dst.iter_mut().zip(src).fold(true, |ok, (d, &v)| {
+        *d = v;
+        ok & (v.abs() < inf)
+    })
+}
+
+type PlanesMut<'a, T> = (&'a mut [T], &'a mut [T]);
+type Planes<'a, T> = (&'a [T], &'a [T]);
+
+/// Split step of the forward transform: `z` (h values) → spectrum in `x` (f_pad values,
+/// zero past h), using `r` as room for the reversed conjugate.
+fn split_forward<T: Float>(
+    h: usize,
+    z: &[Complex<T>],
+    x: PlanesMut<'_, T>,
+    r: PlanesMut<'_, T>,
+    tw: Planes<'_, T>,
+) {
+    crate::simd::dispatch_avx2!(split_forward_body, split_forward_avx2(h, z, x, r, tw))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn split_forward_avx2<T: Float>(
+    h: usize,
+    z: &[Complex<T>],
+    x: PlanesMut<'_, T>,
+    r: PlanesMut<'_, T>,
+    tw: Planes<'_, T>,
+) {
+    split_forward_body(h, z, x, r, tw)
+}
+
+#[inline(always)]
+fn split_forward_body<T: Float>(
+    h: usize,
+    z: &[Complex<T>],
+    (x_re, x_im): PlanesMut<'_, T>,
+    (r_re, r_im): PlanesMut<'_, T>,
+    (tw_re, tw_im): Planes<'_, T>,
+) {
+    let f_pad = x_re.len();
+    let half = T::from(0.5).unwrap_or_else(T::zero);
+    // x ← Z (periodic: Z[h] = Z[0]), r[k] ← Z[h − k]; zero past h.
+    for (k, c) in z.iter().enumerate() {
+        x_re[k] = c.re;
+        x_im[k] = c.im;
+    }
+    x_re[h] = z[0].re;
+    x_im[h] = z[0].im;
+    x_re[h + 1..].fill(T::zero());
+    x_im[h + 1..].fill(T::zero());
+    reverse_into(&mut r_re[..=h], &x_re[..=h]);
+    reverse_into(&mut r_im[..=h], &x_im[..=h]);
+    r_re[h + 1..].fill(T::zero());
+    r_im[h + 1..].fill(T::zero());
+    let (x_re, x_im) = (&mut x_re[..f_pad], &mut x_im[..f_pad]);
+    let (r_re, r_im, tw_re, tw_im) = (
+        &r_re[..f_pad],
+        &r_im[..f_pad],
+        &tw_re[..f_pad],
+        &tw_im[..f_pad],
+    );
+    for k in 0..f_pad {
+        let (zr, zi, rr, ri) = (x_re[k], x_im[k], r_re[k], r_im[k]);
+        // E = Z[k] + conj Z[h−k], D = Z[k] − conj Z[h−k]
+        let (er, ei) = (zr + rr, zi - ri);
+        let (dr, di) = (zr - rr, zi + ri);
+        // X = ½E − ½i·W^k·D = ½E + (½W^k)(D_im − i·D_re)
+        x_re[k] = half * er + (tw_re[k] * di + tw_im[k] * dr);
+        x_im[k] = half * ei + (tw_im[k] * di - tw_re[k] * dr);
+    }
+}
+
+/// `dst[k] = src[len − 1 − k]` (vectorises, unlike the indexed loop).
+#[inline(always)]
+fn reverse_into<T: Copy>(dst: &mut [T], src: &[T]) {
+    for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+        *d = *s;
+    }
+}
+
+/// Split step of the inverse: spectrum in `x` (f_pad values; the imaginary parts of bins
+/// 0 and h are ignored) → `z` (h values), using `r` as room for the reversed conjugate.
+fn split_inverse<T: Float>(
+    h: usize,
+    x: PlanesMut<'_, T>,
+    r: PlanesMut<'_, T>,
+    tw: Planes<'_, T>,
+    z: &mut [Complex<T>],
+) {
+    crate::simd::dispatch_avx2!(split_inverse_body, split_inverse_avx2(h, x, r, tw, z))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn split_inverse_avx2<T: Float>(
+    h: usize,
+    x: PlanesMut<'_, T>,
+    r: PlanesMut<'_, T>,
+    tw: Planes<'_, T>,
+    z: &mut [Complex<T>],
+) {
+    split_inverse_body(h, x, r, tw, z)
+}
+
+#[inline(always)]
+fn split_inverse_body<T: Float>(
+    h: usize,
+    (x_re, x_im): PlanesMut<'_, T>,
+    (r_re, r_im): PlanesMut<'_, T>,
+    (tw_re, tw_im): Planes<'_, T>,
+    z: &mut [Complex<T>],
+) {
+    x_im[0] = T::zero();
+    x_im[h] = T::zero();
+    // r[k] = x[h − k] for k < h
+    reverse_into(&mut r_re[..h], &x_re[1..=h]);
+    reverse_into(&mut r_im[..h], &x_im[1..=h]);
+    let (x_re, x_im, r_re, r_im) = (&x_re[..h], &x_im[..h], &r_re[..h], &r_im[..h]);
+    let (tw_re, tw_im) = (&tw_re[..h], &tw_im[..h]);
+    let z = &mut z[..h];
+    for k in 0..h {
+        let (xr, xi, rr, ri) = (x_re[k], x_im[k], r_re[k], r_im[k]);
+        // A = X[k] + conj X[h−k], B = X[k] − conj X[h−k]
+        let (ar, ai) = (xr + rr, xi - ri);
+        let (br, bi) = (xr - rr, xi + ri);
+        // O = B·conj(W^k) (the twiddles hold ½W^k: doubled back)
+        let (wr, wi) = (tw_re[k] + tw_re[k], tw_im[k] + tw_im[k]);
+        let (or, oi) = (br * wr + bi * wi, bi * wr - br * wi);
+        // Z = A + i·O
+        z[k] = Complex::new(ar - oi, ai + or);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The DFT by its definition, in f64.
+    fn dft(x: &[f64]) -> Vec<(f64, f64)> {
+        let p = x.len();
+        (0..=p / 2)
+            .map(|k| {
+                x.iter().enumerate().fold((0.0, 0.0), |(re, im), (n, &v)| {
+                    let a = -2.0 * std::f64::consts::PI * ((k * n) % p) as f64 / p as f64;
+                    (re + v * a.cos(), im + v * a.sin())
+                })
+            })
+            .collect()
+    }
+
+    fn check<T: Float>(p: usize, tol: f64) {
+        let fft = RealFft::<T>::new(p);
+        let mut ws = fft.scratch().unwrap();
+        for (len, seed) in [(p, 1u64), (p.div_ceil(2), 2), (1, 3)] {
+            let x64 = signal(len, seed + p as u64);
+            let x: Vec<T> = x64.iter().map(|&v| T::from(v).unwrap()).collect();
+            let mut full = x64.clone();
+            full.resize(p, 0.0);
+            let want = dft(&full);
+            let f_n = p / 2 + 1;
+            let (mut re, mut im) = (vec![T::zero(); fft.f_pad()], vec![T::zero(); fft.f_pad()]);
+            let finite = fft
+                .forward(&x, &mut ws, |t, r, i| {
+                    re[t * LANES..(t + 1) * LANES].copy_from_slice(r);
+                    im[t * LANES..(t + 1) * LANES].copy_from_slice(i);
+                })
+                .unwrap();
+            assert!(finite);
+            let scale = (p as f64).sqrt();
+            for k in 0..f_n {
+                let (gr, gi) = (re[k].to_f64().unwrap(), im[k].to_f64().unwrap());
+                let err = ((gr - want[k].0).powi(2) + (gi - want[k].1).powi(2)).sqrt();
+                assert!(err <= tol * scale, "p={p} len={len} k={k}: {err:e}");
+            }
+            for k in f_n..fft.f_pad() {
+                assert_eq!(re[k], T::zero(), "padding lane {k}");
+                assert_eq!(im[k], T::zero(), "padding lane {k}");
+            }
+            // inverse: p·x back; junk in the ignored imaginary DC/Nyquist bins
+            im[0] = T::from(3.0).unwrap();
+            if p.is_multiple_of(2) {
+                im[p / 2] = T::from(-2.0).unwrap();
+            }
+            let mut back = vec![T::zero(); p];
+            fft.inverse(
+                |t| {
+                    (
+                        &re[t * LANES..(t + 1) * LANES],
+                        &im[t * LANES..(t + 1) * LANES],
+                    )
+                },
+                &mut back,
+                &mut ws,
+            )
+            .unwrap();
+            for n in 0..p {
+                let got = back[n].to_f64().unwrap() / p as f64;
+                assert!(
+                    (got - full[n]).abs() <= tol * 4.0,
+                    "p={p} n={n}: {got} vs {}",
+                    full[n]
+                );
+            }
+            // a short destination gets the first samples
+            let mut short = vec![T::zero(); len];
+            fft.inverse(
+                |t| {
+                    (
+                        &re[t * LANES..(t + 1) * LANES],
+                        &im[t * LANES..(t + 1) * LANES],
+                    )
+                },
+                &mut short,
+                &mut ws,
+            )
+            .unwrap();
+            assert_eq!(short[..], back[..len]);
+        }
+    }
+
+    #[test]
+    fn refuses_non_finite_blocks() {
+        for p in [6, 7, 64] {
+            let fft = RealFft::<f32>::new(p);
+            let mut ws = fft.scratch().unwrap();
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut x = vec![1.0f32; p];
+                x[p - 1] = bad;
+                let mut called = false;
+                let ok = fft.forward(&x, &mut ws, |_, _, _| called = true).unwrap();
+                assert!(!ok && !called, "p={p} {bad}");
+            }
+            let ok = fft
+                .forward(&vec![f32::MAX; p], &mut ws, |_, _, _| ())
+                .unwrap();
+            assert!(ok);
+        }
+    }
+
+    #[test]
+    fn matches_the_dft_for_even_and_odd_lengths() {
+        for p in [
+            1, 2, 3, 4, 6, 7, 8, 10, 16, 30, 64, 96, 100, 127, 128, 256, 768, 1024,
+        ] {
+            check::<f64>(p, 1e-12);
+            check::<f32>(p, 1e-5);
+        }
+    }
+}
