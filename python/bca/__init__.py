@@ -77,3 +77,9 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API and the lazily imported submodules (not this module's own imports
+    such as ``importlib`` or ``Any``)."""
+    return sorted({*__all__, *_LAZY_SUBMODULES})

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from .._adapter_format import BcaFormatError
 from . import bench, demo, experiment, export, info, merge, serve
-from ._common import EXIT_ERROR, EXIT_USAGE, CLIError, install_hint
+from ._common import EXIT_ERROR, EXIT_USAGE, CLIError, HelpFormatter, install_hint
 from ._common import options as _options  # noqa: F401 - bca.cli._options (tests)
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``bca`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="bca",
+        formatter_class=HelpFormatter,
         description="Block circulant adapters: fine-tune, inspect, merge, export and benchmark.",
         epilog="Start with `bca demo` (about 10 minutes on 2 CPU cores; `bca demo --quick` "
         "takes about a minute).",
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS.values():
-        module.add_parser(sub, argparse.ArgumentDefaultsHelpFormatter)
+        module.add_parser(sub, HelpFormatter)
     return parser
 
 

@@ -30,6 +30,14 @@ class HelpFormatter(argparse.HelpFormatter):
     help does not state it already: never for ``None`` or a flag's ``False``; lists and
     tuples written as they are typed (``384,768``)."""
 
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        # numbers read as numbers (--steps N, --lr X), not as the option's name again
+        if action.type in (positive_int, int):
+            return "N"
+        if action.type is positive_float:
+            return "X"
+        return super()._get_default_metavar_for_optional(action)
+
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default

@@ -17,34 +17,54 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "bench",
         formatter_class=fmt,
         help="run the benches in benches/ or a quick built-in layer comparison",
-        description="Without arguments: a quick built-in comparison of one adapted layer "
-        "(dense ΔW, bca rust/torch backends, PEFT C3A) at a few sizes. With NAME: run "
-        "benches/bench_NAME.py of a source checkout (core, train, onnx, cost_tables).",
-    )
-    b.add_argument("name", nargs="?", default=None, help="bench to run (core, train, onnx, ...)")
-    b.add_argument("--list", action="store_true", help="list the benches found")
-    b.add_argument("--benches-dir", default=None, help="folder holding bench_*.py")
-    b.add_argument("--sizes", type=int_list, default=[384, 768], help="hidden sizes (built-in)")
-    b.add_argument("--block-size", type=positive_int, default=64, help="block size (built-in)")
-    b.add_argument("--rows", type=int_list, default=[1, 128], help="batch rows (built-in)")
-    b.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=30,
-        help="at least this many timed samples per cell, more until they agree (built-in)",
+        description="Without NAME: a quick built-in comparison of one adapted layer's extra "
+        "work (dense ΔW, bca's rust and torch backends, PEFT C3A) at a few sizes, timed in "
+        "process CPU time, with a warning when the machine is busy. With NAME: run "
+        "benches/bench_NAME.py of a source checkout (core, train, onnx, ...; see --list), "
+        "e.g. `bca bench core -- --threads 1`.",
     )
     b.add_argument(
-        "--clock",
-        default="cpu",
-        choices=["cpu", "wall"],
-        help="cpu: this process's CPU time, all threads (holds on a busy machine); "
-        "wall: elapsed time (built-in)",
+        "name", nargs="?", default=None, help="bench script to run (see --list); omit for built-in"
     )
-    b.add_argument("--threads", type=positive_int, default=2, help="threads for every contender")
     b.add_argument(
         "bench_args",
         nargs=argparse.REMAINDER,
-        help="arguments passed to the bench script (after --)",
+        metavar="-- ARGS",
+        help="arguments passed on to the bench script",
+    )
+    b.add_argument(
+        "--threads", type=positive_int, default=2, help="threads for every contender (both forms)"
+    )
+    scripts = b.add_argument_group("bench scripts (bca bench NAME)")
+    scripts.add_argument("--list", action="store_true", help="list the bench scripts found")
+    scripts.add_argument(
+        "--benches-dir",
+        default=None,
+        metavar="DIR",
+        help="folder holding bench_*.py (default: benches/ here or in the source checkout)",
+    )
+    builtin = b.add_argument_group("built-in comparison (bca bench)")
+    builtin.add_argument(
+        "--sizes", type=int_list, default=[384, 768], metavar="D,D,...", help="hidden sizes d"
+    )
+    builtin.add_argument(
+        "--block-size", type=positive_int, default=64, help="block size p, dividing every d"
+    )
+    builtin.add_argument(
+        "--rows", type=int_list, default=[1, 128], metavar="N,N,...", help="batch rows"
+    )
+    builtin.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=30,
+        help="at least this many timed samples per cell, more until they agree",
+    )
+    builtin.add_argument(
+        "--clock",
+        default="cpu",
+        choices=["cpu", "wall"],
+        help="cpu: this process's CPU time, all threads (not inflated by a busy machine); "
+        "wall: elapsed time",
     )
 
 

@@ -34,7 +34,12 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "exports it to ONNX and checks onnxruntime against torch; writes a markdown report "
         "with PNG plots.",
     )
-    d.add_argument("--out", default="bca-report", help="report folder")
+    d.add_argument(
+        "--out",
+        default="bca-report",
+        metavar="DIR",
+        help="report folder (made if missing; its parent must exist)",
+    )
     d.add_argument("--quick", action="store_true", help="about one minute: few steps, small eval")
     d.add_argument(
         "--dataset",
@@ -68,6 +73,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "--methods",
         type=_methods,
         default=METHODS,
+        metavar="M,M,...",
         help="comma-separated subset of probe,lora,c3a,bca",
     )
     d.add_argument(

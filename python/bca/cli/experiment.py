@@ -24,6 +24,7 @@ DEFAULT_OUT = "bca-report/stability"
 def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     x = sub.add_parser(
         "experiment",
+        formatter_class=fmt,
         help="experiments reproducing claims of the BCA paper",
         description="Experiments reproducing claims of the BCA paper on the demo task.",
     )
@@ -37,14 +38,25 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "loss and the kernels' gradient norm at every step; writes stability.md, "
         "stability.json and stability.png.",
     )
-    st.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    st.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help="output folder (made if missing; its parent must exist, except for the default's)",
+    )
     st.add_argument(
         "--dataset",
         default="tweets",
         choices=["tweets", "bbc-news"],
         help="corpus (see docs/demo.md for provenance)",
     )
-    st.add_argument("--block-sizes", type=int_list, default=[16, 64, 384], help="block sizes p")
+    st.add_argument(
+        "--block-sizes",
+        type=int_list,
+        default=[16, 64, 384],
+        metavar="P,P,...",
+        help="block sizes p, each dividing 384",
+    )
     st.add_argument(
         "--steps", type=positive_int, default=None, help="steps per run (default 60, --quick 8)"
     )
@@ -73,9 +85,9 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="held-out examples scored after each run (default 500, --quick 64)",
     )
     st.add_argument("--quick", action="store_true", help="a few steps, for tests")
-    st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--threads", type=positive_int, default=2)
-    st.add_argument("--no-progress", action="store_true")
+    st.add_argument("--seed", type=int, default=0, help="seed for data order, heads and inits")
+    st.add_argument("--threads", type=positive_int, default=2, help="torch / core threads")
+    st.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

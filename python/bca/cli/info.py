@@ -25,12 +25,20 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     i.add_argument(
         "--model",
         default=None,
-        help="'minilm' (the shipped all-MiniLM-L6-v2) or a local transformers folder",
+        metavar="minilm|FOLDER",
+        help="'minilm' (the shipped all-MiniLM-L6-v2) or a local transformers model folder",
     )
-    i.add_argument("--targets", default="query,value", help="comma-separated target modules")
+    i.add_argument(
+        "--targets",
+        default="query,value",
+        metavar="NAME,NAME,...",
+        help="target modules (names or name suffixes, as in BCAConfig.target_modules)",
+    )
     i.add_argument("--block-size", type=positive_int, default=64, help="BCA block size p")
     i.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank to compare")
-    i.add_argument("--tokens", type=positive_int, default=128, help="tokens for FLOP totals")
+    i.add_argument(
+        "--tokens", type=positive_int, default=128, help="tokens for the adapter's FLOP total"
+    )
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -111,5 +119,44 @@ def run(args: argparse.Namespace) -> int:
         report = cost_report(model, targets, methods, model_name=name)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    print(report.to_json() if args.json else report.to_markdown())
+    print(report.to_json() if args.json else cost_table(report))
     return 0
+
+
+def cost_table(report: Any) -> str:
+    """bca.cost's report as a markdown table whose FLOP columns say what they count: the
+    work each method adds beside the targeted layers' own product ``W x`` (given above
+    the table); full fine-tuning adds none, which the table shows as "—" and says why."""
+
+    def flops(x: float) -> str:
+        return fmt_num(x) if x else "0"
+
+    base = sum(2 * lay.in_features * lay.out_features for lay in report.layers)
+    lines = [
+        f"**{report.model}**, targets {report.target_modules}: {len(report.layers)} layers, "
+        f"{report.model_parameters:,} model parameters; their own product W x costs "
+        f"{fmt_num(base)} FLOPs per token.",
+        "",
+        "| method | trainable params | added FLOPs/token (paper) | added FLOPs/token (real) "
+        "| added FLOPs/call (real, cacheable) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    full = False
+    for m in report.methods:
+        if m.method == "full":
+            full = True
+            cells = ["—", "—", "—"]
+        else:
+            cells = [
+                flops(m.paper_flops_per_token),
+                flops(m.real_flops_per_token),
+                flops(m.real_flops_per_call),
+            ]
+        lines.append(f"| {m.label} | {m.params:,} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Added FLOPs: what an unmerged adapter costs beside W x at inference (merged, every "
+        "method costs W x alone)."
+        + (" Full fine-tuning trains W itself and adds nothing (—)." if full else "")
+    )
+    return "\n".join(lines)

@@ -21,9 +21,19 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "the demo's classifier head goes to head.safetensors).",
     )
     m.add_argument("adapter", help="saved adapter folder")
-    m.add_argument("-o", "--output", required=True, help="output folder")
     m.add_argument(
-        "--base", default=None, help="local transformers model folder (non-demo adapters)"
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="output folder (made if missing; its parent must exist)",
+    )
+    m.add_argument(
+        "--base",
+        default=None,
+        metavar="FOLDER",
+        help="the base model (a local transformers model folder) of an adapter not saved by "
+        "`bca demo`",
     )
 
 

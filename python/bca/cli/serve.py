@@ -18,7 +18,7 @@ from ._common import (
     output_dir,
     output_file,
 )
-from .export import add_export_options, load_adapted
+from .export import MODES, TOLERANCE, add_export_options, load_adapted
 
 
 def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -47,13 +47,20 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "adapter is supplied per run.",
     )
     se.add_argument("adapter", nargs="+", help="saved adapter folder(s) defining the layout")
-    se.add_argument("-o", "--output", required=True, help="output .onnx file")
+    se.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE.onnx",
+        help="output file (its folder must exist)",
+    )
     add_export_options(se)
     se.add_argument(
         "--mode",
         default="auto",
-        choices=["auto", "dft", "matmul", "matmul2"],
-        help="adapter lowering (adapter files are tied to it)",
+        choices=[m for m in MODES if m != "folded"],
+        help="how adapters are written, as in `bca export` (the adapter files written for the "
+        "graph are tied to it)",
     )
     se.add_argument(
         "--default",
@@ -67,14 +74,21 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         formatter_class=fmt,
         help="convert saved adapters into .onnx_adapter files for a servable graph",
         description="Check each saved adapter against the servable graph's layout (modules, "
-        "block sizes, widths, dtype) and write OUT_DIR/<folder name>.onnx_adapter, an "
+        "block sizes, widths, dtype) and write DIR/<folder name>.onnx_adapter (--out-dir DIR), an "
         "onnxruntime adapter file to load with onnxruntime.LoraAdapter or "
         "bca.onnx.AdapterSession. With --combine NAME, write one file NAME.onnx_adapter "
         "holding the weighted sum of the adapters instead (--weights, default all 1).",
     )
     sa.add_argument("adapter", nargs="+", help="saved adapter folder(s)")
-    sa.add_argument("--graph", required=True, help="the servable .onnx graph")
-    sa.add_argument("--out-dir", required=True, help="folder for the .onnx_adapter files")
+    sa.add_argument(
+        "--graph", required=True, metavar="FILE.onnx", help="the servable graph (bca serve export)"
+    )
+    sa.add_argument(
+        "--out-dir",
+        required=True,
+        metavar="DIR",
+        help="folder for the .onnx_adapter files (made if missing; its parent must exist)",
+    )
     sa.add_argument(
         "--combine",
         metavar="NAME",
@@ -85,7 +99,8 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "--weights",
         type=float_list,
         default=None,
-        help="comma-separated weights for --combine (one per adapter folder)",
+        metavar="W,W,...",
+        help="weights for --combine, one per adapter folder (default: all 1)",
     )
     sa.add_argument(
         "--adapter-version", type=int, default=1, help="adapter version written into the files"
@@ -97,7 +112,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         description="Print the layers of a servable graph (module, spectra parameter, shape, "
         "block size, lowering), its default and layout hash.",
     )
-    si.add_argument("graph", help="a servable .onnx graph")
+    si.add_argument("graph", metavar="FILE.onnx", help="a servable graph (bca serve export)")
     si.add_argument("--json", action="store_true", help="print the layout as JSON")
 
 
@@ -149,6 +164,15 @@ def _export(args: argparse.Namespace) -> int:
         f"{len(layout.layers)} layers{saved}, default {layout.default}, layout "
         f"{layout.layout_hash[:12]})"
     )
+    if base is not None:
+        print("checked: onnx.checker passed (no torch model to compare with when patching)")
+    elif args.no_verify:
+        print("onnxruntime check: skipped (--no-verify)")
+    else:
+        print(
+            "onnxruntime check: passed (the graph fed this adapter's spectra, and its "
+            f"default, equal torch's outputs within {TOLERANCE:g}, norm-relative)"
+        )
     return 0
 
 
