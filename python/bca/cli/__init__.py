@@ -25,6 +25,18 @@ from ._common import options as _options  # noqa: F401 - bca.cli._options (tests
 
 __all__ = ["CLIError", "build_parser", "main"]
 
+EPILOG = """\
+examples:
+  bca demo --quick                 a one-minute run of the demo: fine-tune, compare, report
+  bca demo                         the full demo (about 5 minutes on 2 cores), ./bca-report
+  bca info bca-report/adapter      what the demo's saved adapter holds and costs
+  bca export bca-report/adapter -o minilm-bca.onnx
+                                   the adapted model as ONNX, checked in onnxruntime
+  bca info --model minilm          BCA's cost beside LoRA, C3A and full fine-tuning
+
+`bca COMMAND --help` explains each command. Errors are one line; BCA_DEBUG=1 shows the
+traceback."""
+
 _COMMANDS = {
     "demo": demo,
     "export": export,
@@ -40,10 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``bca`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="bca",
-        formatter_class=HelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the examples keep their lines
         description="Block circulant adapters: fine-tune, inspect, merge, export and benchmark.",
-        epilog="Start with `bca demo` (about 10 minutes on 2 CPU cores; `bca demo --quick` "
-        "takes about a minute).",
+        epilog=EPILOG,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -16,7 +16,8 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     b = sub.add_parser(
         "bench",
         formatter_class=fmt,
-        help="run the benches in benches/ or a quick built-in layer comparison",
+        help="a quick built-in comparison of one adapted layer, or a bench script of a "
+        "source checkout",
         description="Without NAME: a quick built-in comparison of one adapted layer's extra "
         "work (dense ΔW, bca's rust and torch backends, PEFT C3A) at a few sizes, timed in "
         "process CPU time, with a warning when the machine is busy. With NAME: run "

@@ -16,7 +16,8 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     i = sub.add_parser(
         "info",
         formatter_class=fmt,
-        help="parameters, FLOPs and shapes of a saved adapter, or of a model + config",
+        help="shapes, parameters and FLOPs of a saved adapter, or BCA's cost beside LoRA, C3A "
+        "and full fine-tuning on a model",
         description="`bca info ADAPTER_DIR` lists each adapted module's shape and block size "
         "and the parameter/FLOP totals. `bca info --model minilm|FOLDER --targets query,value "
         "--block-size 64` prints bca.cost's table for BCA beside LoRA, C3A and full fine-tuning.",
