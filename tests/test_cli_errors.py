@@ -248,3 +248,13 @@ def test_export_without_onnx(
     _without(monkeypatch, "onnx", "onnxruntime")
     code = main(["export", str(a), "-o", str(tmp_path / "m.onnx")])
     _one_line_error(code, capsys, "onnx, onnxruntime", 'pip install "bca[onnx]"')
+
+
+def test_import_bca_nn_without_torch_names_the_extra() -> None:
+    import subprocess
+
+    code = "import sys; sys.modules['torch'] = None; import bca.nn"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == 'ModuleNotFoundError: bca.nn needs torch: pip install "bca[torch]"', last

@@ -40,6 +40,12 @@ autograd differentiates again; an ordinary backward keeps each backend's fast pa
 
 from __future__ import annotations
 
+try:  # first, so that a numpy-only install learns which extra to add
+    import torch  # noqa: F401
+except ModuleNotFoundError as _exc:
+    _hint = 'bca.nn needs torch: pip install "bca[torch]"'
+    raise ModuleNotFoundError(_hint, name="torch") from _exc
+
 from .functional import BACKENDS, KernelCache, block_circulant_dense, rust_available
 from .layer import (
     BASE_ADAPTER,
