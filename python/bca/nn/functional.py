@@ -630,6 +630,7 @@ class KernelCache:
         self.spectra_meta: tuple[torch.dtype, float] | None = None
         self.spectra_snapshot = _KernelSnapshot()
         self.rust_op: Any = None
+        self.rust_geometry: tuple[Any, ...] | None = None
         self.rust_snapshot = _KernelSnapshot()
 
     def clear(self) -> None:
@@ -658,17 +659,14 @@ class KernelCache:
 
     def rust_operator(self, kernel: torch.Tensor, in_features: int, out_features: int) -> Any:
         """The Rust operator for ``kernel``; ``set_kernel`` is called only on a change."""
-        core = _rust_core()
         snap = self.rust_snapshot
         op = self.rust_op
         k = kernel.detach()
-        if (
-            op is None
-            or op.dtype != k.numpy().dtype
-            or (op.in_features, op.out_features) != (in_features, out_features)
-            or op.block_size != k.shape[-1]
-        ):
+        geometry = (in_features, out_features, k.shape, k.dtype)
+        if op is None or self.rust_geometry != geometry:
+            core = _rust_core()
             self.rust_op = core.BlockCirculant(k.contiguous().numpy(), in_features, out_features)
+            self.rust_geometry = geometry
             snap.take(kernel)
         elif not snap.matches(kernel):
             op.set_kernel(k.contiguous().numpy())
@@ -714,10 +712,10 @@ def resolve_backend(
     (a sequence) uses: ``backend`` unless ``"auto"``, which is ``"rust"`` for CPU
     float32/float64 ``x`` of the kernels' dtype when the extension imports, else
     ``"torch"``."""
-    _check_backend(backend)
     if backend != "auto":
+        _check_backend(backend)
         return backend
-    ks = [kernels] if isinstance(kernels, torch.Tensor) else list(kernels)
+    ks = (kernels,) if isinstance(kernels, torch.Tensor) else kernels
     if (
         x.device.type == "cpu"
         and x.dtype in _RUST_DTYPES
@@ -733,11 +731,12 @@ def _features(
 ) -> tuple[int, int]:
     if kernel.dim() != 3:
         raise ShapeError(f"kernel must have shape (q_out, q_in, p), got {tuple(kernel.shape)}")
-    q_out, q_in, p = (int(n) for n in kernel.shape)
+    q_out, q_in, p = kernel.shape
     n_in = q_in * p if in_features is None else int(in_features)
     n_out = q_out * p if out_features is None else int(out_features)
-    _check_padding("in_features", n_in, q_in, p)
-    _check_padding("out_features", n_out, q_out, p)
+    if not ((q_in - 1) * p < n_in <= q_in * p and (q_out - 1) * p < n_out <= q_out * p):
+        _check_padding("in_features", n_in, q_in, p)
+        _check_padding("out_features", n_out, q_out, p)
     return n_in, n_out
 
 
