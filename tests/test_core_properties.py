@@ -145,6 +145,7 @@ def test_set_kernel_and_kernel_copy(rng: np.random.Generator) -> None:
 
 
 def test_global_thread_setting(rng: np.random.Generator) -> None:
+    bca.set_num_threads(None)  # the environment's default, whatever an earlier test set
     before = bca.get_num_threads()
     try:
         bca.set_num_threads(1)
