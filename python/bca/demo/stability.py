@@ -47,6 +47,9 @@ class StabilityOutcome:
 
 
 def run_stability(opts: StabilityOptions) -> StabilityOutcome:
+    from . import passive_openmp
+
+    passive_openmp()
     import torch
     from tqdm.auto import tqdm
 

@@ -27,12 +27,18 @@ __all__ = [
     "MethodResult",
     "TrainSettings",
     "build_method",
+    "collate",
     "encode",
+    "eval_batches",
     "evaluate",
     "load_minilm",
     "measure_latency",
     "minilm_dir",
+    "phase_bar",
+    "pooled_features",
+    "scores",
     "seed_everything",
+    "tokenize",
     "train_method",
 ]
 
@@ -101,6 +107,47 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, t
         list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
     )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text (truncated, unpadded): tokenise once, :func:`collate` per batch."""
+    return [
+        list(x) for x in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    ]
+
+
+def collate(tokenizer: Any, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Pad token ids to the longest in the batch: the same tensors as :func:`encode`."""
+    width = max((len(x) for x in ids), default=0)
+    pad = int(tokenizer.pad_token_id or 0)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        n = len(x)
+        sl = slice(width - n, width) if left else slice(0, n)
+        input_ids[row, sl] = torch.tensor(list(x), dtype=torch.long)
+        mask[row, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def phase_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """The one progress bar of a demo phase, on stderr.
+
+    Shown only when ``enabled`` and stderr is a terminal (tqdm's ``disable=None``), redrawn
+    at most once a second and cleared when the phase ends (``leave=False``): the phase's
+    result is printed as one line instead, so a log of the run stays small.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=None if enabled else True,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
 
 
 @dataclass
@@ -263,14 +310,15 @@ def train_method(
     desc: str = "train",
     progress: bool = True,
     norm_params: Sequence[nn.Parameter] | None = None,
+    bar: Any = None,
 ) -> tuple[list[float], list[float], float]:
     """Train in place; returns ``(losses, grad_norms, seconds)``.
 
     ``grad_norms`` is the L2 norm of the gradient of ``norm_params`` (default: every
-    trainable parameter except the head) before the optimiser step.
+    trainable parameter except the head) before the optimiser step. ``bar``: a
+    :func:`phase_bar` to advance by one per step (else one is made from ``desc`` and
+    ``progress``).
     """
-    from tqdm.auto import tqdm
-
     getter = getattr(model, "get_base_model", None)
     inner: Any = getter() if callable(getter) else model
     if norm_params is None:
@@ -284,9 +332,12 @@ def train_method(
     norms: list[float] = []
     model.train()
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for idx in bar:
-        enc = encode(tokenizer, [texts[i] for i in idx], s.max_length)
+    own_bar = bar is None
+    if own_bar:
+        bar = phase_bar(len(batches), desc, progress)
+    ids = tokenize(tokenizer, texts, s.max_length)
+    for idx in batches:
+        enc = collate(tokenizer, [ids[i] for i in idx])
         if frozen_encoder:
             with torch.no_grad():
                 pooled = inner.pooled(**enc)
@@ -302,12 +353,47 @@ def train_method(
         opt.step()
         value = float(loss.detach())
         losses.append(value)
-        bar.set_postfix(loss=f"{value:.3f}")
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+        bar.update(1)
         if not math.isfinite(value):
             break
     seconds = time.perf_counter() - start
+    if own_bar:
+        bar.close()
     model.eval()
     return losses, norms, seconds
+
+
+def _length_batches(ids: Sequence[Sequence[int]], batch: int) -> list[list[int]]:
+    """Indices in batches of texts of similar length (less padding; order restored later)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
+def eval_batches(n: int, batch: int = 64) -> int:
+    """How many forward passes :func:`predict` makes for ``n`` texts (for a phase bar)."""
+    return -(-n // batch)
+
+
+@torch.no_grad()
+def _run_batches(
+    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    batch: int,
+    bar: Any,
+) -> torch.Tensor:
+    ids = tokenize(tokenizer, texts, max_length)
+    out: torch.Tensor | None = None
+    for idx in _length_batches(ids, batch):
+        y = fn(collate(tokenizer, [ids[i] for i in idx])).float()
+        if out is None:
+            out = torch.empty((len(ids), *y.shape[1:]), dtype=y.dtype)
+        out[torch.tensor(idx)] = y
+        if bar is not None:
+            bar.update(1)
+    return out if out is not None else torch.zeros((0, 0))
 
 
 @torch.no_grad()
@@ -319,16 +405,50 @@ def predict(
     batch: int = 64,
     progress: bool = False,
     desc: str = "eval",
+    bar: Any = None,
 ) -> np.ndarray:
-    from tqdm.auto import tqdm
-
+    """Logits for ``texts`` (in their order), computed in batches of similar length."""
     model.eval()
-    out: list[np.ndarray] = []
-    starts = range(0, len(texts), batch)
-    for i in tqdm(starts, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        enc = encode(tokenizer, texts[i : i + batch], max_length)
-        out.append(model(**enc).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+    own_bar = bar is None and progress
+    if own_bar:
+        bar = phase_bar(eval_batches(len(texts), batch), desc, progress)
+    try:
+        return _run_batches(
+            lambda enc: model(**enc), tokenizer, texts, max_length, batch, bar
+        ).numpy()
+    finally:
+        if own_bar:
+            bar.close()
+
+
+@torch.no_grad()
+def pooled_features(
+    model: MeanPoolClassifier,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    batch: int = 64,
+    bar: Any = None,
+) -> torch.Tensor:
+    """Mean-pooled encoder features of ``texts``: score any head on a frozen encoder
+    (the untrained model, the linear probe) without running the encoder again."""
+    model.eval()
+    return _run_batches(lambda enc: model.pooled(**enc), tokenizer, texts, max_length, batch, bar)
+
+
+def scores(logits: Any, labels: Sequence[int], num_labels: int) -> tuple[float, float]:
+    """``(accuracy, macro F1)`` of logits (array or tensor, one row per example)."""
+    logits = np.asarray(logits)
+    pred = logits.argmax(-1) if len(logits) else np.zeros(0, dtype=int)
+    y = np.asarray(labels)
+    acc = float((pred == y).mean()) if len(y) else float("nan")
+    f1s = []
+    for c in range(num_labels):
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return acc, float(np.mean(f1s))
 
 
 def evaluate(
@@ -340,19 +460,11 @@ def evaluate(
     num_labels: int,
     progress: bool = False,
     desc: str = "eval",
+    bar: Any = None,
 ) -> tuple[float, float]:
     """``(accuracy, macro F1)`` on the given examples."""
-    logits = predict(model, tokenizer, texts, max_length, progress=progress, desc=desc)
-    pred = logits.argmax(-1) if len(logits) else np.zeros(0, dtype=int)
-    y = np.asarray(labels)
-    acc = float((pred == y).mean()) if len(y) else float("nan")
-    f1s = []
-    for c in range(num_labels):
-        tp = int(((pred == c) & (y == c)).sum())
-        fp = int(((pred == c) & (y != c)).sum())
-        fn = int(((pred != c) & (y == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return acc, float(np.mean(f1s))
+    logits = predict(model, tokenizer, texts, max_length, progress=progress, desc=desc, bar=bar)
+    return scores(logits, labels, num_labels)
 
 
 @torch.no_grad()
