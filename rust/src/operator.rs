@@ -510,6 +510,9 @@ impl<T: Float> BlockCirculant<T> {
     {
         let rows = src.len();
         debug_assert_eq!(rows, dst.len());
+        if spectra.q_a == 1 && spectra.q_b == 1 {
+            return self.apply_chunk_single(arg, src, spectra, dst);
+        }
         let n_a = rows * spectra.q_a * self.f_pad;
         let mut ws = self.take_workspace(rows)?;
         let mut a_re = std::mem::take(&mut ws.a_re);
@@ -528,6 +531,57 @@ impl<T: Float> BlockCirculant<T> {
             });
         ws.a_re = a_re;
         ws.a_im = a_im;
+        self.give_back_workspace(ws);
+        result
+    }
+
+    /// `apply_chunk` for a single block (q_in = q_out = 1, e.g. p = d): row by row, the
+    /// FFT, the product with the kernel spectrum (`single_product`: the operations of
+    /// `block_product`, so the same results bit for bit) and the inverse FFT into the
+    /// output row,
+    /// all on one row's spectrum while it is in L1: no batch planes.
+    fn apply_chunk_single<'r>(
+        &self,
+        arg: &'static str,
+        src: impl ExactSizeIterator<Item = &'r [T]>,
+        spectra: &Spectra<T>,
+        dst: impl ExactSizeIterator<Item = &'r mut [T]>,
+    ) -> Result<(), BcaError>
+    where
+        T: 'r,
+    {
+        const L: usize = simd::LANES;
+        let f_pad = self.f_pad;
+        let mut ws = self.take_workspace(1)?;
+        let mut x_re = std::mem::take(&mut ws.a_re);
+        let mut x_im = std::mem::take(&mut ws.a_im);
+        let mut y_re = std::mem::take(&mut ws.b_re);
+        let mut y_im = std::mem::take(&mut ws.b_im);
+        let result = src.zip(dst).try_for_each(|(row, out)| {
+            let (xr, xi) = (&mut x_re[..f_pad], &mut x_im[..f_pad]);
+            let finite = self.fft.forward(row, &mut ws.fft, |t, tr, ti| {
+                xr[t * L..(t + 1) * L].copy_from_slice(tr);
+                xi[t * L..(t + 1) * L].copy_from_slice(ti);
+            })?;
+            if !finite {
+                return Err(BcaError::NonFinite { arg });
+            }
+            let (yr, yi) = (&mut y_re[..f_pad], &mut y_im[..f_pad]);
+            simd::single_product(
+                (&*xr, &*xi),
+                (&spectra.re[..f_pad], &spectra.im[..f_pad]),
+                (&mut *yr, &mut *yi),
+            );
+            self.fft.inverse(
+                |t| (&yr[t * L..(t + 1) * L], &yi[t * L..(t + 1) * L]),
+                out,
+                &mut ws.fft,
+            )
+        });
+        ws.a_re = x_re;
+        ws.a_im = x_im;
+        ws.b_re = y_re;
+        ws.b_im = y_im;
         self.give_back_workspace(ws);
         result
     }

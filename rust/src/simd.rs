@@ -115,6 +115,68 @@ pub(crate) fn block_product<T: Float>(
     )
 }
 
+/// y = x ⊙ s for single spectra (q_a = q_b = 1), elementwise, with exactly the
+/// operations that [`block_product`] runs for one block on this CPU (fused or not), so
+/// that the result is the same bit for bit.
+pub(crate) fn single_product<T: Float>(x: Planes<'_, T>, s: Planes<'_, T>, y: PlanesMut<'_, T>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if fma_available() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { single_product_fma(x, s, y) };
+        }
+    }
+    dispatch_avx2!(single_product_generic, single_product_avx2(x, s, y))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn single_product_fma<T: Float>(x: Planes<'_, T>, s: Planes<'_, T>, y: PlanesMut<'_, T>) {
+    single_product_body::<T, true>(x, s, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn single_product_avx2<T: Float>(x: Planes<'_, T>, s: Planes<'_, T>, y: PlanesMut<'_, T>) {
+    single_product_body::<T, false>(x, s, y)
+}
+
+fn single_product_generic<T: Float>(x: Planes<'_, T>, s: Planes<'_, T>, y: PlanesMut<'_, T>) {
+    single_product_body::<T, false>(x, s, y)
+}
+
+#[inline(always)]
+fn single_product_body<T: Float, const FMA: bool>(
+    (x_re, x_im): Planes<'_, T>,
+    (s_re, s_im): Planes<'_, T>,
+    (y_re, y_im): PlanesMut<'_, T>,
+) {
+    let n = y_re.len();
+    let (x_re, x_im, s_re, s_im, y_im) = (
+        &x_re[..n],
+        &x_im[..n],
+        &s_re[..n],
+        &s_im[..n],
+        &mut y_im[..n],
+    );
+    for k in 0..n {
+        let (xr, xi, sr, si) = (x_re[k], x_im[k], s_re[k], s_im[k]);
+        // The accumulators of `Tile::product`, starting from zero, for one term.
+        let (mut a_re, mut a_im) = (T::zero(), T::zero());
+        if FMA {
+            a_re = xr.mul_add(sr, a_re);
+            a_re = (-xi).mul_add(si, a_re);
+            a_im = xr.mul_add(si, a_im);
+            a_im = xi.mul_add(sr, a_im);
+        } else {
+            a_re = a_re + (xr * sr - xi * si);
+            a_im = a_im + (xr * si + xi * sr);
+        }
+        y_re[k] = a_re;
+        y_im[k] = a_im;
+    }
+}
+
 /// Whether the fused multiply-add build of the kernels runs on this CPU (AVX2 and FMA).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn fma_available() -> bool {
