@@ -11,6 +11,7 @@ Writes benches/results/core_forward.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     pin_threads(args.threads)
+    load_before = _load()
     import torch
     from peft.tuners.c3a.utils import BlockCircularConvolution
 
@@ -130,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "bca rust: `bca.BlockCirculant.matmul` (spectra cached). torch rfft: torch.fft with "
         "cached spectra and a per-frequency bmm. PEFT C3A: `BlockCircularConvolution.apply(x, w) "
         "/ d`, the adapter term of PEFT's C3ALinear. dense: `F.linear` with a d×d weight (the "
-        "base layer). Ratios > 1× mean bca is faster.\n\n" + markdown_table(header, table)
+        "base layer). Ratios > 1× mean bca is faster.\n\n"
+        + markdown_table(header, table)
+        + f"\nLoad average (1, 5, 15 min) before: {load_before}; after: {_load()}.\n"
     )
     payload = {
         "bench": "core_forward",
@@ -141,10 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
     }
     stem = "core_forward_quick" if args.quick else "core_forward"
+    if args.threads != 2:
+        stem += f"_{args.threads}thread"
     write_results(stem, payload, md, args.out)
     _plot(records, args.out / f"{stem}.png")
     print(md)
     return 0
+
+
+def _load() -> str:
+    try:
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _plot(records: list[dict], path: Path) -> None:
