@@ -7,6 +7,9 @@ WHEEL_VENV ?= $(DIST)/venv
 # The wheel builds in its own cargo directory (other flags than the editable build, so
 # sharing target/release would only rebuild both in turn).
 WHEEL_TARGET ?= target/wheel
+# `python -m maturin` needs the maturin program in that interpreter's scripts folder; in a
+# venv that borrows the system's site-packages, give the one on PATH: MATURIN=maturin.
+MATURIN ?= $(PYTHON) -m maturin
 
 .PHONY: install test rust-check py-check pytest wheel sdist wheel-test bench demo
 
@@ -37,7 +40,7 @@ test: install rust-check py-check pytest  ## everything, from a fresh clone
 wheel:  ## abi3 manylinux2014 x86-64 wheel in dist/, checked (tags, contents, glibc symbols)
 	$(PIP) install "maturin>=1.9.4,<2" "ziglang>=0.11" "auditwheel>=6"
 	rm -f $(DIST)/bca-*.whl
-	RUSTFLAGS="-C target-cpu=x86-64" CARGO_TARGET_DIR="$(WHEEL_TARGET)" $(PYTHON) -m maturin \
+	RUSTFLAGS="-C target-cpu=x86-64" CARGO_TARGET_DIR="$(WHEEL_TARGET)" $(MATURIN) \
 		build --release --zig --compatibility manylinux2014 --interpreter $(PYTHON) \
 		--out $(DIST)
 	$(PYTHON) -m auditwheel show $(DIST)/bca-*.whl
@@ -46,7 +49,7 @@ wheel:  ## abi3 manylinux2014 x86-64 wheel in dist/, checked (tags, contents, gl
 sdist:  ## source distribution in dist/ (builds with Rust and maturin on install), checked
 	$(PIP) install "maturin>=1.9.4,<2"
 	rm -f $(DIST)/bca-*.tar.gz
-	$(PYTHON) -m maturin sdist --out $(DIST)
+	$(MATURIN) sdist --out $(DIST)
 	$(PYTHON) .ci/check_dist.py sdist $(DIST)/bca-*.tar.gz
 
 # The Python tests against the installed wheel: a fresh venv that sees the interpreter's
