@@ -27,8 +27,8 @@ __all__ = ["CLIError", "build_parser", "main"]
 
 EPILOG = """\
 examples:
-  bca demo --quick                 a one-minute run of the demo: fine-tune, compare, report
-  bca demo                         the full demo (about 5 minutes on 2 cores), ./bca-report
+  bca demo --quick                 a smoke test of the demo (under a minute on idle cores)
+  bca demo                         the demo (about 3 minutes on 2 cores), ./bca-report
   bca info bca-report/adapter      what the demo's saved adapter holds and costs
   bca export bca-report/adapter -o minilm-bca.onnx
                                    the adapted model as ONNX, checked in onnxruntime
