@@ -27,7 +27,7 @@ __all__ = ["CLIError", "build_parser", "main"]
 
 EPILOG = """\
 examples:
-  bca demo --quick                 a smoke test of the demo (under a minute on idle cores)
+  bca demo --quick                 a smoke test of the demo (about a minute)
   bca demo                         the demo (about 3 minutes on 2 cores), ./bca-report
   bca info bca-report/adapter      what the demo's saved adapter holds and costs
   bca export bca-report/adapter -o minilm-bca.onnx

@@ -43,7 +43,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     d.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke test, under a minute on idle cores: 24 steps of 8, 160 test texts",
+        help="a smoke test of about a minute: 24 steps of 8, 160 test texts",
     )
     d.add_argument(
         "--dataset",
