@@ -65,11 +65,6 @@ def test_scores() -> None:
     assert f1 == pytest.approx((2 / 3 + 2 / 3) / 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bca.onnx.export_model still defaults to progress=True (nested tqdm bars on "
-    "stderr from a library call); remove this mark when python/bca/onnx defaults to False",
-)
 def test_export_model_prints_nothing_by_default(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             )
         from ..onnx import patch_model
 
-        path = patch_model(base, [str(d) for d in dirs], out, lowering=args.mode)
+        path = patch_model(base, [str(d) for d in dirs], out, lowering=args.mode, progress=True)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, mode {args.mode})")
         print("checked: onnx.checker passed (no torch model to compare with when patching)")
         return 0
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ..onnx import export_model
 
     example = example_inputs(tok, model, args.seq_len)
-    kwargs: dict[str, Any] = {"mode": args.mode, "verify": False}
+    kwargs: dict[str, Any] = {"mode": args.mode, "verify": False, "progress": True}
     if args.opset is not None:
         kwargs["opset"] = args.opset
     path = export_model(model, out, example, **kwargs)

@@ -544,7 +544,7 @@ def export_model(
     verify: bool = True,
     verify_tolerance: float = 1e-4,
     external_data: bool | None = None,
-    progress: bool = True,
+    progress: bool = False,
     servable: bool = False,
     servable_default: str = "zeros",
     servable_base: Any = None,
@@ -579,7 +579,8 @@ def export_model(
             each output with torch's (norm-relative error <= ``verify_tolerance``);
             raises ``RuntimeError`` on a mismatch.
         external_data: as in :func:`patch_model`.
-        progress: show progress (tqdm).
+        progress: one tqdm bar on stderr (terminals only, cleared when done); a library
+            call prints nothing by default.
         servable: export a servable graph (docs/onnx.md, "Serving many adapters"): each
             adapted layer's kernel spectra become an overridable initializer
             ``bca.<module name>.spectra`` (an initializer that is also a graph input), so
@@ -721,7 +722,7 @@ def export_model(
     if progress:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-        bar = tqdm(total=len(steps), desc="bca export", unit="step")
+        bar = tqdm(total=len(steps), desc="bca export", unit="step", disable=None, leave=False)
 
     def step(label: str) -> None:
         if bar is not None:
@@ -806,7 +807,7 @@ def export_model(
                 names=[e.label for e in entries],
                 lowering=mode,
                 targets={k: v for k, v in targets.items() if k in used},
-                progress=progress,
+                progress=False,  # the one bar is export_model's
             )
         elif not folded:
             slots: list[SavedSlot] = []
@@ -830,7 +831,7 @@ def export_model(
                 specs,
                 lowering=mode,
                 targets=targets,
-                progress=progress,
+                progress=False,  # the one bar is export_model's
                 servable=servable,
                 servable_default=servable_default,
                 servable_saved=slots,

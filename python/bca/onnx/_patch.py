@@ -309,7 +309,7 @@ def patch_model(
     targets: Mapping[str, str] | Sequence[Mapping[str, str] | None] | None = None,
     base_weights: Mapping[str, np.ndarray] | None = None,
     external_data: bool | None = None,
-    progress: bool = True,
+    progress: bool = False,
     servable: bool = False,
     servable_default: str = "zeros",
     check_base: str = "warn",
@@ -333,7 +333,8 @@ def patch_model(
             initializer names such as ``onnx::MatMul_123``).
         external_data: force (True) or forbid (False) external tensor data; default: only
             for models of 2 GB or more.
-        progress: show a tqdm progress bar.
+        progress: one tqdm bar on stderr (terminals only, cleared when done); a library
+            call prints nothing by default.
         servable: make a servable graph (see :func:`add_adapters` and docs/onnx.md,
             "Serving many adapters"): the adapters' layers get overridable kernel spectra
             ``bca.<module>.spectra`` and the adapters define the layout (several adapter

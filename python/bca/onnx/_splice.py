@@ -300,7 +300,7 @@ def splice_adapters(
         except ImportError:  # progress is optional: tqdm comes with bca[torch]
             pass
         else:
-            it = tqdm(list(it), desc="splicing adapters", unit="adapter")
+            it = tqdm(list(it), desc="splicing adapters", unit="adapter", disable=None, leave=False)
     for k, (site, spec), prefix, g_name in it:
         if (site.in_features, site.out_features) != (spec.in_features, spec.out_features):
             raise TargetMatchError(
