@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+# Before anything imports torch (OpenMP reads its settings once, when torch loads): on a
+# shared 2-core machine torch's OpenMP threads spin while they wait for a descheduled
+# partner, which made torch-heavy tests and the demo 5-7x slower. Passive waiting sleeps
+# instead. bca.demo sets the same itself (bca.demo.passive_openmp); a value set by the
+# user is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import re
 from typing import Any
 
