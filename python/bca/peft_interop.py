@@ -171,6 +171,15 @@ def bca_kernel_to_c3a(kernel: ArrayT, in_features: int | None = None, scale: flo
 # --------------------------------------------------------------------------- directories
 
 
+def _require_torch(what: str) -> None:
+    """Import torch, or say which extra to add (the kernel converters need only numpy)."""
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError as e:
+        hint = f'{what} needs torch: pip install "bca[torch]"'
+        raise ModuleNotFoundError(hint, name="torch") from e
+
+
 def _torch_tensors(header: _fmt.SafetensorsHeader, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """numpy arrays read from ``header``'s file as torch tensors of the file's dtypes
     (bfloat16 is read as float32, exactly, and cast back)."""
@@ -234,6 +243,7 @@ def c3a_adapter_dir_to_bca(
     over. When ``base_model`` is given, every adapted module must exist in it as an
     ``nn.Linear`` of the kernel's size, and its class is recorded in the fingerprint.
     """
+    _require_torch("bca.peft_interop.c3a_adapter_dir_to_bca")
     src_p = Path(src)
     cfg_path, w_path = src_p / CONFIG_NAME, src_p / WEIGHTS_NAME
     cfg = _fmt.read_json_object(cfg_path, "PEFT adapter config")
@@ -414,6 +424,7 @@ def bca_adapter_dir_to_c3a(
     hold. ``task_type`` (e.g. ``"SEQ_CLS"``) is written to the PEFT config; PEFT uses it to
     pick the ``PeftModel`` subclass.
     """
+    _require_torch("bca.peft_interop.bca_adapter_dir_to_c3a")
     files = _fmt.read_adapter_files(src)  # every check of the format, nothing unpickled
     doc = files.doc
     problems = [msg for n, m in doc.modules.items() if (msg := _c3a_refusal(n, m)) is not None]

@@ -24,6 +24,12 @@ parameter groups, counts), :mod:`.adapters` (named adapters, mixed batches),
 
 from __future__ import annotations
 
+try:  # first, so that a numpy-only install learns which extra to add
+    import torch  # noqa: F401
+except ModuleNotFoundError as _exc:
+    _hint = 'bca.model needs torch: pip install "bca[torch]"'
+    raise ModuleNotFoundError(_hint, name="torch") from _exc
+
 from .._adapter_format import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .._adapter_format import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from .adapters import (
