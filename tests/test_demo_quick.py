@@ -134,6 +134,17 @@ def test_onnx_parity(report: Path) -> None:
     assert onnx_info["ort_latency_ms"] > 0
 
 
+def test_latencies_are_cpu_time_with_a_timing_note(report: Path) -> None:
+    """Latencies are process CPU time (a busy machine does not inflate them), said in the
+    column headers and in the timing note under the table."""
+    md = (report / "report.md").read_text()
+    assert "| latency 1×seq (CPU ms) | latency 32×seq (CPU ms) |" in md
+    assert "| ORT latency 1×seq (CPU ms) | ORT latency 32×seq (CPU ms) |" in md
+    assert "Timings: median process CPU time (all threads) per call, load average" in md
+    assert "(ms)" not in md
+    assert _results(report)["latency_clock"] == "cpu"
+
+
 def test_info_on_saved_adapter(report: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(report / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -136,7 +136,8 @@ def _onnx_measure(
         from ..onnx import export_model
     except ImportError as exc:
         return {"status": f"skipped: ONNX export needs onnx + onnxruntime ({exc})"}
-    from .train import encode, measure_latency
+    from .bench import measure_ms
+    from .train import encode
 
     path = out / "bca-minilm.onnx"
     example = encode(tokenizer, texts[:4], max_length)
@@ -150,6 +151,9 @@ def _onnx_measure(
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # latencies are CPU time: idle intra-op threads must sleep, not spin (spinning burns
+    # CPU time while waiting, which would be counted as the model's work)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
 
@@ -167,11 +171,10 @@ def _onnx_measure(
     one = encode(tokenizer, texts[:1], max_length)
     f1 = feeds(one)
     fb = feeds(batch)
-    ort_1 = measure_latency(lambda: sess.run(None, f1), repeats=30)
-    ort_b = measure_latency(lambda: sess.run(None, fb), repeats=5, warmup=1)
+    ort_1 = measure_ms(lambda: sess.run(None, f1))
+    ort_b = measure_ms(lambda: sess.run(None, fb))
     bar.update(1)
-    with torch.no_grad():
-        torch_1 = measure_latency(lambda: model(**one), repeats=30)
+    torch_1 = measure_ms(lambda: model(**one))
     bar.update(1)
     return {
         "status": "ok",
@@ -242,6 +245,8 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
     import torch
 
     from .. import core
+    from .._timing import machine_load
+    from .bench import measure_ms, timing_note
     from .data import load_dataset
     from .report import markdown_table, plot_accuracy_vs_params, plot_curves, write_json
     from .train import (
@@ -252,7 +257,6 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         encode,
         eval_batches,
         load_minilm,
-        measure_latency,
         phase_bar,
         pooled_features,
         predict,
@@ -269,6 +273,7 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
+    loads: list[Any] = []  # load averages around the latency timings (the timing note)
 
     full = load_dataset(o.dataset)
     ds = full.subset(min(o.steps * o.batch_size, len(full.train_texts)), o.eval_examples, o.seed)
@@ -350,16 +355,15 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
             logits = predict(model, tokenizer, ds.test_texts, s.max_length, bar=bar)
         r.accuracy, r.macro_f1 = scores(logits, ds.test_labels, ds.num_labels)
         correct[method] = logits.argmax(-1) == y_test
-        with torch.no_grad():
-            r.latency_ms = measure_latency(functools.partial(model, **enc1), repeats=30)
-            r.latency_batch_ms = measure_latency(
-                functools.partial(model, **enc32), repeats=5, warmup=1
-            )
+        loads.append(machine_load())
+        r.latency_ms = measure_ms(functools.partial(model, **enc1))
+        r.latency_batch_ms = measure_ms(functools.partial(model, **enc32))
+        loads.append(machine_load())
         bar.update(1)
         bar.close()
         _say(
             f"{label}: accuracy {100 * r.accuracy:.1f}%, {r.trainable_params:,} trainable, "
-            f"train {r.train_seconds:.0f}s, latency {r.latency_ms:.1f} ms"
+            f"train {r.train_seconds:.0f}s, latency {r.latency_ms:.1f} CPU ms"
         )
         results.append(r)
         if method == "bca":
@@ -389,16 +393,19 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         )
         _say(f"adapter saved to {adir}")
         if o.onnx:
+            loads.append(machine_load())
             onnx_info = _onnx_step(
                 bca_model, tokenizer, ds.test_texts, s.max_length, out, o.threads, o.progress
             )
+            loads.append(machine_load())
         else:
             onnx_info = {"status": "skipped (--no-onnx)"}
         if onnx_info["status"] == "ok":
             _say(
                 f"ONNX: {onnx_info['path']} ({onnx_info['file_mb']:.1f} MB), "
                 "ORT vs torch max |diff| "
-                f"{onnx_info['max_abs_diff']:.2e}, ORT latency {onnx_info['ort_latency_ms']:.1f} ms"
+                f"{onnx_info['max_abs_diff']:.2e}, "
+                f"ORT latency {onnx_info['ort_latency_ms']:.1f} CPU ms"
             )
         else:
             _say(f"ONNX: {onnx_info['status']}")
@@ -412,8 +419,8 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         "trainable params",
         "adapter params",
         "train time (s)",
-        "latency 1×seq (ms)",
-        "latency 32×seq (ms)",
+        "latency 1×seq (CPU ms)",
+        "latency 32×seq (CPU ms)",
     ]
     rows: list[list[Any]] = [
         ["majority class", f"{100 * majority:.1f}%", "—", "0", "0", "—", "—", "—"],
@@ -466,6 +473,7 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         plots = ["loss_curves.png", "accuracy_vs_params.png"]
     except ImportError as exc:
         _say(f"plots: skipped (matplotlib not available: {exc})")
+    latency_note = timing_note("cpu", loads, threads=o.threads)
     wall = time.perf_counter() - wall0
     lines = [
         "# bca demo report",
@@ -480,8 +488,12 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         table,
         "",
         "Latency: torch forward on this machine with "
-        f"{o.threads} threads, adapters unmerged, median of repeats; '1×seq' is one text, "
-        "'32×seq' a batch of 32 texts.",
+        f"{o.threads} threads, adapters unmerged; '1×seq' is one text, "
+        "'32×seq' a batch of 32 texts. CPU ms is the process's CPU time per call, summed "
+        "over its threads (with several threads it can exceed the wall time): the work done, "
+        "which other jobs on the machine do not inflate.",
+        "",
+        latency_note,
         "",
         "## Settings",
         "",
@@ -512,9 +524,9 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
                     "ORT vs torch max abs diff",
                     "rel. diff",
                     "argmax agreement",
-                    "ORT latency 1×seq (ms)",
-                    "ORT latency 32×seq (ms)",
-                    "torch latency 1×seq (ms)",
+                    "ORT latency 1×seq (CPU ms)",
+                    "ORT latency 32×seq (CPU ms)",
+                    "torch latency 1×seq (CPU ms)",
                 ],
                 [
                     [
@@ -530,7 +542,8 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
                 ],
             ),
             "",
-            f"onnxruntime {onnx_info['onnxruntime']}, {o.threads} intra-op threads, 32 test texts.",
+            f"onnxruntime {onnx_info['onnxruntime']}, {o.threads} intra-op threads (not "
+            "spinning while idle), 32 test texts; latencies in CPU ms as above.",
         ]
     else:
         lines.append(f"ONNX {onnx_info.get('status')}")
@@ -560,6 +573,7 @@ def run_demo(opts: DemoOptions) -> DemoOutcome:
         "paired_vs_bca": _paired_vs_bca(results, correct),
         "onnx": onnx_info,
         "wall_seconds": wall,
+        "latency_clock": "cpu",
     }
     write_json(out / "results.json", doc)
     _say(f"report written to {out / 'report.md'} ({wall:.0f}s)")
