@@ -183,8 +183,13 @@ def _adapter(args: argparse.Namespace) -> int:
     need("writing adapter files", ["onnx", "onnxruntime"])
     graph = onnx_file(args.graph, "--graph")
     dirs = [adapter_dir(a) for a in args.adapter]
-    from ..onnx import ADAPTER_FILE_SUFFIX, adapter_feeds, servable_layout, write_ort_adapter
-    from ..onnx._io import read_adapter
+    from ..onnx import (
+        ADAPTER_FILE_SUFFIX,
+        adapter_feeds,
+        read_adapter,
+        servable_layout,
+        write_ort_adapter,
+    )
 
     layout = servable_layout(graph)
     saved = [read_adapter(d) for d in dirs]

@@ -34,7 +34,7 @@ def write_json(path: Path, doc: Any) -> None:
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def _smooth(values: Sequence[float], window: int) -> list[float]:
+def smoothed(values: Sequence[float], window: int) -> list[float]:
     out: list[float] = []
     acc = 0.0
     buf: list[float] = []
@@ -47,7 +47,7 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,13 +67,13 @@ def plot_curves(
     raw_alpha: float = 0.25,
 ) -> None:
     """One line per entry of ``curves`` against the training step (optionally smoothed)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for label, ys in curves.items():
         ys = [y if math.isfinite(y) else float("nan") for y in ys]
         steps = list(range(1, len(ys) + 1))
         if smooth > 1 and len(ys) > smooth:
-            (line,) = ax.plot(steps, _smooth(ys, smooth), label=label, linewidth=1.6)
+            (line,) = ax.plot(steps, smoothed(ys, smooth), label=label, linewidth=1.6)
             ax.plot(steps, ys, color=line.get_color(), alpha=raw_alpha, linewidth=0.8)
         else:
             ax.plot(steps, ys, label=label, linewidth=1.4)
@@ -97,7 +97,7 @@ def plot_accuracy_vs_params(
     reference: dict[str, float] | None = None,
 ) -> None:
     """Scatter of test accuracy against trainable parameters (log x)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for label, params, acc in points:
         if params <= 0 or not math.isfinite(acc):

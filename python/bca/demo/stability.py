@@ -209,9 +209,9 @@ def run_stability(opts: StabilityOptions) -> StabilityOutcome:
 
 
 def _combined_plot(path: Path, runs: list[dict[str, Any]], optimizer: str, lr: float) -> None:
-    from .report import _pyplot, _smooth
+    from .report import pyplot, smoothed
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     sizes = sorted({r["block_size"] for r in runs})
@@ -223,7 +223,7 @@ def _combined_plot(path: Path, runs: list[dict[str, Any]], optimizer: str, lr: f
         w = max(1, len(xs) // 15)
         a1.plot(
             xs,
-            _smooth([v if math.isfinite(v) else float("nan") for v in r["losses"]], w),
+            smoothed([v if math.isfinite(v) else float("nan") for v in r["losses"]], w),
             style,
             color=c,
             label=label,
