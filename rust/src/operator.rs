@@ -538,8 +538,7 @@ impl<T: Float> BlockCirculant<T> {
     /// `apply_chunk` for a single block (q_in = q_out = 1, e.g. p = d): row by row, the
     /// FFT, the product with the kernel spectrum (`single_product`: the operations of
     /// `block_product`, so the same results bit for bit) and the inverse FFT into the
-    /// output row,
-    /// all on one row's spectrum while it is in L1: no batch planes.
+    /// output row, all on one row's spectrum while it is in L1: no batch planes.
     fn apply_chunk_single<'r>(
         &self,
         arg: &'static str,

@@ -182,11 +182,6 @@ impl<T: Float> RealFft<T> {
                     ..
                 } = ws;
                 split_forward(h, &buf[..h], (a_re, a_im), (b_re, b_im), (tw_re, tw_im));
-                // a now holds the spectrum (padding lanes zero).
-                let tiles = a_re.as_chunks::<LANES>().0.iter();
-                for (t, (re, im)) in tiles.zip(a_im.as_chunks::<LANES>().0).enumerate() {
-                    sink(t, re, im);
-                }
             }
             Plan::Odd { r2c, .. } => {
                 if !copy_finite(&mut ws.time[..n], &block[..n]) {
@@ -202,11 +197,12 @@ impl<T: Float> RealFft<T> {
                 }
                 ws.a_re[f_n..].fill(T::zero());
                 ws.a_im[f_n..].fill(T::zero());
-                let tiles = ws.a_re.as_chunks::<LANES>().0.iter();
-                for (t, (re, im)) in tiles.zip(ws.a_im.as_chunks::<LANES>().0).enumerate() {
-                    sink(t, re, im);
-                }
             }
+        }
+        // ws.a now holds the spectrum (padding lanes zero), on either path.
+        let tiles = ws.a_re.as_chunks::<LANES>().0.iter();
+        for (t, (re, im)) in tiles.zip(ws.a_im.as_chunks::<LANES>().0).enumerate() {
+            sink(t, re, im);
         }
         Ok(true)
     }
