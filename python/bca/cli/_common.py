@@ -234,6 +234,19 @@ def output_file(text: str, option: str = "--output", suffix: str | None = None) 
     return path
 
 
+def export_paths(args: argparse.Namespace) -> tuple[Path, Path | None, list[Path]]:
+    """The checked paths of an export command (``bca export``, ``bca serve export``):
+    the ``--output`` .onnx file, the ``--patch`` base graph (or None) and the adapter
+    folders, after checking that the packages the job needs are installed."""
+    out = output_file(args.output, "--output", ".onnx")
+    if args.patch is not None:
+        need("patching", ["onnx"])
+    else:
+        need("exporting", ["onnx", "onnxruntime"])
+    base = onnx_file(args.patch, "--patch") if args.patch is not None else None
+    return out, base, [adapter_dir(a) for a in args.adapter]
+
+
 def output_dir(text: str, option: str = "--output", *, create_parents: bool = False) -> Path:
     """An output folder: it may exist (files are written into it) or be created, but its
     parent folder must exist unless ``create_parents`` (a command's own default)."""

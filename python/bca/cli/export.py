@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import CLIError, adapter_dir, need, onnx_file, output_file, positive_int
+from ._common import CLIError, export_paths, need, positive_int
 
 #: bca.onnx.MODES (not imported here: the parser must build without onnx installed)
 MODES = ("auto", "dft", "matmul", "matmul2", "folded")
@@ -104,13 +104,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = output_file(args.output, "--output", ".onnx")
-    if args.patch is not None:
-        need("patching", ["onnx"])
-    else:
-        need("exporting", ["onnx", "onnxruntime"])
-    base = onnx_file(args.patch, "--patch") if args.patch is not None else None
-    dirs = [adapter_dir(a) for a in args.adapter]
+    out, base, dirs = export_paths(args)
     if base is not None:
         if args.mode == "folded":
             raise CLIError(

@@ -12,11 +12,11 @@ from ._common import (
     EXIT_USAGE,
     CLIError,
     adapter_dir,
+    export_paths,
     float_list,
     need,
     onnx_file,
     output_dir,
-    output_file,
 )
 from .export import MODES, TOLERANCE, add_export_options, load_adapted
 
@@ -117,13 +117,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    out = output_file(args.output, "--output", ".onnx")
-    if args.patch is not None:
-        need("patching", ["onnx"])
-    else:
-        need("exporting", ["onnx", "onnxruntime"])
-    base = onnx_file(args.patch, "--patch") if args.patch is not None else None
-    dirs = [adapter_dir(a) for a in args.adapter]
+    out, base, dirs = export_paths(args)
     if base is not None:
         from ..onnx import patch_model
 
