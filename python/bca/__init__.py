@@ -23,6 +23,7 @@ _CORE_NAMES = (
     "mixed_matmul_backward",
     "NO_ADAPTER",
     "num_blocks",
+    "release_memory",
     "set_num_threads",
 )
 
@@ -38,6 +39,7 @@ try:
         mixed_matmul,
         mixed_matmul_backward,
         num_blocks,
+        release_memory,
         set_num_threads,
     )
 
@@ -60,6 +62,7 @@ __all__ = [
     "NO_ADAPTER",
     "NonFiniteError",
     "num_blocks",
+    "release_memory",
     "set_num_threads",
     "ShapeError",
 ]

@@ -9,6 +9,7 @@ __all__ = [
     "BlockCirculantOperator",
     "set_num_threads",
     "get_num_threads",
+    "release_memory",
     "mixed_forward",
     "mixed_backward",
     "__version__",
@@ -60,6 +61,7 @@ class BlockCirculantOperator:
 
 def set_num_threads(num_threads: int | None) -> None: ...
 def get_num_threads() -> int: ...
+def release_memory() -> int: ...
 
 # Mixed-adapter batches: row r uses operators[adapter_index[r]] (-1: no adapter, a zero
 # row); adapter_index has the shape of the rows' leading axes.

@@ -36,6 +36,7 @@ __all__ = [
     "NO_ADAPTER",
     "NonFiniteError",
     "num_blocks",
+    "release_memory",
     "set_num_threads",
     "get_num_threads",
     "ShapeError",
@@ -310,3 +311,16 @@ def set_num_threads(num_threads: int | None) -> None:
 def get_num_threads() -> int:
     """The core's process-wide default thread count."""
     return int(_bca.get_num_threads())
+
+
+def release_memory() -> int:
+    """Free the memory the core keeps for reuse between calls and return its size in bytes.
+
+    Results of at least 256 KiB (outputs, gradients) are backed by buffers that return
+    to a small pool when the last array using them is gone, so that the next call of the
+    same size reuses mapped pages instead of faulting in new ones (a quarter of a
+    training step at d = 768, N = 512). The pool keeps at most 8 idle buffers and
+    128 MiB; this frees them, and the idle shared scratch buffers of ``backward``.
+    Arrays still in use are not affected.
+    """
+    return int(_bca.release_memory())

@@ -65,10 +65,11 @@ const MAX_KEPT_SCRATCH_BYTES: usize = 8 << 20;
 /// after another, so one set serves a whole model and memory kept between calls stays
 /// bounded (at most `MAX_IDLE_SCRATCH` buffers of at most 8 MiB each) instead of growing
 /// with the number of layers. The lock is only ever tried (see operator.rs).
-static SCRATCH: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>> =
-    std::sync::Mutex::new(Vec::new());
+/// Each entry: the buffer's bytes and the buffer (a `Vec<T>`).
+type Idle = Vec<(usize, Box<dyn std::any::Any + Send>)>;
+static SCRATCH: std::sync::Mutex<Idle> = std::sync::Mutex::new(Vec::new());
 
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<Box<dyn std::any::Any + Send>>) -> R) -> Option<R> {
+fn with_scratch<R>(f: impl FnOnce(&mut Idle) -> R) -> Option<R> {
     match SCRATCH.try_lock() {
         Ok(mut g) => Some(f(&mut g)),
         Err(std::sync::TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
@@ -84,8 +85,8 @@ pub(crate) fn take_scratch<T: Clone + Send + 'static>(
     what: &'static str,
 ) -> Result<Vec<T>, BcaError> {
     let reused = with_scratch(|idle| {
-        let at = idle.iter().position(|b| b.is::<Vec<T>>())?;
-        idle.swap_remove(at).downcast::<Vec<T>>().ok()
+        let at = idle.iter().position(|(_, b)| b.is::<Vec<T>>())?;
+        idle.swap_remove(at).1.downcast::<Vec<T>>().ok()
     })
     .flatten();
     let mut v = reused.map(|b| *b).unwrap_or_default();
@@ -96,12 +97,24 @@ pub(crate) fn take_scratch<T: Clone + Send + 'static>(
 /// Return a scratch vector to the shared pool (dropped if the pool is full or busy, or
 /// the vector is large).
 pub(crate) fn give_scratch<T: Send + 'static>(v: Vec<T>) {
-    if v.capacity().saturating_mul(std::mem::size_of::<T>()) > MAX_KEPT_SCRATCH_BYTES {
+    let bytes = v.capacity().saturating_mul(std::mem::size_of::<T>());
+    if bytes > MAX_KEPT_SCRATCH_BYTES {
         return;
     }
     with_scratch(|idle| {
         if idle.len() < MAX_IDLE_SCRATCH {
-            idle.push(Box::new(v));
+            idle.push((bytes, Box::new(v)));
         }
     });
+}
+
+/// Free every idle shared scratch buffer; the bytes freed (0 when the pool is busy).
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) fn release_scratch() -> usize {
+    with_scratch(|idle| {
+        let n = idle.iter().map(|(bytes, _)| bytes).sum();
+        idle.clear();
+        n
+    })
+    .unwrap_or(0)
 }

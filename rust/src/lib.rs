@@ -10,6 +10,7 @@
 //! place that knows about Python.
 
 mod alloc;
+mod bufpool;
 mod error;
 mod float;
 mod mixed;

@@ -32,7 +32,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyType};
 
-use crate::{BcaError, BlockCirculant, Float};
+use crate::{bufpool, BcaError, BlockCirculant, Float};
 
 // bca's exception hierarchy is defined once, in Python (python/bca/_errors.py: BcaError
 // subclasses ValueError; ShapeError and NonFiniteError subclass BcaError), so that it
@@ -134,7 +134,7 @@ fn new_array<'py, T: Float + Element>(
     py: Python<'py>,
     dims: &[usize],
     zeroed: bool,
-    what: &str,
+    what: &'static str,
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let too_large = || {
         PyMemoryError::new_err(format!(
@@ -155,6 +155,10 @@ fn new_array<'py, T: Float + Element>(
             .ok_or_else(too_large)?;
     }
     let nd = std::os::raw::c_int::try_from(c_dims.len()).map_err(|_| too_large())?;
+    let bytes = dims.iter().product::<usize>() * std::mem::size_of::<T>(); // checked above
+    if !zeroed && bufpool::pooled_size(bytes) {
+        return pooled_array::<T>(py, &mut c_dims, nd, bytes, what);
+    }
     // SAFETY: the numpy C API is called with the GIL held (`py`), a descriptor reference
     // that it steals, and `nd` dimensions; a null result leaves a Python error set, which
     // `from_owned_ptr_or_err` turns into `Err`.
@@ -186,6 +190,72 @@ fn new_array<'py, T: Float + Element>(
     })?;
     // SAFETY: see above; the dtype is T's.
     Ok(unsafe { obj.cast_into_unchecked() })
+}
+
+/// The owner of a pooled result's memory: the base object of the numpy array, which
+/// gives the buffer back to the pool when the array (and every view of it) is gone.
+#[pyclass(frozen, name = "_PooledBuffer", module = "bca._bca")]
+struct PooledBuffer {
+    words: bufpool::Words,
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        bufpool::OUTPUT_BUFFERS.give(std::mem::take(&mut self.words));
+    }
+}
+
+/// A C-contiguous, writable array of `c_dims` (`bytes` bytes) whose memory comes from the
+/// output pool (see bufpool.rs): uninitialised as far as the caller is concerned.
+fn pooled_array<'py, T: Float + Element>(
+    py: Python<'py>,
+    c_dims: &mut [npy_intp],
+    nd: std::os::raw::c_int,
+    bytes: usize,
+    what: &'static str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let mut words = bufpool::OUTPUT_BUFFERS
+        .take(bufpool::words_for(bytes), what)
+        .map_err(|e| PyMemoryError::new_err(format!("cannot allocate {what}: {e}")))?;
+    // The heap block does not move when the vector moves into its owner.
+    let data = words.as_mut_ptr().cast::<std::ffi::c_void>();
+    let owner = Bound::new(py, PooledBuffer { words })?;
+    // SAFETY: GIL held; the descriptor reference is stolen; `data` points to at least
+    // `bytes` bytes, 8-byte aligned, which stay valid while `owner` lives: the array
+    // takes `owner` as its base (PyArray_SetBaseObject steals the reference, also on
+    // failure), so the memory outlives the array and every view of it. A null array or a
+    // failed SetBaseObject leaves a Python error set.
+    unsafe {
+        let descr = T::get_dtype(py).into_dtype_ptr();
+        let arr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            npyffi::get_type_object(py, NpyTypes::PyArray_Type),
+            descr,
+            nd,
+            c_dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            data,
+            npyffi::NPY_ARRAY_CARRAY,
+            std::ptr::null_mut(),
+        );
+        let arr = Bound::from_owned_ptr_or_err(py, arr)?;
+        let rc = PY_ARRAY_API.PyArray_SetBaseObject(
+            py,
+            arr.as_ptr().cast::<npyffi::PyArrayObject>(),
+            owner.into_ptr(),
+        );
+        if rc != 0 {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(arr.cast_into_unchecked())
+    }
+}
+
+/// Free the memory bca keeps for reuse between calls: idle result buffers and shared
+/// scratch buffers. Returns the bytes freed.
+#[pyfunction]
+fn release_memory() -> usize {
+    bufpool::OUTPUT_BUFFERS.clear() + crate::alloc::release_scratch()
 }
 
 /// A read-only borrow of an input array, or a BcaError naming `arg`.
@@ -690,6 +760,7 @@ fn _bca(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBlockCirculant>()?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(release_memory, m)?)?;
     m.add_function(wrap_pyfunction!(py_mixed_forward, m)?)?;
     m.add_function(wrap_pyfunction!(py_mixed_backward, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
