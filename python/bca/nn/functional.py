@@ -489,6 +489,27 @@ def _torch_mixed(
     return _inverse_blocks(ys, p, out_features)
 
 
+def _row_scale(index: Any, scales: list[float]) -> Any:
+    """Each row's scale (0 for a row without an adapter), float64."""
+    return np.where(index >= 0, np.asarray(scales)[np.maximum(index, 0)], 0.0)
+
+
+def _rust_mixed_forward(
+    x: torch.Tensor,
+    index: Any,
+    scales: list[float],
+    states: list[KernelCache],
+    features: tuple[int, int],
+    kernels: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """The Rust mixed forward (``index``: checked int64 row indices, one per row of x)."""
+    ops = [st.rust_operator(k, *features)._op for st, k in zip(states, kernels, strict=True)]
+    y = _rust_core()._bca.mixed_forward(ops, index, x.detach().contiguous().numpy())
+    if any(sc != 1.0 for sc in scales):
+        y *= _row_scale(index, scales)[:, None].astype(y.dtype)
+    return torch.from_numpy(y)
+
+
 class _RustMixedBlockCirculant(torch.autograd.Function):
     """A mixed batch through the Rust core: row ``r`` of x (N, in) gets
     ``scales[a] · ΔW_a x[r]`` with ``a = index[r]`` (an int64 numpy array; ``-1``: a zero
@@ -513,13 +534,8 @@ class _RustMixedBlockCirculant(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, *kernels)
         ctx.index, ctx.scales, ctx.states, ctx.features = index, scales, states, features
-        ctx.row_scale = np.where(index >= 0, np.asarray(scales)[np.maximum(index, 0)], 0.0)
-        core = _rust_core()
-        ops = [st.rust_operator(k, *features) for st, k in zip(states, kernels, strict=True)]
-        y = core.mixed_matmul(ops, index, x.detach().contiguous().numpy())
-        if any(sc != 1.0 for sc in scales):
-            y *= ctx.row_scale[:, None].astype(y.dtype)
-        return torch.from_numpy(y)
+        ctx.row_scale = _row_scale(index, scales)
+        return _rust_mixed_forward(x, index, scales, states, features, kernels)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -871,12 +887,18 @@ def mixed_block_circulant(
     x2 = x.reshape(n_rows, n_in)
     backend = "torch" if torch.compiler.is_compiling() else resolve_backend(x, kernels, backend)
     if backend == "rust":
-        for k in kernels:
-            _check_rust_input(x2, k)
+        _check_rust_input(x2, kernels[0])  # the kernels share its dtype (checked above)
+        for k in kernels[1:]:
+            if k.device.type != "cpu":
+                _check_rust_input(x2, k)
         rows_index = np.repeat(np.asarray(index, np.int64), per_row)
-        y: torch.Tensor = _RustMixedBlockCirculant.apply(
-            x2, rows_index, scale_list, cache_list, (n_in, n_out), *kernels
-        )
+        y: torch.Tensor
+        if torch.is_grad_enabled() and (x.requires_grad or any(k.requires_grad for k in kernels)):
+            y = _RustMixedBlockCirculant.apply(
+                x2, rows_index, scale_list, cache_list, (n_in, n_out), *kernels
+            )
+        else:  # nothing to differentiate: the core call without autograd's bookkeeping
+            y = _rust_mixed_forward(x2, rows_index, scale_list, cache_list, (n_in, n_out), kernels)
     else:
         y = _torch_mixed_rows(x2, kernels, index, per_row, scale_list, cache_list, (n_in, n_out))
     y = y.reshape(*x.shape[:-1], n_out)
