@@ -16,6 +16,8 @@ mod float;
 mod mixed;
 mod operator;
 mod rfft;
+#[cfg(target_arch = "x86_64")]
+mod rfft_avx2;
 mod shape;
 mod simd;
 mod threads;

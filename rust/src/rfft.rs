@@ -336,7 +336,50 @@ fn split_forward<T: Float>(
     r: PlanesMut<'_, T>,
     tw: Planes<'_, T>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && std::arch::is_x86_feature_detected!("avx2")
+    {
+        // SAFETY: T is f32 (checked just above), so the casts only rename the type; the
+        // CPU has AVX2; the sizes are the ones split_forward_body works with.
+        unsafe {
+            return crate::rfft_avx2::split_forward(
+                h,
+                cast_complex_f32(z),
+                (as_f32_mut(x.0), as_f32_mut(x.1)),
+                (as_f32(tw.0), as_f32(tw.1)),
+            );
+        }
+    }
     crate::simd::dispatch_avx2!(split_forward_body, split_forward_avx2(h, z, x, r, tw))
+}
+
+/// `v` as f32 values. Safety: T is f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn as_f32<T>(v: &[T]) -> &[f32] {
+    // SAFETY: T is f32 (the caller's contract): same size, alignment and values.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) }
+}
+
+/// `v` as mutable f32 values. Safety: T is f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn as_f32_mut<T>(v: &mut [T]) -> &mut [f32] {
+    // SAFETY: as in `as_f32`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) }
+}
+
+/// `v` as complex f32 values. Safety: T is f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn cast_complex_f32<T>(v: &[Complex<T>]) -> &[Complex<f32>] {
+    // SAFETY: as in `as_f32`; Complex is repr(C).
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<Complex<f32>>(), v.len()) }
+}
+
+/// `v` as mutable complex f32 values. Safety: T is f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn cast_complex_f32_mut<T>(v: &mut [Complex<T>]) -> &mut [Complex<f32>] {
+    // SAFETY: as in `as_f32`; Complex is repr(C).
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<Complex<f32>>(), v.len()) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -409,6 +452,21 @@ fn split_inverse<T: Float>(
     tw: Planes<'_, T>,
     z: &mut [Complex<T>],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && std::arch::is_x86_feature_detected!("avx2")
+    {
+        // SAFETY: T is f32 (checked just above); the CPU has AVX2; the sizes are the ones
+        // split_inverse_body works with.
+        unsafe {
+            return crate::rfft_avx2::split_inverse(
+                h,
+                (as_f32_mut(x.0), as_f32_mut(x.1)),
+                (as_f32(tw.0), as_f32(tw.1)),
+                cast_complex_f32_mut(z),
+            );
+        }
+    }
     crate::simd::dispatch_avx2!(split_inverse_body, split_inverse_avx2(h, x, r, tw, z))
 }
 
@@ -549,6 +607,65 @@ mod tests {
             )
             .unwrap();
             assert_eq!(short[..], back[..len]);
+        }
+    }
+
+    /// The AVX2 float32 split steps (rfft_avx2.rs) give the generic bodies' bits, for
+    /// every h up to 520 (vector tiles, the wrap-around tile, the tail and the padding).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_split_steps_equal_the_generic_ones_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for h in 1..=520usize {
+            let f_pad = padded_freqs(h + 1);
+            let v = signal(4 * f_pad + 2 * h, h as u64);
+            let f = |i: usize| v[i] as f32;
+            let z: Vec<Complex<f32>> = (0..h)
+                .map(|k| Complex::new(f(2 * k), f(2 * k + 1)))
+                .collect();
+            let p = 2 * h;
+            let (mut tw_re, mut tw_im) = (vec![0f32; f_pad], vec![0f32; f_pad]);
+            for k in 0..=h {
+                let angle = -2.0 * std::f64::consts::PI * k as f64 / p as f64;
+                tw_re[k] = (0.5 * angle.cos()) as f32;
+                tw_im[k] = (0.5 * angle.sin()) as f32;
+            }
+            let tw = (&tw_re[..], &tw_im[..]);
+            let planes = || (vec![7f32; f_pad], vec![7f32; f_pad]);
+            let (mut a_re, mut a_im) = planes();
+            let (mut b_re, mut b_im) = planes();
+            let (mut r_re, mut r_im) = planes();
+            split_forward_body(h, &z, (&mut a_re, &mut a_im), (&mut r_re, &mut r_im), tw);
+            // SAFETY: AVX2 checked above; sizes as split_forward passes them.
+            unsafe { crate::rfft_avx2::split_forward(h, &z, (&mut b_re, &mut b_im), tw) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a_re), bits(&b_re), "forward re, h = {h}");
+            assert_eq!(bits(&a_im), bits(&b_im), "forward im, h = {h}");
+            // inverse of a spectrum with every bin (imaginary DC/Nyquist parts nonzero)
+            let (mut x_re, mut x_im): (Vec<f32>, Vec<f32>) = (
+                (0..f_pad).map(|k| f(2 * h + k)).collect(),
+                (0..f_pad).map(|k| f(2 * h + f_pad + k)).collect(),
+            );
+            let (mut y_re, mut y_im) = (x_re.clone(), x_im.clone());
+            let mut za = vec![Complex::new(9f32, 9f32); h];
+            let mut zb = za.clone();
+            split_inverse_body(
+                h,
+                (&mut x_re, &mut x_im),
+                (&mut r_re, &mut r_im),
+                tw,
+                &mut za,
+            );
+            // SAFETY: as above.
+            unsafe { crate::rfft_avx2::split_inverse(h, (&mut y_re, &mut y_im), tw, &mut zb) };
+            let cbits = |v: &[Complex<f32>]| {
+                v.iter()
+                    .map(|c| (c.re.to_bits(), c.im.to_bits()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(cbits(&za), cbits(&zb), "inverse, h = {h}");
         }
     }
 
