@@ -556,7 +556,16 @@ impl<T: Float> BlockCirculant<T> {
         let mut x_im = std::mem::take(&mut ws.a_im);
         let mut y_re = std::mem::take(&mut ws.b_re);
         let mut y_im = std::mem::take(&mut ws.b_im);
+        let (p, fused) = (self.shape.p, self.fft.can_convolve());
         let result = src.zip(dst).try_for_each(|(row, out)| {
+            if fused && row.len() == p && out.len() == p {
+                // the same operations in one pass between the complex FFTs
+                let s = (&spectra.re[..f_pad], &spectra.im[..f_pad]);
+                return match self.fft.convolve_block(row, s, out, &mut ws.fft)? {
+                    true => Ok(()),
+                    false => Err(BcaError::NonFinite { arg }),
+                };
+            }
             let (xr, xi) = (&mut x_re[..f_pad], &mut x_im[..f_pad]);
             let finite = self.fft.forward(row, &mut ws.fft, |t, tr, ti| {
                 xr[t * L..(t + 1) * L].copy_from_slice(tr);

@@ -207,6 +207,74 @@ impl<T: Float> RealFft<T> {
         Ok(true)
     }
 
+    /// Whether [`convolve_block`](Self::convolve_block) runs on this CPU for this length:
+    /// even p, float32, AVX2 and FMA.
+    pub(crate) fn can_convolve(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(self.plan, Plan::Even { .. })
+                && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                && crate::simd::fma_available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// `dst ← inverse(forward(block) ⊙ s)` for one whole block (`block` and `dst` of p
+    /// samples; inverse unnormalised), where [`can_convolve`](Self::can_convolve): the
+    /// split steps and the product run as one pass between the two complex FFTs
+    /// (rfft_avx2.rs), with the operations of `forward`, `simd::single_product` and
+    /// `inverse`, so the result is theirs bit for bit. Returns false, leaving `dst`
+    /// unspecified, when `block` holds NaN or ±Inf.
+    pub(crate) fn convolve_block(
+        &self,
+        block: &[T],
+        s: Planes<'_, T>,
+        dst: &mut [T],
+        ws: &mut FftScratch<T>,
+    ) -> Result<bool, BcaError> {
+        let p = self.p;
+        if !self.can_convolve() || block.len() != p || dst.len() != p {
+            return Err(BcaError::invalid(
+                "block",
+                "convolve_block does not apply here",
+            ));
+        }
+        let Plan::Even {
+            fwd,
+            inv,
+            tw_re,
+            tw_im,
+        } = &self.plan
+        else {
+            return Err(BcaError::invalid(
+                "block",
+                "convolve_block does not apply here",
+            ));
+        };
+        let h = p / 2;
+        if !copy_finite(as_flat_mut(&mut ws.buf[..h]), block) {
+            return Ok(false);
+        }
+        fwd.process_with_scratch(&mut ws.buf[..h], &mut ws.scratch);
+        let out = as_complex_mut(dst);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: can_convolve: T is f32 (so the casts only rename the type) and the CPU
+        // has AVX2 and FMA; buf and out hold h values, the spectrum and twiddle planes
+        // f_pad > h.
+        unsafe {
+            crate::rfft_avx2::split_product_split(
+                h,
+                cast_complex_f32(&ws.buf[..h]),
+                (as_f32(s.0), as_f32(s.1)),
+                (as_f32(tw_re), as_f32(tw_im)),
+                cast_complex_f32_mut(out),
+            );
+        }
+        inv.process_with_scratch(out, &mut ws.scratch);
+        Ok(true)
+    }
+
     /// Unnormalised inverse (p · x) of the spectrum that `source(t)` gives tile by tile
     /// into `dst` (its first `dst.len()` ≤ p samples). The imaginary parts of the DC and
     /// Nyquist bins are ignored.
@@ -666,6 +734,60 @@ mod tests {
                     .collect::<Vec<_>>()
             };
             assert_eq!(cbits(&za), cbits(&zb), "inverse, h = {h}");
+        }
+    }
+
+    /// `convolve_block` (one pass between the complex FFTs) gives the three-pass path's
+    /// bits — forward, `simd::single_product`, inverse — for every even p up to 1100.
+    #[test]
+    fn convolve_block_equals_forward_product_inverse_bit_for_bit() {
+        for p in (2..=1100usize).step_by(2) {
+            let fft = RealFft::<f32>::new(p);
+            if !fft.can_convolve() {
+                return; // not an AVX2+FMA CPU
+            }
+            let mut ws = fft.scratch().unwrap();
+            let f_pad = fft.f_pad();
+            let v = signal(p + 2 * f_pad, p as u64);
+            let x: Vec<f32> = v[..p].iter().map(|&a| a as f32).collect();
+            let s_re: Vec<f32> = v[p..p + f_pad].iter().map(|&a| a as f32).collect();
+            let s_im: Vec<f32> = v[p + f_pad..].iter().map(|&a| a as f32).collect();
+            let (mut x_re, mut x_im) = (vec![0f32; f_pad], vec![0f32; f_pad]);
+            assert!(fft
+                .forward(&x, &mut ws, |t, r, i| {
+                    x_re[t * LANES..(t + 1) * LANES].copy_from_slice(r);
+                    x_im[t * LANES..(t + 1) * LANES].copy_from_slice(i);
+                })
+                .unwrap());
+            let (mut y_re, mut y_im) = (vec![0f32; f_pad], vec![0f32; f_pad]);
+            crate::simd::single_product((&x_re, &x_im), (&s_re, &s_im), (&mut y_re, &mut y_im));
+            let mut want = vec![0f32; p];
+            let src = |t: usize| {
+                (
+                    &y_re[t * LANES..(t + 1) * LANES],
+                    &y_im[t * LANES..(t + 1) * LANES],
+                )
+            };
+            fft.inverse(src, &mut want, &mut ws).unwrap();
+            let mut got = vec![f32::NAN; p];
+            assert!(fft
+                .convolve_block(&x, (&s_re, &s_im), &mut got, &mut ws)
+                .unwrap());
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "p = {p}");
+        }
+        // NaN/Inf are refused, and a block of the wrong length is an error
+        let fft = RealFft::<f32>::new(64);
+        if fft.can_convolve() {
+            let mut ws = fft.scratch().unwrap();
+            let s = vec![1f32; fft.f_pad()];
+            let mut x = vec![1f32; 64];
+            x[17] = f32::INFINITY;
+            let mut out = vec![0f32; 64];
+            assert!(!fft.convolve_block(&x, (&s, &s), &mut out, &mut ws).unwrap());
+            assert!(fft
+                .convolve_block(&x[..63], (&s, &s), &mut out[..63], &mut ws)
+                .is_err());
         }
     }
 

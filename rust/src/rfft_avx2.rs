@@ -157,3 +157,177 @@ pub(crate) unsafe fn split_inverse(
         z[k] = Complex::new(ar - oi, ai + or);
     }
 }
+
+/// `v` with its sign flipped (exact).
+#[inline(always)]
+unsafe fn neg(v: __m256) -> __m256 {
+    unsafe { _mm256_xor_ps(v, _mm256_set1_ps(-0.0)) }
+}
+
+/// The forward split at 8 frequencies from Z there (`a`) and Z at the mirrored ones
+/// (`b`, lanes in matching order), with the twiddles there: the generic body's operations.
+#[inline(always)]
+unsafe fn split_fwd_tile(
+    (ar, ai): (__m256, __m256),
+    (br, bi): (__m256, __m256),
+    (twr, twi): (__m256, __m256),
+) -> (__m256, __m256) {
+    unsafe {
+        let half = _mm256_set1_ps(0.5);
+        let (er, ei) = (_mm256_add_ps(ar, br), _mm256_sub_ps(ai, bi));
+        let (dr, di) = (_mm256_sub_ps(ar, br), _mm256_add_ps(ai, bi));
+        (
+            _mm256_add_ps(
+                _mm256_mul_ps(half, er),
+                _mm256_add_ps(_mm256_mul_ps(twr, di), _mm256_mul_ps(twi, dr)),
+            ),
+            _mm256_add_ps(
+                _mm256_mul_ps(half, ei),
+                _mm256_sub_ps(_mm256_mul_ps(twi, di), _mm256_mul_ps(twr, dr)),
+            ),
+        )
+    }
+}
+
+/// x · s with the fused operations of simd.rs `single_product_body::<_, true>`.
+#[inline(always)]
+unsafe fn product_tile((xr, xi): (__m256, __m256), (sr, si): (__m256, __m256)) -> (__m256, __m256) {
+    unsafe {
+        let zero = _mm256_setzero_ps();
+        let re = _mm256_fmadd_ps(neg(xi), si, _mm256_fmadd_ps(xr, sr, zero));
+        let im = _mm256_fmadd_ps(xi, sr, _mm256_fmadd_ps(xr, si, zero));
+        (re, im)
+    }
+}
+
+/// The inverse split at 8 frequencies from Y there (`a`) and Y at the mirrored ones
+/// (`b`): the generic body's operations; returns (re, im) of Z there.
+#[inline(always)]
+unsafe fn split_inv_tile(
+    (xr, xi): (__m256, __m256),
+    (rr, ri): (__m256, __m256),
+    (twr, twi): (__m256, __m256),
+) -> (__m256, __m256) {
+    unsafe {
+        let (ar, ai) = (_mm256_add_ps(xr, rr), _mm256_sub_ps(xi, ri));
+        let (br, bi) = (_mm256_sub_ps(xr, rr), _mm256_add_ps(xi, ri));
+        let (wr, wi) = (_mm256_add_ps(twr, twr), _mm256_add_ps(twi, twi));
+        let or = _mm256_add_ps(_mm256_mul_ps(br, wr), _mm256_mul_ps(bi, wi));
+        let oi = _mm256_sub_ps(_mm256_mul_ps(bi, wr), _mm256_mul_ps(br, wi));
+        (_mm256_sub_ps(ar, oi), _mm256_add_ps(ai, or))
+    }
+}
+
+/// Z_out[k] for up to 8 bins `ks` (each < h) at once: their inputs gathered into lanes,
+/// then the vector tiles' operations (so the same bits as a vector pair would give).
+#[target_feature(enable = "avx2,fma")]
+fn spsplit_gathered(
+    h: usize,
+    ks: &[usize],
+    z: &[Complex<f32>],
+    (s_re, s_im): (&[f32], &[f32]),
+    (tw_re, tw_im): (&[f32], &[f32]),
+    out: &mut [Complex<f32>],
+) {
+    let mut lanes = [[0f32; W]; 12];
+    let mut zero_im = [0f32; W]; // -0.0 bits as a mask where the bin's Y has no imaginary part
+    for (l, &k) in ks.iter().take(W).enumerate() {
+        let m = h - k; // the mirror, ≤ h; Z is periodic (Z[h] = Z[0])
+        let (zk, zm) = (z[k], z[m % h]);
+        let v = [
+            zk.re, zk.im, zm.re, zm.im, tw_re[k], tw_im[k], tw_re[m], tw_im[m], s_re[k], s_im[k],
+            s_re[m], s_im[m],
+        ];
+        for (lane, x) in lanes.iter_mut().zip(v) {
+            lane[l] = x;
+        }
+        zero_im[l] = if k == 0 {
+            f32::from_bits(u32::MAX)
+        } else {
+            0.0
+        };
+    }
+    // SAFETY: every load and store is of a local 8-float array.
+    unsafe {
+        let v = |i: usize| _mm256_loadu_ps(lanes[i].as_ptr());
+        let (zk, zm) = ((v(0), v(1)), (v(2), v(3)));
+        let (twk, twm) = ((v(4), v(5)), (v(6), v(7)));
+        let (sk, sm) = ((v(8), v(9)), (v(10), v(11)));
+        let mask = _mm256_loadu_ps(zero_im.as_ptr());
+        // bin 0 pairs with bin h: the inverse split ignores both imaginary parts
+        let (ykr, yki) = product_tile(split_fwd_tile(zk, zm, twk), sk);
+        let (ymr, ymi) = product_tile(split_fwd_tile(zm, zk, twm), sm);
+        let (yki, ymi) = (_mm256_andnot_ps(mask, yki), _mm256_andnot_ps(mask, ymi));
+        let (re, im) = split_inv_tile((ykr, yki), (ymr, ymi), twk);
+        let (mut o_re, mut o_im) = ([0f32; W], [0f32; W]);
+        _mm256_storeu_ps(o_re.as_mut_ptr(), re);
+        _mm256_storeu_ps(o_im.as_mut_ptr(), im);
+        for (l, &k) in ks.iter().take(W).enumerate() {
+            out[k] = Complex::new(o_re[l], o_im[l]);
+        }
+    }
+}
+
+/// Forward split, product with one spectrum and inverse split in one pass, for a single
+/// block (q = 1): `z` (h values, the forward complex FFT of the packed signal) → `out`
+/// (h values, ready for the inverse complex FFT). Frequencies k and h − k are handled
+/// together, so every value stays in registers; the operations are those of
+/// `split_forward_body`, `single_product_body::<_, true>` and `split_inverse_body`, so
+/// the result equals that three-pass path on an AVX2+FMA CPU bit for bit.
+/// Safety: AVX2 and FMA available; `z`, `out` ≥ h values; `s` and `tw` planes ≥ h + 1.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn split_product_split(
+    h: usize,
+    z: &[Complex<f32>],
+    s: (&[f32], &[f32]),
+    tw: (&[f32], &[f32]),
+    out: &mut [Complex<f32>],
+) {
+    assert!(h >= 1 && z.len() >= h && out.len() >= h);
+    assert!(s.0.len() > h && s.1.len() > h && tw.0.len() > h && tw.1.len() > h);
+    let zp = z.as_ptr().cast::<f32>();
+    let op = out.as_mut_ptr().cast::<f32>();
+    let load = |v: &[f32], at: usize| unsafe { _mm256_loadu_ps(v.as_ptr().add(at)) };
+    // Vector pairs: k in [k0, k0 + 8) with 8 ≤ k0, and its mirror h − k in
+    // [h − k0 − 7, h − k0], disjoint from it (2·k0 + 15 ≤ h).
+    let mut k0 = W;
+    while 2 * k0 + 2 * W - 1 <= h {
+        let m0 = h - k0 - (W - 1);
+        // SAFETY: k0 + 8 ≤ h − k0 − 7 < h and m0 ≥ k0 + 8 ≥ 1, so the 8 values at k0 and
+        // at m0 of z, out (h values) and of s, tw (> h values) are in bounds.
+        unsafe {
+            let zk = load_split(zp.add(2 * k0));
+            let zm = load_split(zp.add(2 * m0));
+            let zm = (reverse(zm.0), reverse(zm.1));
+            let twk = (load(tw.0, k0), load(tw.1, k0));
+            let twm = (reverse(load(tw.0, m0)), reverse(load(tw.1, m0)));
+            let sk = (load(s.0, k0), load(s.1, k0));
+            let sm = (reverse(load(s.0, m0)), reverse(load(s.1, m0)));
+            let yk = product_tile(split_fwd_tile(zk, zm, twk), sk);
+            let ym = product_tile(split_fwd_tile(zm, zk, twm), sm);
+            let (ok_re, ok_im) = split_inv_tile(yk, ym, twk);
+            let (om_re, om_im) = split_inv_tile(ym, yk, twm);
+            store_joined(op.add(2 * k0), ok_re, ok_im);
+            store_joined(op.add(2 * m0), reverse(om_re), reverse(om_im));
+        }
+        k0 += W;
+    }
+    // The rest, one bin at a time: k < 8, the middle band [k0, h − k0] and k > h − 8.
+    // The rest, gathered 8 bins at a time: k < 8, the middle band [k0, h − k0] and
+    // k > h − 8 (all of 0..h when no vector pair fits).
+    let mut rest = [0usize; 4 * W];
+    let n_rest = if 2 * W - 1 > h {
+        (0..h).for_each(|k| rest[k] = k);
+        h
+    } else {
+        let mut n = 0;
+        for k in (0..W).chain(k0..=h - k0).chain(h - W + 1..h) {
+            rest[n] = k;
+            n += 1;
+        }
+        n
+    };
+    for ks in rest[..n_rest].chunks(W) {
+        spsplit_gathered(h, ks, z, s, tw, out);
+    }
+}
