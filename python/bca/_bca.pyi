@@ -10,6 +10,9 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "release_memory",
+    "_attach_openmp",
+    "_detach_openmp",
+    "_openmp_in_use",
     "mixed_forward",
     "mixed_backward",
     "__version__",
@@ -62,6 +65,11 @@ class BlockCirculantOperator:
 def set_num_threads(num_threads: int | None) -> None: ...
 def get_num_threads() -> int: ...
 def release_memory() -> int: ...
+
+# The core's parallel loops on an already loaded OpenMP runtime (bca.nn attaches torch's).
+def _attach_openmp(path: str) -> bool: ...
+def _detach_openmp() -> None: ...
+def _openmp_in_use() -> bool: ...
 
 # Mixed-adapter batches: row r uses operators[adapter_index[r]] (-1: no adapter, a zero
 # row); adapter_index has the shape of the rows' leading axes.

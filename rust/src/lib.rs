@@ -14,6 +14,8 @@ mod bufpool;
 mod error;
 mod float;
 mod mixed;
+#[cfg(target_os = "linux")]
+mod openmp;
 mod operator;
 mod rfft;
 #[cfg(target_arch = "x86_64")]

@@ -25,8 +25,6 @@
 //! gradients run each operator's backward with that operator's own bound. Every buffer
 //! is allocated fallibly; no input panics.
 
-use rayon::prelude::*;
-
 use crate::alloc::{mul, try_grow, try_vec};
 use crate::threads;
 use crate::{BcaError, BlockCirculant, Float, Shape};
@@ -156,7 +154,7 @@ impl Groups {
 fn pool_for<T: Float>(
     op: &BlockCirculant<T>,
     n_active: usize,
-) -> (Option<std::sync::Arc<rayon::ThreadPool>>, usize) {
+) -> (Option<threads::Parallel>, usize) {
     let threads = match op.num_threads() {
         0 => threads::default_num_threads(),
         n => n,
@@ -165,9 +163,9 @@ fn pool_for<T: Float>(
     let pool = if threads <= 1 || n_active <= 1 || work < PARALLEL_MIN_WORK {
         None
     } else {
-        threads::pool(threads)
+        threads::parallel(threads)
     };
-    let used = pool.as_ref().map_or(1, |p| p.current_num_threads());
+    let used = pool.as_ref().map_or(1, threads::Parallel::threads);
     (pool, n_active.div_ceil(used).clamp(1, MAX_ROWS_PER_TASK))
 }
 
@@ -228,7 +226,7 @@ fn apply_mixed<T: Float>(
         ops[a].apply_indexed(transposed, src, rows, &mut outs)
     };
     match pool {
-        Some(pool) => pool.install(|| tasks.into_par_iter().try_for_each(work)),
+        Some(pool) => pool.try_for_each(tasks, work),
         None => tasks.into_iter().try_for_each(work),
     }
 }

@@ -11,8 +11,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 
-use rayon::prelude::*;
-
 use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_grow, try_vec};
 use crate::rfft::{FftScratch, RealFft};
 use crate::simd;
@@ -370,7 +368,7 @@ impl<T: Float> BlockCirculant<T> {
     }
 
     /// A pool when the work is worth splitting, else `None` (run on the caller's thread).
-    fn parallel_pool(&self, n_rows: usize) -> Option<Arc<rayon::ThreadPool>> {
+    fn parallel_pool(&self, n_rows: usize) -> Option<threads::Parallel> {
         let threads = match self.num_threads() {
             0 => threads::default_num_threads(),
             n => n,
@@ -379,11 +377,11 @@ impl<T: Float> BlockCirculant<T> {
         if threads <= 1 || n_rows <= 1 || work < PARALLEL_MIN_WORK {
             return None;
         }
-        threads::pool(threads)
+        threads::parallel(threads)
     }
 
-    fn rows_per_chunk(n_rows: usize, pool: &Option<Arc<rayon::ThreadPool>>) -> usize {
-        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads());
+    fn rows_per_chunk(n_rows: usize, pool: &Option<threads::Parallel>) -> usize {
+        let threads = pool.as_ref().map_or(1, threads::Parallel::threads);
         n_rows.div_ceil(threads).clamp(1, MAX_ROWS_PER_CHUNK)
     }
 
@@ -618,11 +616,12 @@ impl<T: Float> BlockCirculant<T> {
             self.apply_chunk(arg, s.chunks_exact(d_a), spectra, d.chunks_exact_mut(d_b))
         };
         match pool {
-            Some(pool) => pool.install(|| {
-                src.par_chunks(rows * d_a)
-                    .zip(dst.par_chunks_mut(rows * d_b))
-                    .try_for_each(work)
-            }),
+            Some(pool) => pool.try_for_each(
+                src.chunks(rows * d_a)
+                    .zip(dst.chunks_mut(rows * d_b))
+                    .collect(),
+                work,
+            ),
             None => src
                 .chunks(rows * d_a)
                 .zip(dst.chunks_mut(rows * d_b))
@@ -856,7 +855,7 @@ impl<T: Float> BlockCirculant<T> {
         ((x_re, x_im), (g_re, g_im)): ((&mut [T], &mut [T]), (&mut [T], &mut [T])),
         (k_re, k_im): (&mut [T::Acc], &mut [T::Acc]),
         rows: usize,
-        pool: &Option<Arc<rayon::ThreadPool>>,
+        pool: &Option<threads::Parallel>,
     ) -> Result<(), BcaError> {
         let s = self.shape;
         let (d_in, d_out, q_in, q_out) = (s.in_features, s.out_features, s.q_in, s.q_out);
@@ -938,7 +937,7 @@ impl<T: Float> BlockCirculant<T> {
                 r
             };
             match pool {
-                Some(pool) => pool.install(|| items.into_par_iter().try_for_each(work))?,
+                Some(pool) => pool.try_for_each(items, work)?,
                 None => items.into_iter().try_for_each(work)?,
             }
         }
@@ -967,12 +966,18 @@ impl<T: Float> BlockCirculant<T> {
             }
         };
         match pool {
-            Some(pool) if f_pad > simd::LANES => pool.install(|| {
-                k_re.par_chunks_mut(slab)
-                    .zip(k_im.par_chunks_mut(slab))
-                    .enumerate()
-                    .for_each(per_tile)
-            }),
+            Some(pool) if f_pad > simd::LANES => pool
+                .try_for_each(
+                    k_re.chunks_mut(slab)
+                        .zip(k_im.chunks_mut(slab))
+                        .enumerate()
+                        .collect(),
+                    |item| -> Result<(), BcaError> {
+                        per_tile(item);
+                        Ok(())
+                    },
+                )
+                .unwrap_or(()),
             _ => k_re
                 .chunks_mut(slab)
                 .zip(k_im.chunks_mut(slab))
@@ -988,7 +993,7 @@ impl<T: Float> BlockCirculant<T> {
         &self,
         (k_re, k_im): (&[T::Acc], &[T::Acc]),
         grad_kernel: &mut [T],
-        pool: &Option<Arc<rayon::ThreadPool>>,
+        pool: &Option<threads::Parallel>,
     ) -> Result<(), BcaError> {
         let s = self.shape;
         let (q_in, q_out, p) = (s.q_in, s.q_out, s.p);
@@ -1019,12 +1024,10 @@ impl<T: Float> BlockCirculant<T> {
             r
         };
         match &pool {
-            Some(pool) if q_out > 1 => pool.install(|| {
-                grad_kernel
-                    .par_chunks_mut(q_in * p)
-                    .enumerate()
-                    .try_for_each(per_block_row)
-            }),
+            Some(pool) if q_out > 1 => pool.try_for_each(
+                grad_kernel.chunks_mut(q_in * p).enumerate().collect(),
+                per_block_row,
+            ),
             _ => grad_kernel
                 .chunks_mut(q_in * p)
                 .enumerate()

@@ -251,6 +251,39 @@ fn pooled_array<'py, T: Float + Element>(
     }
 }
 
+/// Run the core's parallel loops on the OpenMP team of the already loaded runtime at
+/// `path` (torch's libgomp; see openmp.rs). Returns whether it is in use.
+#[pyfunction]
+fn _attach_openmp(path: &str) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        crate::openmp::attach(path)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// Stop using the OpenMP team: rayon pools again.
+#[pyfunction]
+fn _detach_openmp() {
+    #[cfg(target_os = "linux")]
+    crate::openmp::detach();
+}
+
+/// Whether the core's parallel loops run on an OpenMP team now.
+#[pyfunction]
+fn _openmp_in_use() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        crate::openmp::in_use()
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 /// Free the memory bca keeps for reuse between calls: idle result buffers and shared
 /// scratch buffers. Returns the bytes freed.
 #[pyfunction]
@@ -761,6 +794,9 @@ fn _bca(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(release_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(_attach_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(_detach_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(_openmp_in_use, m)?)?;
     m.add_function(wrap_pyfunction!(py_mixed_forward, m)?)?;
     m.add_function(wrap_pyfunction!(py_mixed_backward, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -20,6 +20,25 @@ use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
+#[cfg(target_os = "linux")]
+use crate::openmp;
+
+/// No OpenMP team outside Linux: every call runs on rayon.
+#[cfg(not(target_os = "linux"))]
+mod openmp {
+    pub(crate) fn in_use() -> bool {
+        false
+    }
+
+    pub(crate) fn try_for_each<I, E>(
+        _threads: usize,
+        items: Vec<I>,
+        _f: &(dyn Fn(I) -> Result<(), E> + Sync),
+    ) -> Result<Result<(), E>, Vec<I>> {
+        Err(items)
+    }
+}
+
 /// Most threads a pool may have (a bound on what callers can ask for).
 pub const MAX_THREADS: usize = 4096;
 
@@ -84,6 +103,55 @@ pub fn default_num_threads() -> usize {
 /// the environment/core default.
 pub fn set_default_num_threads(n: usize) {
     DEFAULT_THREADS.store(n.min(MAX_THREADS), Ordering::Relaxed);
+}
+
+/// How one call's tasks run in parallel: on the process's OpenMP team when one is
+/// attached (see openmp.rs), else on bca's rayon pool for the thread count.
+pub(crate) struct Parallel {
+    threads: usize,
+    pool: Option<Arc<ThreadPool>>,
+}
+
+impl Parallel {
+    /// The thread count the tasks are spread over.
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// `f` on every item, in parallel; the first error (by item order on the OpenMP
+    /// team) is returned. Which thread runs an item never changes its result.
+    pub(crate) fn try_for_each<I: Send, E: Send>(
+        &self,
+        items: Vec<I>,
+        f: impl Fn(I) -> Result<(), E> + Sync + Send,
+    ) -> Result<(), E> {
+        let items = match openmp::try_for_each(self.threads, items, &f) {
+            Ok(result) => return result,
+            Err(items) => items,
+        };
+        match &self.pool {
+            Some(pool) => {
+                use rayon::prelude::*;
+                pool.install(|| items.into_par_iter().try_for_each(f))
+            }
+            None => items.into_iter().try_for_each(f),
+        }
+    }
+}
+
+/// How to run a call's tasks on `n` threads (n ≥ 2): the OpenMP team when attached, else
+/// the rayon pool for `n`; `None` (run on the caller's thread) when neither is there.
+pub(crate) fn parallel(n: usize) -> Option<Parallel> {
+    if openmp::in_use() {
+        return Some(Parallel {
+            threads: n,
+            pool: None,
+        });
+    }
+    pool(n).map(|p| Parallel {
+        threads: n,
+        pool: Some(p),
+    })
 }
 
 /// The pool for `n` threads (n ≥ 2), or `None`: it cannot be built, or the registry is
