@@ -156,3 +156,32 @@ def test_errors_and_nonfinite_rows_are_reported_from_the_team() -> None:
     with pytest.raises(bca.NonFiniteError):
         op.backward(x, x)
     assert np.isfinite(op.matmul(np.nan_to_num(x))).all()  # the team still works
+
+
+def test_idle_workspaces_stay_bounded_on_the_team() -> None:
+    # Tasks of one call start together on the team; each one that found the workspace
+    # cache's lock taken used to make a fresh workspace, which the cache then kept: after
+    # 30 training steps at d = 4096 an operator held 26 MiB of idle workspaces (it grew
+    # with every step, up to 64 workspaces). Spinning OpenMP threads (the default wait
+    # policy, not the tests' PASSIVE) start the tasks at the same moment.
+    out = run_child(
+        """
+        import os
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        import torch, bca
+        from bca.nn import BlockCirculantLinear
+        torch.set_num_threads(2)
+        bca.set_num_threads(2)
+        torch.manual_seed(0)
+        layer = BlockCirculantLinear(torch.nn.Linear(4096, 4096), 256, backend="rust")
+        x = torch.randn(512, 4096, requires_grad=True)
+        g = torch.randn(512, 4096)
+        for _ in range(30):
+            x.grad = None
+            layer.adapter_forward(x).backward(g)
+        assert bca._bca._openmp_in_use()
+        print(layer._adapters[layer.current_adapter].rust_op.retained_bytes / 2**20)
+        """
+    )
+    held_mib = float(out.strip())
+    assert held_mib < 8.0, f"the operator keeps {held_mib:.1f} MiB"

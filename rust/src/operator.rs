@@ -23,8 +23,21 @@ const MAX_ROWS_PER_CHUNK: usize = 16;
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// Bytes of batch spectra (x and grad_output) that `backward` works through at a time.
 const BACKWARD_BLOCK_BYTES: usize = 4 << 20;
-/// Most idle workspaces an operator keeps for reuse.
+/// Most idle workspaces an operator keeps for reuse (fewer on small machines, see
+/// [`max_pooled_workspaces`]).
 const MAX_POOLED_WORKSPACES: usize = 64;
+/// Attempts at the workspace cache's lock before a call makes (or drops) a workspace.
+const LOCK_SPINS: usize = 256;
+
+/// Idle workspaces kept per operator: two per core (at most one task per thread uses a
+/// workspace at a time), within [2, MAX_POOLED_WORKSPACES].
+fn max_pooled_workspaces() -> usize {
+    static KEPT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEPT.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_mul(2).clamp(2, MAX_POOLED_WORKSPACES)
+    })
+}
 
 /// Returns an error naming `arg` when `data` holds NaN or ±Inf.
 pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<(), BcaError> {
@@ -74,12 +87,19 @@ impl<T> WorkspacePool<T> {
         }
     }
 
+    /// `f` on the idle list, or `None` when the lock stays taken through a short bounded
+    /// spin (a few microseconds: the lock is only held to push or pop). Tasks of one
+    /// call start together and contend for a moment; without the spin each loser made a
+    /// fresh workspace that the pool then kept, and the pool crept up to its bound.
     fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<Workspace<T>>) -> R) -> Option<R> {
-        match self.idle.try_lock() {
-            Ok(mut g) => Some(f(&mut g)),
-            Err(TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
-            Err(TryLockError::WouldBlock) => None,
+        for _ in 0..LOCK_SPINS {
+            match self.idle.try_lock() {
+                Ok(mut g) => return Some(f(&mut g)),
+                Err(TryLockError::Poisoned(p)) => return Some(f(&mut p.into_inner())),
+                Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
+            }
         }
+        None
     }
 
     /// Bytes held by idle workspaces (0 when the cache is busy right now).
@@ -93,8 +113,9 @@ impl<T> WorkspacePool<T> {
     }
 
     fn give_back(&self, ws: Workspace<T>) {
+        let kept = max_pooled_workspaces();
         self.with_idle(|v| {
-            if v.len() < MAX_POOLED_WORKSPACES {
+            if v.len() < kept {
                 v.push(ws);
             }
         });
