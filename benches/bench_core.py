@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     from peft.tuners.c3a.utils import BlockCircularConvolution
 
     import bca
+    from bca.nn import rust_available
+
+    # As in a torch program: bca.nn runs the core's parallel loops on torch's OpenMP
+    # threads (README, Threads) instead of bca's own, which would compete with them.
+    rust_available()
 
     dims = [768] if args.quick else [768, 4096]
     rows_list = [1, 32] if args.quick else [1, 32, 512]

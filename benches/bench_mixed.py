@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
 
     import bca
-    from bca.nn import BlockCirculantLinear
+    from bca.nn import BlockCirculantLinear, rust_available
+
+    rust_available()  # the core on torch's OpenMP threads, as in any torch program
 
     load_before = uptime()
     started = time.time()
