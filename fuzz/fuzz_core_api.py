@@ -25,6 +25,7 @@ abort on allocation failure is seen as a signal exit instead of killing the harn
 
     python fuzz/fuzz_core_api.py --iterations 10000000 --seed 1 --workers 2 --threads 2
     python fuzz/fuzz_core_api.py --replay 1:0:42      # one scenario, printing each call
+    python fuzz/fuzz_core_api.py --openmp ...         # the core on torch's OpenMP team
 
 Ends with ``calls: N, failures: F, crashes: C, hangs: H, wrong: W`` and exits 1 when
 F > 0. Scenario seeds are ``SEED:THREAD:INDEX`` (numpy SeedSequence entropy).
@@ -917,12 +918,25 @@ def shared_operator_calls(rng: np.random.Generator, bca: Any, rec: Recorder, sce
 # -- running calls --------------------------------------------------------------------
 
 
+def attach_openmp(core: Any) -> None:
+    """Run the core's parallel loops on torch's OpenMP team, as ``bca.nn`` does in a torch
+    program (needs torch, OpenMP backend, Linux); exits 2 when it cannot."""
+    from bca.nn import rust_available
+
+    if not (rust_available() and core._openmp_in_use()):
+        print("--openmp: torch's OpenMP runtime could not be attached", file=sys.stderr)
+        sys.exit(2)
+
+
 class Worker:
     """The in-process bulk: ``threads`` threads each running scenarios."""
 
     def __init__(self, args: argparse.Namespace, emit: Callable[[dict], None]) -> None:
         import bca
         from bca import _bca
+
+        if getattr(args, "openmp", False):
+            attach_openmp(_bca)
 
         self.bca, self.core = bca, _bca
         self.args = args
@@ -1279,6 +1293,7 @@ class Supervisor:
             scenario,
             "--call-timeout",
             str(self.args.call_timeout),
+            *(["--openmp"] if self.args.openmp else []),
             *(["--inject", self.args.inject] if self.args.inject else []),
         ]
         try:
@@ -1317,6 +1332,7 @@ class Supervisor:
             str(a.call_timeout),
             "--check-inputs-every",
             str(a.check_inputs_every),
+            *(["--openmp"] if a.openmp else []),
             *extra,
         ]
 
@@ -1586,6 +1602,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="threads_scenarios",
         action="store_false",
         help="skip the shared-operator scenarios",
+    )
+    ap.add_argument(
+        "--openmp",
+        action="store_true",
+        help="run the core's parallel loops on torch's OpenMP team, as bca.nn does in a "
+        "torch program (imports torch)",
     )
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument(

@@ -74,6 +74,18 @@ def test_short_fuzz_pass_has_no_failures() -> None:
     assert counts["failures"] == 0 and rc == 0, out
 
 
+def test_short_fuzz_pass_on_torchs_openmp_team_has_no_failures() -> None:
+    pytest.importorskip("torch")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the OpenMP team is attached on Linux only")
+    rc, out, counts = _run(
+        "--iterations", "2000000", "--max-seconds", "15", "--seed", "20261204",
+        "--workers", "1", "--threads", "3", "--subprocess-every", "0", "--openmp",
+    )  # fmt: skip
+    assert counts["calls"] >= 2000, out  # it really ran
+    assert counts["failures"] == 0 and rc == 0, out
+
+
 @pytest.mark.parametrize(
     ("fault", "field"), [("wrong", "wrong"), ("crash", "crashes"), ("alloc-crash", "crashes")]
 )
