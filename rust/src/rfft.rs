@@ -266,8 +266,8 @@ impl<T: Float> RealFft<T> {
             crate::rfft_avx2::split_product_split(
                 h,
                 cast_complex_f32(&ws.buf[..h]),
-                (as_f32(s.0), as_f32(s.1)),
-                (as_f32(tw_re), as_f32(tw_im)),
+                (crate::simd::cast_f32(s.0), crate::simd::cast_f32(s.1)),
+                (crate::simd::cast_f32(tw_re), crate::simd::cast_f32(tw_im)),
                 cast_complex_f32_mut(out),
             );
         }
@@ -420,39 +420,28 @@ fn split_forward<T: Float>(
             return crate::rfft_avx2::split_forward(
                 h,
                 cast_complex_f32(z),
-                (as_f32_mut(x.0), as_f32_mut(x.1)),
-                (as_f32(tw.0), as_f32(tw.1)),
+                (
+                    crate::simd::cast_f32_mut(x.0),
+                    crate::simd::cast_f32_mut(x.1),
+                ),
+                (crate::simd::cast_f32(tw.0), crate::simd::cast_f32(tw.1)),
             );
         }
     }
     crate::simd::dispatch_avx2!(split_forward_body, split_forward_avx2(h, z, x, r, tw))
 }
 
-/// `v` as f32 values. Safety: T is f32.
-#[cfg(target_arch = "x86_64")]
-unsafe fn as_f32<T>(v: &[T]) -> &[f32] {
-    // SAFETY: T is f32 (the caller's contract): same size, alignment and values.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) }
-}
-
-/// `v` as mutable f32 values. Safety: T is f32.
-#[cfg(target_arch = "x86_64")]
-unsafe fn as_f32_mut<T>(v: &mut [T]) -> &mut [f32] {
-    // SAFETY: as in `as_f32`.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) }
-}
-
 /// `v` as complex f32 values. Safety: T is f32.
 #[cfg(target_arch = "x86_64")]
 unsafe fn cast_complex_f32<T>(v: &[Complex<T>]) -> &[Complex<f32>] {
-    // SAFETY: as in `as_f32`; Complex is repr(C).
+    // SAFETY: T is f32 (the caller's contract); Complex is repr(C) {re, im}.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<Complex<f32>>(), v.len()) }
 }
 
 /// `v` as mutable complex f32 values. Safety: T is f32.
 #[cfg(target_arch = "x86_64")]
 unsafe fn cast_complex_f32_mut<T>(v: &mut [Complex<T>]) -> &mut [Complex<f32>] {
-    // SAFETY: as in `as_f32`; Complex is repr(C).
+    // SAFETY: T is f32 (the caller's contract); Complex is repr(C) {re, im}.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<Complex<f32>>(), v.len()) }
 }
 
@@ -536,8 +525,11 @@ fn split_inverse<T: Float>(
         unsafe {
             return crate::rfft_avx2::split_inverse(
                 h,
-                (as_f32_mut(x.0), as_f32_mut(x.1)),
-                (as_f32(tw.0), as_f32(tw.1)),
+                (
+                    crate::simd::cast_f32_mut(x.0),
+                    crate::simd::cast_f32_mut(x.1),
+                ),
+                (crate::simd::cast_f32(tw.0), crate::simd::cast_f32(tw.1)),
                 cast_complex_f32_mut(z),
             );
         }

@@ -296,7 +296,7 @@ impl Region {
 /// # Safety
 /// T must be f32.
 #[cfg(target_arch = "x86_64")]
-unsafe fn cast_f32<T>(v: &[T]) -> &[f32] {
+pub(crate) unsafe fn cast_f32<T>(v: &[T]) -> &[f32] {
     // SAFETY: T is f32 (the caller's contract): same size, alignment and values.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) }
 }
@@ -306,7 +306,7 @@ unsafe fn cast_f32<T>(v: &[T]) -> &[f32] {
 /// # Safety
 /// T must be f32.
 #[cfg(target_arch = "x86_64")]
-unsafe fn cast_f32_mut<T>(v: &mut [T]) -> &mut [f32] {
+pub(crate) unsafe fn cast_f32_mut<T>(v: &mut [T]) -> &mut [f32] {
     // SAFETY: as in `cast_f32`.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) }
 }
