@@ -167,17 +167,7 @@ fn new_array<'py, T: Float + Element>(
         if zeroed {
             PY_ARRAY_API.PyArray_Zeros(py, nd, c_dims.as_mut_ptr(), descr, 0)
         } else {
-            PY_ARRAY_API.PyArray_NewFromDescr(
-                py,
-                npyffi::get_type_object(py, NpyTypes::PyArray_Type),
-                descr,
-                nd,
-                c_dims.as_mut_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-                std::ptr::null_mut(),
-            )
+            new_from_descr(py, descr, nd, &mut c_dims, std::ptr::null_mut(), 0)
         }
     };
     // SAFETY: a non-null result is a new reference to an ndarray of T's dtype.
@@ -190,6 +180,36 @@ fn new_array<'py, T: Float + Element>(
     })?;
     // SAFETY: see above; the dtype is T's.
     Ok(unsafe { obj.cast_into_unchecked() })
+}
+
+/// `PyArray_NewFromDescr` for a C-contiguous ndarray of `c_dims`: numpy allocates the
+/// memory (`data` null, `flags` 0) or the array uses `data` with `flags`.
+///
+/// # Safety
+/// GIL held (`py`); `descr` is a new descriptor reference (stolen); `nd` is the length of
+/// `c_dims`; a non-null `data` holds the array's bytes for as long as the array lives.
+unsafe fn new_from_descr(
+    py: Python<'_>,
+    descr: *mut npyffi::PyArray_Descr,
+    nd: std::os::raw::c_int,
+    c_dims: &mut [npy_intp],
+    data: *mut std::ffi::c_void,
+    flags: std::os::raw::c_int,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: the caller's contract.
+    unsafe {
+        PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            npyffi::get_type_object(py, NpyTypes::PyArray_Type),
+            descr,
+            nd,
+            c_dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            data,
+            flags,
+            std::ptr::null_mut(),
+        )
+    }
 }
 
 /// The owner of a pooled result's memory: the base object of the numpy array, which
@@ -227,17 +247,7 @@ fn pooled_array<'py, T: Float + Element>(
     // failed SetBaseObject leaves a Python error set.
     unsafe {
         let descr = T::get_dtype(py).into_dtype_ptr();
-        let arr = PY_ARRAY_API.PyArray_NewFromDescr(
-            py,
-            npyffi::get_type_object(py, NpyTypes::PyArray_Type),
-            descr,
-            nd,
-            c_dims.as_mut_ptr(),
-            std::ptr::null_mut(),
-            data,
-            npyffi::NPY_ARRAY_CARRAY,
-            std::ptr::null_mut(),
-        );
+        let arr = new_from_descr(py, descr, nd, c_dims, data, npyffi::NPY_ARRAY_CARRAY);
         let arr = Bound::from_owned_ptr_or_err(py, arr)?;
         let rc = PY_ARRAY_API.PyArray_SetBaseObject(
             py,
