@@ -70,11 +70,26 @@ type Idle = Vec<(usize, Box<dyn std::any::Any + Send>)>;
 static SCRATCH: std::sync::Mutex<Idle> = std::sync::Mutex::new(Vec::new());
 
 fn with_scratch<R>(f: impl FnOnce(&mut Idle) -> R) -> Option<R> {
-    match SCRATCH.try_lock() {
-        Ok(mut g) => Some(f(&mut g)),
-        Err(std::sync::TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
-        Err(std::sync::TryLockError::WouldBlock) => None,
+    try_locked(&SCRATCH, 1, f)
+}
+
+/// `f` on what `m` guards, or `None` when the lock stays taken through `tries` attempts
+/// (a spin hint between them): the caches' locks are only ever tried, never waited for,
+/// so no call waits on another and a child forked while the lock was held goes on. A
+/// poisoned lock is used anyway: its holders only push or pop whole entries.
+pub(crate) fn try_locked<T, R>(
+    m: &std::sync::Mutex<T>,
+    tries: usize,
+    f: impl FnOnce(&mut T) -> R,
+) -> Option<R> {
+    for _ in 0..tries {
+        match m.try_lock() {
+            Ok(mut g) => return Some(f(&mut g)),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(f(&mut p.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
+        }
     }
+    None
 }
 
 /// A scratch vector of at least `len` elements (contents unspecified: old values or

@@ -17,7 +17,7 @@
 #![cfg_attr(not(feature = "python"), allow(dead_code))]
 
 use std::alloc::{alloc_zeroed, Layout};
-use std::sync::{Mutex, TryLockError};
+use std::sync::Mutex;
 
 use crate::BcaError;
 
@@ -63,11 +63,7 @@ impl BufferPool {
     }
 
     fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<Words>) -> R) -> Option<R> {
-        match self.idle.try_lock() {
-            Ok(mut g) => Some(f(&mut g)),
-            Err(TryLockError::Poisoned(p)) => Some(f(&mut p.into_inner())),
-            Err(TryLockError::WouldBlock) => None,
-        }
+        crate::alloc::try_locked(&self.idle, 1, f)
     }
 
     /// A buffer of `words` words (at least one): the smallest idle one that holds them and

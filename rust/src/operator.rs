@@ -9,7 +9,7 @@
 //! per output block and row. No transposes, no horizontal sums.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex};
 
 use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_grow, try_vec};
 use crate::rfft::{FftScratch, RealFft};
@@ -92,14 +92,7 @@ impl<T> WorkspacePool<T> {
     /// call start together and contend for a moment; without the spin each loser made a
     /// fresh workspace that the pool then kept, and the pool crept up to its bound.
     fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<Workspace<T>>) -> R) -> Option<R> {
-        for _ in 0..LOCK_SPINS {
-            match self.idle.try_lock() {
-                Ok(mut g) => return Some(f(&mut g)),
-                Err(TryLockError::Poisoned(p)) => return Some(f(&mut p.into_inner())),
-                Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
-            }
-        }
-        None
+        crate::alloc::try_locked(&self.idle, LOCK_SPINS, f)
     }
 
     /// Bytes held by idle workspaces (0 when the cache is busy right now).
@@ -987,18 +980,13 @@ impl<T: Float> BlockCirculant<T> {
             }
         };
         match pool {
-            Some(pool) if f_pad > simd::LANES => pool
-                .try_for_each(
-                    k_re.chunks_mut(slab)
-                        .zip(k_im.chunks_mut(slab))
-                        .enumerate()
-                        .collect(),
-                    |item| -> Result<(), BcaError> {
-                        per_tile(item);
-                        Ok(())
-                    },
-                )
-                .unwrap_or(()),
+            Some(pool) if f_pad > simd::LANES => pool.for_each(
+                k_re.chunks_mut(slab)
+                    .zip(k_im.chunks_mut(slab))
+                    .enumerate()
+                    .collect(),
+                per_tile,
+            ),
             _ => k_re
                 .chunks_mut(slab)
                 .zip(k_im.chunks_mut(slab))

@@ -234,18 +234,16 @@ impl<T: Float> RealFft<T> {
         ws: &mut FftScratch<T>,
     ) -> Result<bool, BcaError> {
         let p = self.p;
-        if !self.can_convolve() || block.len() != p || dst.len() != p {
-            return Err(BcaError::invalid(
-                "block",
-                "convolve_block does not apply here",
-            ));
-        }
-        let Plan::Even {
-            fwd,
-            inv,
-            tw_re,
-            tw_im,
-        } = &self.plan
+        let applies = self.can_convolve() && block.len() == p && dst.len() == p;
+        let (
+            Plan::Even {
+                fwd,
+                inv,
+                tw_re,
+                tw_im,
+            },
+            true,
+        ) = (&self.plan, applies)
         else {
             return Err(BcaError::invalid(
                 "block",

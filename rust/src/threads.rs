@@ -118,6 +118,18 @@ impl Parallel {
         self.threads
     }
 
+    /// `f` on every item, in parallel (tasks that cannot fail).
+    pub(crate) fn for_each<I: Send>(&self, items: Vec<I>, f: impl Fn(I) + Sync + Send) {
+        let done = self.try_for_each(items, |item| -> Result<(), std::convert::Infallible> {
+            f(item);
+            Ok(())
+        });
+        match done {
+            Ok(()) => {}
+            Err(never) => match never {},
+        }
+    }
+
     /// `f` on every item, in parallel; the first error (by item order on the OpenMP
     /// team) is returned. Which thread runs an item never changes its result.
     pub(crate) fn try_for_each<I: Send, E: Send>(
