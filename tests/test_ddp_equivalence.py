@@ -10,8 +10,6 @@ backends actually use (a stale cached spectrum/operator would show up as a misma
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +73,13 @@ def kernels(model: torch.nn.Module) -> list[np.ndarray]:
     return [m.bca_kernel.detach().numpy().copy() for m in mods]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not rank 0's TCP store: a TCP store went away with rank 0 while rank 1
+    # was still leaving the group, and rank 1 then aborted inside torch now and then
+    # ("terminate called without an active exception").
+    store = f"file://{Path(out_dir) / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         for backend in BACKENDS:
             for dtype in (torch.float64, torch.float32):
@@ -92,20 +92,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 if rank == 0:
                     name = f"{backend}_{str(dtype).removeprefix('torch.')}.npz"
                     np.savez(Path(out_dir) / name, *kernels(model))
+                del ddp
+        dist.barrier()  # both ranks leave the group together
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     torch.set_num_threads(1)
     for backend in BACKENDS:
         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
