@@ -393,3 +393,214 @@ def test_model_context_manager_equals_one_adapter_per_row(backend: str) -> None:
     with pytest.raises(ValueError, match="merged into the base weights"):
         with mixed_adapter_batch(model, names):
             pass
+
+
+# --------------------------------------------------------------------------------------
+# scales, add and kernel synchronisation in the core's mixed call; the layer's one-call
+# inference path
+# --------------------------------------------------------------------------------------
+@given(core_cases(), st.sampled_from([None, [1.0], [0.5, -2.0, 3.0, 1.0], [1e-3, 0.0, 7.5, -1.0]]))
+def test_core_scales_and_add_equal_the_composition_bit_for_bit(
+    case: dict, scale_choice: list[float] | None
+) -> None:
+    """``scales=`` and ``add=`` give exactly ``add + y * row_scale`` (numpy, the dtype's
+    rounding), and ``add`` is left as it was."""
+    kernels, index, x, _ = make_core(case)
+    d_in, d_out, dt = case["d_in"], case["d_out"], case["dtype"]
+    ops = [bca.BlockCirculant(k, d_in, d_out) for k in kernels]
+    scales = None if scale_choice is None else (scale_choice * 4)[: len(ops)]
+    y = bca.mixed_matmul(ops, index, x)
+    row_scale = np.ones(index.shape) if scales is None else np.asarray(scales)[index]
+    want = y * np.where(index >= 0, row_scale, 1.0).astype(dt)[..., None]
+    got = bca.mixed_matmul(ops, index, x, scales=scales)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == dt
+    base = np.random.default_rng(case["seed"]).standard_normal(y.shape).astype(dt)
+    keep = base.copy()
+    got = bca.mixed_matmul(ops, index, x, scales=scales, add=base)
+    np.testing.assert_array_equal(got, base + want)
+    np.testing.assert_array_equal(base, keep)
+    assert got is not base
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 4), (8, 8, 64), (24, 24, 128)])
+def test_core_sync_kernel_replaces_only_on_a_change_of_bits(shape: tuple, dtype: type) -> None:
+    """``sync_kernel`` (and ``kernels=`` of the mixed call, which compares large kernels
+    in parallel chunks) keeps the spectra for the same bits and replaces them for any
+    change: one ulp in the first or last element, or 0.0 → -0.0."""
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal(shape).astype(dtype)
+    k.flat[len(k.flat) // 2] = 0.0
+    op = bca.BlockCirculant(k)
+    x = rng.standard_normal((5, shape[1] * shape[2])).astype(dtype)
+    y = op.matmul(x)
+    assert op.sync_kernel(k.copy()) is False
+    np.testing.assert_array_equal(op.matmul(x), y)
+    changes = []
+    for where in (0, len(k.flat) - 1):
+        k2 = k.copy()
+        k2.flat[where] = np.nextafter(k2.flat[where], np.inf)
+        changes.append(k2)
+    k3 = changes[-1].copy()  # the kernel held when it comes: only the zero's sign differs
+    k3.flat[len(k.flat) // 2] = -0.0
+    changes.append(k3)
+    for k2 in changes:
+        assert op.sync_kernel(k2) is True
+        np.testing.assert_array_equal(op.kernel, k2)
+        np.testing.assert_array_equal(op.matmul(x), bca.BlockCirculant(k2).matmul(x))
+        assert op.sync_kernel(k2) is False
+    # the same through the mixed call, several operators, one changed in its last element
+    ops = [bca.BlockCirculant(k) for _ in range(3)]
+    index = np.array([0, 1, 2, 1, -1])
+    got = bca._bca.mixed_forward(
+        [o._op for o in ops], index, x, kernels=[k.copy(), changes[1], k.copy()]
+    )
+    np.testing.assert_array_equal(ops[1].kernel, changes[1])
+    np.testing.assert_array_equal(ops[0].kernel, k)
+    np.testing.assert_array_equal(got[[1, 3]], bca.BlockCirculant(changes[1]).matmul(x[[1, 3]]))
+    np.testing.assert_array_equal(got[[0, 2]], bca.BlockCirculant(k).matmul(x[[0, 2]]))
+    assert not got[4].any()
+
+
+def test_core_scales_add_kernels_errors_name_the_argument() -> None:
+    k = np.ones((2, 3, 4), np.float32)
+    ops = [bca.BlockCirculant(k, 10, 7), bca.BlockCirculant(k * 2, 10, 7)]
+    x = np.ones((3, 10), np.float32)
+    idx = [0, 1, 0]
+    with pytest.raises(ValueError, match=r"scales: expected one per operator \(2\), got 1"):
+        bca.mixed_matmul(ops, idx, x, scales=[1.0])
+    with pytest.raises(ValueError, match=r"scales\[1\] must be a finite float32 value, got NaN"):
+        bca.mixed_matmul(ops, idx, x, scales=[1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"scales\[0\] must be a finite float32 value"):
+        bca.mixed_matmul(ops, idx, x, scales=[1e300, 1.0])  # overflows float32
+    with pytest.raises(TypeError, match="scales must be a list of floats"):
+        bca.mixed_matmul(ops, idx, x, scales=["a", "b"])
+    with pytest.raises(ValueError, match=r"add: shape must be the output's \(3, 7\), got \(3, 8\)"):
+        bca.mixed_matmul(ops, idx, x, add=np.zeros((3, 8), np.float32))
+    with pytest.raises(TypeError, match="add must have dtype float32"):
+        bca.mixed_matmul(ops, idx, x, add=np.zeros((3, 7)))
+    with pytest.raises(ValueError, match="add must be C-contiguous"):
+        bca.mixed_matmul(ops, idx, x, add=np.zeros((7, 3), np.float32).T)
+    with pytest.raises(TypeError, match="add must be a numpy.ndarray"):
+        bca.mixed_matmul(ops, idx, x, add=[[0.0] * 7] * 3)
+    raw = [o._op for o in ops]
+    with pytest.raises(ValueError, match=r"kernels: expected one per operator \(2\), got 1"):
+        bca._bca.mixed_forward(raw, np.array(idx), x, kernels=[k])
+    with pytest.raises(TypeError, match="kernels must be a list of arrays"):
+        bca._bca.mixed_forward(raw, np.array(idx), x, kernels=k)
+    with pytest.raises(ValueError, match=r"kernels\[1\]: kernel must keep its shape"):
+        bca._bca.mixed_forward(raw, np.array(idx), x, kernels=[k, np.ones((2, 3, 5), np.float32)])
+    bad = k.copy()
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"kernels\[0\]: kernel: contains NaN or Inf"):
+        bca._bca.mixed_forward(raw, np.array(idx), x, kernels=[bad, k])
+    np.testing.assert_array_equal(ops[0].kernel, k)  # a refused kernel changes nothing
+    with pytest.raises(TypeError, match=r"kernels\[1\]: kernel must have dtype float32"):
+        bca._bca.mixed_forward(raw, np.array(idx), x, kernels=[k, k.astype(np.float64)])
+    with pytest.raises(TypeError, match="operators must be a list"):
+        bca._bca.mixed_forward("ops", np.array(idx), x, kernels=[k, k])
+
+
+def _spy_fast_path() -> tuple[list[bool], object]:
+    """Record whether the layer's one-call inference path ran (True) or declined."""
+    from unittest import mock
+
+    import bca.nn.layer as layer_module
+
+    taken: list[bool] = []
+    real = layer_module._rust_mixed_fast
+
+    def spy(*args: object, **kwargs: object) -> object:
+        y = real(*args, **kwargs)  # type: ignore[arg-type]
+        taken.append(y is not None)
+        return y
+
+    return taken, mock.patch.object(layer_module, "_rust_mixed_fast", spy)
+
+
+@pytest.mark.skipif(not bca.nn.rust_available(), reason="needs the Rust extension")
+@given(case=layer_cases())
+def test_layer_inference_call_equals_the_autograd_path_bit_for_bit(case: dict) -> None:
+    """Without gradients a mixed batch on the Rust backend is one core call with the
+    base output added in it; its result is bit for bit the autograd path's."""
+    layer = make_layer(case, "rust")
+    names, dt = case["names"], case["dtype"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(len(names), *case["middle"], case["d_in"], dtype=dt, generator=gen)
+    taken, patch = _spy_fast_path()
+    with patch:
+        with torch.no_grad():
+            fast = layer(x, adapter_names=names)
+            fast_again = layer(x, adapter_names=names)  # the cached plan and views
+        ref = layer(x.clone().requires_grad_(True), adapter_names=names).detach()
+    torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+    torch.testing.assert_close(fast_again, ref, rtol=0, atol=0)
+    sizes = {layer.adapter_block_size(n) for n in names if n != BASE_ADAPTER}
+    if len(sizes) == 1 and x.numel() > 0:
+        assert taken[:2] == [True, True]
+    else:
+        assert not any(taken)
+
+
+@pytest.mark.skipif(not bca.nn.rust_available(), reason="needs the Rust extension")
+def test_layer_inference_call_follows_every_kernel_edit() -> None:
+    """The one-call path reads kernels through cached views; every way of changing a
+    kernel between calls is seen (the core compares the values with its copy)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16)
+    layer = BlockCirculantLinear(base, 8, backend="rust", adapter_name="a", init="xavier_uniform")
+    layer.add_adapter("b", 8, scale=0.5, init="xavier_uniform")
+    x = torch.randn(5, 24)
+    names = ["a", "b", BASE_ADAPTER, "b", "a"]
+    w = base.weight.detach().double().numpy()
+    bias = base.bias.detach().double().numpy()
+    taken, patch = _spy_fast_path()
+
+    def check() -> None:
+        with torch.no_grad():
+            got = layer(x, adapter_names=names).double().numpy()
+        x64 = x.double().numpy()
+        for r, n in enumerate(names):
+            m = w + (oracle_delta(layer, n) if n != BASE_ADAPTER else 0.0)
+            assert rel_err(got[r], m @ x64[r] + bias) < 1e-5, (r, n)
+
+    with patch:
+        check()
+        check()
+        with torch.no_grad():
+            layer.bca_kernels["b"].mul_(2.0)  # in place: a new version
+        check()
+        layer.bca_kernels["a"].data.add_(0.25)  # through .data: version unchanged
+        check()
+        layer.bca_kernels["a"].detach().numpy()[0, 0, 0] += 1.0  # through a numpy view
+        check()
+        layer.bca_kernels["b"].data = torch.randn(2, 3, 8)  # new storage under the parameter
+        check()
+        layer.bca_kernels["a"] = torch.nn.Parameter(torch.randn(2, 3, 8))  # a new parameter
+        check()
+        layer.clear_cache()
+        check()
+        layer.set_adapter_scale("a", -3.0)
+        check()
+        layer.delete_adapter("b")
+        layer.add_adapter("b", 4, init="xavier_uniform")  # same name, another state and size
+        check()
+        check()
+    assert taken == [True] * 9, taken  # the last two calls have two block sizes: no one-call path
+
+
+def test_layer_mixed_plans_are_bounded_and_names_checked() -> None:
+    layer = BlockCirculantLinear(torch.nn.Linear(8, 8), 4, adapter_name="a")
+    layer.add_adapter("b", 4)
+    x = torch.randn(3, 8)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for _ in range(30):
+            layer(x, adapter_names=[str(n) for n in rng.choice(["a", "b", BASE_ADAPTER], 3)])
+    assert 1 <= len(layer.__dict__["_mixed_plans"]) <= 8
+    with pytest.raises(TypeError, match=r"adapter_names\[1\] must be a str, got list"):
+        layer(x, adapter_names=["a", ["b"], "a"])  # unhashable: still named
+    layer.delete_adapter("b")
+    with pytest.raises(ValueError, match=r"adapter_names\[0\]: unknown adapter 'b'"):
+        layer(x, adapter_names=["b", "a", "a"])  # a cached plan does not outlive its adapter

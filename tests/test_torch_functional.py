@@ -57,33 +57,35 @@ def test_differentiable_twice_without_cache(backend: str) -> None:
 
 @needs_rust
 def test_cache_keeps_the_rust_operator() -> None:
-    """With a cache the Rust operator is built once and set_kernel runs only when the
-    values change, also for a kernel derived anew on each call (the PEFT patch's case)."""
+    """With a cache the Rust operator is built once and its spectra are recomputed only
+    when the values change, also for a kernel derived anew on each call (the PEFT patch's
+    case): the core's ``sync_kernel`` reports a replacement only then."""
     w = kernel_for(8, 12, 4).float()
     x = torch.randn(3, 8)
     cache = KernelCache()
     block_circulant(x, w * 1.0, 8, 12, backend="rust", cache=cache)
     op = cache.rust_op
-    calls: list[int] = []
-    real_set = op.set_kernel
+    replaced: list[bool] = []
+    real_op = op._op
 
-    class Spy:
-        dtype = op.dtype
-        in_features, out_features, block_size = op.in_features, op.out_features, op.block_size
-
+    class CoreSpy:
         def __getattr__(self, name: str) -> object:
-            return getattr(op, name)
+            return getattr(real_op, name)
 
-        def set_kernel(self, k: np.ndarray) -> None:
-            calls.append(1)
-            real_set(k)
+        def sync_kernel(self, k: np.ndarray) -> bool:
+            replaced.append(real_op.sync_kernel(k))
+            return replaced[-1]
 
-    cache.rust_op = Spy()
-    for _ in range(3):
-        block_circulant(x, w * 1.0, 8, 12, backend="rust", cache=cache)  # new tensor, same values
-    assert calls == []
-    y = block_circulant(x, w * 2.0, 8, 12, backend="rust", cache=cache)
-    assert calls == [1]
+    op._op = CoreSpy()
+    try:
+        for _ in range(3):
+            block_circulant(x, w * 1.0, 8, 12, backend="rust", cache=cache)  # same values
+        assert replaced == [False] * 3
+        y = block_circulant(x, w * 2.0, 8, 12, backend="rust", cache=cache)
+        assert replaced == [False] * 3 + [True]
+        assert cache.rust_op is op
+    finally:
+        op._op = real_op
     assert rel_err(y.numpy(), x.numpy() @ dense_oracle(2 * w.numpy(), 8, 12).T) < 1e-5
     # another geometry through the same cache builds a new operator
     block_circulant(torch.randn(3, 7), w, 7, 12, backend="rust", cache=cache)

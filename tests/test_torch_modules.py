@@ -238,24 +238,26 @@ def test_eval_spectra_cache_follows_kernel_version() -> None:
 
 @needs_rust
 def test_rust_operator_resynced_only_on_change() -> None:
+    """The operator's spectra are recomputed (``sync_kernel`` returns True) only after the
+    kernel's values changed: an optimizer step, or an edit through ``.data``."""
     m = make_layer(8, 12, 4, backend="rust", dtype=torch.float32)
     x = torch.randn(3, 8)
     m.adapter_forward(x)
     op = m._adapters["default"].rust_op
-    calls = []
-    real_set = op.set_kernel
+    real_op = op._op
+    calls: list[int] = []
 
-    class Spy:
-        dtype = op.dtype
-
+    class CoreSpy:
         def __getattr__(self, name: str) -> object:
-            return getattr(op, name)
+            return getattr(real_op, name)
 
-        def set_kernel(self, k: np.ndarray) -> None:
-            calls.append(1)
-            real_set(k)
+        def sync_kernel(self, k: np.ndarray) -> bool:
+            replaced = bool(real_op.sync_kernel(k))
+            if replaced:
+                calls.append(1)
+            return replaced
 
-    m._adapters["default"].rust_op = Spy()
+    op._op = CoreSpy()
     for _ in range(3):
         y = m.adapter_forward(x)
     assert calls == []
@@ -267,6 +269,7 @@ def test_rust_operator_resynced_only_on_change() -> None:
     m.bca_kernel.data.mul_(0.5)  # a .data edit is caught by the value comparison
     y_new = m.adapter_forward(x)
     assert calls == [1, 1]
+    assert m._adapters["default"].rust_op is op
     dense = dense_oracle(m.bca_kernel.detach().numpy(), 8, 12)
     assert rel_err(y_new.detach().numpy(), x.numpy() @ dense.T) < 1e-5
 

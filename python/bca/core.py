@@ -168,6 +168,15 @@ class BlockCirculant:
         """Replace the kernel values (same shape and dtype) and recompute the spectra."""
         self._op.set_kernel(kernel)
 
+    def sync_kernel(self, kernel: FloatArray) -> bool:
+        """:meth:`set_kernel` unless ``kernel`` holds exactly (bitwise) the current values.
+
+        Returns whether the kernel was replaced. The comparison reads the kernel once and
+        the operator's copy once (no allocation): a cheap way to keep an operator in step
+        with a kernel that may have been edited in place.
+        """
+        return bool(self._op.sync_kernel(kernel))
+
     def __repr__(self) -> str:
         q_out, q_in, p = self._op.q_out, self._op.q_in, self._op.block_size
         return (
@@ -249,7 +258,12 @@ def _adapter_index(adapter_index: object) -> NDArray[np.int64]:
 
 
 def mixed_matmul(
-    operators: Sequence[BlockCirculant], adapter_index: object, x: FloatArray
+    operators: Sequence[BlockCirculant],
+    adapter_index: object,
+    x: FloatArray,
+    *,
+    scales: Sequence[float] | None = None,
+    add: FloatArray | None = None,
 ) -> FloatArray:
     """A mixed-adapter batch: row ``r`` of ``x`` through its own operator.
 
@@ -267,11 +281,24 @@ def mixed_matmul(
             (a zero output row; the row is not read). Other negative values are errors,
             not Python-style indexing.
         x: ``(..., in_features)`` of the operators' dtype.
+        scales: one finite factor per operator: row ``r`` gets
+            ``scales[a] · operators[a].matmul(x[r])`` (rounded to the dtype once; the
+            product is rounded, then multiplied, as ``y *= s`` would).
+        add: ``(..., out_features)`` of the operators' dtype, read only: the result is
+            ``add + y`` (a new array; e.g. the base layer's output), the same bits as
+            adding afterwards, without a separate pass in Python.
 
     Raises ``TypeError``/:class:`BcaError` naming ``operators`` (with the index of the
-    operator that differs), ``adapter_index`` (with the offending position) or ``x``.
+    operator that differs), ``adapter_index`` (with the offending position), ``x``,
+    ``scales`` or ``add``.
     """
-    return _bca.mixed_forward(_core_operators(operators), _adapter_index(adapter_index), x)
+    return _bca.mixed_forward(
+        _core_operators(operators),
+        _adapter_index(adapter_index),
+        x,
+        scales=None if scales is None else list(scales),
+        add=add,
+    )
 
 
 def mixed_matmul_backward(

@@ -9,6 +9,8 @@ pub trait Float: realfft::FftNum + num_traits::Float + Default + Send + Sync + '
     fn widen(self) -> Self::Acc;
     /// Round a wide value to `Self` (once).
     fn narrow(a: Self::Acc) -> Self;
+    /// The bit pattern, widened to 64 bits (for exact comparisons: -0.0 ≠ 0.0).
+    fn bits64(self) -> u64;
 }
 
 impl Float for f32 {
@@ -22,6 +24,10 @@ impl Float for f32 {
     fn narrow(a: f64) -> f32 {
         a as f32
     }
+    #[inline(always)]
+    fn bits64(self) -> u64 {
+        u64::from(self.to_bits())
+    }
 }
 
 impl Float for f64 {
@@ -34,5 +40,9 @@ impl Float for f64 {
     #[inline(always)]
     fn narrow(a: f64) -> f64 {
         a
+    }
+    #[inline(always)]
+    fn bits64(self) -> u64 {
+        self.to_bits()
     }
 }

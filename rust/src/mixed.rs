@@ -169,6 +169,64 @@ fn pool_for<T: Float>(
     (pool, n_active.div_ceil(used).clamp(1, MAX_ROWS_PER_TASK))
 }
 
+/// Elements per task when [`same_kernels`] compares in parallel.
+const COMPARE_CHUNK: usize = 1 << 13;
+/// Below this many elements in all, [`same_kernels`] stays on the calling thread.
+const PARALLEL_MIN_COMPARE: usize = 1 << 14;
+
+/// For each operator, whether `kernels[a]` holds exactly its kernel (bitwise, as
+/// [`BlockCirculant::same_kernel`]). Large comparisons run in chunks on the threads of
+/// the first operator's bound (the comparison is read-only: any split gives the same
+/// answer). `ops` and `kernels` have one entry each per operator.
+pub fn same_kernels<T: Float>(ops: &[&BlockCirculant<T>], kernels: &[&[T]]) -> Vec<bool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let total: usize = kernels.iter().map(|k| k.len()).sum();
+    let threads = match ops.first().map_or(0, |op| op.num_threads()) {
+        0 => threads::default_num_threads(),
+        n => n,
+    };
+    let pool = match threads > 1 && total >= PARALLEL_MIN_COMPARE {
+        true => threads::parallel(threads),
+        false => None,
+    };
+    let Some(pool) = pool else {
+        return ops
+            .iter()
+            .zip(kernels)
+            .map(|(op, k)| op.same_kernel(k))
+            .collect();
+    };
+    let differs: Vec<AtomicBool> = ops
+        .iter()
+        .zip(kernels)
+        .map(|(op, k)| AtomicBool::new(op.kernel().len() != k.len()))
+        .collect();
+    let mut items = Vec::new();
+    for (a, k) in kernels.iter().enumerate() {
+        if !differs[a].load(Ordering::Relaxed) {
+            items.extend((0..k.len()).step_by(COMPARE_CHUNK).map(|start| (a, start)));
+        }
+    }
+    let compare = |(a, start): (usize, usize)| -> Result<(), ()> {
+        if differs[a].load(Ordering::Relaxed) {
+            return Ok(()); // another chunk already differs
+        }
+        let end = (start + COMPARE_CHUNK).min(kernels[a].len());
+        let ours = &ops[a].kernel()[start..end];
+        let theirs = &kernels[a][start..end];
+        let diff = ours
+            .iter()
+            .zip(theirs)
+            .fold(0u64, |acc, (x, y)| acc | (x.bits64() ^ y.bits64()));
+        if diff != 0 {
+            differs[a].store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    };
+    let _ = pool.try_for_each(items, compare);
+    differs.iter().map(|d| !d.load(Ordering::Relaxed)).collect()
+}
+
 /// One task: operator `op`, its rows, and the output rows they go to.
 type Task<'a, T> = (usize, &'a [usize], Vec<&'a mut [T]>);
 

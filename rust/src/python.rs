@@ -559,12 +559,11 @@ fn backward_impl<'py, T: Float + Element>(
     Ok((gx.map(|a| a.into_any()), gk.map(|a| a.into_any())))
 }
 
-fn set_kernel_impl<T: Float + Element>(
-    py: Python<'_>,
-    slot: &Slot<T>,
-    kernel: &Bound<'_, PyAny>,
-) -> PyResult<()> {
-    let op = slot.get();
+/// `kernel` as an array of `op`'s dtype and kernel shape, or the error naming it.
+fn kernel_like<'py, T: Float + Element>(
+    op: &BlockCirculant<T>,
+    kernel: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let s = op.shape();
     let arr = typed_array::<T>(kernel, "kernel")?;
     let dims = kernel_dims(arr.as_untyped())?;
@@ -577,13 +576,40 @@ fn set_kernel_impl<T: Float + Element>(
             shape_str(arr.shape())
         )));
     }
+    Ok(arr)
+}
+
+/// Kernels of at least this many elements are compared with the GIL released.
+const DETACHED_COMPARE: usize = 1 << 15;
+
+/// Set a new kernel (same shape and dtype) and recompute the spectra; with `only_if_changed`,
+/// keep the operator when the kernel holds exactly (bitwise) its current values. Returns
+/// whether the kernel was set.
+fn set_kernel_impl<T: Float + Element>(
+    py: Python<'_>,
+    slot: &Slot<T>,
+    kernel: &Bound<'_, PyAny>,
+    only_if_changed: bool,
+) -> PyResult<bool> {
+    let op = slot.get();
+    let arr = kernel_like::<T>(&op, kernel)?;
     let ro = read_view(&arr, "kernel")?;
     let data = as_slice(&ro, "kernel")?;
+    if only_if_changed {
+        let same = if data.len() >= DETACHED_COMPARE {
+            run_detached(py, || Ok(op.same_kernel(data)))?
+        } else {
+            op.same_kernel(data)
+        };
+        if same {
+            return Ok(false);
+        }
+    }
     let new = run_detached(py, || op.with_kernel(data))?;
     // A thread bound set while the spectra were computed (with the GIL held, as now).
     new.set_num_threads(slot.get().num_threads());
     slot.set(Arc::new(new));
-    Ok(())
+    Ok(true)
 }
 
 fn kernel_impl<'py, T: Float + Element>(
@@ -703,7 +729,13 @@ impl PyBlockCirculant {
 
     /// Replace the kernel (same shape and dtype); spectra are recomputed.
     fn set_kernel(&self, py: Python<'_>, kernel: &Bound<'_, PyAny>) -> PyResult<()> {
-        dispatch!(self, l => set_kernel_impl(py, l, kernel))
+        dispatch!(self, l => set_kernel_impl(py, l, kernel, false)).map(|_| ())
+    }
+
+    /// Replace the kernel (same shape and dtype) unless it holds exactly (bitwise) the
+    /// current values; returns whether it was replaced (and the spectra recomputed).
+    fn sync_kernel(&self, py: Python<'_>, kernel: &Bound<'_, PyAny>) -> PyResult<bool> {
+        dispatch!(self, l => set_kernel_impl(py, l, kernel, true))
     }
 
     /// Set this operator's thread bound; None means the process default.
@@ -913,11 +945,79 @@ fn index_array<'py>(
     Ok(typed.clone())
 }
 
+/// `scales` (one finite float per operator) in the operators' dtype, or None.
+fn mixed_scales<T: Float>(
+    scales: Option<&Bound<'_, PyAny>>,
+    n_ops: usize,
+) -> PyResult<Option<Vec<T>>> {
+    let Some(obj) = scales.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let values: Vec<f64> = obj.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "scales must be a list of floats, one per operator, got {}",
+            type_name(obj)
+        ))
+    })?;
+    if values.len() != n_ops {
+        return Err(bca_error(format!(
+            "scales: expected one per operator ({n_ops}), got {}",
+            values.len()
+        )));
+    }
+    // Rounded to the operators' dtype once, as numpy's astype would; finite there too.
+    let mut out = Vec::with_capacity(values.len());
+    for (a, &v) in values.iter().enumerate() {
+        match <T as num_traits::NumCast>::from(v).filter(|t| t.is_finite() && v.is_finite()) {
+            Some(t) => out.push(t),
+            None => {
+                return Err(bca_error(format!(
+                    "scales[{a}] must be a finite {} value, got {v:?}",
+                    T::NAME
+                )))
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// The scale of a row with adapter index `a`: its operator's, if `scales` are given and
+/// the row has an operator.
+fn row_scale<T: Float>(scales: Option<&[T]>, a: i64) -> Option<T> {
+    scales
+        .zip(usize::try_from(a).ok())
+        .and_then(|(sc, a)| sc.get(a).copied())
+}
+
+/// `y[r] = add[r] + scale[idx[r]] · y[r]` over rows of `d` values, in place (`add` absent:
+/// no sum; a row without an operator, or without `scales`, is not multiplied: its `y` is
+/// zero there). Each value is `y · s` rounded and then the sum rounded (no FMA), as
+/// numpy's `y *= s; add + y` gives.
+fn finish_rows<T: Float>(
+    y: &mut [T],
+    add: Option<&[T]>,
+    idx: &[i64],
+    scales: Option<&[T]>,
+    d: usize,
+) {
+    for (r, (row, &a)) in y.chunks_exact_mut(d).zip(idx).enumerate() {
+        let s = row_scale(scales, a);
+        match (add.map(|b| &b[r * d..(r + 1) * d]), s) {
+            (Some(b), Some(f)) => row.iter_mut().zip(b).for_each(|(v, &b)| *v = b + *v * f),
+            (Some(b), None) => row.iter_mut().zip(b).for_each(|(v, &b)| *v = b + *v),
+            (None, Some(f)) => row.iter_mut().for_each(|v| *v = *v * f),
+            (None, None) => {}
+        }
+    }
+}
+
 fn mixed_forward_impl<'py, T: Float + Element>(
     py: Python<'py>,
     ops: &[Arc<BlockCirculant<T>>],
     adapter_index: &Bound<'py, PyAny>,
     x: &Bound<'py, PyAny>,
+    scales: Option<&Bound<'py, PyAny>>,
+    add: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let s = crate::mixed_geometry(&as_refs(ops)).map_err(to_py_err)?;
     let arr = typed_array::<T>(x, "x")?;
@@ -925,15 +1025,41 @@ fn mixed_forward_impl<'py, T: Float + Element>(
     let dims = arr.shape().to_vec();
     let leading = &dims[..dims.len() - 1];
     let idx = index_array(adapter_index, leading)?;
-    let out = new_array::<T>(py, &out_shape(leading, s.out_features), false, "the output")?;
+    let scales = mixed_scales::<T>(scales, ops.len())?;
+    let shape = out_shape(leading, s.out_features);
+    let add = match add.filter(|o| !o.is_none()) {
+        Some(obj) => {
+            let a = typed_array::<T>(obj, "add")?;
+            if a.shape() != &shape[..] {
+                return Err(shape_error(format!(
+                    "add: shape must be the output's {}, got {}",
+                    shape_str(&shape),
+                    shape_str(a.shape())
+                )));
+            }
+            Some(a)
+        }
+        None => None,
+    };
+    let out = new_array::<T>(py, &shape, false, "the output")?;
     {
         let ro = read_view(&arr, "x")?;
         let xs = as_slice(&ro, "x")?;
         let idx_ro = read_view(&idx, "adapter_index")?;
         let is = as_slice(&idx_ro, "adapter_index")?;
+        let add_ro = add.as_ref().map(|a| read_view(a, "add")).transpose()?;
+        let add_s = add_ro.as_ref().map(|r| as_slice(r, "add")).transpose()?;
         let mut rw = write_view(&out)?;
         let ys = as_slice_mut(&mut rw)?;
-        run_detached(py, || crate::mixed_forward(&as_refs(ops), is, xs, n, ys))?;
+        let sc = scales.as_deref();
+        let d = s.out_features;
+        run_detached(py, || {
+            crate::mixed_forward(&as_refs(ops), is, xs, n, ys)?;
+            if add_s.is_some() || sc.is_some() {
+                finish_rows(ys, add_s, is, sc, d);
+            }
+            Ok(())
+        })?;
     }
     Ok(out.into_any())
 }
@@ -1031,19 +1157,128 @@ fn mixed_backward_impl<'py, T: Float + Element>(
     Ok((gx.map(|a| a.into_any()), gk_out))
 }
 
+/// `operators[a].sync_kernel(kernels[a])` for each operator: a list of kernels, one per
+/// operator, each set where it differs (bitwise) from the operator's. The comparisons
+/// run in one parallel pass without the GIL (`same_kernels`).
+fn sync_kernels(
+    py: Python<'_>,
+    operators: &Bound<'_, PyAny>,
+    kernels: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let list_err = || {
+        PyTypeError::new_err(format!(
+            "kernels must be a list of arrays, one per operator, got {}",
+            type_name(kernels)
+        ))
+    };
+    let ks: Vec<Bound<'_, PyAny>> = match kernels.is_instance_of::<pyo3::types::PyList>()
+        || kernels.is_instance_of::<pyo3::types::PyTuple>()
+    {
+        true => kernels.extract().map_err(|_| list_err())?,
+        false => return Err(list_err()),
+    };
+    // The operators were checked by `mixed_ops` (one dtype, all operators).
+    let ops: Vec<Bound<'_, PyBlockCirculant>> = operators
+        .extract::<Vec<Bound<'_, PyAny>>>()?
+        .into_iter()
+        .map(|o| o.cast_into::<PyBlockCirculant>().map_err(PyErr::from))
+        .collect::<PyResult<_>>()?;
+    if ks.len() != ops.len() {
+        return Err(bca_error(format!(
+            "kernels: expected one per operator ({}), got {}",
+            ops.len(),
+            ks.len()
+        )));
+    }
+    let named = |a: usize, py: Python<'_>, e: PyErr| {
+        PyErr::from_type(e.get_type(py), format!("kernels[{a}]: {}", e.value(py)))
+    };
+    let slots: Vec<&Inner> = ops.iter().map(|o| &o.get().inner).collect();
+    match slots.first() {
+        Some(Inner::F32(_)) => {
+            let s: Vec<&Slot<f32>> = slots
+                .iter()
+                .filter_map(|i| match i {
+                    Inner::F32(l) => Some(l),
+                    Inner::F64(_) => None,
+                })
+                .collect();
+            sync_slots(py, &s, &ks, named)
+        }
+        Some(Inner::F64(_)) => {
+            let s: Vec<&Slot<f64>> = slots
+                .iter()
+                .filter_map(|i| match i {
+                    Inner::F64(l) => Some(l),
+                    Inner::F32(_) => None,
+                })
+                .collect();
+            sync_slots(py, &s, &ks, named)
+        }
+        None => Ok(()),
+    }
+}
+
+fn sync_slots<T: Float + Element>(
+    py: Python<'_>,
+    slots: &[&Slot<T>],
+    kernels: &[Bound<'_, PyAny>],
+    named: impl Fn(usize, Python<'_>, PyErr) -> PyErr,
+) -> PyResult<()> {
+    if slots.len() != kernels.len() {
+        return Err(bca_error("operators: a mixed batch needs one dtype"));
+    }
+    let ops: Vec<Arc<BlockCirculant<T>>> = slots.iter().map(|l| l.get()).collect();
+    let arrays = ops
+        .iter()
+        .zip(kernels)
+        .enumerate()
+        .map(|(a, (op, k))| kernel_like::<T>(op, k).map_err(|e| named(a, py, e)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let same = {
+        let views = arrays
+            .iter()
+            .map(|a| read_view(a, "kernel"))
+            .collect::<PyResult<Vec<_>>>()?;
+        let data = views
+            .iter()
+            .map(|v| as_slice(v, "kernel"))
+            .collect::<PyResult<Vec<&[T]>>>()?;
+        let refs: Vec<&BlockCirculant<T>> = ops.iter().map(|o| o.as_ref()).collect();
+        run_detached(py, || Ok(crate::same_kernels(&refs, &data)))?
+    };
+    for (a, (slot, k)) in slots.iter().zip(kernels).enumerate() {
+        if !same[a] {
+            set_kernel_impl(py, slot, k, false).map_err(|e| named(a, py, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// `y[r] = ΔW_{adapter_index[r]} x[r]` over the last axis of `x`, each row with its own
 /// operator (-1: no adapter, a zero row); see bca._bca.pyi.
 #[pyfunction]
-#[pyo3(name = "mixed_forward", signature = (operators, adapter_index, x))]
+#[pyo3(
+    name = "mixed_forward",
+    signature = (operators, adapter_index, x, *, scales=None, add=None, kernels=None)
+)]
+#[allow(clippy::too_many_arguments)]
 fn py_mixed_forward<'py>(
     py: Python<'py>,
     operators: &Bound<'py, PyAny>,
     adapter_index: &Bound<'py, PyAny>,
     x: &Bound<'py, PyAny>,
+    scales: Option<&Bound<'py, PyAny>>,
+    add: Option<&Bound<'py, PyAny>>,
+    kernels: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    if let Some(kernels) = kernels.filter(|k| !k.is_none()) {
+        mixed_ops(operators)?; // the operators' own errors first
+        sync_kernels(py, operators, kernels)?;
+    }
     match mixed_ops(operators)? {
-        MixedOps::F32(ops) => mixed_forward_impl(py, &ops, adapter_index, x),
-        MixedOps::F64(ops) => mixed_forward_impl(py, &ops, adapter_index, x),
+        MixedOps::F32(ops) => mixed_forward_impl(py, &ops, adapter_index, x, scales, add),
+        MixedOps::F64(ops) => mixed_forward_impl(py, &ops, adapter_index, x, scales, add),
     }
 }
 

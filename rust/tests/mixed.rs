@@ -1,7 +1,9 @@
 //! Mixed-adapter batches (each row its own operator) against a direct (no FFT)
 //! evaluation of each row's block circulant product, in f64.
 
-use bca::{mixed_backward, mixed_forward, BcaError, BlockCirculant, Float, NO_ADAPTER};
+use bca::{
+    mixed_backward, mixed_forward, same_kernels, BcaError, BlockCirculant, Float, NO_ADAPTER,
+};
 
 mod common;
 use common::{rel_err, to_f64, Rng};
@@ -351,4 +353,39 @@ fn no_rows_or_no_adapter_give_zeros() {
     assert!(gk0.iter().all(|v| *v == 0.0), "an operator without rows");
     assert!(gk1.iter().any(|v| *v != 0.0));
     assert!(gx[..9].iter().all(|v| *v == 0.0) && gx[9..18].iter().any(|v| *v != 0.0));
+}
+
+/// `same_kernel` / `same_kernels` answer "the same bits", whatever the size (one chunk
+/// or many, on one thread or several): a change anywhere, of one ulp or of a zero's
+/// sign, is seen; equal values in another buffer are the same.
+#[test]
+fn kernel_comparisons_see_every_change_of_bits() {
+    for &(q_out, q_in, p) in &[(1, 1, 1), (2, 3, 4), (8, 8, 64), (24, 24, 128)] {
+        let len = q_out * q_in * p;
+        let mut k: Vec<f32> = Rng(len as u64 + 1).vec(len);
+        k[len / 2] = 0.0;
+        let op = BlockCirculant::new(&k, q_out, q_in, p, None, None).unwrap();
+        let ops = [&op, &op, &op];
+        assert!(op.same_kernel(&k.clone()));
+        assert!(same_kernels(&ops, &[&k, &k, &k]).iter().all(|&s| s));
+        let mut changed = Vec::new();
+        for at in [0, len / 2, len - 1] {
+            let mut c = k.clone();
+            c[at] = if at == len / 2 {
+                -0.0
+            } else {
+                f32::from_bits(c[at].to_bits() + 1)
+            };
+            changed.push(c);
+        }
+        for c in &changed {
+            assert!(!op.same_kernel(c));
+            assert_eq!(same_kernels(&ops, &[&k, c, &k]), vec![true, false, true]);
+        }
+        assert!(!op.same_kernel(&k[..len - 1]));
+        assert_eq!(
+            same_kernels(&ops, &[&k, &k[..len - 1], &k]),
+            vec![true, false, true]
+        );
+    }
 }

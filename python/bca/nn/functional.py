@@ -7,6 +7,7 @@ Everything here is a function of tensors (and a per-adapter cache object); the l
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 import weakref
@@ -538,15 +539,71 @@ def _rust_mixed_forward(
     x: torch.Tensor,
     index: Any,
     scales: list[float],
-    states: list[KernelCache],
+    states: Sequence[KernelCache],
     features: tuple[int, int],
     kernels: Sequence[torch.Tensor],
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Rust mixed forward (``index``: checked int64 row indices, one per row of x)."""
+    """The Rust mixed forward (``index``: checked int64 row indices, one per row of x),
+    plus ``add`` (rows of ``x``'s dtype, read only) when given: one core call."""
     ops = [st.rust_operator(k, *features)._op for st, k in zip(states, kernels, strict=True)]
-    y = _rust_core()._bca.mixed_forward(ops, index, x.detach().contiguous().numpy())
-    if any(sc != 1.0 for sc in scales):
-        y *= _row_scale(index, scales)[:, None].astype(y.dtype)
+    y = _rust_core()._bca.mixed_forward(
+        ops,
+        index,
+        x.detach().contiguous().numpy(),
+        scales=scales if any(sc != 1.0 for sc in scales) else None,
+        add=None if add is None else add.detach().contiguous().numpy(),
+    )
+    return torch.from_numpy(y)
+
+
+def _rust_mixed_fast(
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    states: Sequence[KernelCache],
+    index_array: Any,
+    scales: list[float],
+    features: tuple[int, int],
+    add: torch.Tensor,
+) -> torch.Tensor | None:
+    """``add + scales_a · ΔW_a x[b]`` for a checked mixed batch (``x`` ``(B, ..., in)``,
+    not empty; ``index_array`` one int64 per batch row; ``add`` ``(B, ..., out)``) in one
+    core call with the fewest Python steps, or None where its conditions do not hold and
+    the caller takes the general path (which also refreshes the operators): gradients
+    disabled, not compiling, ``x`` and ``add`` CPU tensors of the kernels' dtype, every
+    kernel still read by its cache's view (:meth:`KernelCache.rust_view_of`). The core
+    compares each kernel with its operator's copy (``kernels=``), as ``rust_operator``
+    does; the result is bit for bit the general path's."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    dtype = x.dtype
+    if not (x.is_cpu and add.is_cpu and add.dtype == dtype and add.shape[:-1] == x.shape[:-1]):
+        return None
+    n_in, n_out = features
+    ops = []
+    views = []
+    for k, st in zip(kernels, states, strict=True):
+        view = st.rust_view_of(k, n_in, n_out)
+        if view is None:  # first use, or another tensor: (re)build the operator and view
+            if not (k.is_cpu and k.dtype == dtype and dtype in _RUST_DTYPES and rust_available()):
+                return None
+            st.rust_operator(k, n_in, n_out)  # synchronised here
+            view = st.rust_view if st.rust_view is not None else k.detach().contiguous().numpy()
+        elif k.dtype != dtype:
+            return None
+        ops.append(st.rust_op._op)
+        views.append(view)
+    index = index_array
+    if x.dim() > 2:  # the core takes an index per row, shaped like x's leading axes
+        index = np.repeat(index_array, math.prod(x.shape[1:-1])).reshape(x.shape[:-1])
+    y = _rust_core()._bca.mixed_forward(
+        ops,
+        index,
+        x.detach().contiguous().numpy(),
+        scales=None if scales.count(1.0) == len(scales) else scales,
+        add=add.detach().contiguous().numpy(),
+        kernels=views,
+    )
     return torch.from_numpy(y)
 
 
@@ -669,11 +726,12 @@ class KernelCache:
 
     Holds the kernel's torch spectra (reused while the kernel is unchanged, see
     :func:`block_circulant`) and the Rust operator (``bca.core.BlockCirculant``, whose
-    ``set_kernel`` is called only when the kernel changed). "Changed" is detected from the
-    kernel's version counter and storage and, for CPU kernels, a comparison with a
-    parameter-sized copy (which also catches edits through ``.data``); on other devices
-    that comparison would synchronise the device, so call :meth:`clear` after editing a
-    GPU kernel's ``.data``.
+    spectra are recomputed only when the kernel changed). For the torch spectra, "changed"
+    is detected from the kernel's version counter and storage and, for CPU kernels, a
+    comparison with a parameter-sized copy (which also catches edits through ``.data``);
+    on other devices that comparison would synchronise the device, so call :meth:`clear`
+    after editing a GPU kernel's ``.data``. The Rust operator compares the kernel with
+    its own copy, bit for bit, in the core (``sync_kernel``: no Python-side copy).
 
     ``handle`` names the cache for the custom operator of the compiled Rust path; copies
     (pickle, deepcopy) get a fresh cache and handle, never the cached values.
@@ -687,14 +745,18 @@ class KernelCache:
         self.spectra_snapshot = _KernelSnapshot()
         self.rust_op: Any = None
         self.rust_geometry: tuple[Any, ...] | None = None
-        self.rust_snapshot = _KernelSnapshot()
+        self.rust_ptr: int | None = None
+        self.rust_view: Any = None
+        self.rust_stale = False
 
     def clear(self) -> None:
         """Drop the cached spectra and resynchronise the Rust operator on next use."""
         self.spectra = None
         self.spectra_meta = None
         self.spectra_snapshot.clear()
-        self.rust_snapshot.clear()
+        self.rust_stale = True
+        self.rust_ptr = None
+        self.rust_view = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # pickle and deepcopy rebuild an empty cache: a fresh handle, no Rust operator
@@ -713,20 +775,49 @@ class KernelCache:
             snap.take(kernel)
         return self.spectra
 
+    def rust_view_of(self, kernel: torch.Tensor, in_features: int, out_features: int) -> Any:
+        """The numpy view of ``kernel``'s memory kept by :meth:`rust_operator`, if it still
+        reads exactly ``kernel`` (same address, shape, dtype, contiguous) for an operator of
+        this geometry that is not stale; else None. The operator is not synchronised."""
+        if (
+            self.rust_op is not None
+            and not self.rust_stale
+            and kernel.is_cpu
+            and kernel.is_contiguous()
+            and kernel.data_ptr() == self.rust_ptr
+            and self.rust_geometry == (in_features, out_features, kernel.shape, kernel.dtype)
+        ):
+            return self.rust_view
+        return None
+
     def rust_operator(self, kernel: torch.Tensor, in_features: int, out_features: int) -> Any:
-        """The Rust operator for ``kernel``; ``set_kernel`` is called only on a change."""
-        snap = self.rust_snapshot
+        """The Rust operator for ``kernel`` (a CPU tensor), its spectra recomputed only on
+        a change: the operator compares the kernel with its own copy, bit for bit, in the
+        core (``sync_kernel``), which also catches edits through ``.data``.
+
+        A contiguous kernel is read through a numpy view of its memory kept from the last
+        call (the view keeps that memory alive, so no other tensor can take its address):
+        the view is reused while the kernel has the same address, shape and dtype.
+        """
         op = self.rust_op
+        view = self.rust_view_of(kernel, in_features, out_features)
+        if view is not None:
+            op._op.sync_kernel(view)
+            return op
         k = kernel.detach()
+        view = k.contiguous().numpy()
         geometry = (in_features, out_features, k.shape, k.dtype)
         if op is None or self.rust_geometry != geometry:
-            core = _rust_core()
-            self.rust_op = core.BlockCirculant(k.contiguous().numpy(), in_features, out_features)
+            self.rust_op = _rust_core().BlockCirculant(view, in_features, out_features)
             self.rust_geometry = geometry
-            snap.take(kernel)
-        elif not snap.matches(kernel):
-            op.set_kernel(k.contiguous().numpy())
-            snap.take(kernel)
+        elif self.rust_stale:
+            op.set_kernel(view)
+        else:
+            op._op.sync_kernel(view)
+        self.rust_stale = False
+        own_memory = k.is_contiguous()  # else the view is of a copy: not kept
+        self.rust_view = view if own_memory else None
+        self.rust_ptr = k.data_ptr() if own_memory else None
         return self.rust_op
 
 
@@ -903,12 +994,6 @@ def mixed_block_circulant(
     if not kernels:
         raise BcaError("kernels: at least one kernel is needed")
     n_in, n_out = _features(kernels[0], in_features, out_features)
-    for k in kernels[1:]:
-        if k.shape != kernels[0].shape or k.dtype != kernels[0].dtype:
-            raise ShapeError(
-                f"kernels must share one shape and dtype, got {tuple(kernels[0].shape)} "
-                f"{kernels[0].dtype} and {tuple(k.shape)} {k.dtype}"
-            )
     _check_x(x, n_in, batch=True)
     batch = x.shape[0]
     index = [int(a) for a in adapter_index]
@@ -920,29 +1005,73 @@ def mixed_block_circulant(
     cache_list = [KernelCache() for _ in kernels] if caches is None else list(caches)
     if len(scale_list) != len(kernels) or len(cache_list) != len(kernels):
         raise BcaError("scales and caches need one entry per kernel")
+    index_array = np.asarray(index, dtype=np.int64)
+    return _mixed_rows(
+        x, kernels, index, index_array, scale_list, cache_list, (n_in, n_out), backend
+    )
+
+
+def _mixed_rows(
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    index: list[int],
+    index_array: Any,
+    scales: list[float],
+    caches: Sequence[KernelCache],
+    features: tuple[int, int],
+    backend: str,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`mixed_block_circulant` once its arguments are checked: ``x`` a floating
+    ``(B, ..., in)`` tensor, ``index`` B entries in ``[-1, len(kernels))`` (also as the
+    int64 array ``index_array``, read only), one scale and cache per kernel. The kernels'
+    shapes and dtypes are checked here (they are parameters a caller may replace).
+
+    ``add`` (``(B, ..., out)``, e.g. the base layer's output): returns ``add + result``
+    in ``add``'s dtype, the same bits as adding afterwards; where nothing needs a
+    gradient, the Rust core adds it in the same call (no separate torch add)."""
+    first = kernels[0]
+    n_in, n_out = _features(first, *features)
+    shape, dtype, on_cpu = first.shape, first.dtype, first.is_cpu
+    for k in kernels[1:]:
+        if k.shape != shape or k.dtype != dtype:
+            raise ShapeError(
+                f"kernels must share one shape and dtype, got {tuple(shape)} "
+                f"{dtype} and {tuple(k.shape)} {k.dtype}"
+            )
+        on_cpu = on_cpu and k.is_cpu
+    batch = x.shape[0]
     n_rows = x.numel() // n_in
-    if n_rows == 0 or all(a < 0 for a in index):
-        return x.new_zeros(*x.shape[:-1], n_out)
+    if n_rows == 0 or max(index) < 0:
+        zeros = x.new_zeros(*x.shape[:-1], n_out)
+        return zeros if add is None else add + zeros.to(add.dtype)
     per_row = n_rows // batch
     x2 = x.reshape(n_rows, n_in)
     backend = "torch" if torch.compiler.is_compiling() else resolve_backend(x, kernels, backend)
     if backend == "rust":
-        _check_rust_input(x2, kernels[0])  # the kernels share its dtype (checked above)
-        for k in kernels[1:]:
-            if k.device.type != "cpu":
-                _check_rust_input(x2, k)
-        rows_index = np.repeat(np.asarray(index, np.int64), per_row)
+        _check_rust_input(x2, first)  # the kernels share its dtype (checked above)
+        if not on_cpu:
+            for k in kernels[1:]:
+                _check_rust_input(x2, k)  # raises for the first kernel off the CPU
+        rows_index = index_array if per_row == 1 else np.repeat(index_array, per_row)
         y: torch.Tensor
         if torch.is_grad_enabled() and (x.requires_grad or any(k.requires_grad for k in kernels)):
             y = _RustMixedBlockCirculant.apply(
-                x2, rows_index, scale_list, cache_list, (n_in, n_out), *kernels
+                x2, rows_index, scales, list(caches), features, *kernels
             )
+        elif add is not None and add.dtype == x.dtype and add.is_cpu and not add.requires_grad:
+            # nothing to differentiate: one core call, base output added in it
+            y = _rust_mixed_forward(
+                x2, rows_index, scales, caches, features, kernels, add.reshape(n_rows, n_out)
+            )
+            return y.reshape(add.shape)
         else:  # nothing to differentiate: the core call without autograd's bookkeeping
-            y = _rust_mixed_forward(x2, rows_index, scale_list, cache_list, (n_in, n_out), kernels)
+            y = _rust_mixed_forward(x2, rows_index, scales, caches, features, kernels)
     else:
-        y = _torch_mixed_rows(x2, kernels, index, per_row, scale_list, cache_list, (n_in, n_out))
+        y = _torch_mixed_rows(x2, kernels, index, per_row, scales, list(caches), features)
     y = y.reshape(*x.shape[:-1], n_out)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if add is None else add + y.to(add.dtype)
 
 
 def _torch_mixed_rows(

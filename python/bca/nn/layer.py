@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,9 +16,10 @@ from .._errors import BcaError, ShapeError
 from .functional import (
     BACKENDS,
     KernelCache,
+    _mixed_rows,
+    _rust_mixed_fast,
     block_circulant,
     block_circulant_dense,
-    mixed_block_circulant,
     resolve_backend,
 )
 
@@ -101,6 +103,36 @@ def _check_scale(scale: object, arg: str = "scale") -> float:
     if not math.isfinite(float(scale)):
         raise BcaError(f"{arg} must be finite, got {scale}")
     return float(scale)
+
+
+#: Mixed-batch plans a layer keeps (one per list of adapter names, oldest dropped first).
+_MIXED_PLANS = 8
+
+
+class _MixedPlan:
+    """A mixed batch's names resolved once: per block size, the adapters used (names and
+    states, in order of first use) and each batch row's index among them (``-1``: not in
+    this group), as a list and an int64 array. Valid while the layer holds the same
+    adapter states."""
+
+    __slots__ = ("groups", "states")
+
+    def __init__(self, names: list[str], adapters: dict[str, _AdapterState]) -> None:
+        used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
+        self.states = tuple((n, adapters[n]) for n in used)
+        by_size: dict[int, list[str]] = {}
+        for n in used:
+            by_size.setdefault(adapters[n].block_size, []).append(n)
+        self.groups: list[tuple[tuple[str, ...], list[_AdapterState], list[int], np.ndarray]] = []
+        for group in by_size.values():
+            position = {n: a for a, n in enumerate(group)}
+            index = [position.get(n, -1) for n in names]
+            states = [adapters[n] for n in group]
+            self.groups.append((tuple(group), states, index, np.asarray(index, dtype=np.int64)))
+
+    def current(self, adapters: dict[str, _AdapterState]) -> bool:
+        """Whether the layer still holds the adapter states this plan was made for."""
+        return all(adapters.get(n) is st for n, st in self.states)
 
 
 class _AdapterState(KernelCache):
@@ -391,12 +423,11 @@ class BlockCirculantLinear(nn.Module):
         its weights are ignored), ``"__base__"`` the base layer alone.
         """
         if adapter_names is not None:
-            names = self._mixed_names(x, adapter_names)
+            plan = self._mixed_plan(x, adapter_names)
             result = self.base_layer(x, *args, **kwargs)
             if not self._adapter_enabled:
                 return result
-            delta = self._mixed_delta(x, names)
-            return result if delta is None else result + delta.to(result.dtype)
+            return self._mixed_add(x, plan, result)
         result = self.base_layer(x, *args, **kwargs)
         for name, w in self._live_adapters():
             result = result + self._adapter_forward(x, name, w).to(result.dtype)
@@ -411,14 +442,14 @@ class BlockCirculantLinear(nn.Module):
         the same rows (each row is transformed once and multiplied with its own adapter's
         spectra). Gradients reach exactly the kernels of the adapters named.
         """
-        names = self._mixed_names(x, adapter_names)
-        delta = self._mixed_delta(x, names)
+        plan = self._mixed_plan(x, adapter_names)
+        delta = self._mixed_delta(x, plan)
         if delta is None:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         return delta
 
-    def _mixed_names(self, x: torch.Tensor, adapter_names: object) -> list[str]:
-        """Check a mixed batch's arguments; return the names as a list."""
+    def _mixed_plan(self, x: torch.Tensor, adapter_names: object) -> _MixedPlan:
+        """Check a mixed batch's arguments; return its plan (cached per list of names)."""
         if self.merged_adapters:
             raise BcaError(
                 f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
@@ -429,7 +460,6 @@ class BlockCirculantLinear(nn.Module):
                 "adapter_names must be a list of adapter names, one per batch row, got "
                 f"{type(adapter_names).__name__}"
             )
-        names = list(adapter_names)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 2 or x.shape[-1] != self.in_features:
@@ -439,11 +469,20 @@ class BlockCirculantLinear(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
-        if len(names) != x.shape[0]:
+        if len(adapter_names) != x.shape[0]:
             raise ShapeError(
-                f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows "
-                f"(x.shape[0]); give one name per row"
+                f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} "
+                "rows (x.shape[0]); give one name per row"
             )
+        plans = self.__dict__.setdefault("_mixed_plans", {})
+        try:
+            key = tuple(adapter_names)
+            plan = plans.get(key)
+        except TypeError:  # an unhashable name: the checks below name it
+            key, plan = None, None
+        if plan is not None and plan.current(self._adapters):
+            return plan
+        names = list(adapter_names)
         for b, n in enumerate(names):
             if not isinstance(n, str):
                 raise TypeError(f"adapter_names[{b}] must be a str, got {type(n).__name__}")
@@ -452,32 +491,61 @@ class BlockCirculantLinear(nn.Module):
                     f"adapter_names[{b}]: unknown adapter {n!r}; this layer has "
                     f"{self.adapter_names} ({BASE_ADAPTER!r}: no adapter)"
                 )
-        return names
+        plan = _MixedPlan(names, self._adapters)
+        if key is not None:
+            if len(plans) >= _MIXED_PLANS:
+                plans.pop(next(iter(plans)))
+            plans[key] = plan
+        return plan
 
-    def _mixed_delta(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+    def _mixed_add(self, x: torch.Tensor, plan: _MixedPlan, result: torch.Tensor) -> torch.Tensor:
+        """``result + scale_a · ΔW_a x[b]`` per batch row: with one block size, in one
+        call (on the Rust backend without gradients, one core call adds ``result``)."""
+        if len(plan.groups) != 1 or x.numel() == 0 or result.shape[:-1] != x.shape[:-1]:
+            delta = self._mixed_delta(x, plan)
+            return result if delta is None else result + delta.to(result.dtype)
+        group, states, index, index_array = plan.groups[0]
+        kernels = self._kernels(group)
+        scales = [st.scale for st in states]
+        features = (self.in_features, self.out_features)
+        if self.backend != "torch":  # inference on the Rust core: one call, few checks
+            y = _rust_mixed_fast(x, kernels, states, index_array, scales, features, result)
+            if y is not None:
+                return y
+        return _mixed_rows(
+            x, kernels, index, index_array, scales, states, features, self.backend, add=result
+        )
+
+    def _mixed_delta(self, x: torch.Tensor, plan: _MixedPlan) -> torch.Tensor | None:
         """``scale_a · ΔW_a x[b]`` per batch row (zeros for base rows); None if no row has
         an adapter. Adapters of different block sizes are run as one group per size."""
-        used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
-        if not used or x.numel() == 0:
+        if not plan.groups or x.numel() == 0:
             return None
-        groups: dict[int, list[str]] = {}
-        for n in used:
-            groups.setdefault(self._adapters[n].block_size, []).append(n)
         delta: torch.Tensor | None = None
-        for group in groups.values():
-            position = {n: a for a, n in enumerate(group)}
-            y = mixed_block_circulant(
+        for group, states, index, index_array in plan.groups:
+            y = _mixed_rows(
                 x,
-                [self.bca_kernels[n] for n in group],
-                [position.get(n, -1) for n in names],
-                self.in_features,
-                self.out_features,
-                scales=[self._adapters[n].scale for n in group],
-                backend=self.backend,
-                caches=[self._adapters[n] for n in group],
+                self._kernels(group),
+                index,
+                index_array,
+                [st.scale for st in states],
+                states,
+                (self.in_features, self.out_features),
+                self.backend,
             )
             delta = y if delta is None else delta + y
         return delta
+
+    def _kernels(self, names: Sequence[str]) -> list[torch.Tensor]:
+        """``bca_kernels[n]`` for each name, read from the ParameterDict's own dict (its
+        ``__getitem__`` costs about 0.5 µs a name, which a mixed batch of many adapters
+        pays on every call)."""
+        params = self.bca_kernels._parameters
+        out = []
+        for n in names:
+            k = params.get(n)
+            out.append(k if k is not None else self.bca_kernels[n])
+        return out
 
     def resolve_backend(self, x: torch.Tensor, adapter_name: str | None = None) -> str:
         """The backend that :meth:`adapter_forward` uses for input ``x``."""
