@@ -712,6 +712,9 @@ def scenario_calls(rng: np.random.Generator, bca: Any, core: Any) -> Iterator[Ca
                 return None if np.array_equal(got, layer.kernel) else "kernel changed"
 
             yield Call(f"{api}.kernel", lambda: op.kernel, OK, check_unchanged, {})
+        elif r < 0.93:
+            raw = op if use_core else op._op
+            yield from mixed_calls(rng, core, raw, layer, p_bad)
         elif r < 0.95:
             n = count_arg(rng, int(rng.choice([1, 2, 3])) if rng.random() < 0.7 else None, 1, 4096)
             if use_core:
@@ -732,6 +735,175 @@ def scenario_calls(rng: np.random.Generator, bca: Any, core: Any) -> Iterator[Ca
                 )
         else:
             yield from one_shot_calls(rng, bca, layer, p_bad)
+
+
+def bad_rows_read(a: Any, index: np.ndarray) -> bool:
+    """Whether ``a`` holds NaN/Inf in a row that a mixed call reads (index >= 0)."""
+    rows = np.asarray(a, np.float64).reshape(-1, a.shape[-1]) if a.ndim else None
+    if rows is None or rows.shape[0] != index.size:
+        return True
+    return not np.isfinite(rows[index.reshape(-1) >= 0]).all()
+
+
+def mixed_calls(
+    rng: np.random.Generator, core: Any, raw: Any, layer: Layer, p_bad: float
+) -> Iterator[Call]:
+    """``sync_kernel``, then one mixed-batch call (``_bca.mixed_forward``) over this
+    operator and up to three more of its geometry, with fuzzed index, x, ``scales=``,
+    ``add=`` and ``kernels=``; the oracle is ``add + scale_a · ΔW_a x`` per row."""
+    dt = layer.dtype
+    # sync_kernel: the same bits (False), another kernel (True), or a bad one
+    k = make_arg(rng, layer.kernel.shape, dt, p_bad)
+    same = rng.random() < 0.4 and k.status == OK
+    kv = layer.kernel.copy() if same else k.value
+    st = OK if same else (k.status if isinstance(kv, np.ndarray) else BAD)
+    if not same and k.why == "NaN/Inf":
+        st = BAD
+
+    def check_sync(got: Any, kv: Any = kv, same: bool = same) -> str | None:
+        want = np.asarray(kv).astype(dt)
+        if not isinstance(got, bool):
+            return f"sync_kernel returned {type(got).__name__}, not a bool"
+        if got != (not np.array_equal(want.view(np.uint8), layer.kernel.view(np.uint8))):
+            return f"sync_kernel returned {got} for {'the same' if same else 'another'} kernel"
+        return None if np.array_equal(raw.kernel, want) else "op.kernel differs after sync"
+
+    def adopt(_: Any, kv: Any = kv) -> None:
+        layer.kernel = np.asarray(kv).astype(dt)
+
+    yield Call(
+        "_bca.BlockCirculantOperator.sync_kernel",
+        lambda: raw.sync_kernel(kv),
+        st,
+        check_sync,
+        {"kernel": kv},
+        (kv,) if isinstance(kv, np.ndarray) else (),
+        on_success=adopt,
+    )
+    # the mixed call
+    others = [
+        Layer(rng.standard_normal(layer.kernel.shape).astype(dt), layer.d_in, layer.d_out)
+        for _ in range(int(rng.integers(0, 4)))
+    ]
+    layers = [layer, *others]
+    ops = [raw, *(core.BlockCirculantOperator(o.kernel, o.d_in, o.d_out) for o in others)]
+    n_ops = len(ops)
+    shape = x_shape(rng, layer.d_in)
+    x = make_arg(rng, shape, dt, p_bad)
+    xs = x.value
+    lead = shape[:-1] if shape else ()
+    status = x.status
+    index = rng.integers(-1, n_ops, size=lead).astype(np.int64)
+    idx_arg: Any = index
+    if rng.random() < 0.05:
+        bad_index = index.copy()
+        if bad_index.size:
+            bad_index.flat[int(rng.integers(0, bad_index.size))] = rng.choice([-2, n_ops, 2**62])
+            idx_arg, status = bad_index, BAD
+    elif rng.random() < 0.03:
+        idx_arg, status = index.astype(np.float64), BAD
+    elif rng.random() < 0.03:
+        idx_arg, status = np.append(index.reshape(-1), 0), BAD
+    if x.why == "NaN/Inf" and isinstance(xs, np.ndarray) and idx_arg is index:
+        status = BAD if bad_rows_read(xs, index) else OK
+    if not (isinstance(xs, np.ndarray) and xs.ndim >= 1 and xs.shape[-1] == layer.d_in):
+        status = BAD
+    # scales
+    scales: Any = None
+    if rng.random() < 0.5:
+        scales = [float(rng.choice([1.0, 0.5, -2.0, 0.0, 1e-3, 3.75])) for _ in range(n_ops)]
+        r = rng.random()
+        if r < 0.05:
+            scales, status = scales[:-1], BAD
+        elif r < 0.1:
+            scales[int(rng.integers(0, n_ops))] = float(rng.choice([np.nan, np.inf, -np.inf]))
+            status = BAD
+        elif r < 0.13:
+            scales[0] = 1e300
+            status = worst(status, BAD if dt == np.float32 else OK)
+        elif r < 0.15:
+            scales, status = ["a"] * n_ops, BAD
+        elif r < 0.2:
+            scales = tuple(scales)
+    # add
+    add: Arg | None = None
+    if rng.random() < 0.5:
+        add_shape = (*lead, layer.d_out) if rng.random() < 0.93 else x_shape(rng, layer.d_out)
+        add = make_arg(rng, add_shape, dt, p_bad)
+        a_st = OK if add.why == "NaN/Inf" else add.status  # add's values are not checked
+        if add.why == "NaN/Inf":
+            add.check_values = False
+        if isinstance(add.value, np.ndarray) and add.value.shape != (*lead, layer.d_out):
+            a_st = BAD
+        if add.value is None:  # add=None: nothing to add (the default)
+            add = Arg(None, OK)
+        else:
+            status = worst(status, a_st)
+    # kernels
+    kernels: list[Any] | None = None
+    new_kernels: list[np.ndarray] = [lay.kernel for lay in layers]
+    if rng.random() < 0.4:
+        kernels = []
+        for a, lay in enumerate(layers):
+            if rng.random() < 0.5:
+                kernels.append(lay.kernel.copy())
+                continue
+            ka = make_arg(rng, lay.kernel.shape, dt, p_bad)
+            kernels.append(ka.value)
+            status = worst(status, BAD if ka.why == "NaN/Inf" else ka.status)
+            if isinstance(ka.value, np.ndarray) and ka.status != BAD:
+                new_kernels[a] = np.asarray(ka.value).astype(dt)
+        if rng.random() < 0.03:
+            kernels, status = kernels[:-1], BAD
+    # the operators as the call sees them; they keep these kernels only if it succeeds
+    seen = [Layer(kn, layer.d_in, layer.d_out) for kn in new_kernels]
+
+    def install(_: Any) -> None:
+        for lay, kn in zip(layers, new_kernels, strict=True):
+            lay.kernel = kn
+
+    def check(got: Any) -> str | None:
+        assert isinstance(xs, np.ndarray) and x.values is not None
+        x2 = x.values.reshape(-1, layer.d_in)
+        idx = index.reshape(-1)
+        want = np.zeros((x2.shape[0], layer.d_out))
+        for a, lay in enumerate(seen):
+            rows = idx == a
+            if rows.any():
+                sa = 1.0 if scales is None else float(np.asarray(scales[a], dt))
+                want[rows] = sa * (x2[rows] @ lay.dense().T)
+        check_values = x.check_values and all(lay.checkable for lay in seen)
+        if add is not None and add.value is not None:
+            assert add.values is not None
+            want = want + add.values.reshape(want.shape)
+            check_values = check_values and add.check_values
+        norms = [norm(lay.kernel) for lay in seen]
+        floor = round_off(dt, layer.p, max(norms), norm(x.values)) * 4
+        if add is not None and add.values is not None:
+            floor += float(np.finfo(dt).eps) * norm(add.values)
+        return check_array(
+            got, (*lead, layer.d_out), dt, want.reshape(*lead, layer.d_out), floor, check_values
+        )
+
+    kwargs: dict[str, Any] = {}
+    if scales is not None:
+        kwargs["scales"] = scales
+    if add is not None:
+        kwargs["add"] = add.value
+    if kernels is not None:
+        kwargs["kernels"] = kernels
+    inputs = tuple(
+        v for v in (xs, idx_arg, *(kernels or []), add and add.value) if isinstance(v, np.ndarray)
+    )
+    yield Call(
+        "_bca.mixed_forward",
+        lambda: core.mixed_forward(ops, idx_arg, xs, **kwargs),
+        status,
+        check,
+        {"adapter_index": idx_arg, "x": xs, **kwargs},
+        inputs,
+        on_success=install,
+    )
 
 
 def one_shot_calls(

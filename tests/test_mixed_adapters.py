@@ -496,6 +496,15 @@ def test_core_scales_add_kernels_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"kernels\[0\]: kernel: contains NaN or Inf"):
         bca._bca.mixed_forward(raw, np.array(idx), x, kernels=[bad, k])
     np.testing.assert_array_equal(ops[0].kernel, k)  # a refused kernel changes nothing
+    # the new kernels are installed only when the whole call succeeds
+    with pytest.raises(ValueError, match=r"x: last dimension"):
+        bca._bca.mixed_forward(raw, np.array(idx), x[:, 1:].copy(), kernels=[k * 3, k * 4])
+    with pytest.raises(ValueError, match=r"adapter_index"):
+        bca._bca.mixed_forward(raw, np.array([0, 5, 0]), x, kernels=[k * 3, k * 4])
+    np.testing.assert_array_equal(ops[0].kernel, k)
+    np.testing.assert_array_equal(ops[1].kernel, k * 2)
+    bca._bca.mixed_forward(raw, np.array(idx), x, kernels=[k * 3, k * 4])
+    np.testing.assert_array_equal(ops[1].kernel, k * 4)
     with pytest.raises(TypeError, match=r"kernels\[1\]: kernel must have dtype float32"):
         bca._bca.mixed_forward(raw, np.array(idx), x, kernels=[k, k.astype(np.float64)])
     with pytest.raises(TypeError, match="operators must be a list"):

@@ -1157,14 +1157,38 @@ fn mixed_backward_impl<'py, T: Float + Element>(
     Ok((gx.map(|a| a.into_any()), gk_out))
 }
 
-/// `operators[a].sync_kernel(kernels[a])` for each operator: a list of kernels, one per
-/// operator, each set where it differs (bitwise) from the operator's. The comparisons
-/// run in one parallel pass without the GIL (`same_kernels`).
-fn sync_kernels(
+/// The typed slot of an operator of dtype `Self`.
+trait SlotOf: Float + Element {
+    fn slot(inner: &Inner) -> Option<&Slot<Self>>;
+}
+
+impl SlotOf for f32 {
+    fn slot(inner: &Inner) -> Option<&Slot<f32>> {
+        match inner {
+            Inner::F32(l) => Some(l),
+            Inner::F64(_) => None,
+        }
+    }
+}
+
+impl SlotOf for f64 {
+    fn slot(inner: &Inner) -> Option<&Slot<f64>> {
+        match inner {
+            Inner::F64(l) => Some(l),
+            Inner::F32(_) => None,
+        }
+    }
+}
+
+/// For `kernels` (one array per operator, `kernels=` of `mixed_forward`), the operators
+/// whose kernel differs (bitwise) from the given one, rebuilt with it (new spectra, the
+/// same thread bound), by position; nothing is installed yet. The comparisons run in
+/// one parallel pass without the GIL (`same_kernels`). Errors name `kernels[a]`.
+fn changed_operators<T: SlotOf>(
     py: Python<'_>,
-    operators: &Bound<'_, PyAny>,
+    ops: &[Arc<BlockCirculant<T>>],
     kernels: &Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> PyResult<Vec<(usize, Arc<BlockCirculant<T>>)>> {
     let list_err = || {
         PyTypeError::new_err(format!(
             "kernels must be a list of arrays, one per operator, got {}",
@@ -1177,12 +1201,6 @@ fn sync_kernels(
         true => kernels.extract().map_err(|_| list_err())?,
         false => return Err(list_err()),
     };
-    // The operators were checked by `mixed_ops` (one dtype, all operators).
-    let ops: Vec<Bound<'_, PyBlockCirculant>> = operators
-        .extract::<Vec<Bound<'_, PyAny>>>()?
-        .into_iter()
-        .map(|o| o.cast_into::<PyBlockCirculant>().map_err(PyErr::from))
-        .collect::<PyResult<_>>()?;
     if ks.len() != ops.len() {
         return Err(bca_error(format!(
             "kernels: expected one per operator ({}), got {}",
@@ -1190,69 +1208,70 @@ fn sync_kernels(
             ks.len()
         )));
     }
-    let named = |a: usize, py: Python<'_>, e: PyErr| {
+    let named = |a: usize, e: PyErr| {
         PyErr::from_type(e.get_type(py), format!("kernels[{a}]: {}", e.value(py)))
     };
-    let slots: Vec<&Inner> = ops.iter().map(|o| &o.get().inner).collect();
-    match slots.first() {
-        Some(Inner::F32(_)) => {
-            let s: Vec<&Slot<f32>> = slots
-                .iter()
-                .filter_map(|i| match i {
-                    Inner::F32(l) => Some(l),
-                    Inner::F64(_) => None,
-                })
-                .collect();
-            sync_slots(py, &s, &ks, named)
-        }
-        Some(Inner::F64(_)) => {
-            let s: Vec<&Slot<f64>> = slots
-                .iter()
-                .filter_map(|i| match i {
-                    Inner::F64(l) => Some(l),
-                    Inner::F32(_) => None,
-                })
-                .collect();
-            sync_slots(py, &s, &ks, named)
-        }
-        None => Ok(()),
-    }
-}
-
-fn sync_slots<T: Float + Element>(
-    py: Python<'_>,
-    slots: &[&Slot<T>],
-    kernels: &[Bound<'_, PyAny>],
-    named: impl Fn(usize, Python<'_>, PyErr) -> PyErr,
-) -> PyResult<()> {
-    if slots.len() != kernels.len() {
-        return Err(bca_error("operators: a mixed batch needs one dtype"));
-    }
-    let ops: Vec<Arc<BlockCirculant<T>>> = slots.iter().map(|l| l.get()).collect();
     let arrays = ops
         .iter()
-        .zip(kernels)
+        .zip(&ks)
         .enumerate()
-        .map(|(a, (op, k))| kernel_like::<T>(op, k).map_err(|e| named(a, py, e)))
+        .map(|(a, (op, k))| kernel_like::<T>(op, k).map_err(|e| named(a, e)))
         .collect::<PyResult<Vec<_>>>()?;
-    let same = {
-        let views = arrays
-            .iter()
-            .map(|a| read_view(a, "kernel"))
-            .collect::<PyResult<Vec<_>>>()?;
-        let data = views
-            .iter()
-            .map(|v| as_slice(v, "kernel"))
-            .collect::<PyResult<Vec<&[T]>>>()?;
-        let refs: Vec<&BlockCirculant<T>> = ops.iter().map(|o| o.as_ref()).collect();
-        run_detached(py, || Ok(crate::same_kernels(&refs, &data)))?
-    };
-    for (a, (slot, k)) in slots.iter().zip(kernels).enumerate() {
+    let views = arrays
+        .iter()
+        .enumerate()
+        .map(|(a, arr)| read_view(arr, "kernel").map_err(|e| named(a, e)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let data = views
+        .iter()
+        .enumerate()
+        .map(|(a, v)| as_slice(v, "kernel").map_err(|e| named(a, e)))
+        .collect::<PyResult<Vec<&[T]>>>()?;
+    let refs: Vec<&BlockCirculant<T>> = ops.iter().map(|o| o.as_ref()).collect();
+    let same = run_detached(py, || Ok(crate::same_kernels(&refs, &data)))?;
+    let mut changed = Vec::new();
+    for (a, op) in ops.iter().enumerate() {
         if !same[a] {
-            set_kernel_impl(py, slot, k, false).map_err(|e| named(a, py, e))?;
+            let new = run_detached(py, || op.with_kernel(data[a])).map_err(|e| named(a, e))?;
+            new.set_num_threads(op.num_threads());
+            changed.push((a, Arc::new(new)));
         }
     }
-    Ok(())
+    Ok(changed)
+}
+
+/// A mixed forward; with `kernels`, each operator first takes its kernel where it differs,
+/// and the new operators are installed only once the whole call has succeeded (an error
+/// anywhere leaves every operator as it was).
+#[allow(clippy::too_many_arguments)]
+fn mixed_forward_synced<'py, T: SlotOf>(
+    py: Python<'py>,
+    operators: &Bound<'py, PyAny>,
+    mut ops: Vec<Arc<BlockCirculant<T>>>,
+    adapter_index: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    scales: Option<&Bound<'py, PyAny>>,
+    add: Option<&Bound<'py, PyAny>>,
+    kernels: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let changed = match kernels.filter(|k| !k.is_none()) {
+        Some(k) => changed_operators(py, &ops, k)?,
+        None => Vec::new(),
+    };
+    for (a, new) in &changed {
+        ops[*a] = new.clone();
+    }
+    let out = mixed_forward_impl(py, &ops, adapter_index, x, scales, add)?;
+    if !changed.is_empty() {
+        let items: Vec<Bound<'py, PyAny>> = operators.extract()?;
+        for (a, new) in changed {
+            let op = items[a].cast::<PyBlockCirculant>()?.get();
+            if let Some(slot) = T::slot(&op.inner) {
+                slot.set(new);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `y[r] = ΔW_{adapter_index[r]} x[r]` over the last axis of `x`, each row with its own
@@ -1272,13 +1291,13 @@ fn py_mixed_forward<'py>(
     add: Option<&Bound<'py, PyAny>>,
     kernels: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    if let Some(kernels) = kernels.filter(|k| !k.is_none()) {
-        mixed_ops(operators)?; // the operators' own errors first
-        sync_kernels(py, operators, kernels)?;
-    }
     match mixed_ops(operators)? {
-        MixedOps::F32(ops) => mixed_forward_impl(py, &ops, adapter_index, x, scales, add),
-        MixedOps::F64(ops) => mixed_forward_impl(py, &ops, adapter_index, x, scales, add),
+        MixedOps::F32(ops) => {
+            mixed_forward_synced(py, operators, ops, adapter_index, x, scales, add, kernels)
+        }
+        MixedOps::F64(ops) => {
+            mixed_forward_synced(py, operators, ops, adapter_index, x, scales, add, kernels)
+        }
     }
 }
 
