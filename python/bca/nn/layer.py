@@ -132,7 +132,10 @@ class _MixedPlan:
 
     def current(self, adapters: dict[str, _AdapterState]) -> bool:
         """Whether the layer still holds the adapter states this plan was made for."""
-        return all(adapters.get(n) is st for n, st in self.states)
+        for n, st in self.states:
+            if adapters.get(n) is not st:
+                return False
+        return True
 
 
 class _AdapterState(KernelCache):
@@ -455,7 +458,10 @@ class BlockCirculantLinear(nn.Module):
                 f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
                 "unmerge before running a mixed batch (adapter_names=...)"
             )
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        kind = type(adapter_names)
+        if kind is not list and kind is not tuple and (
+            isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence)
+        ):
             raise TypeError(
                 "adapter_names must be a list of adapter names, one per batch row, got "
                 f"{type(adapter_names).__name__}"
