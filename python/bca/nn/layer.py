@@ -459,8 +459,10 @@ class BlockCirculantLinear(nn.Module):
                 "unmerge before running a mixed batch (adapter_names=...)"
             )
         kind = type(adapter_names)
-        if kind is not list and kind is not tuple and (
-            isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence)
+        if (
+            kind is not list
+            and kind is not tuple
+            and (isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence))
         ):
             raise TypeError(
                 "adapter_names must be a list of adapter names, one per batch row, got "
