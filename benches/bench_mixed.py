@@ -10,7 +10,9 @@ A batch of 32 rows over 8 adapters (4 rows each, interleaved), float32, inferenc
 * PEFT LoRA (r = 8, 8 adapters on the same ``nn.Linear`` in a ``Sequential``):
   ``model(x, adapter_names=names)``, PEFT's mixed-batch path (target: bca ≥ 5× faster);
 * the base ``nn.Linear`` alone, so that the adapters' own share (layer − base) can be
-  compared too.
+  compared too;
+* the base layer followed by one ``bca.mixed_matmul(..., add=base_output)``: the floor of
+  the layer's path (no kernel check, no Python around the core call).
 
     python benches/bench_mixed.py              # d = 768, 4096; p = 64, 256
     python benches/bench_mixed.py --quick      # d = 768 only, few repeats
@@ -152,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                         / share("layer mixed (rust)"),
                         "adapter share: PEFT LoRA mixed / bca core mixed": share("PEFT LoRA mixed")
                         / ms["core mixed"],
+                        "adapter share: PEFT LoRA mixed / base + core mixed (add=)": share(
+                            "PEFT LoRA mixed"
+                        )
+                        / share("base + core mixed (add=)"),
                     },
                 )
             )
@@ -171,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "base ms",
         "PEFT / bca (layer)",
         "PEFT / bca (adapter share)",
+        "PEFT / bare core call (adapter share)",
     ]
     rows = []
     for r in records:
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ms['base nn.Linear']:.3f}",
                 f"{ra['layer: PEFT LoRA mixed / bca mixed (rust)']:.2f}×",
                 f"{ra['adapter share: PEFT LoRA mixed / bca mixed (rust)']:.2f}×",
+                f"{ra['adapter share: PEFT LoRA mixed / base + core mixed (add=)']:.2f}×",
             ]
         )
     md = (
@@ -199,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "on one adapter (target ≤ 1.2×). *PEFT / bca*: PEFT LoRA (r = 8) mixed batch "
         "(`adapter_names=`) over bca's mixed batch (target ≥ 5×), for the whole layer and "
         "for the adapters' share (layer time − base nn.Linear time; noisy where the base "
-        "dominates).\n\n"
+        "dominates). *bare core call*: the base layer then one `mixed_matmul(..., add=)`, "
+        "without the layer's kernel check and Python: the floor of the layer's path.\n\n"
         + markdown_table(header, rows)
         + f"\nShared machine; load before: `{load_before}`; after: `{load_after}`.\n"
     )
@@ -249,6 +258,11 @@ def _contenders(bca, ops, index, x_np, layers, x, names, lora, base) -> dict:
         "layer one adapter (torch)": lambda: torch_layer(x),
         "PEFT LoRA mixed": lambda: lora(x, adapter_names=names),
         "base nn.Linear": lambda: base(x),
+        # the floor of the layer's path: the base layer, then one core call adding its
+        # output, with no kernel check and no Python around it
+        "base + core mixed (add=)": lambda: bca.mixed_matmul(
+            ops, index, x_np, add=base(x).detach().numpy()
+        ),
     }
 
 
