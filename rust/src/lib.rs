@@ -26,7 +26,10 @@ mod threads;
 
 pub use error::BcaError;
 pub use float::Float;
-pub use mixed::{mixed_backward, mixed_forward, mixed_geometry, same_kernels, NO_ADAPTER};
+pub use mixed::{
+    mixed_backward, mixed_forward, mixed_forward_with, mixed_geometry, same_kernels, RowFinish,
+    NO_ADAPTER,
+};
 pub use operator::BlockCirculant;
 pub use shape::Shape;
 pub use threads::{default_num_threads, refresh_env_default, set_default_num_threads};

@@ -241,6 +241,7 @@ fn apply_mixed<T: Float>(
     src: &[T],
     dst: &mut [T],
     d_b: usize,
+    finish: Option<&RowFinish<'_, T>>,
 ) -> Result<(), BcaError> {
     let n_rows = dst.len() / d_b;
     let n_active = groups.n_active();
@@ -260,6 +261,7 @@ fn apply_mixed<T: Float>(
     tasks
         .try_reserve_exact(n_tasks)
         .map_err(|_| oom("the task list of a mixed batch", n_tasks))?;
+    let mut zero_rows = Vec::new();
     for a in 0..ops.len() {
         for rows in groups.rows_of(a).chunks(chunk) {
             let mut outs = Vec::new();
@@ -275,13 +277,30 @@ fn apply_mixed<T: Float>(
             tasks.push((a, rows, outs));
         }
     }
-    for row in slots.into_iter().flatten() {
-        row.fill(T::zero()); // rows without an adapter
+    for (r, slot) in slots.into_iter().enumerate() {
+        if let Some(row) = slot {
+            row.fill(T::zero()); // rows without an adapter
+            if finish.is_some() {
+                zero_rows.push((r, row));
+            }
+        }
+    }
+    if let Some(f) = finish {
+        for (r, row) in zero_rows {
+            f(r, None, row);
+        }
     }
 
-    // Each task reads its rows of `src` and writes its output rows where they are.
+    // Each task reads its rows of `src` and writes its output rows where they are (then
+    // finishes them while they are in cache).
     let work = |(a, rows, mut outs): Task<'_, T>| -> Result<(), BcaError> {
-        ops[a].apply_indexed(transposed, src, rows, &mut outs)
+        ops[a].apply_indexed(transposed, src, rows, &mut outs)?;
+        if let Some(f) = finish {
+            for (&r, out) in rows.iter().zip(outs) {
+                f(r, Some(a), out);
+            }
+        }
+        Ok(())
     };
     match pool {
         Some(pool) => pool.try_for_each(tasks, work),
@@ -299,6 +318,25 @@ pub fn mixed_forward<T: Float>(
     n_rows: usize,
     out: &mut [T],
 ) -> Result<(), BcaError> {
+    mixed_forward_with(ops, adapter_index, x, n_rows, out, None)
+}
+
+/// A step applied to each output row of a mixed product once it is written:
+/// `finish(r, operator, row)` (`None`: a row without an adapter, zero). It runs on the
+/// thread that computed the row, right after it, so the row is still in cache.
+pub type RowFinish<'a, T> = dyn Fn(usize, Option<usize>, &mut [T]) + Sync + 'a;
+
+/// [`mixed_forward`], then `finish` on every output row (see [`RowFinish`]); a row's
+/// result must depend only on that row, so that results stay the same for any thread
+/// count.
+pub fn mixed_forward_with<T: Float>(
+    ops: &[&BlockCirculant<T>],
+    adapter_index: &[i64],
+    x: &[T],
+    n_rows: usize,
+    out: &mut [T],
+    finish: Option<&RowFinish<'_, T>>,
+) -> Result<(), BcaError> {
     let s = check_operators(ops)?;
     check_len("x", x, n_rows, s.in_features)?;
     check_len("out", out, n_rows, s.out_features)?;
@@ -306,7 +344,7 @@ pub fn mixed_forward<T: Float>(
     if n_rows == 0 {
         return Ok(());
     }
-    apply_mixed(ops, &groups, false, x, out, s.out_features)
+    apply_mixed(ops, &groups, false, x, out, s.out_features, finish)
 }
 
 /// Gradients of `sum(grad_output * mixed_forward(x))`: with respect to the input (into
@@ -332,7 +370,7 @@ pub fn mixed_backward<T: Float>(
     let groups = Groups::new(adapter_index, ops.len(), n_rows)?;
     let Some(grad_kernels) = grad_kernels else {
         return match grad_x {
-            Some(gx) if n_rows > 0 => apply_mixed(ops, &groups, true, grad_output, gx, d_in),
+            Some(gx) if n_rows > 0 => apply_mixed(ops, &groups, true, grad_output, gx, d_in, None),
             _ => Ok(()),
         };
     };

@@ -981,33 +981,16 @@ fn mixed_scales<T: Float>(
     Ok(Some(out))
 }
 
-/// The scale of a row with adapter index `a`: its operator's, if `scales` are given and
-/// the row has an operator.
-fn row_scale<T: Float>(scales: Option<&[T]>, a: i64) -> Option<T> {
-    scales
-        .zip(usize::try_from(a).ok())
-        .and_then(|(sc, a)| sc.get(a).copied())
-}
-
-/// `y[r] = add[r] + scale[idx[r]] · y[r]` over rows of `d` values, in place (`add` absent:
-/// no sum; a row without an operator, or without `scales`, is not multiplied: its `y` is
-/// zero there). Each value is `y · s` rounded and then the sum rounded (no FMA), as
-/// numpy's `y *= s; add + y` gives.
-fn finish_rows<T: Float>(
-    y: &mut [T],
-    add: Option<&[T]>,
-    idx: &[i64],
-    scales: Option<&[T]>,
-    d: usize,
-) {
-    for (r, (row, &a)) in y.chunks_exact_mut(d).zip(idx).enumerate() {
-        let s = row_scale(scales, a);
-        match (add.map(|b| &b[r * d..(r + 1) * d]), s) {
-            (Some(b), Some(f)) => row.iter_mut().zip(b).for_each(|(v, &b)| *v = b + *v * f),
-            (Some(b), None) => row.iter_mut().zip(b).for_each(|(v, &b)| *v = b + *v),
-            (None, Some(f)) => row.iter_mut().for_each(|v| *v = *v * f),
-            (None, None) => {}
-        }
+/// Row `r` of a mixed product finished in place: `add[r] + scale · y[r]` (`add` absent:
+/// no sum; `scale` absent, or a row without an operator, whose `y` is zero: no
+/// product). Each value is `y · s` rounded and then the sum rounded (no FMA), as numpy's
+/// `y *= s; add + y` gives.
+fn finish_row<T: Float>(row: &mut [T], add: Option<&[T]>, scale: Option<T>) {
+    match (add, scale) {
+        (Some(b), Some(f)) => row.iter_mut().zip(b).for_each(|(v, &b)| *v = b + *v * f),
+        (Some(b), None) => row.iter_mut().zip(b).for_each(|(v, &b)| *v = b + *v),
+        (None, Some(f)) => row.iter_mut().for_each(|v| *v = *v * f),
+        (None, None) => {}
     }
 }
 
@@ -1053,12 +1036,17 @@ fn mixed_forward_impl<'py, T: Float + Element>(
         let ys = as_slice_mut(&mut rw)?;
         let sc = scales.as_deref();
         let d = s.out_features;
+        // scale and add each row on its thread right after it is computed
+        let finish = |r: usize, a: Option<usize>, row: &mut [T]| {
+            let scale = sc.zip(a).and_then(|(sc, a)| sc.get(a).copied());
+            finish_row(row, add_s.map(|b| &b[r * d..(r + 1) * d]), scale);
+        };
+        let finish: Option<&crate::RowFinish<'_, T>> = match add_s.is_some() || sc.is_some() {
+            true => Some(&finish),
+            false => None,
+        };
         run_detached(py, || {
-            crate::mixed_forward(&as_refs(ops), is, xs, n, ys)?;
-            if add_s.is_some() || sc.is_some() {
-                finish_rows(ys, add_s, is, sc, d);
-            }
-            Ok(())
+            crate::mixed_forward_with(&as_refs(ops), is, xs, n, ys, finish)
         })?;
     }
     Ok(out.into_any())

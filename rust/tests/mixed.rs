@@ -2,7 +2,8 @@
 //! evaluation of each row's block circulant product, in f64.
 
 use bca::{
-    mixed_backward, mixed_forward, same_kernels, BcaError, BlockCirculant, Float, NO_ADAPTER,
+    mixed_backward, mixed_forward, mixed_forward_with, same_kernels, BcaError, BlockCirculant,
+    Float, NO_ADAPTER,
 };
 
 mod common;
@@ -387,5 +388,46 @@ fn kernel_comparisons_see_every_change_of_bits() {
             same_kernels(&ops, &[&k, &k[..len - 1], &k]),
             vec![true, false, true]
         );
+    }
+}
+
+/// `mixed_forward_with` finishes every output row exactly once, after it is written,
+/// with that row's operator (None for a row without one), on any thread count.
+#[test]
+fn row_finish_sees_every_row_once_with_its_operator() {
+    use std::sync::Mutex;
+    let (q_out, q_in, p, n, k) = (4, 4, 8, 200, 3);
+    let mut rng = Rng(11);
+    let kernels: Vec<Vec<f64>> = (0..k).map(|_| rng.vec(q_out * q_in * p)).collect();
+    let idx: Vec<i64> = (0..n).map(|_| index(&mut rng, k)).collect();
+    let x: Vec<f64> = rng.vec(n * q_in * p);
+    let d = q_out * p;
+    for threads in [1, 2, 3] {
+        let ops: Vec<BlockCirculant<f64>> = kernels
+            .iter()
+            .map(|kv| {
+                let op = BlockCirculant::new(kv, q_out, q_in, p, None, None).unwrap();
+                op.set_num_threads(threads);
+                op
+            })
+            .collect();
+        let refs: Vec<&BlockCirculant<f64>> = ops.iter().collect();
+        let mut plain = vec![0.0; n * d];
+        mixed_forward(&refs, &idx, &x, n, &mut plain).unwrap();
+        let seen = Mutex::new(vec![0usize; n]);
+        let finish = |r: usize, a: Option<usize>, row: &mut [f64]| {
+            assert_eq!(a.map(|a| a as i64).unwrap_or(NO_ADAPTER), idx[r]);
+            assert_eq!(row, &plain[r * d..(r + 1) * d]); // written before it is finished
+            row.iter_mut().for_each(|v| *v = 2.0 * *v + r as f64);
+            seen.lock().unwrap()[r] += 1;
+        };
+        let mut y = vec![f64::NAN; n * d];
+        mixed_forward_with(&refs, &idx, &x, n, &mut y, Some(&finish)).unwrap();
+        assert!(seen.into_inner().unwrap().iter().all(|&c| c == 1));
+        for r in 0..n {
+            for c in 0..d {
+                assert_eq!(y[r * d + c], 2.0 * plain[r * d + c] + r as f64);
+            }
+        }
     }
 }
