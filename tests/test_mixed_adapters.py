@@ -613,3 +613,57 @@ def test_layer_mixed_plans_are_bounded_and_names_checked() -> None:
     layer.delete_adapter("b")
     with pytest.raises(ValueError, match=r"adapter_names\[0\]: unknown adapter 'b'"):
         layer(x, adapter_names=["b", "a", "a"])  # a cached plan does not outlive its adapter
+
+
+@pytest.mark.skipif(not bca.nn.rust_available(), reason="needs the Rust extension")
+def test_layer_inference_call_from_threads_while_kernels_move() -> None:
+    """Threads run mixed batches on one layer while another thread swaps each kernel
+    between two versions (new storage each time, as ``param.data = ...`` does) and clears
+    the caches: every result is exactly one of the 8 combinations of versions."""
+    import itertools
+    import threading
+
+    torch.manual_seed(1)
+    layer = BlockCirculantLinear(
+        torch.nn.Linear(48, 40), 8, backend="rust", adapter_name="a", init="xavier_uniform"
+    )
+    for n in ("b", "c"):
+        layer.add_adapter(n, 8, scale=0.5, init="xavier_uniform")
+    adapters = ("a", "b", "c")
+    versions = {n: (layer.bca_kernels[n].detach().clone(), torch.randn(5, 6, 8)) for n in adapters}
+    x = torch.randn(6, 48)
+    names = ["a", "b", "c", BASE_ADAPTER, "c", "a"]
+    valid = []
+    for combo in itertools.product((0, 1), repeat=3):
+        for n, v in zip(adapters, combo, strict=True):
+            layer.bca_kernels[n].data = versions[n][v].clone()
+        valid.append(layer(x.clone().requires_grad_(True), adapter_names=names).detach())
+    stop = threading.Event()
+    bad: list[str] = []
+    calls = [0]
+
+    def user() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                got = layer(x, adapter_names=names)
+                calls[0] += 1
+                if not any(torch.equal(got, v) for v in valid):
+                    bad.append(f"not one of the versions: {got[:, :3]}")
+
+    def mover() -> None:
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            n = str(rng.choice(adapters))
+            if rng.random() < 0.8:
+                layer.bca_kernels[n].data = versions[n][int(rng.integers(0, 2))].clone()
+            else:
+                layer.clear_cache()
+
+    threads = [threading.Thread(target=user) for _ in range(3)] + [threading.Thread(target=mover)]
+    for t in threads:
+        t.start()
+    stop.wait(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert bad == [] and calls[0] > 50

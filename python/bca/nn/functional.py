@@ -583,15 +583,18 @@ def _rust_mixed_fast(
     ops = []
     views = []
     for k, st in zip(kernels, states, strict=True):
-        view = st.rust_view_of(k, n_in, n_out)
-        if view is None:  # first use, or another tensor: (re)build the operator and view
+        got = st.rust_view_of(k, n_in, n_out)
+        if got is None:  # first use, or another tensor: (re)build the operator and view
             if not (k.is_cpu and k.dtype == dtype and dtype in _RUST_DTYPES and rust_available()):
                 return None
-            st.rust_operator(k, n_in, n_out)  # synchronised here
-            view = st.rust_view if st.rust_view is not None else k.detach().contiguous().numpy()
+            op = st.rust_operator(k, n_in, n_out)
+            got = st.rust_view_of(k, n_in, n_out)  # None for a non-contiguous kernel
+            view = got[1] if got is not None and got[0] is op else k.detach().contiguous().numpy()
         elif k.dtype != dtype:
             return None
-        ops.append(st.rust_op._op)
+        else:
+            op, view = got
+        ops.append(op._op)
         views.append(view)
     index = index_array
     if x.dim() > 2:  # the core takes an index per row, shaped like x's leading axes
@@ -745,8 +748,8 @@ class KernelCache:
         self.spectra_snapshot = _KernelSnapshot()
         self.rust_op: Any = None
         self.rust_geometry: tuple[Any, ...] | None = None
-        self.rust_ptr: int | None = None
-        self.rust_view: Any = None
+        # (kernel address, geometry, numpy view of the kernel, operator): see rust_view_of
+        self.rust_fast: tuple[int, tuple[Any, ...], Any, Any] | None = None
         self.rust_stale = False
 
     def clear(self) -> None:
@@ -755,8 +758,7 @@ class KernelCache:
         self.spectra_meta = None
         self.spectra_snapshot.clear()
         self.rust_stale = True
-        self.rust_ptr = None
-        self.rust_view = None
+        self.rust_fast = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # pickle and deepcopy rebuild an empty cache: a fresh handle, no Rust operator
@@ -775,19 +777,23 @@ class KernelCache:
             snap.take(kernel)
         return self.spectra
 
-    def rust_view_of(self, kernel: torch.Tensor, in_features: int, out_features: int) -> Any:
-        """The numpy view of ``kernel``'s memory kept by :meth:`rust_operator`, if it still
-        reads exactly ``kernel`` (same address, shape, dtype, contiguous) for an operator of
-        this geometry that is not stale; else None. The operator is not synchronised."""
+    def rust_view_of(
+        self, kernel: torch.Tensor, in_features: int, out_features: int
+    ) -> tuple[Any, Any] | None:
+        """``(operator, view)``: the Rust operator of this geometry and the numpy view of
+        ``kernel``'s memory kept by :meth:`rust_operator`, if that view still reads exactly
+        ``kernel`` (same address, shape, dtype, contiguous); else None. The operator is not
+        synchronised. The four are kept as one tuple, read once, so that a thread never
+        pairs one call's view with another's address."""
+        fast = self.rust_fast
         if (
-            self.rust_op is not None
-            and not self.rust_stale
+            fast is not None
             and kernel.is_cpu
             and kernel.is_contiguous()
-            and kernel.data_ptr() == self.rust_ptr
-            and self.rust_geometry == (in_features, out_features, kernel.shape, kernel.dtype)
+            and kernel.data_ptr() == fast[0]
+            and fast[1] == (in_features, out_features, kernel.shape, kernel.dtype)
         ):
-            return self.rust_view
+            return fast[3], fast[2]
         return None
 
     def rust_operator(self, kernel: torch.Tensor, in_features: int, out_features: int) -> Any:
@@ -799,26 +805,28 @@ class KernelCache:
         call (the view keeps that memory alive, so no other tensor can take its address):
         the view is reused while the kernel has the same address, shape and dtype.
         """
-        op = self.rust_op
-        view = self.rust_view_of(kernel, in_features, out_features)
-        if view is not None:
+        got = self.rust_view_of(kernel, in_features, out_features)
+        if got is not None:
+            op, view = got
             op._op.sync_kernel(view)
             return op
+        self.rust_fast = None
+        op = self.rust_op
         k = kernel.detach()
         view = k.contiguous().numpy()
         geometry = (in_features, out_features, k.shape, k.dtype)
         if op is None or self.rust_geometry != geometry:
-            self.rust_op = _rust_core().BlockCirculant(view, in_features, out_features)
+            op = _rust_core().BlockCirculant(view, in_features, out_features)
+            self.rust_op = op
             self.rust_geometry = geometry
         elif self.rust_stale:
             op.set_kernel(view)
         else:
             op._op.sync_kernel(view)
         self.rust_stale = False
-        own_memory = k.is_contiguous()  # else the view is of a copy: not kept
-        self.rust_view = view if own_memory else None
-        self.rust_ptr = k.data_ptr() if own_memory else None
-        return self.rust_op
+        if k.is_contiguous():  # else the view is of a copy: not kept
+            self.rust_fast = (k.data_ptr(), geometry, view, op)
+        return op
 
 
 # --------------------------------------------------------------------------------------

@@ -458,16 +458,16 @@ class BlockCirculantLinear(nn.Module):
                 f"adapters {sorted(self.merged_adapters)} are merged into the base weight; "
                 "unmerge before running a mixed batch (adapter_names=...)"
             )
-        kind = type(adapter_names)
-        if (
-            kind is not list
-            and kind is not tuple
-            and (isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence))
-        ):
+        seq: Sequence[object]
+        if isinstance(adapter_names, (list, tuple)):  # no ABC check for the usual types
+            seq = adapter_names
+        elif isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise TypeError(
                 "adapter_names must be a list of adapter names, one per batch row, got "
                 f"{type(adapter_names).__name__}"
             )
+        else:
+            seq = adapter_names
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 2 or x.shape[-1] != self.in_features:
@@ -477,21 +477,21 @@ class BlockCirculantLinear(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
-        if len(adapter_names) != x.shape[0]:
+        if len(seq) != x.shape[0]:
             raise ShapeError(
-                f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} "
+                f"adapter_names has {len(seq)} names for a batch of {x.shape[0]} "
                 "rows (x.shape[0]); give one name per row"
             )
         plans = self.__dict__.setdefault("_mixed_plans", {})
         try:
-            key = tuple(adapter_names)
+            key = tuple(seq)
             plan = plans.get(key)
         except TypeError:  # an unhashable name: the checks below name it
             key, plan = None, None
         if plan is not None and plan.current(self._adapters):
             return plan
-        names = list(adapter_names)
-        for b, n in enumerate(names):
+        names: list[str] = []
+        for b, n in enumerate(seq):
             if not isinstance(n, str):
                 raise TypeError(f"adapter_names[{b}] must be a str, got {type(n).__name__}")
             if n != BASE_ADAPTER and n not in self._adapters:
@@ -499,6 +499,7 @@ class BlockCirculantLinear(nn.Module):
                     f"adapter_names[{b}]: unknown adapter {n!r}; this layer has "
                     f"{self.adapter_names} ({BASE_ADAPTER!r}: no adapter)"
                 )
+            names.append(n)
         plan = _MixedPlan(names, self._adapters)
         if key is not None:
             if len(plans) >= _MIXED_PLANS:
