@@ -3,7 +3,8 @@
 
 ``BlockCirculantLinear(x, adapter_names=...)`` caches a plan per list of names and, on
 the Rust backend without gradients, reads each kernel through a numpy view kept from
-the last call; the core compares it with the operator's copy. This harness drives one
+the last call; the core compares it with the operator's copy. A plain ``layer(x)`` with
+one live adapter takes the same one-call path. This harness drives one
 layer through random sequences of what a program does between calls, and checks every
 mixed forward against a float64 dense oracle built from the kernels as they are now:
 
@@ -183,7 +184,39 @@ class Run:
             out[i] = x64[i] @ m.T + b
         return out
 
+    def plain_call(self) -> None:
+        """``layer(x)`` with a random active set (one adapter: the one-call path)."""
+        lay, rng = self.layer, self.rng
+        pool = self.names()
+        k = int(rng.choice([0, 1, 1, 1, 2])) if pool else 0
+        active = [str(n) for n in rng.choice(pool, size=min(k, len(pool)), replace=False)]
+        weights = [float(rng.choice([1.0, 0.5, -2.0])) for _ in active]
+        lay.set_adapter(active, weights=weights)
+        x, _ = self.draw_call()
+        self.calls += 1
+        with torch.no_grad():
+            got = lay(x)
+        w = lay.base_layer.weight.detach().double().numpy()
+        for n, wt in zip(active, weights, strict=True):
+            k_n = lay.bca_kernels[n].detach().numpy()
+            w = w + wt * lay.adapter_scale(n) * dense(k_n, lay.in_features, lay.out_features)
+        want = x.detach().double().numpy() @ w.T + lay.base_layer.bias.detach().double().numpy()
+        if got.shape != want.shape:
+            raise Failure(f"plain call: shape {tuple(got.shape)}, want {want.shape}")
+        if want.size:
+            err = np.linalg.norm(got.double().numpy() - want) / max(np.linalg.norm(want), 1e-30)
+            if not err <= TOL[self.dtype] * 10:
+                raise Failure(f"plain call ({len(active)} active): relative error {err:.3g}")
+        if rng.random() < 0.3 and lay.backend != "torch":
+            self.calls += 1
+            ref = lay(x.clone().requires_grad_(True)).detach()
+            if not torch.equal(ref, got):
+                raise Failure("plain call: no_grad result differs from the autograd path's")
+
     def call(self) -> None:
+        if self.rng.random() < 0.3:
+            self.plain_call()
+            return
         x, names = self.draw_call()
         rng = self.rng
         if names and rng.random() < 0.05:

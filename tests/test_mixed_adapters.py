@@ -667,3 +667,44 @@ def test_layer_inference_call_from_threads_while_kernels_move() -> None:
     for t in threads:
         t.join()
     assert bad == [] and calls[0] > 50
+
+
+@pytest.mark.skipif(not bca.nn.rust_available(), reason="needs the Rust extension")
+@given(case=layer_cases(), weight=st.sampled_from([1.0, 0.5, -1.5]))
+def test_layer_one_adapter_inference_call_equals_the_autograd_path(
+    case: dict, weight: float
+) -> None:
+    """With one live adapter and no gradients the layer also makes one core call (every
+    row on the one operator) that adds the base output: bit for bit the autograd path,
+    and each edit of the kernel is seen."""
+    from unittest import mock
+
+    import bca.nn.layer as layer_module
+
+    layer = make_layer(case, "rust")
+    layer.set_adapter(["a0"], weights=[weight])
+    dt = case["dtype"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(len(case["names"]), *case["middle"], case["d_in"], dtype=dt, generator=gen)
+    if x.dim() == 3 and x.shape[1] > 1:
+        x = x.transpose(0, 1)  # not contiguous
+    taken: list[bool] = []
+    real = layer_module._rust_single_fast
+
+    def spy(*args: object) -> object:
+        y = real(*args)  # type: ignore[arg-type]
+        taken.append(y is not None)
+        return y
+
+    with mock.patch.object(layer_module, "_rust_single_fast", spy):
+        with torch.no_grad():
+            fast = layer(x)
+        ref = layer(x.clone().requires_grad_(True)).detach()
+        torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+        layer.bca_kernels["a0"].data.mul_(-2.0)  # through .data: seen
+        with torch.no_grad():
+            fast = layer(x)
+        ref = layer(x.clone().requires_grad_(True)).detach()
+        torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+    # the no_grad calls take the one-call path; the autograd calls decline it
+    assert taken == ([True, False] * 2 if x.numel() else [False] * 4)

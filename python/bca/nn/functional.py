@@ -610,6 +610,44 @@ def _rust_mixed_fast(
     return torch.from_numpy(y)
 
 
+#: int64 zeros: the adapter index of every row of a one-adapter call (grown on demand).
+_ZERO_INDEX = np.zeros(0, dtype=np.int64)
+
+
+def _rust_single_fast(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    state: KernelCache,
+    scale: float,
+    features: tuple[int, int],
+    add: torch.Tensor,
+) -> torch.Tensor | None:
+    """``add + scale · ΔW x`` for one adapter in one core call (the mixed call with every
+    row on operator 0, whose rows are bit for bit the operator's own ``matmul``), or None
+    where :func:`_rust_mixed_fast`'s conditions do not hold; the result is bit for bit
+    ``add + block_circulant(x, kernel, scale=scale)``."""
+    global _ZERO_INDEX
+    n_in, n_out = features
+    if x.dim() == 0 or x.shape[-1] != n_in or add.shape != (*x.shape[:-1], n_out):
+        return None
+    n_rows = x.numel() // n_in
+    if n_rows == 0:
+        return None
+    index = _ZERO_INDEX
+    if index.size < n_rows:
+        index = _ZERO_INDEX = np.zeros(max(n_rows, 2 * index.size), dtype=np.int64)
+    y = _rust_mixed_fast(
+        x.reshape(n_rows, n_in),
+        (kernel,),
+        (state,),
+        index[:n_rows],
+        [scale],
+        features,
+        add.reshape(n_rows, n_out),
+    )
+    return None if y is None else y.reshape(add.shape)
+
+
 class _RustMixedBlockCirculant(torch.autograd.Function):
     """A mixed batch through the Rust core: row ``r`` of x (N, in) gets
     ``scales[a] · ΔW_a x[r]`` with ``a = index[r]`` (an int64 numpy array; ``-1``: a zero
