@@ -256,6 +256,11 @@ def test_layout(mixed: Mixed) -> None:
         assert not stack[:, -1].any()  # the base slot is zeros
         for a in range(len(NAMES)):  # an adapter that does not adapt the layer: zeros
             assert stack[:, a].any() == (a in layer.adapters)
+    # hostile metadata: JSON nested far deeper than Python's recursion limit
+    from bca.onnx._mixed import MixedLayout
+
+    with pytest.raises(ValueError, match="nested too deeply"):
+        MixedLayout.from_json("[" * 100_000 + "]" * 100_000, source="m.onnx")
 
 
 def test_index_errors(mixed: Mixed) -> None:

@@ -688,6 +688,12 @@ def test_not_servable_and_tampered(served: Served, tmp_path: Path) -> None:
     entry.value = json.dumps(doc)
     with pytest.raises(ValueError, match="hash"):
         servable_layout(model)
+    # hostile metadata: JSON nested far deeper than Python's recursion limit
+    nest = "[" * 100_000 + "]" * 100_000
+    for deep in (nest, '{"format": ' + nest + "}"):
+        entry.value = deep
+        with pytest.raises(ValueError, match="nested too deeply"):
+            servable_layout(model)
     # a spectra input removed from the graph inputs (no longer overridable)
     model = onnx.load(str(served.graph))
     keep = [i for i in model.graph.input if not i.name.endswith(".spectra")]
