@@ -301,7 +301,7 @@ class ServableLayout:
         except json.JSONDecodeError as e:
             raise ValueError(f"{source}: servable layout is not valid JSON: {e}") from None
         except RecursionError:  # hostile metadata: JSON nested thousands of levels deep
-            raise ValueError(f"{source}: servable layout is nested too deeply to be valid") from None
+            raise ValueError(f"{source}: servable layout is nested too deeply") from None
         if not isinstance(doc, dict) or doc.get("format") != LAYOUT_FORMAT:
             raise ValueError(f"{source}: not a bca servable layout")
         version = doc.get("format_version")

@@ -178,7 +178,7 @@ class MixedLayout:
         except json.JSONDecodeError as e:
             raise ValueError(f"{source}: mixed layout is not valid JSON: {e}") from None
         except RecursionError:  # hostile metadata: JSON nested thousands of levels deep
-            raise ValueError(f"{source}: mixed layout is nested too deeply to be valid") from None
+            raise ValueError(f"{source}: mixed layout is nested too deeply") from None
         if not isinstance(doc, dict) or doc.get("format") != MIXED_FORMAT:
             raise ValueError(f"{source}: not a bca mixed layout")
         if doc.get("format_version") != MIXED_FORMAT_VERSION:
