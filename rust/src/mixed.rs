@@ -214,11 +214,7 @@ pub fn same_kernels<T: Float>(ops: &[&BlockCirculant<T>], kernels: &[&[T]]) -> V
         let end = (start + COMPARE_CHUNK).min(kernels[a].len());
         let ours = &ops[a].kernel()[start..end];
         let theirs = &kernels[a][start..end];
-        let diff = ours
-            .iter()
-            .zip(theirs)
-            .fold(0u64, |acc, (x, y)| acc | (x.bits64() ^ y.bits64()));
-        if diff != 0 {
+        if !crate::float::same_bits(ours, theirs) {
             differs[a].store(true, Ordering::Relaxed);
         }
         Ok(())
@@ -261,7 +257,6 @@ fn apply_mixed<T: Float>(
     tasks
         .try_reserve_exact(n_tasks)
         .map_err(|_| oom("the task list of a mixed batch", n_tasks))?;
-    let mut zero_rows = Vec::new();
     for a in 0..ops.len() {
         for rows in groups.rows_of(a).chunks(chunk) {
             let mut outs = Vec::new();
@@ -280,14 +275,9 @@ fn apply_mixed<T: Float>(
     for (r, slot) in slots.into_iter().enumerate() {
         if let Some(row) = slot {
             row.fill(T::zero()); // rows without an adapter
-            if finish.is_some() {
-                zero_rows.push((r, row));
+            if let Some(f) = finish {
+                f(r, None, row);
             }
-        }
-    }
-    if let Some(f) = finish {
-        for (r, row) in zero_rows {
-            f(r, None, row);
         }
     }
 

@@ -297,22 +297,9 @@ impl<T: Float> BlockCirculant<T> {
     }
 
     /// Whether `kernel` holds exactly this operator's kernel: the same length and the same
-    /// bits in every element (so -0.0 and 0.0 differ; a kernel is never NaN). Reads both
-    /// in chunks without a branch per element, at about memory speed.
+    /// bits in every element (so -0.0 and 0.0 differ; a kernel is never NaN).
     pub fn same_kernel(&self, kernel: &[T]) -> bool {
-        const CHUNK: usize = 64;
-        kernel.len() == self.kernel.len()
-            && self
-                .kernel
-                .chunks(CHUNK)
-                .zip(kernel.chunks(CHUNK))
-                .all(|(a, b)| {
-                    let diff = a
-                        .iter()
-                        .zip(b)
-                        .fold(0u64, |acc, (x, y)| acc | (x.bits64() ^ y.bits64()));
-                    diff == 0
-                })
+        crate::float::same_bits(&self.kernel, kernel)
     }
 
     /// Bytes this operator keeps between calls: the kernel, its spectra in both
