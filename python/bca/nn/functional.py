@@ -535,6 +535,11 @@ def _row_scale(index: Any, scales: list[float]) -> Any:
     return np.where(index >= 0, np.asarray(scales)[np.maximum(index, 0)], 0.0)
 
 
+def _core_scales(scales: list[float]) -> list[float] | None:
+    """The core's ``scales=``: None when every scale is 1 (no multiply, the same bits)."""
+    return None if scales.count(1.0) == len(scales) else scales
+
+
 def _rust_mixed_forward(
     x: torch.Tensor,
     index: Any,
@@ -551,7 +556,7 @@ def _rust_mixed_forward(
         ops,
         index,
         x.detach().contiguous().numpy(),
-        scales=scales if any(sc != 1.0 for sc in scales) else None,
+        scales=_core_scales(scales),
         add=None if add is None else add.detach().contiguous().numpy(),
     )
     return torch.from_numpy(y)
@@ -603,7 +608,7 @@ def _rust_mixed_fast(
         ops,
         index,
         x.detach().contiguous().numpy(),
-        scales=None if scales.count(1.0) == len(scales) else scales,
+        scales=_core_scales(scales),
         add=add.detach().contiguous().numpy(),
         kernels=views,
     )
@@ -788,14 +793,13 @@ class KernelCache:
         self.rust_geometry: tuple[Any, ...] | None = None
         # (kernel address, geometry, numpy view of the kernel, operator): see rust_view_of
         self.rust_fast: tuple[int, tuple[Any, ...], Any, Any] | None = None
-        self.rust_stale = False
 
     def clear(self) -> None:
-        """Drop the cached spectra and resynchronise the Rust operator on next use."""
+        """Drop the cached spectra and the kernel view; the Rust operator is compared with
+        the kernel anew (bit for bit) on next use."""
         self.spectra = None
         self.spectra_meta = None
         self.spectra_snapshot.clear()
-        self.rust_stale = True
         self.rust_fast = None
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -857,11 +861,8 @@ class KernelCache:
             op = _rust_core().BlockCirculant(view, in_features, out_features)
             self.rust_op = op
             self.rust_geometry = geometry
-        elif self.rust_stale:
-            op.set_kernel(view)
         else:
             op._op.sync_kernel(view)
-        self.rust_stale = False
         if k.is_contiguous():  # else the view is of a copy: not kept
             self.rust_fast = (k.data_ptr(), geometry, view, op)
         return op

@@ -610,7 +610,8 @@ class BlockCirculantLinear(nn.Module):
 
     # -- backend state ------------------------------------------------------------------
     def clear_cache(self) -> None:
-        """Drop the cached kernel spectra and Rust operator state (recomputed on next use)."""
+        """Drop the cached kernel spectra and kernel views (recomputed, and the Rust
+        operators compared with their kernels anew, on next use)."""
         for state in self._adapters.values():
             state.clear()
 
