@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_grow, try_vec};
+use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_vec, AVec};
 use crate::rfft::{FftScratch, RealFft};
 use crate::simd;
 use crate::threads;
@@ -51,21 +51,19 @@ pub(crate) fn check_finite<T: Float>(arg: &'static str, data: &[T]) -> Result<()
 /// Per-task scratch memory, reused across calls.
 struct Workspace<T> {
     fft: FftScratch<T>,
-    a_re: Vec<T>,
-    a_im: Vec<T>,
-    b_re: Vec<T>,
-    b_im: Vec<T>,
+    a_re: AVec<T>,
+    a_im: AVec<T>,
+    b_re: AVec<T>,
+    b_im: AVec<T>,
 }
 
 impl<T> Workspace<T> {
     fn bytes(&self) -> usize {
-        let t = std::mem::size_of::<T>();
         self.fft.bytes()
-            + (self.a_re.capacity()
-                + self.a_im.capacity()
-                + self.b_re.capacity()
-                + self.b_im.capacity())
-                * t
+            + self.a_re.bytes()
+            + self.a_im.bytes()
+            + self.b_re.bytes()
+            + self.b_im.bytes()
     }
 }
 
@@ -117,8 +115,8 @@ impl<T> WorkspacePool<T> {
 
 /// Kernel spectra in one orientation: (q_b, q_a, F), split planes.
 struct Spectra<T> {
-    re: Vec<T>,
-    im: Vec<T>,
+    re: AVec<T>,
+    im: AVec<T>,
     q_a: usize,
     q_b: usize,
 }
@@ -183,8 +181,8 @@ impl<T: Float> BlockCirculant<T> {
         let fft = Arc::new(RealFft::new(p));
         debug_assert_eq!(fft.f_pad(), f_pad);
         let empty = |q_a, q_b| Spectra {
-            re: Vec::new(),
-            im: Vec::new(),
+            re: AVec::default(),
+            im: AVec::default(),
             q_a,
             q_b,
         };
@@ -226,14 +224,14 @@ impl<T: Float> BlockCirculant<T> {
         Self::check_kernel(s, kernel)?;
         let (p, f_pad) = (s.p, self.f_pad);
         let len = f_pad * s.q_in * s.q_out; // checked in `new`
-        let planes = |what| -> Result<(Vec<T>, Vec<T>), BcaError> {
+        let planes = |colour, what| -> Result<(AVec<T>, AVec<T>), BcaError> {
             Ok((
-                try_vec(len, T::zero(), what)?,
-                try_vec(len, T::zero(), what)?,
+                AVec::try_new(len, T::zero(), colour, what)?,
+                AVec::try_new(len, T::zero(), colour + 1, what)?,
             ))
         };
-        let (f_re, f_im) = planes("the kernel spectra")?;
-        let (b_re, b_im) = planes("the kernel spectra")?;
+        let (f_re, f_im) = planes(4, "the kernel spectra")?;
+        let (b_re, b_im) = planes(6, "the kernel spectra")?;
         let mut fwd = Spectra {
             re: f_re,
             im: f_im,
@@ -305,13 +303,11 @@ impl<T: Float> BlockCirculant<T> {
     /// Bytes this operator keeps between calls: the kernel, its spectra in both
     /// orientations and the idle workspaces (bounded; nothing grows with the batch).
     pub fn retained_bytes(&self) -> usize {
-        let t = std::mem::size_of::<T>();
-        (self.kernel.capacity()
-            + self.fwd.re.capacity()
-            + self.fwd.im.capacity()
-            + self.bwd.re.capacity()
-            + self.bwd.im.capacity())
-            * t
+        self.kernel.capacity() * std::mem::size_of::<T>()
+            + self.fwd.re.bytes()
+            + self.fwd.im.bytes()
+            + self.bwd.re.bytes()
+            + self.bwd.im.bytes()
             + self.workspaces.idle_bytes()
     }
 
@@ -361,10 +357,10 @@ impl<T: Float> BlockCirculant<T> {
     fn new_workspace(&self) -> Result<Workspace<T>, BcaError> {
         Ok(Workspace {
             fft: self.fft.scratch()?,
-            a_re: Vec::new(),
-            a_im: Vec::new(),
-            b_re: Vec::new(),
-            b_im: Vec::new(),
+            a_re: AVec::coloured(0),
+            a_im: AVec::coloured(1),
+            b_re: AVec::coloured(2),
+            b_im: AVec::coloured(3),
         })
     }
 
@@ -378,7 +374,7 @@ impl<T: Float> BlockCirculant<T> {
         };
         let len = mul(mul(rows, s.q_in.max(s.q_out), "x")?, self.f_pad, "x")?;
         for v in [&mut ws.a_re, &mut ws.a_im, &mut ws.b_re, &mut ws.b_im] {
-            try_grow(v, len, T::zero(), "an FFT workspace")?;
+            v.try_grow(len, T::zero(), "an FFT workspace")?;
         }
         Ok(ws)
     }
@@ -407,6 +403,9 @@ impl<T: Float> BlockCirculant<T> {
 
     /// Spectra of the rows of `src` (row width `d`, `q` blocks) into planes: one packed
     /// group per row (`by_row` false) or the chunk's row-transposed layout (`by_row` true).
+    /// `also`, when given, gets the same spectra in the row-transposed layout, written from
+    /// the same tiles while they are in L1 (the packed planes for the input gradient and
+    /// the transposed ones for the kernel gradient, without a second pass).
     #[allow(clippy::too_many_arguments)]
     fn rows_to_spectra<'r>(
         &self,
@@ -416,11 +415,13 @@ impl<T: Float> BlockCirculant<T> {
         by_row: bool,
         arg: &'static str,
         ws: &mut Workspace<T>,
+        mut also: Option<(&mut [T], &mut [T])>,
     ) -> Result<(), BcaError> {
         let (p, f_pad) = (self.shape.p, self.f_pad);
         let rows = src.len();
         // Consecutive tiles of LANES frequencies of one spectrum are `tile_stride` apart.
         let tile_stride = if by_row { q * rows } else { q } * simd::LANES;
+        let by_row_stride = q * rows * simd::LANES;
         for (r, row) in src.enumerate() {
             let d = row.len();
             for j in 0..q {
@@ -432,11 +433,17 @@ impl<T: Float> BlockCirculant<T> {
                 } else {
                     r * q * f_pad + simd::packed(q, j, 0)
                 };
+                let first_by_row = simd::packed_by_row(q, rows, r, j, 0);
                 // NaN/Inf are found while the block is copied, not in a separate pass.
                 let finite = self.fft.forward(block, &mut ws.fft, |t, tr, ti| {
                     let at = first + t * tile_stride;
                     re[at..at + simd::LANES].copy_from_slice(tr);
                     im[at..at + simd::LANES].copy_from_slice(ti);
+                    if let Some((are, aim)) = also.as_mut() {
+                        let at = first_by_row + t * by_row_stride;
+                        are[at..at + simd::LANES].copy_from_slice(tr);
+                        aim[at..at + simd::LANES].copy_from_slice(ti);
+                    }
                 })?;
                 if !finite {
                     return Err(BcaError::NonFinite { arg });
@@ -543,6 +550,7 @@ impl<T: Float> BlockCirculant<T> {
                 false,
                 arg,
                 &mut ws,
+                None,
             )
             .and_then(|()| {
                 self.product_to_rows((&a_re[..n_a], &a_im[..n_a]), spectra, dst, &mut ws)
@@ -802,22 +810,29 @@ impl<T: Float> BlockCirculant<T> {
         // so the batch buffers are bounded (and reused from the shared scratch pool),
         // whatever the batch size. Sums over rows still run in row order.
         let per_row = (row_x + row_g) * 2 * std::mem::size_of::<T>();
-        let block_rows = ((BACKWARD_BLOCK_BYTES / per_row.max(1)) / rows).max(1) * rows;
+        // A block holds whole rounds of chunks (one per thread) where it can: with a
+        // partial round, threads idle through pass 1 while the others do the last chunks.
+        let fit = BACKWARD_BLOCK_BYTES / per_row.max(1);
+        let round = rows * pool.as_ref().map_or(1, threads::Parallel::threads);
+        let block_rows = match fit >= round {
+            true => fit / round * round,
+            false => (fit / rows).max(1) * rows,
+        };
         let block_rows = block_rows.min(n_rows);
         let what = "the batch spectra of backward";
         let (len_x, len_g) = (mul(block_rows, row_x, "x")?, mul(block_rows, row_g, "x")?);
         let mut planes = [
-            take_scratch(len_x, T::zero(), what)?,
-            take_scratch(len_x, T::zero(), what)?,
-            take_scratch(len_g, T::zero(), what)?,
-            take_scratch(len_g, T::zero(), what)?,
+            take_scratch(len_x, T::zero(), 8, what)?,
+            take_scratch(len_x, T::zero(), 9, what)?,
+            take_scratch(len_g, T::zero(), 10, what)?,
+            take_scratch(len_g, T::zero(), 11, what)?,
         ];
         let zero = <T::Acc as num_traits::Zero>::zero();
         let len_k = f_pad * q_out * q_in; // checked in `new`
         let what = "the kernel-gradient spectra";
         let mut k_planes = [
-            take_scratch(len_k, zero, what)?,
-            take_scratch(len_k, zero, what)?,
+            take_scratch(len_k, zero, 12, what)?,
+            take_scratch(len_k, zero, 13, what)?,
         ];
         let result = (|| {
             let [x_re, x_im, g_re, g_im] = &mut planes;
@@ -916,8 +931,18 @@ impl<T: Float> BlockCirculant<T> {
                 let mut a_im = std::mem::take(&mut ws.a_im);
                 let n_g = chunk_rows * row_g;
                 let r = self
-                    .rows_to_spectra(xc.chunks_exact(d_in), q_in, (xr, xi), true, "x", &mut ws)
+                    .rows_to_spectra(
+                        xc.chunks_exact(d_in),
+                        q_in,
+                        (xr, xi),
+                        true,
+                        "x",
+                        &mut ws,
+                        None,
+                    )
                     .and_then(|()| {
+                        // Packed for the input gradient, and row-transposed (in the same
+                        // pass) for the kernel gradient.
                         let g_planes = (&mut a_re[..n_g], &mut a_im[..n_g]);
                         self.rows_to_spectra(
                             gc.chunks_exact(d_out),
@@ -926,30 +951,17 @@ impl<T: Float> BlockCirculant<T> {
                             false,
                             "grad_output",
                             &mut ws,
+                            Some((gr, gi)),
                         )
                     })
-                    .and_then(|()| {
-                        // The kernel gradient wants grad_output's spectra row-transposed.
-                        const L: usize = simd::LANES;
-                        for r in 0..chunk_rows {
-                            for i in 0..q_out {
-                                for f in (0..f_pad).step_by(L) {
-                                    let from = r * row_g + simd::packed(q_out, i, f);
-                                    let to = simd::packed_by_row(q_out, chunk_rows, r, i, f);
-                                    gr[to..to + L].copy_from_slice(&a_re[from..from + L]);
-                                    gi[to..to + L].copy_from_slice(&a_im[from..from + L]);
-                                }
-                            }
-                        }
-                        match gx.as_deref_mut() {
-                            Some(gx) => self.product_to_rows(
-                                (&a_re[..n_g], &a_im[..n_g]),
-                                &self.bwd,
-                                gx.chunks_exact_mut(d_in),
-                                &mut ws,
-                            ),
-                            None => Ok(()),
-                        }
+                    .and_then(|()| match gx.as_deref_mut() {
+                        Some(gx) => self.product_to_rows(
+                            (&a_re[..n_g], &a_im[..n_g]),
+                            &self.bwd,
+                            gx.chunks_exact_mut(d_in),
+                            &mut ws,
+                        ),
+                        None => Ok(()),
                     });
                 ws.a_re = a_re;
                 ws.a_im = a_im;

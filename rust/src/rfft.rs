@@ -24,7 +24,7 @@ use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::num_complex::Complex;
 use rustfft::{Fft, FftPlanner};
 
-use crate::alloc::try_vec;
+use crate::alloc::AVec;
 use crate::simd::{padded_freqs, LANES};
 use crate::{BcaError, Float};
 
@@ -57,28 +57,26 @@ pub(crate) struct RealFft<T: Float> {
 /// Per-thread buffers for [`RealFft`].
 pub(crate) struct FftScratch<T> {
     /// The complex buffer: h values (even p) or F values (odd p).
-    buf: Vec<Complex<T>>,
-    scratch: Vec<Complex<T>>,
+    buf: AVec<Complex<T>>,
+    scratch: AVec<Complex<T>>,
     /// Time samples (odd p only).
-    time: Vec<T>,
+    time: AVec<T>,
     /// Four split planes of f_pad values.
-    a_re: Vec<T>,
-    a_im: Vec<T>,
-    b_re: Vec<T>,
-    b_im: Vec<T>,
+    a_re: AVec<T>,
+    a_im: AVec<T>,
+    b_re: AVec<T>,
+    b_im: AVec<T>,
 }
 
 impl<T> FftScratch<T> {
     pub(crate) fn bytes(&self) -> usize {
-        let t = std::mem::size_of::<T>();
-        let c = std::mem::size_of::<Complex<T>>();
-        (self.buf.capacity() + self.scratch.capacity()) * c
-            + (self.time.capacity()
-                + self.a_re.capacity()
-                + self.a_im.capacity()
-                + self.b_re.capacity()
-                + self.b_im.capacity())
-                * t
+        self.buf.bytes()
+            + self.scratch.bytes()
+            + self.time.bytes()
+            + self.a_re.bytes()
+            + self.a_im.bytes()
+            + self.b_re.bytes()
+            + self.b_im.bytes()
     }
 }
 
@@ -138,13 +136,13 @@ impl<T: Float> RealFft<T> {
             Plan::Odd { .. } => (self.p / 2 + 1, self.p),
         };
         Ok(FftScratch {
-            buf: try_vec(buf_len, Complex::default(), what)?,
-            scratch: try_vec(self.scratch_len, Complex::default(), what)?,
-            time: try_vec(time_len, T::zero(), what)?,
-            a_re: try_vec(self.f_pad, T::zero(), what)?,
-            a_im: try_vec(self.f_pad, T::zero(), what)?,
-            b_re: try_vec(self.f_pad, T::zero(), what)?,
-            b_im: try_vec(self.f_pad, T::zero(), what)?,
+            buf: AVec::try_new(buf_len, Complex::default(), 14, what)?,
+            scratch: AVec::try_new(self.scratch_len, Complex::default(), 15, what)?,
+            time: AVec::try_new(time_len, T::zero(), 5, what)?,
+            a_re: AVec::try_new(self.f_pad, T::zero(), 8, what)?,
+            a_im: AVec::try_new(self.f_pad, T::zero(), 10, what)?,
+            b_re: AVec::try_new(self.f_pad, T::zero(), 12, what)?,
+            b_im: AVec::try_new(self.f_pad, T::zero(), 13, what)?,
         })
     }
 
