@@ -132,7 +132,8 @@ impl<T: Float> RealFft<T> {
     pub(crate) fn scratch(&self) -> Result<FftScratch<T>, BcaError> {
         let what = "an FFT workspace";
         let (buf_len, time_len) = match self.plan {
-            Plan::Even { .. } => (self.p / 2, 0),
+            // one more than h: room for the periodic copy Z[h] = Z[0] (see `forward`)
+            Plan::Even { .. } => (self.p / 2 + 1, 0),
             Plan::Odd { .. } => (self.p / 2 + 1, self.p),
         };
         Ok(FftScratch {
@@ -171,6 +172,8 @@ impl<T: Float> RealFft<T> {
                     flat[n..].fill(T::zero());
                 }
                 fwd.process_with_scratch(&mut ws.buf[..h], &mut ws.scratch);
+                // Z is periodic: Z[h] = Z[0], so the split's first tile needs no special case
+                ws.buf[h] = ws.buf[0];
                 let FftScratch {
                     buf,
                     a_re,
@@ -179,7 +182,7 @@ impl<T: Float> RealFft<T> {
                     b_im,
                     ..
                 } = ws;
-                split_forward(h, &buf[..h], (a_re, a_im), (b_re, b_im), (tw_re, tw_im));
+                split_forward(h, &buf[..=h], (a_re, a_im), (b_re, b_im), (tw_re, tw_im));
             }
             Plan::Odd { r2c, .. } => {
                 if !copy_finite(&mut ws.time[..n], &block[..n]) {
@@ -424,6 +427,7 @@ fn split_forward<T: Float>(
             );
         }
     }
+    let z = &z[..h];
     crate::simd::dispatch_avx2!(split_forward_body, split_forward_avx2(h, z, x, r, tw))
 }
 
@@ -706,6 +710,14 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a_re), bits(&b_re), "forward re, h = {h}");
             assert_eq!(bits(&a_im), bits(&b_im), "forward im, h = {h}");
+            // with the periodic copy Z[h] = Z[0]: the first tile vectorised, same bits
+            let mut zw = z.clone();
+            zw.push(z[0]);
+            let (mut c_re, mut c_im) = planes();
+            // SAFETY: as above, z with h + 1 values.
+            unsafe { crate::rfft_avx2::split_forward(h, &zw, (&mut c_re, &mut c_im), tw) };
+            assert_eq!(bits(&a_re), bits(&c_re), "forward re, wrapped, h = {h}");
+            assert_eq!(bits(&a_im), bits(&c_im), "forward im, wrapped, h = {h}");
             // inverse of a spectrum with every bin (imaginary DC/Nyquist parts nonzero)
             let (mut x_re, mut x_im): (Vec<f32>, Vec<f32>) = (
                 (0..f_pad).map(|k| f(2 * h + k)).collect(),

@@ -50,8 +50,10 @@ unsafe fn reverse(v: __m256) -> __m256 {
 }
 
 /// Forward split step (see rfft.rs `split_forward_body`): `z` (h values) → `x` (f_pad
-/// values, zero past h). Safety: AVX2 available; `z.len() ≥ h`, `x` and `tw` planes
-/// `≥ f_pad = x_re.len()` with f_pad ≥ h + 1 and a multiple of 8.
+/// values, zero past h). When `z` holds h + 1 values, the last a copy of the first (Z is
+/// periodic), the first tile runs vectorised too: its mirror Z[h − 7..=h] is in `z`.
+/// Safety: AVX2 available; `z.len() ≥ h`, `x` and `tw` planes `≥ f_pad = x_re.len()`
+/// with f_pad ≥ h + 1 and a multiple of 8.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn split_forward(
     h: usize,
@@ -62,14 +64,21 @@ pub(crate) unsafe fn split_forward(
     let f_pad = x_re.len();
     assert!(z.len() >= h && h >= 1 && f_pad > h && f_pad.is_multiple_of(W));
     assert!(x_im.len() >= f_pad && tw_re.len() >= f_pad && tw_im.len() >= f_pad);
+    let wrap = z.len() > h;
+    debug_assert!(
+        !wrap || (z[h].re.to_bits(), z[h].im.to_bits()) == (z[0].re.to_bits(), z[0].im.to_bits())
+    );
     let scalar = |k: usize, x_re: &mut [f32], x_im: &mut [f32]| {
-        // x[k] = Z[k mod h] and r[k] = Z[(h − k) mod h] for k ≤ h, zero past h
-        let (zr, zi, rr, ri) = if k <= h {
-            let (a, b) = (z[k % h], z[(h - k) % h]);
-            (a.re, a.im, b.re, b.im)
-        } else {
-            (0.0, 0.0, 0.0, 0.0)
-        };
+        if k > h {
+            // zero past h: what the formula gives for zero inputs (+0.0, whatever the
+            // twiddles' signs: 0.5·0 + (±0 + ±0) is +0)
+            x_re[k] = 0.0;
+            x_im[k] = 0.0;
+            return;
+        }
+        // x[k] = Z[k mod h] and r[k] = Z[(h − k) mod h]
+        let (a, b) = (z[k % h], z[(h - k) % h]);
+        let (zr, zi, rr, ri) = (a.re, a.im, b.re, b.im);
         let (er, ei) = (zr + rr, zi - ri);
         let (dr, di) = (zr - rr, zi + ri);
         x_re[k] = 0.5 * er + (tw_re[k] * di + tw_im[k] * dr);
@@ -78,10 +87,11 @@ pub(crate) unsafe fn split_forward(
     let zp = z.as_ptr().cast::<f32>();
     let mut k0 = 0;
     while k0 < f_pad {
-        if k0 >= 1 && k0 + W <= h {
+        if (k0 >= 1 || wrap) && k0 + W <= h {
             // SAFETY: k0 + 8 ≤ h ≤ z.len(), so Z[k0..k0+8] is in bounds; the mirror
-            // Z[h−k0−7..=h−k0] too (k0 ≥ 1, k0 + 7 ≤ h); planes and twiddles hold
-            // f_pad ≥ k0 + 8 values (asserted above).
+            // Z[h−k0−7..=h−k0] too (k0 + 7 ≤ h, and h − k0 < z.len(): k0 ≥ 1, or
+            // z.len() > h); planes and twiddles hold f_pad ≥ k0 + 8 values (asserted
+            // above).
             unsafe {
                 let (zr, zi) = load_split(zp.add(2 * k0));
                 let (rr, ri) = load_split(zp.add(2 * (h - k0 - (W - 1))));
