@@ -414,17 +414,21 @@ fn split_forward<T: Float>(
         && std::arch::is_x86_feature_detected!("avx2")
     {
         // SAFETY: T is f32 (checked just above), so the casts only rename the type; the
-        // CPU has AVX2; the sizes are the ones split_forward_body works with.
+        // CPU has AVX2 (and AVX-512F where that build runs); the sizes are the ones
+        // split_forward_body works with.
         unsafe {
-            return crate::rfft_avx2::split_forward(
-                h,
+            let (z, tw) = (
                 cast_complex_f32(z),
-                (
-                    crate::simd::cast_f32_mut(x.0),
-                    crate::simd::cast_f32_mut(x.1),
-                ),
                 (crate::simd::cast_f32(tw.0), crate::simd::cast_f32(tw.1)),
             );
+            let x = (
+                crate::simd::cast_f32_mut(x.0),
+                crate::simd::cast_f32_mut(x.1),
+            );
+            if crate::rfft_avx2::avx512_available() {
+                return crate::rfft_avx2::split_forward_avx512(h, z, x, tw);
+            }
+            return crate::rfft_avx2::split_forward(h, z, x, tw);
         }
     }
     let z = &z[..h];
@@ -520,18 +524,19 @@ fn split_inverse<T: Float>(
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && std::arch::is_x86_feature_detected!("avx2")
     {
-        // SAFETY: T is f32 (checked just above); the CPU has AVX2; the sizes are the ones
-        // split_inverse_body works with.
+        // SAFETY: T is f32 (checked just above); the CPU has AVX2 (and AVX-512F where
+        // that build runs); the sizes are the ones split_inverse_body works with.
         unsafe {
-            return crate::rfft_avx2::split_inverse(
-                h,
-                (
-                    crate::simd::cast_f32_mut(x.0),
-                    crate::simd::cast_f32_mut(x.1),
-                ),
-                (crate::simd::cast_f32(tw.0), crate::simd::cast_f32(tw.1)),
-                cast_complex_f32_mut(z),
+            let x = (
+                crate::simd::cast_f32_mut(x.0),
+                crate::simd::cast_f32_mut(x.1),
             );
+            let tw = (crate::simd::cast_f32(tw.0), crate::simd::cast_f32(tw.1));
+            let z = cast_complex_f32_mut(z);
+            if crate::rfft_avx2::avx512_available() {
+                return crate::rfft_avx2::split_inverse_avx512(h, x, tw, z);
+            }
+            return crate::rfft_avx2::split_inverse(h, x, tw, z);
         }
     }
     crate::simd::dispatch_avx2!(split_inverse_body, split_inverse_avx2(h, x, r, tw, z))
@@ -718,6 +723,20 @@ mod tests {
             unsafe { crate::rfft_avx2::split_forward(h, &zw, (&mut c_re, &mut c_im), tw) };
             assert_eq!(bits(&a_re), bits(&c_re), "forward re, wrapped, h = {h}");
             assert_eq!(bits(&a_im), bits(&c_im), "forward im, wrapped, h = {h}");
+            let avx512 = crate::rfft_avx2::avx512_available();
+            if avx512 {
+                // the AVX-512 build, on both inputs: 16-bin tiles, then 8-bin ones
+                for zz in [&z, &zw] {
+                    let (mut d_re, mut d_im) = planes();
+                    // SAFETY: AVX-512F and AVX2 (checked); sizes as above.
+                    unsafe {
+                        crate::rfft_avx2::split_forward_avx512(h, zz, (&mut d_re, &mut d_im), tw)
+                    };
+                    let wrapped = zz.len() > h;
+                    assert_eq!(bits(&a_re), bits(&d_re), "avx512 fwd re, h = {h} {wrapped}");
+                    assert_eq!(bits(&a_im), bits(&d_im), "avx512 fwd im, h = {h} {wrapped}");
+                }
+            }
             // inverse of a spectrum with every bin (imaginary DC/Nyquist parts nonzero)
             let (mut x_re, mut x_im): (Vec<f32>, Vec<f32>) = (
                 (0..f_pad).map(|k| f(2 * h + k)).collect(),
@@ -741,6 +760,18 @@ mod tests {
                     .collect::<Vec<_>>()
             };
             assert_eq!(cbits(&za), cbits(&zb), "inverse, h = {h}");
+            if avx512 {
+                let (mut w_re, mut w_im): (Vec<f32>, Vec<f32>) = (
+                    (0..f_pad).map(|k| f(2 * h + k)).collect(),
+                    (0..f_pad).map(|k| f(2 * h + f_pad + k)).collect(),
+                );
+                let mut zc = vec![Complex::new(9f32, 9f32); h];
+                // SAFETY: AVX-512F and AVX2 (checked); sizes as above.
+                unsafe {
+                    crate::rfft_avx2::split_inverse_avx512(h, (&mut w_re, &mut w_im), tw, &mut zc)
+                };
+                assert_eq!(cbits(&za), cbits(&zc), "avx512 inverse, h = {h}");
+            }
         }
     }
 

@@ -58,16 +58,40 @@ unsafe fn reverse(v: __m256) -> __m256 {
 pub(crate) unsafe fn split_forward(
     h: usize,
     z: &[Complex<f32>],
+    x: (&mut [f32], &mut [f32]),
+    tw: (&[f32], &[f32]),
+) {
+    check_forward(h, z, (&*x.0, &*x.1), tw);
+    let f_pad = x.0.len();
+    // SAFETY: AVX2 (this function's contract); sizes checked just above.
+    unsafe { split_forward_tiles(h, z, x, tw, 0, f_pad) }
+}
+
+/// The size checks of the forward split steps (panics on a violation).
+fn check_forward(h: usize, z: &[Complex<f32>], x: (&[f32], &[f32]), tw: (&[f32], &[f32])) {
+    let f_pad = x.0.len();
+    assert!(z.len() >= h && h >= 1 && f_pad > h && f_pad.is_multiple_of(W));
+    assert!(x.1.len() >= f_pad && tw.0.len() >= f_pad && tw.1.len() >= f_pad);
+    debug_assert!(
+        z.len() == h
+            || (z[h].re.to_bits(), z[h].im.to_bits()) == (z[0].re.to_bits(), z[0].im.to_bits())
+    );
+}
+
+/// The forward split's 8-frequency tiles in `[k_start, k_end)` (multiples of 8, k_end ≤
+/// f_pad). Safety: AVX2 available; the sizes of [`check_forward`].
+#[target_feature(enable = "avx2")]
+unsafe fn split_forward_tiles(
+    h: usize,
+    z: &[Complex<f32>],
     (x_re, x_im): (&mut [f32], &mut [f32]),
     (tw_re, tw_im): (&[f32], &[f32]),
+    k_start: usize,
+    k_end: usize,
 ) {
     let f_pad = x_re.len();
-    assert!(z.len() >= h && h >= 1 && f_pad > h && f_pad.is_multiple_of(W));
-    assert!(x_im.len() >= f_pad && tw_re.len() >= f_pad && tw_im.len() >= f_pad);
+    assert!(k_start.is_multiple_of(W) && k_end <= f_pad);
     let wrap = z.len() > h;
-    debug_assert!(
-        !wrap || (z[h].re.to_bits(), z[h].im.to_bits()) == (z[0].re.to_bits(), z[0].im.to_bits())
-    );
     let scalar = |k: usize, x_re: &mut [f32], x_im: &mut [f32]| {
         if k > h {
             // zero past h: what the formula gives for zero inputs (+0.0, whatever the
@@ -85,8 +109,8 @@ pub(crate) unsafe fn split_forward(
         x_im[k] = 0.5 * ei + (tw_im[k] * di - tw_re[k] * dr);
     };
     let zp = z.as_ptr().cast::<f32>();
-    let mut k0 = 0;
-    while k0 < f_pad {
+    let mut k0 = k_start;
+    while k0 < k_end {
         if (k0 >= 1 || wrap) && k0 + W <= h {
             // SAFETY: k0 + 8 ≤ h ≤ z.len(), so Z[k0..k0+8] is in bounds; the mirror
             // Z[h−k0−7..=h−k0] too (k0 + 7 ≤ h, and h − k0 < z.len(): k0 ≥ 1, or
@@ -128,16 +152,36 @@ pub(crate) unsafe fn split_forward(
 pub(crate) unsafe fn split_inverse(
     h: usize,
     (x_re, x_im): (&mut [f32], &mut [f32]),
-    (tw_re, tw_im): (&[f32], &[f32]),
+    tw: (&[f32], &[f32]),
     z: &mut [Complex<f32>],
 ) {
-    assert!(h >= 1 && z.len() >= h && x_re.len() > h && x_im.len() > h);
-    assert!(tw_re.len() > h && tw_im.len() > h);
+    check_inverse(h, (&*x_re, &*x_im), tw, z);
     x_im[0] = 0.0;
     x_im[h] = 0.0;
-    let (x_re, x_im) = (&*x_re, &*x_im);
+    // SAFETY: AVX2 (this function's contract); sizes checked just above.
+    unsafe { split_inverse_tiles(h, (&*x_re, &*x_im), tw, z, 0) }
+}
+
+/// The size checks of the inverse split steps (panics on a violation).
+fn check_inverse(h: usize, x: (&[f32], &[f32]), tw: (&[f32], &[f32]), z: &[Complex<f32>]) {
+    assert!(h >= 1 && z.len() >= h && x.0.len() > h && x.1.len() > h);
+    assert!(tw.0.len() > h && tw.1.len() > h);
+}
+
+/// The inverse split from bin `k_start` (a multiple of 8) on: 8-bin tiles, then the
+/// tail one bin at a time. Safety: AVX2 available; the sizes of [`check_inverse`]; the
+/// imaginary parts of bins 0 and h already zero.
+#[target_feature(enable = "avx2")]
+unsafe fn split_inverse_tiles(
+    h: usize,
+    (x_re, x_im): (&[f32], &[f32]),
+    (tw_re, tw_im): (&[f32], &[f32]),
+    z: &mut [Complex<f32>],
+    k_start: usize,
+) {
+    assert!(k_start.is_multiple_of(W));
     let zp = z.as_mut_ptr().cast::<f32>();
-    let mut k0 = 0;
+    let mut k0 = k_start;
     while k0 + W <= h {
         // SAFETY: k0 + 8 ≤ h: x[k0..k0+8] and the mirror x[h−k0−7..=h−k0] (indices
         // 1..=h) are in bounds, as are twiddles k0..k0+8 and z[k0..k0+8].
@@ -166,6 +210,142 @@ pub(crate) unsafe fn split_inverse(
         let (or, oi) = (br * wr + bi * wi, bi * wr - br * wi);
         z[k] = Complex::new(ar - oi, ai + or);
     }
+}
+
+/// Lanes of a 512-bit float32 register.
+const W16: usize = 16;
+
+/// De-interleave 16 complex values at `p` into (re, im) registers, in order.
+#[inline(always)]
+unsafe fn load_split16(p: *const f32) -> (__m512, __m512) {
+    // SAFETY (caller): 32 readable floats at p; AVX-512F.
+    unsafe {
+        let a = _mm512_loadu_ps(p);
+        let b = _mm512_loadu_ps(p.add(W16));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        (
+            _mm512_permutex2var_ps(a, even, b),
+            _mm512_permutex2var_ps(a, odd, b),
+        )
+    }
+}
+
+/// Interleave (re, im) registers into 16 complex values at `p`.
+#[inline(always)]
+unsafe fn store_joined16(p: *mut f32, re: __m512, im: __m512) {
+    // SAFETY (caller): 32 writable floats at p; AVX-512F.
+    unsafe {
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        _mm512_storeu_ps(p, _mm512_permutex2var_ps(re, lo, im));
+        _mm512_storeu_ps(p.add(W16), _mm512_permutex2var_ps(re, hi, im));
+    }
+}
+
+#[inline(always)]
+unsafe fn reverse16(v: __m512) -> __m512 {
+    unsafe {
+        let idx = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        _mm512_permutexvar_ps(idx, v)
+    }
+}
+
+/// Whether the AVX-512 split steps run on this CPU (AVX-512F).
+pub(crate) fn avx512_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// [`split_forward`] with 16-frequency tiles on 512-bit registers where they fit, then
+/// the 8-frequency tiles for the rest: the same operations per lane (multiplies and adds,
+/// no fusion), so the same bits. Safety: AVX-512F and AVX2 available; the sizes of
+/// [`split_forward`].
+#[target_feature(enable = "avx512f,avx2")]
+pub(crate) unsafe fn split_forward_avx512(
+    h: usize,
+    z: &[Complex<f32>],
+    (x_re, x_im): (&mut [f32], &mut [f32]),
+    (tw_re, tw_im): (&[f32], &[f32]),
+) {
+    check_forward(h, z, (&*x_re, &*x_im), (tw_re, tw_im));
+    let f_pad = x_re.len();
+    let wrap = z.len() > h;
+    let zp = z.as_ptr().cast::<f32>();
+    // Without the periodic copy the first tile needs the scalar wrap-around: 8 bins.
+    let mut k0 = 0;
+    if !wrap {
+        // SAFETY: AVX2; sizes checked above.
+        unsafe { split_forward_tiles(h, z, (&mut *x_re, &mut *x_im), (tw_re, tw_im), 0, W) };
+        k0 = W;
+    }
+    while k0 + W16 <= h {
+        // SAFETY: k0 + 16 ≤ h ≤ z.len(): Z[k0..k0+16] is in bounds; its mirror
+        // Z[h−k0−15..=h−k0] too (h − k0 < z.len(): k0 ≥ 8, or z.len() > h); planes and
+        // twiddles hold f_pad > h ≥ k0 + 16 values.
+        unsafe {
+            let (zr, zi) = load_split16(zp.add(2 * k0));
+            let (rr, ri) = load_split16(zp.add(2 * (h - k0 - (W16 - 1))));
+            let (rr, ri) = (reverse16(rr), reverse16(ri));
+            let (er, ei) = (_mm512_add_ps(zr, rr), _mm512_sub_ps(zi, ri));
+            let (dr, di) = (_mm512_sub_ps(zr, rr), _mm512_add_ps(zi, ri));
+            let twr = _mm512_loadu_ps(tw_re.as_ptr().add(k0));
+            let twi = _mm512_loadu_ps(tw_im.as_ptr().add(k0));
+            let half = _mm512_set1_ps(0.5);
+            let xr = _mm512_add_ps(
+                _mm512_mul_ps(half, er),
+                _mm512_add_ps(_mm512_mul_ps(twr, di), _mm512_mul_ps(twi, dr)),
+            );
+            let xi = _mm512_add_ps(
+                _mm512_mul_ps(half, ei),
+                _mm512_sub_ps(_mm512_mul_ps(twi, di), _mm512_mul_ps(twr, dr)),
+            );
+            _mm512_storeu_ps(x_re.as_mut_ptr().add(k0), xr);
+            _mm512_storeu_ps(x_im.as_mut_ptr().add(k0), xi);
+        }
+        k0 += W16;
+    }
+    // SAFETY: AVX2; sizes checked above; k0 is a multiple of 8.
+    unsafe { split_forward_tiles(h, z, (x_re, x_im), (tw_re, tw_im), k0, f_pad) }
+}
+
+/// [`split_inverse`] with 16-bin tiles on 512-bit registers where they fit, then the
+/// 8-bin tiles and the tail: the same operations per lane, so the same bits. Safety:
+/// AVX-512F and AVX2 available; the sizes of [`split_inverse`].
+#[target_feature(enable = "avx512f,avx2")]
+pub(crate) unsafe fn split_inverse_avx512(
+    h: usize,
+    (x_re, x_im): (&mut [f32], &mut [f32]),
+    (tw_re, tw_im): (&[f32], &[f32]),
+    z: &mut [Complex<f32>],
+) {
+    check_inverse(h, (&*x_re, &*x_im), (tw_re, tw_im), z);
+    x_im[0] = 0.0;
+    x_im[h] = 0.0;
+    let (x_re, x_im) = (&*x_re, &*x_im);
+    let zp = z.as_mut_ptr().cast::<f32>();
+    let mut k0 = 0;
+    while k0 + W16 <= h {
+        // SAFETY: k0 + 16 ≤ h: x[k0..k0+16] and the mirror x[h−k0−15..=h−k0] (indices
+        // 1..=h) are in bounds, as are twiddles k0..k0+16 and z[k0..k0+16].
+        unsafe {
+            let xr = _mm512_loadu_ps(x_re.as_ptr().add(k0));
+            let xi = _mm512_loadu_ps(x_im.as_ptr().add(k0));
+            let m = h - k0 - (W16 - 1);
+            let rr = reverse16(_mm512_loadu_ps(x_re.as_ptr().add(m)));
+            let ri = reverse16(_mm512_loadu_ps(x_im.as_ptr().add(m)));
+            let (ar, ai) = (_mm512_add_ps(xr, rr), _mm512_sub_ps(xi, ri));
+            let (br, bi) = (_mm512_sub_ps(xr, rr), _mm512_add_ps(xi, ri));
+            let twr = _mm512_loadu_ps(tw_re.as_ptr().add(k0));
+            let twi = _mm512_loadu_ps(tw_im.as_ptr().add(k0));
+            let (wr, wi) = (_mm512_add_ps(twr, twr), _mm512_add_ps(twi, twi));
+            let or = _mm512_add_ps(_mm512_mul_ps(br, wr), _mm512_mul_ps(bi, wi));
+            let oi = _mm512_sub_ps(_mm512_mul_ps(bi, wr), _mm512_mul_ps(br, wi));
+            store_joined16(zp.add(2 * k0), _mm512_sub_ps(ar, oi), _mm512_add_ps(ai, or));
+        }
+        k0 += W16;
+    }
+    // SAFETY: AVX2; sizes checked above; k0 is a multiple of 8; bins 0 and h zeroed.
+    unsafe { split_inverse_tiles(h, (x_re, x_im), (tw_re, tw_im), z, k0) }
 }
 
 /// `v` with its sign flipped (exact).
