@@ -337,7 +337,6 @@ unsafe fn block_product_avx512_f32(
     s: Planes<'_, f32>,
     y: PlanesMut<'_, f32>,
 ) {
-    use std::arch::x86_64::*;
     let rows = x.0.len() / (q_a * f_pad);
     // Every access below stays inside these lengths (offsets as in `packed`).
     let (n_x, n_s, n_y) = (rows * q_a * f_pad, q_b * q_a * f_pad, rows * q_b * f_pad);
@@ -348,84 +347,31 @@ unsafe fn block_product_avx512_f32(
     );
     assert!(y.0.len() >= n_y && y.1.len() >= n_y, "y planes too short");
     assert!(f_pad.is_multiple_of(LANES));
-    let (r_main, i_main) = (rows / 4 * 4, q_b / 4 * 4);
-    let (xr_p, xi_p, sr_p, si_p) = (x.0.as_ptr(), x.1.as_ptr(), s.0.as_ptr(), s.1.as_ptr());
+    let r_main = rows / 4 * 4;
     let (y_re, y_im) = y;
     for fb in (0..f_pad).step_by(LANES) {
-        let t = fb / LANES;
+        // Output blocks in groups of 4, the last group 1-3 wide (same operations per
+        // accumulator whatever the group's width).
         let mut i0 = 0;
-        while i0 < i_main {
-            // Offsets of block j = 0 of this tile for the 4 outputs and, below, 4 rows.
-            let sb: [usize; 4] =
-                std::array::from_fn(|ii| (i0 + ii) * q_a * f_pad + t * q_a * LANES);
-            let mut r0 = 0;
-            while r0 < r_main {
-                let xb: [usize; 4] =
-                    std::array::from_fn(|rr| (r0 + rr) * q_a * f_pad + t * q_a * LANES);
-                let mut acc_re = [[_mm512_setzero_ps(); 4]; 2];
-                let mut acc_im = [[_mm512_setzero_ps(); 4]; 2];
-                for j in 0..q_a {
-                    let o = j * LANES;
-                    // SAFETY: xb[rr] + o + LANES <= n_x and sb[ii] + o + LANES <= n_s
-                    // (rows < rows, outputs < q_b, j < q_a, t < f_pad / LANES); unaligned
-                    // loads.
-                    unsafe {
-                        let pair = |p: *const f32, a: usize, b: usize| {
-                            _mm512_insertf32x8::<1>(
-                                _mm512_castps256_ps512(_mm256_loadu_ps(p.add(a))),
-                                _mm256_loadu_ps(p.add(b)),
-                            )
-                        };
-                        let xr = [
-                            pair(xr_p, xb[0] + o, xb[1] + o),
-                            pair(xr_p, xb[2] + o, xb[3] + o),
-                        ];
-                        let xi = [
-                            pair(xi_p, xb[0] + o, xb[1] + o),
-                            pair(xi_p, xb[2] + o, xb[3] + o),
-                        ];
-                        for ii in 0..4 {
-                            let sr = _mm512_broadcast_f32x8(_mm256_loadu_ps(sr_p.add(sb[ii] + o)));
-                            let si = _mm512_broadcast_f32x8(_mm256_loadu_ps(si_p.add(sb[ii] + o)));
-                            for pr in 0..2 {
-                                let (a_re, a_im) = (&mut acc_re[pr][ii], &mut acc_im[pr][ii]);
-                                *a_re = _mm512_fmadd_ps(xr[pr], sr, *a_re);
-                                *a_re = _mm512_fnmadd_ps(xi[pr], si, *a_re);
-                                *a_im = _mm512_fmadd_ps(xr[pr], si, *a_im);
-                                *a_im = _mm512_fmadd_ps(xi[pr], sr, *a_im);
-                            }
-                        }
-                    }
+        while i0 < q_b {
+            let t = Avx512Tile {
+                f_pad,
+                q_a,
+                q_b,
+                i0,
+                fb,
+                r_main,
+            };
+            let y = (&mut *y_re, &mut *y_im);
+            // SAFETY: AVX-512F/DQ and FMA (this function's contract); the planes hold the
+            // lengths asserted above.
+            unsafe {
+                match q_b - i0 {
+                    1 => t.rows::<1>(x, s, y),
+                    2 => t.rows::<2>(x, s, y),
+                    3 => t.rows::<3>(x, s, y),
+                    _ => t.rows::<4>(x, s, y),
                 }
-                for pr in 0..2 {
-                    for ii in 0..4 {
-                        for half in 0..2 {
-                            let r = r0 + 2 * pr + half;
-                            let at = r * q_b * f_pad + packed(q_b, i0 + ii, fb);
-                            let mut lo_re = [0f32; LANES];
-                            let mut lo_im = [0f32; LANES];
-                            // SAFETY: plain stores of register halves to local arrays.
-                            unsafe {
-                                let (v_re, v_im) = if half == 0 {
-                                    (
-                                        _mm512_castps512_ps256(acc_re[pr][ii]),
-                                        _mm512_castps512_ps256(acc_im[pr][ii]),
-                                    )
-                                } else {
-                                    (
-                                        _mm512_extractf32x8_ps::<1>(acc_re[pr][ii]),
-                                        _mm512_extractf32x8_ps::<1>(acc_im[pr][ii]),
-                                    )
-                                };
-                                _mm256_storeu_ps(lo_re.as_mut_ptr(), v_re);
-                                _mm256_storeu_ps(lo_im.as_mut_ptr(), v_im);
-                            }
-                            y_re[at..at + LANES].copy_from_slice(&lo_re);
-                            y_im[at..at + LANES].copy_from_slice(&lo_im);
-                        }
-                    }
-                }
-                r0 += 4;
             }
             i0 += 4;
         }
@@ -438,11 +384,114 @@ unsafe fn block_product_avx512_f32(
         };
         let y = (&mut *y_re, &mut *y_im);
         if r_main < rows {
-            at.products::<f32, true>(r_main..rows, 0..i_main, x, s, y);
+            at.products::<f32, true>(r_main..rows, 0..q_b, x, s, y);
         }
-        if i_main < q_b {
-            let y = (&mut *y_re, &mut *y_im);
-            at.products::<f32, true>(0..rows, i_main..q_b, x, s, y);
+    }
+}
+
+/// The 4-row AVX-512 tiles of `block_product_avx512_f32` for output blocks i0..i0 + I at
+/// frequency tile fb, over rows 0..r_main.
+struct Avx512Tile {
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    i0: usize,
+    fb: usize,
+    r_main: usize,
+}
+
+impl Avx512Tile {
+    /// Rows in groups of 4 (two rows per register) × I output blocks. Safety: AVX-512F/DQ
+    /// and FMA available; x, s and y hold the lengths that `block_product_avx512_f32`
+    /// asserts; i0 + I ≤ q_b, r_main ≤ rows.
+    #[inline(always)]
+    unsafe fn rows<const I: usize>(
+        &self,
+        x: Planes<'_, f32>,
+        s: Planes<'_, f32>,
+        (y_re, y_im): PlanesMut<'_, f32>,
+    ) {
+        use std::arch::x86_64::*;
+        let (f_pad, q_a, q_b, i0, fb) = (self.f_pad, self.q_a, self.q_b, self.i0, self.fb);
+        let t = fb / LANES;
+        let (xr_p, xi_p, sr_p, si_p) = (x.0.as_ptr(), x.1.as_ptr(), s.0.as_ptr(), s.1.as_ptr());
+        // Offsets of block j = 0 of this tile for the I outputs and, below, 4 rows.
+        let mut sb = [0usize; I];
+        for (ii, v) in sb.iter_mut().enumerate() {
+            *v = (i0 + ii) * q_a * f_pad + t * q_a * LANES;
+        }
+        let mut r0 = 0;
+        while r0 < self.r_main {
+            let mut xb = [0usize; 4];
+            for (rr, v) in xb.iter_mut().enumerate() {
+                *v = (r0 + rr) * q_a * f_pad + t * q_a * LANES;
+            }
+            // SAFETY: AVX-512F (the caller's contract).
+            let zero = unsafe { _mm512_setzero_ps() };
+            let mut acc_re = [[zero; I]; 2];
+            let mut acc_im = [[zero; I]; 2];
+            for j in 0..q_a {
+                let o = j * LANES;
+                // SAFETY: xb[rr] + o + LANES <= n_x and sb[ii] + o + LANES <= n_s
+                // (rows < rows, outputs < q_b, j < q_a, t < f_pad / LANES); unaligned
+                // loads.
+                unsafe {
+                    let pair = |p: *const f32, a: usize, b: usize| {
+                        _mm512_insertf32x8::<1>(
+                            _mm512_castps256_ps512(_mm256_loadu_ps(p.add(a))),
+                            _mm256_loadu_ps(p.add(b)),
+                        )
+                    };
+                    let xr = [
+                        pair(xr_p, xb[0] + o, xb[1] + o),
+                        pair(xr_p, xb[2] + o, xb[3] + o),
+                    ];
+                    let xi = [
+                        pair(xi_p, xb[0] + o, xb[1] + o),
+                        pair(xi_p, xb[2] + o, xb[3] + o),
+                    ];
+                    for ii in 0..I {
+                        let sr = _mm512_broadcast_f32x8(_mm256_loadu_ps(sr_p.add(sb[ii] + o)));
+                        let si = _mm512_broadcast_f32x8(_mm256_loadu_ps(si_p.add(sb[ii] + o)));
+                        for pr in 0..2 {
+                            let (a_re, a_im) = (&mut acc_re[pr][ii], &mut acc_im[pr][ii]);
+                            *a_re = _mm512_fmadd_ps(xr[pr], sr, *a_re);
+                            *a_re = _mm512_fnmadd_ps(xi[pr], si, *a_re);
+                            *a_im = _mm512_fmadd_ps(xr[pr], si, *a_im);
+                            *a_im = _mm512_fmadd_ps(xi[pr], sr, *a_im);
+                        }
+                    }
+                }
+            }
+            for pr in 0..2 {
+                for ii in 0..I {
+                    for half in 0..2 {
+                        let r = r0 + 2 * pr + half;
+                        let at = r * q_b * f_pad + packed(q_b, i0 + ii, fb);
+                        let mut lo_re = [0f32; LANES];
+                        let mut lo_im = [0f32; LANES];
+                        // SAFETY: plain stores of register halves to local arrays.
+                        unsafe {
+                            let (v_re, v_im) = if half == 0 {
+                                (
+                                    _mm512_castps512_ps256(acc_re[pr][ii]),
+                                    _mm512_castps512_ps256(acc_im[pr][ii]),
+                                )
+                            } else {
+                                (
+                                    _mm512_extractf32x8_ps::<1>(acc_re[pr][ii]),
+                                    _mm512_extractf32x8_ps::<1>(acc_im[pr][ii]),
+                                )
+                            };
+                            _mm256_storeu_ps(lo_re.as_mut_ptr(), v_re);
+                            _mm256_storeu_ps(lo_im.as_mut_ptr(), v_im);
+                        }
+                        y_re[at..at + LANES].copy_from_slice(&lo_re);
+                        y_im[at..at + LANES].copy_from_slice(&lo_im);
+                    }
+                }
+            }
+            r0 += 4;
         }
     }
 }
@@ -475,15 +524,31 @@ impl Tile {
             let at = group * q_a * f_pad + packed(q_a, 0, self.fb);
             planes[at..at + q_a * LANES].as_chunks::<LANES>().0
         };
-        let xs_re: [&[[T; LANES]]; R] = std::array::from_fn(|r| tile(x_re, self.r0 + r));
-        let xs_im: [&[[T; LANES]]; R] = std::array::from_fn(|r| tile(x_im, self.r0 + r));
-        let ss_re: [&[[T; LANES]]; I] = std::array::from_fn(|i| tile(s_re, self.i0 + i));
-        let ss_im: [&[[T; LANES]]; I] = std::array::from_fn(|i| tile(s_im, self.i0 + i));
+        // Plain loops, not `std::array::from_fn`: its closures were not always inlined
+        // (a call per tile and spectrum in the profile).
+        let mut xs_re: [&[Lane<T>]; R] = [&[]; R];
+        let mut xs_im: [&[Lane<T>]; R] = [&[]; R];
+        for r in 0..R {
+            xs_re[r] = tile(x_re, self.r0 + r);
+            xs_im[r] = tile(x_im, self.r0 + r);
+        }
+        let mut ss_re: [&[Lane<T>]; I] = [&[]; I];
+        let mut ss_im: [&[Lane<T>]; I] = [&[]; I];
+        for i in 0..I {
+            ss_re[i] = tile(s_re, self.i0 + i);
+            ss_im[i] = tile(s_im, self.i0 + i);
+        }
         for j in 0..q_a {
-            let xr: [[T; LANES]; R] = std::array::from_fn(|r| xs_re[r][j]);
-            let xi: [[T; LANES]; R] = std::array::from_fn(|r| xs_im[r][j]);
-            let sr: [[T; LANES]; I] = std::array::from_fn(|i| ss_re[i][j]);
-            let si: [[T; LANES]; I] = std::array::from_fn(|i| ss_im[i][j]);
+            let (mut xr, mut xi) = ([[T::zero(); LANES]; R], [[T::zero(); LANES]; R]);
+            for r in 0..R {
+                xr[r] = xs_re[r][j];
+                xi[r] = xs_im[r][j];
+            }
+            let (mut sr, mut si) = ([[T::zero(); LANES]; I], [[T::zero(); LANES]; I]);
+            for i in 0..I {
+                sr[i] = ss_re[i][j];
+                si[i] = ss_im[i][j];
+            }
             for r in 0..R {
                 for i in 0..I {
                     for l in 0..LANES {
