@@ -120,19 +120,9 @@ unsafe fn split_forward_tiles(
                 let (zr, zi) = load_split(zp.add(2 * k0));
                 let (rr, ri) = load_split(zp.add(2 * (h - k0 - (W - 1))));
                 let (rr, ri) = (reverse(rr), reverse(ri));
-                let (er, ei) = (_mm256_add_ps(zr, rr), _mm256_sub_ps(zi, ri));
-                let (dr, di) = (_mm256_sub_ps(zr, rr), _mm256_add_ps(zi, ri));
                 let twr = _mm256_loadu_ps(tw_re.as_ptr().add(k0));
                 let twi = _mm256_loadu_ps(tw_im.as_ptr().add(k0));
-                let half = _mm256_set1_ps(0.5);
-                let xr = _mm256_add_ps(
-                    _mm256_mul_ps(half, er),
-                    _mm256_add_ps(_mm256_mul_ps(twr, di), _mm256_mul_ps(twi, dr)),
-                );
-                let xi = _mm256_add_ps(
-                    _mm256_mul_ps(half, ei),
-                    _mm256_sub_ps(_mm256_mul_ps(twi, di), _mm256_mul_ps(twr, dr)),
-                );
+                let (xr, xi) = split_fwd_tile((zr, zi), (rr, ri), (twr, twi));
                 _mm256_storeu_ps(x_re.as_mut_ptr().add(k0), xr);
                 _mm256_storeu_ps(x_im.as_mut_ptr().add(k0), xi);
             }
@@ -191,14 +181,10 @@ unsafe fn split_inverse_tiles(
             let m = h - k0 - (W - 1);
             let rr = reverse(_mm256_loadu_ps(x_re.as_ptr().add(m)));
             let ri = reverse(_mm256_loadu_ps(x_im.as_ptr().add(m)));
-            let (ar, ai) = (_mm256_add_ps(xr, rr), _mm256_sub_ps(xi, ri));
-            let (br, bi) = (_mm256_sub_ps(xr, rr), _mm256_add_ps(xi, ri));
             let twr = _mm256_loadu_ps(tw_re.as_ptr().add(k0));
             let twi = _mm256_loadu_ps(tw_im.as_ptr().add(k0));
-            let (wr, wi) = (_mm256_add_ps(twr, twr), _mm256_add_ps(twi, twi));
-            let or = _mm256_add_ps(_mm256_mul_ps(br, wr), _mm256_mul_ps(bi, wi));
-            let oi = _mm256_sub_ps(_mm256_mul_ps(bi, wr), _mm256_mul_ps(br, wi));
-            store_joined(zp.add(2 * k0), _mm256_sub_ps(ar, oi), _mm256_add_ps(ai, or));
+            let (zr, zi) = split_inv_tile((xr, xi), (rr, ri), (twr, twi));
+            store_joined(zp.add(2 * k0), zr, zi);
         }
         k0 += W;
     }
@@ -286,19 +272,9 @@ pub(crate) unsafe fn split_forward_avx512(
             let (zr, zi) = load_split16(zp.add(2 * k0));
             let (rr, ri) = load_split16(zp.add(2 * (h - k0 - (W16 - 1))));
             let (rr, ri) = (reverse16(rr), reverse16(ri));
-            let (er, ei) = (_mm512_add_ps(zr, rr), _mm512_sub_ps(zi, ri));
-            let (dr, di) = (_mm512_sub_ps(zr, rr), _mm512_add_ps(zi, ri));
             let twr = _mm512_loadu_ps(tw_re.as_ptr().add(k0));
             let twi = _mm512_loadu_ps(tw_im.as_ptr().add(k0));
-            let half = _mm512_set1_ps(0.5);
-            let xr = _mm512_add_ps(
-                _mm512_mul_ps(half, er),
-                _mm512_add_ps(_mm512_mul_ps(twr, di), _mm512_mul_ps(twi, dr)),
-            );
-            let xi = _mm512_add_ps(
-                _mm512_mul_ps(half, ei),
-                _mm512_sub_ps(_mm512_mul_ps(twi, di), _mm512_mul_ps(twr, dr)),
-            );
+            let (xr, xi) = split_fwd_tile((zr, zi), (rr, ri), (twr, twi));
             _mm512_storeu_ps(x_re.as_mut_ptr().add(k0), xr);
             _mm512_storeu_ps(x_im.as_mut_ptr().add(k0), xi);
         }
@@ -333,14 +309,10 @@ pub(crate) unsafe fn split_inverse_avx512(
             let m = h - k0 - (W16 - 1);
             let rr = reverse16(_mm512_loadu_ps(x_re.as_ptr().add(m)));
             let ri = reverse16(_mm512_loadu_ps(x_im.as_ptr().add(m)));
-            let (ar, ai) = (_mm512_add_ps(xr, rr), _mm512_sub_ps(xi, ri));
-            let (br, bi) = (_mm512_sub_ps(xr, rr), _mm512_add_ps(xi, ri));
             let twr = _mm512_loadu_ps(tw_re.as_ptr().add(k0));
             let twi = _mm512_loadu_ps(tw_im.as_ptr().add(k0));
-            let (wr, wi) = (_mm512_add_ps(twr, twr), _mm512_add_ps(twi, twi));
-            let or = _mm512_add_ps(_mm512_mul_ps(br, wr), _mm512_mul_ps(bi, wi));
-            let oi = _mm512_sub_ps(_mm512_mul_ps(bi, wr), _mm512_mul_ps(br, wi));
-            store_joined16(zp.add(2 * k0), _mm512_sub_ps(ar, oi), _mm512_add_ps(ai, or));
+            let (zr, zi) = split_inv_tile((xr, xi), (rr, ri), (twr, twi));
+            store_joined16(zp.add(2 * k0), zr, zi);
         }
         k0 += W16;
     }
@@ -354,27 +326,70 @@ unsafe fn neg(v: __m256) -> __m256 {
     unsafe { _mm256_xor_ps(v, _mm256_set1_ps(-0.0)) }
 }
 
-/// The forward split at 8 frequencies from Z there (`a`) and Z at the mirrored ones
-/// (`b`, lanes in matching order), with the twiddles there: the generic body's operations.
+/// The float32 operations of the split tiles, on 8 lanes (AVX2) or 16 (AVX-512): the
+/// tiles below are written once for both widths, so the two builds run the same
+/// operations per lane by construction.
+trait Lanes: Copy {
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    unsafe fn mul(self, b: Self) -> Self;
+    unsafe fn splat(v: f32) -> Self;
+}
+
+impl Lanes for __m256 {
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        unsafe { _mm256_add_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        unsafe { _mm256_sub_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        unsafe { _mm256_mul_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        unsafe { _mm256_set1_ps(v) }
+    }
+}
+
+impl Lanes for __m512 {
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        unsafe { _mm512_add_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        unsafe { _mm512_sub_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        unsafe { _mm512_mul_ps(self, b) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        unsafe { _mm512_set1_ps(v) }
+    }
+}
+
+/// The forward split at a tile of frequencies from Z there (`a`) and Z at the mirrored
+/// ones (`b`, lanes in matching order), with the twiddles there: the generic body's
+/// operations.
 #[inline(always)]
-unsafe fn split_fwd_tile(
-    (ar, ai): (__m256, __m256),
-    (br, bi): (__m256, __m256),
-    (twr, twi): (__m256, __m256),
-) -> (__m256, __m256) {
+unsafe fn split_fwd_tile<V: Lanes>(
+    (ar, ai): (V, V),
+    (br, bi): (V, V),
+    (twr, twi): (V, V),
+) -> (V, V) {
     unsafe {
-        let half = _mm256_set1_ps(0.5);
-        let (er, ei) = (_mm256_add_ps(ar, br), _mm256_sub_ps(ai, bi));
-        let (dr, di) = (_mm256_sub_ps(ar, br), _mm256_add_ps(ai, bi));
+        let half = V::splat(0.5);
+        let (er, ei) = (ar.add(br), ai.sub(bi));
+        let (dr, di) = (ar.sub(br), ai.add(bi));
         (
-            _mm256_add_ps(
-                _mm256_mul_ps(half, er),
-                _mm256_add_ps(_mm256_mul_ps(twr, di), _mm256_mul_ps(twi, dr)),
-            ),
-            _mm256_add_ps(
-                _mm256_mul_ps(half, ei),
-                _mm256_sub_ps(_mm256_mul_ps(twi, di), _mm256_mul_ps(twr, dr)),
-            ),
+            half.mul(er).add(twr.mul(di).add(twi.mul(dr))),
+            half.mul(ei).add(twi.mul(di).sub(twr.mul(dr))),
         )
     }
 }
@@ -390,21 +405,21 @@ unsafe fn product_tile((xr, xi): (__m256, __m256), (sr, si): (__m256, __m256)) -
     }
 }
 
-/// The inverse split at 8 frequencies from Y there (`a`) and Y at the mirrored ones
+/// The inverse split at a tile of bins from Y there (`a`) and Y at the mirrored ones
 /// (`b`): the generic body's operations; returns (re, im) of Z there.
 #[inline(always)]
-unsafe fn split_inv_tile(
-    (xr, xi): (__m256, __m256),
-    (rr, ri): (__m256, __m256),
-    (twr, twi): (__m256, __m256),
-) -> (__m256, __m256) {
+unsafe fn split_inv_tile<V: Lanes>(
+    (xr, xi): (V, V),
+    (rr, ri): (V, V),
+    (twr, twi): (V, V),
+) -> (V, V) {
     unsafe {
-        let (ar, ai) = (_mm256_add_ps(xr, rr), _mm256_sub_ps(xi, ri));
-        let (br, bi) = (_mm256_sub_ps(xr, rr), _mm256_add_ps(xi, ri));
-        let (wr, wi) = (_mm256_add_ps(twr, twr), _mm256_add_ps(twi, twi));
-        let or = _mm256_add_ps(_mm256_mul_ps(br, wr), _mm256_mul_ps(bi, wi));
-        let oi = _mm256_sub_ps(_mm256_mul_ps(bi, wr), _mm256_mul_ps(br, wi));
-        (_mm256_sub_ps(ar, oi), _mm256_add_ps(ai, or))
+        let (ar, ai) = (xr.add(rr), xi.sub(ri));
+        let (br, bi) = (xr.sub(rr), xi.add(ri));
+        let (wr, wi) = (twr.add(twr), twi.add(twi));
+        let or = br.mul(wr).add(bi.mul(wi));
+        let oi = bi.mul(wr).sub(br.mul(wi));
+        (ar.sub(oi), ai.add(or))
     }
 }
 
