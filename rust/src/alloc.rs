@@ -63,6 +63,26 @@ pub(crate) struct AVec<T> {
     colour: usize,
 }
 
+/// The colours of the core's buffers by role, in one place so that buffers one loop
+/// reads and writes together visibly get different ones (the small FFT scratch buffers
+/// reuse some: they live on the heap, not each in a mapping of its own).
+pub(crate) mod colour {
+    /// A workspace's spectra planes: a_re, a_im, b_re, b_im.
+    pub(crate) const WORKSPACE: [usize; 4] = [0, 1, 2, 3];
+    /// The kernel spectra (re, im) in the forward and the transposed orientation.
+    pub(crate) const SPECTRA_FWD: [usize; 2] = [4, 5];
+    pub(crate) const SPECTRA_BWD: [usize; 2] = [6, 7];
+    /// backward: x's and grad_output's spectra planes, the kernel-gradient sums.
+    pub(crate) const BACKWARD_X: [usize; 2] = [8, 9];
+    pub(crate) const BACKWARD_G: [usize; 2] = [10, 11];
+    pub(crate) const KERNEL_GRAD: [usize; 2] = [12, 13];
+    /// FFT scratch: complex buffer, rustfft scratch, time samples, four split planes.
+    pub(crate) const FFT_BUF: usize = 14;
+    pub(crate) const FFT_SCRATCH: usize = 15;
+    pub(crate) const FFT_TIME: usize = 5;
+    pub(crate) const FFT_PLANES: [usize; 4] = [8, 10, 12, 13];
+}
+
 impl<T> Default for AVec<T> {
     fn default() -> Self {
         AVec::coloured(0)

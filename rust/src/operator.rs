@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::alloc::{bytes_of, give_scratch, mul, probe, take_scratch, try_vec, AVec};
+use crate::alloc::{bytes_of, colour, give_scratch, mul, probe, take_scratch, try_vec, AVec};
 use crate::rfft::{FftScratch, RealFft};
 use crate::simd;
 use crate::threads;
@@ -224,14 +224,14 @@ impl<T: Float> BlockCirculant<T> {
         Self::check_kernel(s, kernel)?;
         let (p, f_pad) = (s.p, self.f_pad);
         let len = f_pad * s.q_in * s.q_out; // checked in `new`
-        let planes = |colour, what| -> Result<(AVec<T>, AVec<T>), BcaError> {
+        let planes = |[c_re, c_im]: [usize; 2], what| -> Result<(AVec<T>, AVec<T>), BcaError> {
             Ok((
-                AVec::try_new(len, T::zero(), colour, what)?,
-                AVec::try_new(len, T::zero(), colour + 1, what)?,
+                AVec::try_new(len, T::zero(), c_re, what)?,
+                AVec::try_new(len, T::zero(), c_im, what)?,
             ))
         };
-        let (f_re, f_im) = planes(4, "the kernel spectra")?;
-        let (b_re, b_im) = planes(6, "the kernel spectra")?;
+        let (f_re, f_im) = planes(colour::SPECTRA_FWD, "the kernel spectra")?;
+        let (b_re, b_im) = planes(colour::SPECTRA_BWD, "the kernel spectra")?;
         let mut fwd = Spectra {
             re: f_re,
             im: f_im,
@@ -357,10 +357,10 @@ impl<T: Float> BlockCirculant<T> {
     fn new_workspace(&self) -> Result<Workspace<T>, BcaError> {
         Ok(Workspace {
             fft: self.fft.scratch()?,
-            a_re: AVec::coloured(0),
-            a_im: AVec::coloured(1),
-            b_re: AVec::coloured(2),
-            b_im: AVec::coloured(3),
+            a_re: AVec::coloured(colour::WORKSPACE[0]),
+            a_im: AVec::coloured(colour::WORKSPACE[1]),
+            b_re: AVec::coloured(colour::WORKSPACE[2]),
+            b_im: AVec::coloured(colour::WORKSPACE[3]),
         })
     }
 
@@ -822,17 +822,17 @@ impl<T: Float> BlockCirculant<T> {
         let what = "the batch spectra of backward";
         let (len_x, len_g) = (mul(block_rows, row_x, "x")?, mul(block_rows, row_g, "x")?);
         let mut planes = [
-            take_scratch(len_x, T::zero(), 8, what)?,
-            take_scratch(len_x, T::zero(), 9, what)?,
-            take_scratch(len_g, T::zero(), 10, what)?,
-            take_scratch(len_g, T::zero(), 11, what)?,
+            take_scratch(len_x, T::zero(), colour::BACKWARD_X[0], what)?,
+            take_scratch(len_x, T::zero(), colour::BACKWARD_X[1], what)?,
+            take_scratch(len_g, T::zero(), colour::BACKWARD_G[0], what)?,
+            take_scratch(len_g, T::zero(), colour::BACKWARD_G[1], what)?,
         ];
         let zero = <T::Acc as num_traits::Zero>::zero();
         let len_k = f_pad * q_out * q_in; // checked in `new`
         let what = "the kernel-gradient spectra";
         let mut k_planes = [
-            take_scratch(len_k, zero, 12, what)?,
-            take_scratch(len_k, zero, 13, what)?,
+            take_scratch(len_k, zero, colour::KERNEL_GRAD[0], what)?,
+            take_scratch(len_k, zero, colour::KERNEL_GRAD[1], what)?,
         ];
         let result = (|| {
             let [x_re, x_im, g_re, g_im] = &mut planes;

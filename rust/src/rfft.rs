@@ -24,7 +24,7 @@ use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::num_complex::Complex;
 use rustfft::{Fft, FftPlanner};
 
-use crate::alloc::AVec;
+use crate::alloc::{colour, AVec};
 use crate::simd::{padded_freqs, LANES};
 use crate::{BcaError, Float};
 
@@ -137,13 +137,18 @@ impl<T: Float> RealFft<T> {
             Plan::Odd { .. } => (self.p / 2 + 1, self.p),
         };
         Ok(FftScratch {
-            buf: AVec::try_new(buf_len, Complex::default(), 14, what)?,
-            scratch: AVec::try_new(self.scratch_len, Complex::default(), 15, what)?,
-            time: AVec::try_new(time_len, T::zero(), 5, what)?,
-            a_re: AVec::try_new(self.f_pad, T::zero(), 8, what)?,
-            a_im: AVec::try_new(self.f_pad, T::zero(), 10, what)?,
-            b_re: AVec::try_new(self.f_pad, T::zero(), 12, what)?,
-            b_im: AVec::try_new(self.f_pad, T::zero(), 13, what)?,
+            buf: AVec::try_new(buf_len, Complex::default(), colour::FFT_BUF, what)?,
+            scratch: AVec::try_new(
+                self.scratch_len,
+                Complex::default(),
+                colour::FFT_SCRATCH,
+                what,
+            )?,
+            time: AVec::try_new(time_len, T::zero(), colour::FFT_TIME, what)?,
+            a_re: AVec::try_new(self.f_pad, T::zero(), colour::FFT_PLANES[0], what)?,
+            a_im: AVec::try_new(self.f_pad, T::zero(), colour::FFT_PLANES[1], what)?,
+            b_re: AVec::try_new(self.f_pad, T::zero(), colour::FFT_PLANES[2], what)?,
+            b_im: AVec::try_new(self.f_pad, T::zero(), colour::FFT_PLANES[3], what)?,
         })
     }
 
