@@ -23,6 +23,16 @@ const MAX_ROWS_PER_CHUNK: usize = 16;
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// Bytes of batch spectra (x and grad_output) that `backward` works through at a time.
 const BACKWARD_BLOCK_BYTES: usize = 4 << 20;
+/// `backward` fuses the kernel-gradient sums into the pass that takes the spectra (see
+/// [`BlockCirculant::backward_fused`]) when one group's partial sums take at most this
+/// many bytes, so that they stay in a core's L2 cache beside a chunk's spectra.
+const FUSED_MAX_K_BYTES: usize = 1 << 20;
+/// Rows per chunk in a group of the fused backward: its spectra, the group's partial sums
+/// and the chunk's input gradient stay in L2 together (16 rows were 2-7% slower at
+/// d = 4096, p = 256).
+const FUSED_CHUNK_ROWS: usize = 8;
+/// Most bytes of partial kernel-gradient sums that one wave of `backward_fused` holds.
+const FUSED_WAVE_BYTES: usize = 4 << 20;
 /// Most idle workspaces an operator keeps for reuse (fewer on small machines, see
 /// [`max_pooled_workspaces`]).
 const MAX_POOLED_WORKSPACES: usize = 64;
@@ -55,15 +65,21 @@ struct Workspace<T> {
     a_im: AVec<T>,
     b_re: AVec<T>,
     b_im: AVec<T>,
+    /// Used by the fused backward only (empty otherwise): a chunk's x spectra and
+    /// grad_output spectra in the row-transposed layout of the kernel-gradient sums.
+    c_re: AVec<T>,
+    c_im: AVec<T>,
+    d_re: AVec<T>,
+    d_im: AVec<T>,
 }
 
 impl<T> Workspace<T> {
     fn bytes(&self) -> usize {
-        self.fft.bytes()
-            + self.a_re.bytes()
-            + self.a_im.bytes()
-            + self.b_re.bytes()
-            + self.b_im.bytes()
+        let planes = [
+            &self.a_re, &self.a_im, &self.b_re, &self.b_im, &self.c_re, &self.c_im, &self.d_re,
+            &self.d_im,
+        ];
+        planes.iter().map(|v| v.bytes()).sum::<usize>() + self.fft.bytes()
     }
 }
 
@@ -112,6 +128,15 @@ impl<T> WorkspacePool<T> {
         });
     }
 }
+
+/// One group's task in the fused backward: its rows of x and of grad_output, its partial
+/// kernel-gradient sums, and its rows of the input gradient (when asked for).
+type FusedGroup<'a, T> = (
+    &'a [T],
+    &'a [T],
+    simd::PlanesMut<'a, <T as Float>::Acc>,
+    Option<&'a mut [T]>,
+);
 
 /// Kernel spectra in one orientation: (q_b, q_a, F), split planes.
 struct Spectra<T> {
@@ -361,6 +386,10 @@ impl<T: Float> BlockCirculant<T> {
             a_im: AVec::coloured(colour::WORKSPACE[1]),
             b_re: AVec::coloured(colour::WORKSPACE[2]),
             b_im: AVec::coloured(colour::WORKSPACE[3]),
+            c_re: AVec::coloured(colour::BACKWARD_X[0]),
+            c_im: AVec::coloured(colour::BACKWARD_X[1]),
+            d_re: AVec::coloured(colour::BACKWARD_G[0]),
+            d_im: AVec::coloured(colour::BACKWARD_G[1]),
         })
     }
 
@@ -377,6 +406,23 @@ impl<T: Float> BlockCirculant<T> {
             v.try_grow(len, T::zero(), "an FFT workspace")?;
         }
         Ok(ws)
+    }
+
+    /// [`Self::take_workspace`] with the fused backward's planes (c, d) grown as well.
+    fn take_workspace_fused(&self, rows: usize) -> Result<Workspace<T>, BcaError> {
+        let s = self.shape;
+        let mut ws = self.take_workspace(rows)?;
+        let len = mul(mul(rows, s.q_in.max(s.q_out), "x")?, self.f_pad, "x")?;
+        let grown = [&mut ws.c_re, &mut ws.c_im, &mut ws.d_re, &mut ws.d_im]
+            .into_iter()
+            .try_for_each(|v| v.try_grow(len, T::zero(), "an FFT workspace"));
+        match grown {
+            Ok(()) => Ok(ws),
+            Err(e) => {
+                self.give_back_workspace(ws);
+                Err(e)
+            }
+        }
     }
 
     fn give_back_workspace(&self, ws: Workspace<T>) {
@@ -800,7 +846,27 @@ impl<T: Float> BlockCirculant<T> {
         if n_rows == 0 {
             return Ok(());
         }
+        let len_k = self.f_pad * s.q_out * s.q_in; // checked in `new`
+        match len_k * 2 * std::mem::size_of::<T::Acc>() <= FUSED_MAX_K_BYTES {
+            true => self.backward_fused(x, grad_output, n_rows, grad_x, grad_kernel),
+            false => self.backward_two_pass(x, grad_output, n_rows, grad_x, grad_kernel),
+        }
+    }
 
+    /// `backward` in two passes over blocks of rows, for kernels whose partial sums would
+    /// not fit a core's cache (see [`Self::backward_fused`] for the others): pass 1 takes
+    /// the spectra of the block's rows into batch planes (and the input gradient), pass 2
+    /// sums them per tile of frequencies, each task keeping its slab of the sums in cache.
+    /// `grad_kernel` is zero and `n_rows` positive.
+    fn backward_two_pass(
+        &self,
+        x: &[T],
+        grad_output: &[T],
+        n_rows: usize,
+        grad_x: Option<&mut [T]>,
+        grad_kernel: &mut [T],
+    ) -> Result<(), BcaError> {
+        let s = self.shape;
         let (d_in, d_out, q_in, q_out) = (s.in_features, s.out_features, s.q_in, s.q_out);
         let f_pad = self.f_pad;
         let (row_x, row_g) = (q_in * f_pad, q_out * f_pad);
@@ -875,6 +941,214 @@ impl<T: Float> BlockCirculant<T> {
         for v in k_planes {
             give_scratch(v);
         }
+        result
+    }
+
+    /// Rows per group of the fused backward: a multiple of [`MAX_ROWS_PER_CHUNK`] whose
+    /// spectra outweigh the group's partial sums about four times (so adding the partials
+    /// up costs little), but small enough that a batch makes about eight groups to share
+    /// among threads. It depends on the shape and the batch size only, never on the
+    /// thread count, and so do the sums.
+    fn fused_group_rows(&self, n_rows: usize) -> usize {
+        let s = self.shape;
+        let len_k = self.f_pad * s.q_out * s.q_in;
+        let k_bytes = len_k * 2 * std::mem::size_of::<T::Acc>();
+        let row_bytes = (s.q_in + s.q_out) * self.f_pad * 2 * std::mem::size_of::<T>();
+        let c = MAX_ROWS_PER_CHUNK;
+        let preferred = (4 * k_bytes).div_ceil(row_bytes.max(1)).div_ceil(c) * c;
+        let for_eight = n_rows.div_ceil(8).div_ceil(c) * c;
+        preferred.min(for_eight).max(c)
+    }
+
+    /// `backward` with the kernel-gradient sums fused into the pass that takes the
+    /// spectra, for kernels whose partial sums fit a core's cache. `grad_kernel` is zero
+    /// and `n_rows` positive.
+    ///
+    /// Rows go in groups of [`Self::fused_group_rows`]; one task per group takes, chunk by
+    /// chunk, the spectra of x and grad_output, the input gradient, and the group's
+    /// partial kernel-gradient sums (rows in order, float64 for float32), all while the
+    /// chunk's spectra are in its core's cache. The partial sums are then added up in
+    /// group order. The two-pass path instead wrote every row's spectra to batch planes
+    /// and read them back per frequency tile on another core: at d = 768 that pass was
+    /// bound by moving the planes between caches (1 and 2 threads took as long).
+    fn backward_fused(
+        &self,
+        x: &[T],
+        grad_output: &[T],
+        n_rows: usize,
+        grad_x: Option<&mut [T]>,
+        grad_kernel: &mut [T],
+    ) -> Result<(), BcaError> {
+        let s = self.shape;
+        let (d_in, d_out) = (s.in_features, s.out_features);
+        let len_k = self.f_pad * s.q_out * s.q_in;
+        let group = self.fused_group_rows(n_rows);
+        let n_groups = n_rows.div_ceil(group);
+        let pool = self.parallel_pool(n_rows);
+        let threads = pool.as_ref().map_or(1, threads::Parallel::threads);
+        let partial_bytes = len_k * 2 * std::mem::size_of::<T::Acc>();
+        // Groups per wave: whole rounds of threads within the byte budget, spread evenly
+        // over the waves (a last wave of one group would leave the other threads idle).
+        let most = (FUSED_WAVE_BYTES / partial_bytes.max(1) / threads * threads).max(threads);
+        let per_wave = n_groups.div_ceil(n_groups.div_ceil(most));
+        let wave = per_wave.div_ceil(threads) * threads;
+        let wave = wave.min(most).min(n_groups).max(1);
+        let zero = <T::Acc as num_traits::Zero>::zero();
+        let what = "the kernel-gradient spectra";
+        let len_p = mul(wave, len_k, "x")?;
+        let mut planes = [
+            take_scratch(len_k, zero, colour::KERNEL_GRAD[0], what)?,
+            take_scratch(len_k, zero, colour::KERNEL_GRAD[1], what)?,
+            take_scratch(len_p, zero, colour::BACKWARD_X[0], what)?,
+            take_scratch(len_p, zero, colour::BACKWARD_G[0], what)?,
+        ];
+        let result = (|| {
+            let [k_re, k_im, p_re, p_im] = &mut planes;
+            let (k_re, k_im) = (&mut k_re[..len_k], &mut k_im[..len_k]);
+            k_re.fill(zero);
+            k_im.fill(zero);
+            let mut gx_rest = grad_x;
+            let mut g0 = 0;
+            while g0 < n_groups {
+                let ng = wave.min(n_groups - g0);
+                let (r0, r1) = (g0 * group, ((g0 + ng) * group).min(n_rows));
+                let gx_groups: Vec<Option<&mut [T]>> = match gx_rest.take() {
+                    Some(gx) => {
+                        let (head, tail) = gx.split_at_mut((r1 - r0) * d_in);
+                        gx_rest = Some(tail);
+                        head.chunks_mut(group * d_in).map(Some).collect()
+                    }
+                    None => (0..ng).map(|_| None).collect(),
+                };
+                let items: Vec<_> = x[r0 * d_in..r1 * d_in]
+                    .chunks(group * d_in)
+                    .zip(grad_output[r0 * d_out..r1 * d_out].chunks(group * d_out))
+                    .zip(
+                        p_re[..ng * len_k]
+                            .chunks_mut(len_k)
+                            .zip(p_im[..ng * len_k].chunks_mut(len_k)),
+                    )
+                    .zip(gx_groups)
+                    .map(|(((xg, gg), p), gx)| (xg, gg, p, gx))
+                    .collect();
+                let work = |(xg, gg, (pr, pi), gx): FusedGroup<'_, T>| -> Result<(), BcaError> {
+                    pr.fill(zero);
+                    pi.fill(zero);
+                    let mut ws = self.take_workspace_fused(FUSED_CHUNK_ROWS)?;
+                    let r = self.fused_group(xg, gg, (pr, pi), gx, &mut ws);
+                    self.give_back_workspace(ws);
+                    r
+                };
+                match &pool {
+                    Some(pool) if ng > 1 => pool.try_for_each(items, work)?,
+                    _ => items.into_iter().try_for_each(work)?,
+                }
+                // Σ over groups, in group order: the same sums whatever the thread count.
+                let (p_re, p_im) = (&p_re[..ng * len_k], &p_im[..ng * len_k]);
+                let add = |(at, (kr, ki)): (usize, simd::PlanesMut<'_, T::Acc>)| {
+                    let n = kr.len();
+                    for g in 0..ng {
+                        let o = g * len_k + at;
+                        for (k, p) in kr.iter_mut().zip(&p_re[o..o + n]) {
+                            *k = *k + *p;
+                        }
+                        for (k, p) in ki.iter_mut().zip(&p_im[o..o + n]) {
+                            *k = *k + *p;
+                        }
+                    }
+                };
+                // Slices of the sums, as many as there are threads (whole cache lines).
+                let piece = len_k.div_ceil(threads).div_ceil(simd::LANES) * simd::LANES;
+                let pieces = k_re
+                    .chunks_mut(piece)
+                    .zip(k_im.chunks_mut(piece))
+                    .enumerate()
+                    .map(|(i, p)| (i * piece, p));
+                match &pool {
+                    Some(pool) if ng * partial_bytes >= FUSED_MAX_K_BYTES => {
+                        pool.for_each(pieces.collect(), add)
+                    }
+                    _ => pieces.for_each(add),
+                }
+                g0 += ng;
+            }
+            self.kernel_grad_from_spectra((k_re, k_im), grad_kernel, &pool)
+        })();
+        for v in planes {
+            give_scratch(v);
+        }
+        result
+    }
+
+    /// One group of the fused backward, chunk by chunk on the calling thread: spectra of
+    /// x (row-transposed) and grad_output (packed and row-transposed), the group's partial
+    /// kernel-gradient sums `k` (rows in order) and, when asked for, the input gradient.
+    fn fused_group(
+        &self,
+        x: &[T],
+        grad_output: &[T],
+        (k_re, k_im): simd::PlanesMut<'_, T::Acc>,
+        mut grad_x: Option<&mut [T]>,
+        ws: &mut Workspace<T>,
+    ) -> Result<(), BcaError> {
+        let s = self.shape;
+        let (d_in, d_out, q_in, q_out) = (s.in_features, s.out_features, s.q_in, s.q_out);
+        let f_pad = self.f_pad;
+        let slab = q_out * q_in * simd::LANES;
+        let c = FUSED_CHUNK_ROWS;
+        let mut a_re = std::mem::take(&mut ws.a_re);
+        let mut a_im = std::mem::take(&mut ws.a_im);
+        let mut c_re = std::mem::take(&mut ws.c_re);
+        let mut c_im = std::mem::take(&mut ws.c_im);
+        let mut d_re = std::mem::take(&mut ws.d_re);
+        let mut d_im = std::mem::take(&mut ws.d_im);
+        let result = x
+            .chunks(c * d_in)
+            .zip(grad_output.chunks(c * d_out))
+            .enumerate()
+            .try_for_each(|(i, (xc, gc))| -> Result<(), BcaError> {
+                let rows = gc.len() / d_out;
+                let (n_x, n_g) = (rows * q_in * f_pad, rows * q_out * f_pad);
+                let (xr, xi) = (&mut c_re[..n_x], &mut c_im[..n_x]);
+                let (gr, gi) = (&mut d_re[..n_g], &mut d_im[..n_g]);
+                let (ar, ai) = (&mut a_re[..n_g], &mut a_im[..n_g]);
+                self.rows_to_spectra(xc.chunks_exact(d_in), q_in, (xr, xi), true, "x", ws, None)?;
+                self.rows_to_spectra(
+                    gc.chunks_exact(d_out),
+                    q_out,
+                    (&mut *ar, &mut *ai),
+                    false,
+                    "grad_output",
+                    ws,
+                    Some((&mut *gr, &mut *gi)),
+                )?;
+                for (t, (kr, ki)) in k_re.chunks_mut(slab).zip(k_im.chunks_mut(slab)).enumerate() {
+                    simd::accumulate_kernel_grad::<T>(
+                        q_out,
+                        q_in,
+                        rows,
+                        t * simd::LANES,
+                        (&*gr, &*gi),
+                        (&*xr, &*xi),
+                        (kr, ki),
+                    );
+                }
+                match grad_x.as_deref_mut() {
+                    Some(gx) => self.product_to_rows(
+                        (&*ar, &*ai),
+                        &self.bwd,
+                        gx[i * c * d_in..i * c * d_in + rows * d_in].chunks_exact_mut(d_in),
+                        ws,
+                    ),
+                    None => Ok(()),
+                }
+            });
+        ws.a_re = a_re;
+        ws.a_im = a_im;
+        ws.c_re = c_re;
+        ws.c_im = c_im;
+        ws.d_re = d_re;
+        ws.d_im = d_im;
         result
     }
 
@@ -1060,5 +1334,111 @@ impl<T: Float> BlockCirculant<T> {
                 .enumerate()
                 .try_for_each(per_block_row),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::float::same_bits;
+
+    /// Deterministic values in [-1, 1).
+    fn values<T: Float>(n: usize, seed: u64) -> Vec<T> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+                T::from(2.0 * u - 1.0).unwrap()
+            })
+            .collect()
+    }
+
+    /// (grad_x, grad_kernel) by the fused or the two-pass path.
+    fn grads<T: Float>(
+        op: &BlockCirculant<T>,
+        fused: bool,
+        x: &[T],
+        g: &[T],
+        n: usize,
+    ) -> (Vec<T>, Vec<T>) {
+        let s = op.shape();
+        let mut gx = vec![T::zero(); n * s.in_features];
+        let mut gk = vec![T::zero(); s.kernel_len()];
+        match fused {
+            true => op.backward_fused(x, g, n, Some(&mut gx), &mut gk),
+            false => op.backward_two_pass(x, g, n, Some(&mut gx), &mut gk),
+        }
+        .unwrap();
+        (gx, gk)
+    }
+
+    fn rel_err<T: Float>(a: &[T], b: &[T]) -> f64 {
+        let (mut num, mut den) = (0.0, 0.0);
+        for (u, v) in a.iter().zip(b) {
+            let (u, v) = (u.to_f64().unwrap(), v.to_f64().unwrap());
+            num += (u - v) * (u - v);
+            den += v * v;
+        }
+        (num / den).sqrt()
+    }
+
+    /// The fused backward gives the two-pass path's input gradient bit for bit and its
+    /// kernel gradient to rounding, and neither depends on the thread count, including
+    /// batches that take several waves of groups and the parallel sum of the partials.
+    fn fused_case<T: Float>(tol: f64) {
+        // (q_out, q_in, p, in_features, out_features, rows)
+        let shapes = [
+            (3, 3, 256, 768, 768, 200),    // 13 groups of 16 rows, chunks of 8
+            (2, 3, 7, 20, 13, 37),         // odd p, padded on both sides
+            (1, 1, 64, 64, 64, 50),        // p = d
+            (4, 2, 16, 32, 64, 1),         // one row
+            (8, 8, 256, 2048, 2048, 2000), // 63 groups in 3 waves, summed in parallel
+        ];
+        for (k, &(q_out, q_in, p, d_in, d_out, n)) in shapes.iter().enumerate() {
+            let kernel = values::<T>(q_out * q_in * p, 1 + k as u64);
+            let op = BlockCirculant::new(&kernel, q_out, q_in, p, Some(d_in), Some(d_out)).unwrap();
+            let x = values::<T>(n * d_in, 100 + k as u64);
+            let g = values::<T>(n * d_out, 200 + k as u64);
+            type Grads<T> = (Vec<T>, Vec<T>);
+            let mut seen: Vec<(Grads<T>, Grads<T>)> = Vec::new();
+            for threads in [1, 2, 3, 4] {
+                op.set_num_threads(threads);
+                let fused = grads(&op, true, &x, &g, n);
+                let two = grads(&op, false, &x, &g, n);
+                assert!(same_bits(&fused.0, &two.0), "grad_x, shape {k}");
+                let err = rel_err(&fused.1, &two.1);
+                assert!(err <= tol, "grad_kernel differs by {err:e}, shape {k}");
+                if let Some((f0, t0)) = seen.first() {
+                    let same = |a: &(Vec<T>, Vec<T>), b: &(Vec<T>, Vec<T>)| {
+                        same_bits(&a.0, &b.0) && same_bits(&a.1, &b.1)
+                    };
+                    assert!(same(f0, &fused), "fused, {threads} threads, shape {k}");
+                    assert!(same(t0, &two), "two-pass, {threads} threads, shape {k}");
+                }
+                seen.push((fused, two));
+            }
+        }
+    }
+
+    #[test]
+    fn fused_backward_matches_the_two_pass_one_whatever_the_thread_count() {
+        fused_case::<f32>(1e-6);
+        fused_case::<f64>(1e-13);
+    }
+
+    #[test]
+    fn fused_groups_and_waves_do_not_depend_on_threads() {
+        let kernel = values::<f32>(8 * 8 * 256, 3);
+        let op = BlockCirculant::new(&kernel, 8, 8, 256, None, None).unwrap();
+        // 4 · partial sums / a row's spectra = 32 rows; about eight groups for small batches
+        assert_eq!(op.fused_group_rows(2000), 32);
+        assert_eq!(op.fused_group_rows(100), 16);
+        assert_eq!(op.fused_group_rows(1), 16);
+        // p = d: tiny partial sums, groups of one chunk round
+        let op = BlockCirculant::new(&values::<f32>(64, 4), 1, 1, 64, None, None).unwrap();
+        assert_eq!(op.fused_group_rows(10_000), 16);
     }
 }
