@@ -19,9 +19,9 @@
 #![cfg_attr(not(feature = "python"), allow(dead_code))]
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 type GompFn = extern "C" fn(*mut c_void);
 type GompParallel = unsafe extern "C" fn(GompFn, *mut c_void, c_uint, c_uint);
@@ -96,62 +96,12 @@ pub(crate) fn in_use() -> bool {
     team().is_some()
 }
 
-struct Job<'a, I, E> {
-    items: Vec<Mutex<Option<I>>>,
-    next: AtomicUsize,
-    stop: AtomicBool,
-    f: &'a (dyn Fn(I) -> Result<(), E> + Sync),
-    /// The first failure by task index: an error or a panic payload.
-    failure: Mutex<Option<(usize, Failure<E>)>>,
-}
-
-enum Failure<E> {
-    Error(E),
-    Panic(Box<dyn std::any::Any + Send>),
-}
-
-impl<I, E> Job<'_, I, E> {
-    fn fail(&self, i: usize, f: Failure<E>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut slot = match self.failure.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if slot.as_ref().is_none_or(|(j, _)| i < *j) {
-            *slot = Some((i, f));
-        }
-    }
-
-    /// Claim and run tasks until none is left (or one failed).
-    fn work(&self) {
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some(cell) = self.items.get(i) else {
-                return;
-            };
-            let item = match cell.lock() {
-                Ok(mut g) => g.take(),
-                Err(p) => p.into_inner().take(),
-            };
-            let Some(item) = item else { continue };
-            match catch_unwind(AssertUnwindSafe(|| (self.f)(item))) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => self.fail(i, Failure::Error(e)),
-                Err(payload) => self.fail(i, Failure::Panic(payload)),
-            }
-        }
-    }
-}
-
-extern "C" fn run_job<I, E>(data: *mut c_void) {
-    // SAFETY: `data` is the `&Job<I, E>` that `try_for_each` passed to GOMP_parallel,
-    // alive until GOMP_parallel returns (after every thread has left this function).
-    let job = unsafe { &*data.cast::<Job<'_, I, E>>() };
+extern "C" fn run_work(data: *mut c_void) {
+    // SAFETY: `data` is the `&&(dyn Fn() + Sync)` that `try_for_each` passed to
+    // GOMP_parallel, alive until GOMP_parallel returns (after every thread has left here).
+    let work = unsafe { &*data.cast::<&(dyn Fn() + Sync)>() };
     // Nothing may unwind into C: `work` catches every task's panic.
-    let _ = catch_unwind(AssertUnwindSafe(|| job.work()));
+    let _ = catch_unwind(AssertUnwindSafe(work));
 }
 
 /// Run `f` on every item on `threads` threads of the team (the caller is one of them);
@@ -165,38 +115,21 @@ pub(crate) fn try_for_each<I: Send, E: Send>(
     let Some(team) = team() else {
         return Err(items);
     };
-    let job = Job {
-        items: items.into_iter().map(|i| Mutex::new(Some(i))).collect(),
-        next: AtomicUsize::new(0),
-        stop: AtomicBool::new(false),
-        f,
-        failure: Mutex::new(None),
-    };
-    let n = c_uint::try_from(threads.min(job.items.len()).max(1)).unwrap_or(c_uint::MAX);
-    // SAFETY: GOMP_parallel runs `run_job::<I, E>(&job)` on n threads and returns when
-    // all have finished; `job` outlives the call and is only shared (`Sync` parts).
-    unsafe {
-        (team.parallel)(
-            run_job::<I, E>,
-            std::ptr::from_ref(&job).cast_mut().cast(),
-            n,
-            0,
-        );
-    }
-    let failure = match job.failure.into_inner() {
-        Ok(f) => f,
-        Err(p) => p.into_inner(),
-    };
-    Ok(match failure {
-        None => Ok(()),
-        Some((_, Failure::Error(e))) => Err(e),
-        Some((_, Failure::Panic(payload))) => resume_unwind(payload),
-    })
+    let n = c_uint::try_from(threads.min(items.len()).max(1)).unwrap_or(c_uint::MAX);
+    Ok(crate::threads::run_claimed(items, f, |work| {
+        // SAFETY: GOMP_parallel runs `run_work(&work)` on n threads and returns when all
+        // have finished; `work` outlives the call and is only shared (`Sync`).
+        unsafe {
+            (team.parallel)(run_work, std::ptr::from_ref(&work).cast_mut().cast(), n, 0);
+        }
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
 
     /// Load the system's libgomp (the test process has none); false when there is none.
     fn load_libgomp() -> bool {
