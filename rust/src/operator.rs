@@ -27,6 +27,8 @@ const BACKWARD_BLOCK_BYTES: usize = 4 << 20;
 /// [`BlockCirculant::backward_fused`]) when one group's partial sums take at most this
 /// many bytes, so that they stay in a core's L2 cache beside a chunk's spectra.
 const FUSED_MAX_K_BYTES: usize = 1 << 20;
+/// Fewest groups of rows for which `backward` takes the fused path.
+const FUSED_MIN_GROUPS: usize = 4;
 /// Rows per chunk in a group of the fused backward: its spectra, the group's partial sums
 /// and the chunk's input gradient stay in L2 together (16 rows were 2-7% slower at
 /// d = 4096, p = 256).
@@ -846,8 +848,7 @@ impl<T: Float> BlockCirculant<T> {
         if n_rows == 0 {
             return Ok(());
         }
-        let len_k = self.f_pad * s.q_out * s.q_in; // checked in `new`
-        match len_k * 2 * std::mem::size_of::<T::Acc>() <= FUSED_MAX_K_BYTES {
+        match self.fused_backward(n_rows) {
             true => self.backward_fused(x, grad_output, n_rows, grad_x, grad_kernel),
             false => self.backward_two_pass(x, grad_output, n_rows, grad_x, grad_kernel),
         }
@@ -945,19 +946,28 @@ impl<T: Float> BlockCirculant<T> {
     }
 
     /// Rows per group of the fused backward: a multiple of [`MAX_ROWS_PER_CHUNK`] whose
-    /// spectra outweigh the group's partial sums about four times (so adding the partials
-    /// up costs little), but small enough that a batch makes about eight groups to share
-    /// among threads. It depends on the shape and the batch size only, never on the
-    /// thread count, and so do the sums.
-    fn fused_group_rows(&self, n_rows: usize) -> usize {
+    /// spectra outweigh the group's partial sums about four times, so that clearing and
+    /// adding up the partials costs little. It depends on the shape only (never on the
+    /// thread count), and so do the sums.
+    fn fused_group_rows(&self) -> usize {
         let s = self.shape;
         let len_k = self.f_pad * s.q_out * s.q_in;
         let k_bytes = len_k * 2 * std::mem::size_of::<T::Acc>();
         let row_bytes = (s.q_in + s.q_out) * self.f_pad * 2 * std::mem::size_of::<T>();
         let c = MAX_ROWS_PER_CHUNK;
-        let preferred = (4 * k_bytes).div_ceil(row_bytes.max(1)).div_ceil(c) * c;
-        let for_eight = n_rows.div_ceil(8).div_ceil(c) * c;
-        preferred.min(for_eight).max(c)
+        ((4 * k_bytes).div_ceil(row_bytes.max(1)).div_ceil(c) * c).max(c)
+    }
+
+    /// Whether `backward` takes the fused path for `n_rows` rows: when the partial sums
+    /// fit a core's cache and the batch makes at least [`FUSED_MIN_GROUPS`] groups to
+    /// share among threads (fewer, and the two-pass path, which splits the sums by
+    /// frequency, kept more threads busy: at d = 4096, p = 256, 32 and 128 rows ran 3-13%
+    /// slower fused). Shape and batch size decide, never the thread count.
+    fn fused_backward(&self, n_rows: usize) -> bool {
+        let s = self.shape;
+        let len_k = self.f_pad * s.q_out * s.q_in; // checked in `new`
+        len_k * 2 * std::mem::size_of::<T::Acc>() <= FUSED_MAX_K_BYTES
+            && n_rows >= FUSED_MIN_GROUPS * self.fused_group_rows()
     }
 
     /// `backward` with the kernel-gradient sums fused into the pass that takes the
@@ -982,7 +992,7 @@ impl<T: Float> BlockCirculant<T> {
         let s = self.shape;
         let (d_in, d_out) = (s.in_features, s.out_features);
         let len_k = self.f_pad * s.q_out * s.q_in;
-        let group = self.fused_group_rows(n_rows);
+        let group = self.fused_group_rows();
         let n_groups = n_rows.div_ceil(group);
         let pool = self.parallel_pool(n_rows);
         let threads = pool.as_ref().map_or(1, threads::Parallel::threads);
@@ -1034,7 +1044,8 @@ impl<T: Float> BlockCirculant<T> {
                 let work = |(xg, gg, (pr, pi), gx): FusedGroup<'_, T>| -> Result<(), BcaError> {
                     pr.fill(zero);
                     pi.fill(zero);
-                    let mut ws = self.take_workspace_fused(FUSED_CHUNK_ROWS)?;
+                    let rows = (gg.len() / d_out).min(FUSED_CHUNK_ROWS);
+                    let mut ws = self.take_workspace_fused(rows)?;
                     let r = self.fused_group(xg, gg, (pr, pi), gx, &mut ws);
                     self.give_back_workspace(ws);
                     r
@@ -1433,12 +1444,16 @@ mod tests {
     fn fused_groups_and_waves_do_not_depend_on_threads() {
         let kernel = values::<f32>(8 * 8 * 256, 3);
         let op = BlockCirculant::new(&kernel, 8, 8, 256, None, None).unwrap();
-        // 4 · partial sums / a row's spectra = 32 rows; about eight groups for small batches
-        assert_eq!(op.fused_group_rows(2000), 32);
-        assert_eq!(op.fused_group_rows(100), 16);
-        assert_eq!(op.fused_group_rows(1), 16);
+        // 4 · partial sums / a row's spectra = 32 rows; fused from 4 groups on
+        assert_eq!(op.fused_group_rows(), 32);
+        assert!(!op.fused_backward(127) && op.fused_backward(128));
         // p = d: tiny partial sums, groups of one chunk round
         let op = BlockCirculant::new(&values::<f32>(64, 4), 1, 1, 64, None, None).unwrap();
-        assert_eq!(op.fused_group_rows(10_000), 16);
+        assert_eq!(op.fused_group_rows(), 16);
+        assert!(!op.fused_backward(63) && op.fused_backward(64));
+        // partial sums over 1 MiB (d = 4096, p = 64): always two passes
+        let op =
+            BlockCirculant::new(&values::<f32>(64 * 64 * 64, 5), 64, 64, 64, None, None).unwrap();
+        assert!(!op.fused_backward(1 << 20));
     }
 }
