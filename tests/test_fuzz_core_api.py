@@ -65,6 +65,19 @@ def test_harness_oracles_equal_the_test_oracles() -> None:
         )
 
 
+def test_harness_compares_results_near_the_float64_range() -> None:
+    # A scale of 1e300 is valid: the sums of squares of such results overflowed, which
+    # made a correct result a NaN "error" (fuzz seed 4343, --openmp) and an inf result
+    # "close" to a finite oracle.
+    close = _harness().rel_close
+    want = np.array([1e300, -3e299, 2e300, 0.0])
+    assert close(want.copy(), want, 1e-12, 0.0) == (True, 0.0)
+    assert close(want * (1 + 1e-15), want, 1e-12, 0.0)[0]
+    assert not close(want * (1 + 1e-6), want, 1e-12, 0.0)[0]
+    assert not close(np.array([np.inf, 0.0, 0.0, 0.0]), want, 1e-12, 0.0)[0]
+    assert not close(np.array([np.nan, 0.0, 0.0, 0.0]), want, 1e-12, 0.0)[0]
+
+
 def test_short_fuzz_pass_has_no_failures() -> None:
     rc, out, counts = _run(
         "--iterations", "2000000", "--max-seconds", "20", "--seed", "20261203",
