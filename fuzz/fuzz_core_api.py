@@ -187,7 +187,7 @@ SMALL_BLOCK_SIZES = [1, 1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 16, 17]
 BLOCK_SIZES = [31, 32, 64, 23, 29]
 RARE_BLOCK_SIZES = [97, 128, 127, 257, 256]
 # (64,), (131,) and (2, 67): enough rows for backward's fused path (from 4 groups of 16
-# rows on for the small kernels drawn here), with a partial last group and chunk.
+# or 32 rows on for the small kernels drawn here), with a partial last group and chunk.
 LEADING = [(), (0,), (1,), (1,), (2,), (3,), (5,), (2, 3), (1, 1, 2), (0, 3), (3, 0), (2, 1, 1, 2)]
 LEADING += [(64,), (131,), (2, 67)]
 BAD_DTYPES = [
