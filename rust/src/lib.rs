@@ -36,3 +36,20 @@ pub use threads::{default_num_threads, refresh_env_default, set_default_num_thre
 
 #[cfg(feature = "python")]
 mod python;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// Deterministic values in [-1, 1) (xorshift64).
+    pub(crate) fn signal(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect()
+    }
+}

@@ -128,8 +128,6 @@ pub(crate) fn try_for_each<I: Send, E: Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Mutex;
 
     /// Load the system's libgomp (the test process has none); false when there is none.
     fn load_libgomp() -> bool {
@@ -150,44 +148,9 @@ mod tests {
         }
         assert!(attach("libgomp.so.1"));
         assert!(in_use());
-        // every item exactly once, on several threads
-        let hits: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
-        let threads = Mutex::new(std::collections::HashSet::new());
-        let r = try_for_each(4, (0..1000).collect(), &|i: usize| -> Result<(), ()> {
-            hits[i].fetch_add(1, Ordering::Relaxed);
-            threads.lock().unwrap().insert(std::thread::current().id());
-            if i == 0 {
-                // wait (bounded) for a second thread of the team to take a task
-                let t0 = std::time::Instant::now();
-                while threads.lock().unwrap().len() < 2 && t0.elapsed().as_secs() < 5 {
-                    std::thread::yield_now();
-                }
-            }
-            Ok(())
+        crate::threads::tests::check_runner(&|items, f| {
+            try_for_each(4, items, f).unwrap_or_else(|_| panic!("the team is attached"))
         });
-        assert_eq!(r, Ok(Ok(())));
-        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
-        assert!(threads.lock().unwrap().len() >= 2, "ran on one thread only");
-        // the first error by index, whichever thread met it first
-        for _ in 0..20 {
-            let r = try_for_each(4, (0..1000).collect(), &|i: usize| match i {
-                500 | 700 => Err(i),
-                _ => Ok(()),
-            });
-            assert_eq!(r, Ok(Err(500)));
-        }
-        // a panic in a task is resumed on the caller, not unwound through C
-        let caught = catch_unwind(AssertUnwindSafe(|| {
-            try_for_each(4, (0..100).collect(), &|i: usize| -> Result<(), ()> {
-                assert!(i != 42, "task 42 failed");
-                Ok(())
-            })
-        }));
-        let msg = caught.unwrap_err();
-        let msg = (msg.downcast_ref::<&str>().map(|s| s.to_string()))
-            .or_else(|| msg.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        assert!(msg.contains("task 42"), "{msg}");
         // still usable; detached, the caller gets its items back
         assert_eq!(
             try_for_each(2, vec![1, 2], &|_: i32| -> Result<(), ()> { Ok(()) }),

@@ -1356,16 +1356,8 @@ mod tests {
 
     /// Deterministic values in [-1, 1).
     fn values<T: Float>(n: usize, seed: u64) -> Vec<T> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 11) as f64 / (1u64 << 53) as f64;
-                T::from(2.0 * u - 1.0).unwrap()
-            })
-            .collect()
+        let v = crate::testutil::signal(n, seed);
+        v.into_iter().map(|v| T::from(v).unwrap()).collect()
     }
 
     /// (grad_x, grad_kernel) by the fused or the two-pass path.

@@ -592,17 +592,7 @@ fn split_inverse_body<T: Float>(
 mod tests {
     use super::*;
 
-    fn signal(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testutil::signal;
 
     /// The DFT by its definition, in f64.
     fn dft(x: &[f64]) -> Vec<(f64, f64)> {

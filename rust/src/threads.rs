@@ -345,7 +345,7 @@ pub(crate) fn pool(n: usize) -> Option<Arc<ThreadPool>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -358,24 +358,25 @@ mod tests {
         assert_eq!(parse_env("two"), None);
     }
 
-    /// The rayon path (caller and pool workers claiming tasks): every item runs exactly
-    /// once, on more than one thread; the first error by index comes back; a task's panic
-    /// is resumed on the caller; and calls from several threads at once on one pool (whose
-    /// workers are then busy, so many helpers start after their call has returned) lose
-    /// no item.
-    #[test]
-    fn rayon_calls_run_every_task_once_and_return_errors_and_panics() {
-        let par = Parallel {
-            threads: 3,
-            pool: Some(pool(3).expect("a pool")),
-        };
+    /// A test task: fails with its index, or not.
+    pub(crate) type Task<'a> = dyn Fn(usize) -> Result<(), usize> + Sync + 'a;
+    /// A way of running a call's tasks: `run(items, task)`.
+    pub(crate) type Runner<'a> = dyn Fn(Vec<usize>, &Task<'_>) -> Result<(), usize> + 'a;
+
+    /// Checks any way of running a call's tasks (`run(items, f)`: the rayon pool, the
+    /// OpenMP team): every item runs exactly once, on more than one thread; the first
+    /// error by index comes back whichever thread met it first; a task's panic is resumed
+    /// on the caller; and the call returns only once every task has finished, including
+    /// those that other threads run (slow tasks, so one is still running when the
+    /// caller's share is done).
+    pub(crate) fn check_runner(run: &Runner<'_>) {
         let hits: Vec<AtomicUsize> = (0..2000).map(|_| AtomicUsize::new(0)).collect();
         let threads = Mutex::new(std::collections::HashSet::new());
-        let r = par.try_for_each((0..2000).collect(), |i: usize| -> Result<(), ()> {
+        let r = run((0..2000).collect(), &|i| {
             hits[i].fetch_add(1, Ordering::Relaxed);
             threads.lock().unwrap().insert(std::thread::current().id());
             if i == 0 {
-                // wait (bounded) for a worker to take a task
+                // wait (bounded) for another thread to take a task
                 let t0 = std::time::Instant::now();
                 while threads.lock().unwrap().len() < 2 && t0.elapsed().as_secs() < 5 {
                     std::thread::yield_now();
@@ -387,14 +388,14 @@ mod tests {
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         assert!(threads.lock().unwrap().len() >= 2, "ran on one thread only");
         for _ in 0..20 {
-            let r = par.try_for_each((0..1000).collect(), |i: usize| match i {
+            let r = run((0..1000).collect(), &|i| match i {
                 500 | 700 => Err(i),
                 _ => Ok(()),
             });
             assert_eq!(r, Err(500));
         }
         let caught = catch_unwind(AssertUnwindSafe(|| {
-            par.try_for_each((0..100).collect(), |i: usize| -> Result<(), ()> {
+            run((0..100).collect(), &|i| {
                 assert!(i != 42, "task 42 failed");
                 Ok(())
             })
@@ -404,22 +405,29 @@ mod tests {
             .or_else(|| msg.downcast_ref::<String>().cloned())
             .unwrap_or_default();
         assert!(msg.contains("task 42"), "{msg}");
-        // a call returns only once every task has finished, including those that the
-        // workers run (slow tasks, so a worker is still inside one when the caller's
-        // share is done)
         for _ in 0..20 {
             let done = AtomicUsize::new(0);
-            par.for_each((0..6).collect(), |_: usize| {
+            let r = run((0..6).collect(), &|_| {
                 std::thread::sleep(std::time::Duration::from_micros(300));
                 done.fetch_add(1, Ordering::SeqCst);
+                Ok(())
             });
-            assert_eq!(
-                done.load(Ordering::SeqCst),
-                6,
-                "returned before its tasks ended"
-            );
+            assert_eq!(r, Ok(()));
+            let done = done.load(Ordering::SeqCst);
+            assert_eq!(done, 6, "returned before its tasks ended");
         }
-        // many small calls from 4 threads at once on the same pool
+    }
+
+    /// The rayon path (caller and pool workers claiming tasks) passes [`check_runner`],
+    /// and calls from several threads at once on one pool (whose workers are then busy,
+    /// so many helpers start after their call has returned) lose no item.
+    #[test]
+    fn rayon_calls_run_every_task_once_and_return_errors_and_panics() {
+        let par = Parallel {
+            threads: 3,
+            pool: Some(pool(3).expect("a pool")),
+        };
+        check_runner(&|items, f| par.try_for_each(items, f));
         let total = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..4 {
