@@ -40,16 +40,35 @@ mod python;
 /// Helpers shared by the unit tests.
 #[cfg(test)]
 pub(crate) mod testutil {
-    /// Deterministic values in [-1, 1) (xorshift64).
-    pub(crate) fn signal(n: usize, seed: u64) -> Vec<f64> {
+    use crate::Float;
+
+    /// A deterministic xorshift64 stream.
+    pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    /// Deterministic values in [-1, 1).
+    pub(crate) fn signal(n: usize, seed: u64) -> Vec<f64> {
+        let mut next = xorshift(seed);
         (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-            })
+            .map(|_| (next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
             .collect()
+    }
+
+    /// ||a - b|| / ||b||, in float64.
+    pub(crate) fn rel_err<T: Float>(a: &[T], b: &[T]) -> f64 {
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (x, y) in a.iter().zip(b) {
+            let (x, y) = (x.to_f64().unwrap_or(0.0), y.to_f64().unwrap_or(0.0));
+            num += (x - y) * (x - y);
+            den += y * y;
+        }
+        (num / den.max(1e-300)).sqrt()
     }
 }

@@ -1353,6 +1353,7 @@ impl<T: Float> BlockCirculant<T> {
 mod tests {
     use super::*;
     use crate::float::same_bits;
+    use crate::testutil::rel_err;
 
     /// Deterministic values in [-1, 1).
     fn values<T: Float>(n: usize, seed: u64) -> Vec<T> {
@@ -1377,16 +1378,6 @@ mod tests {
         }
         .unwrap();
         (gx, gk)
-    }
-
-    fn rel_err<T: Float>(a: &[T], b: &[T]) -> f64 {
-        let (mut num, mut den) = (0.0, 0.0);
-        for (u, v) in a.iter().zip(b) {
-            let (u, v) = (u.to_f64().unwrap(), v.to_f64().unwrap());
-            num += (u - v) * (u - v);
-            den += v * v;
-        }
-        (num / den).sqrt()
     }
 
     /// The fused backward gives the two-pass path's input gradient bit for bit and its

@@ -816,31 +816,20 @@ mod tests {
     //! The AVX2 build of each kernel must give the generic build's results bit for bit (the
     //! property the module docs promise, which makes results independent of the CPU).
     use super::*;
+    use crate::testutil::rel_err;
 
     /// Deterministic values over a wide dynamic range, so that any change in the order or
     /// the fusion of operations shows in the last bits.
     fn values<T: Float>(n: usize, seed: u64) -> Vec<T> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = crate::testutil::xorshift(seed);
         (0..n)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = next();
                 let u = (s >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
                 let e = ((s >> 3) % 24) as i32 - 12;
                 T::from((u * 2.0 - 1.0) * 2f64.powi(e)).unwrap_or_else(T::zero)
             })
             .collect()
-    }
-
-    fn rel<T: Float>(a: &[T], b: &[T]) -> f64 {
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for (x, y) in a.iter().zip(b) {
-            let (x, y) = (x.to_f64().unwrap_or(0.0), y.to_f64().unwrap_or(0.0));
-            num += (x - y) * (x - y);
-            den += y * y;
-        }
-        (num / den.max(1e-300)).sqrt()
     }
 
     fn bits<T: Float>(v: &[T]) -> Vec<u64> {
@@ -909,7 +898,7 @@ mod tests {
                 };
                 let tol = T::epsilon().to_f64().unwrap_or(1.0) * 4.0 * q_a as f64;
                 for (got, want) in [(&f_re, &g_re), (&f_im, &g_im)] {
-                    let err = rel(got, want);
+                    let err = rel_err(got, want);
                     assert!(err <= tol, "fma path off by {err:e} > {tol:e}");
                 }
                 if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
@@ -1009,7 +998,7 @@ mod tests {
                     };
                     let tol = f64::EPSILON * 4.0 * (rows + 1) as f64;
                     for (got, want) in [(&k3_re, &k1_re), (&k3_im, &k1_im)] {
-                        let err = rel(got, want);
+                        let err = rel_err(got, want);
                         assert!(err <= tol, "avx512 path off by {err:e} > {tol:e}");
                     }
                 }
