@@ -945,6 +945,40 @@ impl<T: Float> BlockCirculant<T> {
         result
     }
 
+    /// Pass 1 of `backward` for one chunk of rows (`x`, `grad_output`), on the calling
+    /// thread: x's spectra in the row-transposed layout (`xs`), grad_output's packed (`ga`,
+    /// for the input gradient) and row-transposed (`gs`, for the kernel gradient) from the
+    /// same tiles, and, when asked for, the chunk's input gradient (`grad_x`) from `ga`.
+    fn chunk_spectra(
+        &self,
+        (x, grad_output): (&[T], &[T]),
+        xs: simd::PlanesMut<'_, T>,
+        gs: simd::PlanesMut<'_, T>,
+        (ga_re, ga_im): simd::PlanesMut<'_, T>,
+        grad_x: Option<&mut [T]>,
+        ws: &mut Workspace<T>,
+    ) -> Result<(), BcaError> {
+        let s = self.shape;
+        let (d_in, d_out) = (s.in_features, s.out_features);
+        self.rows_to_spectra(x.chunks_exact(d_in), s.q_in, xs, true, "x", ws, None)?;
+        let ga = (&mut *ga_re, &mut *ga_im);
+        let g_rows = grad_output.chunks_exact(d_out);
+        self.rows_to_spectra(g_rows, s.q_out, ga, false, "grad_output", ws, Some(gs))?;
+        match grad_x {
+            Some(gx) => {
+                let rows = gx.chunks_exact_mut(d_in);
+                self.product_to_rows((&*ga_re, &*ga_im), &self.bwd, rows, ws)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes of one copy of the kernel-gradient sums (float64 planes, re and im).
+    fn kernel_sum_bytes(&self) -> usize {
+        let s = self.shape;
+        self.f_pad * s.q_out * s.q_in * 2 * std::mem::size_of::<T::Acc>() // checked in `new`
+    }
+
     /// Rows per group of the fused backward: a multiple of [`MAX_ROWS_PER_CHUNK`] whose
     /// spectra outweigh the group's partial sums about eight times, so that clearing and
     /// adding up the partials costs little (four times ran backward 5-7% slower at
@@ -952,8 +986,7 @@ impl<T: Float> BlockCirculant<T> {
     /// thread count), and so do the sums.
     fn fused_group_rows(&self) -> usize {
         let s = self.shape;
-        let len_k = self.f_pad * s.q_out * s.q_in;
-        let k_bytes = len_k * 2 * std::mem::size_of::<T::Acc>();
+        let k_bytes = self.kernel_sum_bytes();
         let row_bytes = (s.q_in + s.q_out) * self.f_pad * 2 * std::mem::size_of::<T>();
         let c = MAX_ROWS_PER_CHUNK;
         ((8 * k_bytes).div_ceil(row_bytes.max(1)).div_ceil(c) * c).max(c)
@@ -965,9 +998,7 @@ impl<T: Float> BlockCirculant<T> {
     /// frequency, kept more threads busy: at d = 4096, p = 256, 32 and 128 rows ran 3-13%
     /// slower fused). Shape and batch size decide, never the thread count.
     fn fused_backward(&self, n_rows: usize) -> bool {
-        let s = self.shape;
-        let len_k = self.f_pad * s.q_out * s.q_in; // checked in `new`
-        len_k * 2 * std::mem::size_of::<T::Acc>() <= FUSED_MAX_K_BYTES
+        self.kernel_sum_bytes() <= FUSED_MAX_K_BYTES
             && n_rows >= FUSED_MIN_GROUPS * self.fused_group_rows()
     }
 
@@ -997,7 +1028,7 @@ impl<T: Float> BlockCirculant<T> {
         let n_groups = n_rows.div_ceil(group);
         let pool = self.parallel_pool(n_rows);
         let threads = pool.as_ref().map_or(1, threads::Parallel::threads);
-        let partial_bytes = len_k * 2 * std::mem::size_of::<T::Acc>();
+        let partial_bytes = self.kernel_sum_bytes();
         // Groups per wave: whole rounds of threads within the byte budget, spread evenly
         // over the waves (a last wave of one group would leave the other threads idle).
         let most = (FUSED_WAVE_BYTES / partial_bytes.max(1) / threads * threads).max(threads);
@@ -1124,15 +1155,16 @@ impl<T: Float> BlockCirculant<T> {
                 let (xr, xi) = (&mut c_re[..n_x], &mut c_im[..n_x]);
                 let (gr, gi) = (&mut d_re[..n_g], &mut d_im[..n_g]);
                 let (ar, ai) = (&mut a_re[..n_g], &mut a_im[..n_g]);
-                self.rows_to_spectra(xc.chunks_exact(d_in), q_in, (xr, xi), true, "x", ws, None)?;
-                self.rows_to_spectra(
-                    gc.chunks_exact(d_out),
-                    q_out,
-                    (&mut *ar, &mut *ai),
-                    false,
-                    "grad_output",
+                let gx = grad_x
+                    .as_deref_mut()
+                    .map(|gx| &mut gx[i * c * d_in..i * c * d_in + rows * d_in]);
+                self.chunk_spectra(
+                    (xc, gc),
+                    (&mut *xr, &mut *xi),
+                    (&mut *gr, &mut *gi),
+                    (ar, ai),
+                    gx,
                     ws,
-                    Some((&mut *gr, &mut *gi)),
                 )?;
                 for (t, (kr, ki)) in k_re.chunks_mut(slab).zip(k_im.chunks_mut(slab)).enumerate() {
                     simd::accumulate_kernel_grad::<T>(
@@ -1145,15 +1177,7 @@ impl<T: Float> BlockCirculant<T> {
                         (kr, ki),
                     );
                 }
-                match grad_x.as_deref_mut() {
-                    Some(gx) => self.product_to_rows(
-                        (&*ar, &*ai),
-                        &self.bwd,
-                        gx[i * c * d_in..i * c * d_in + rows * d_in].chunks_exact_mut(d_in),
-                        ws,
-                    ),
-                    None => Ok(()),
-                }
+                Ok(())
             });
         ws.a_re = a_re;
         ws.a_im = a_im;
@@ -1216,39 +1240,14 @@ impl<T: Float> BlockCirculant<T> {
                 let mut a_re = std::mem::take(&mut ws.a_re);
                 let mut a_im = std::mem::take(&mut ws.a_im);
                 let n_g = chunk_rows * row_g;
-                let r = self
-                    .rows_to_spectra(
-                        xc.chunks_exact(d_in),
-                        q_in,
-                        (xr, xi),
-                        true,
-                        "x",
-                        &mut ws,
-                        None,
-                    )
-                    .and_then(|()| {
-                        // Packed for the input gradient, and row-transposed (in the same
-                        // pass) for the kernel gradient.
-                        let g_planes = (&mut a_re[..n_g], &mut a_im[..n_g]);
-                        self.rows_to_spectra(
-                            gc.chunks_exact(d_out),
-                            q_out,
-                            g_planes,
-                            false,
-                            "grad_output",
-                            &mut ws,
-                            Some((gr, gi)),
-                        )
-                    })
-                    .and_then(|()| match gx.as_deref_mut() {
-                        Some(gx) => self.product_to_rows(
-                            (&a_re[..n_g], &a_im[..n_g]),
-                            &self.bwd,
-                            gx.chunks_exact_mut(d_in),
-                            &mut ws,
-                        ),
-                        None => Ok(()),
-                    });
+                let r = self.chunk_spectra(
+                    (xc, gc),
+                    (xr, xi),
+                    (gr, gi),
+                    (&mut a_re[..n_g], &mut a_im[..n_g]),
+                    gx.as_deref_mut(),
+                    &mut ws,
+                );
                 ws.a_re = a_re;
                 ws.a_im = a_im;
                 self.give_back_workspace(ws);
