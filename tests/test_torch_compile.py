@@ -3,7 +3,9 @@ and compute what eager mode computes, forward and gradients, for both backends.
 
 The Rust backend runs under the compiler as the custom operator
 ``torch.ops.bca.rust_block_circulant`` (with a fake implementation and an autograd
-formula); the torch backend is traced through. In eval mode the compiled graph computes
+formula); the torch backend as ``torch.ops.bca.torch_block_circulant`` (and its mixed
+twin), so that compiled graphs hold no complex tensors: inductor generates no code for
+them and miscompiled such graphs on CUDA (torch 2.11). In eval mode the compiled graph computes
 the kernel spectra itself instead of reading the eager-mode cache (which compares data
 pointers, a graph break)."""
 
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from bca.model import BCAConfig, add_adapter, inject_adapters, set_adapter
-from bca.nn import BlockCirculantLinear, rust_available
+from bca.nn import BASE_ADAPTER, BlockCirculantLinear, rust_available
 from conftest import TOL, dense_oracle, kernel_grad_oracle, rel_err
 
 needs_rust = pytest.mark.skipif(not rust_available(), reason="bca._bca extension not built")
@@ -191,6 +193,121 @@ def test_inductor_training_matches_eager(backend: str) -> None:
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_custom_operators_registration(dtype: torch.dtype) -> None:
+    """torch.library.opcheck of the torch backend's operators (schema, fake
+    implementation, autograd registration) and gradcheck of their gradient formulas."""
+    x = torch.randn(3, 12, dtype=dtype, requires_grad=True)
+    k = torch.randn(3, 3, 4, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 10, dtype=dtype)
+    torch.library.opcheck(torch.ops.bca.torch_block_circulant.default, (x, k, 0.7, 12, 10))
+    for flags in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(
+            torch.ops.bca.torch_block_circulant_backward.default,
+            (x.detach(), k.detach(), g, 0.7, 12, *flags),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+    ks = [k, torch.randn(3, 3, 4, dtype=dtype, requires_grad=True)]
+    args = (x, ks, [0.7, -1.5], [2, 1], 12, 10)
+    torch.library.opcheck(torch.ops.bca.torch_mixed_block_circulant.default, args)
+    for flags in [(True, [True, True]), (False, [True, False]), (True, [False, False])]:
+        torch.library.opcheck(
+            torch.ops.bca.torch_mixed_block_circulant_backward.default,
+            (x.detach(), [t.detach() for t in ks], g, [0.7, -1.5], [2, 1], 12, *flags),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda a, b: torch.ops.bca.torch_block_circulant(a, b, 0.7, 12, 10), (x, k)
+        )
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: torch.ops.bca.torch_mixed_block_circulant(
+                a, [b, c], [0.7, -1.5], [2, 1], 12, 10
+            ),
+            (x, *ks),
+        )
+
+
+def _graph_dtypes(fn: object, *args: torch.Tensor) -> tuple[set[torch.dtype], set[str]]:
+    """The dtypes of every value in the forward and backward graphs that AOTAutograd
+    hands to the compiler for ``fn(*args).sum().backward()``, and their call targets."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    dtypes: set[torch.dtype] = set()
+    targets: set[str] = set()
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        for node in gm.graph.nodes:
+            val = node.meta.get("val")
+            for v in val if isinstance(val, (list, tuple)) else [val]:
+                if isinstance(v, torch.Tensor):
+                    dtypes.add(v.dtype)
+            if node.op == "call_function":
+                targets.add(str(node.target))
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=keep), fullgraph=True)
+    compiled(*args).sum().backward()
+    return dtypes, targets
+
+
+def test_compiled_torch_graphs_hold_no_complex_tensors() -> None:
+    """The torch backend under torch.compile: one adapter and a mixed batch, forward and
+    backward graphs, hold real tensors only (the FFTs run inside the operators)."""
+    torch.manual_seed(0)
+    m = _layer(12, 10, 4, "torch", torch.float32)
+    m.add_adapter("b", 4, scale=0.5, init="gaussian")
+    x = torch.randn(4, 12, requires_grad=True)
+    for fn, want in [
+        (m, "bca.torch_block_circulant"),
+        (lambda t: m(t, adapter_names=["b", "default", BASE_ADAPTER, "b"]), "mixed"),
+    ]:
+        dtypes, targets = _graph_dtypes(fn, x)
+        assert not any(d.is_complex for d in dtypes), (dtypes, targets)
+        assert any(want in t for t in targets), targets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_mixed_batch_equals_eager(device: str, dtype: torch.dtype) -> None:
+    """A mixed-adapter batch (``adapter_names``) compiled with fullgraph: outputs, input
+    and kernel gradients equal eager mode's, under aot_eager and (CUDA, or with a C++
+    compiler) inductor."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    m = BlockCirculantLinear(base, 4, init="gaussian", backend="torch", adapter_name="a")
+    m.add_adapter("b", 4, scale=0.5, init="gaussian")
+    m.add_adapter("c", 3, scale=-1.5, init="gaussian")  # another block size
+    m = m.to(device, dtype)
+    names = ["b", "a", BASE_ADAPTER, "c", "b", "a"]
+    compilers = ["aot_eager"]
+    if device == "cuda" or shutil.which("g++") or shutil.which("c++"):
+        compilers.append("inductor")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(len(names), 3, 12, generator=gen, dtype=dtype).to(device)
+    g = torch.randn(len(names), 3, 10, generator=gen, dtype=dtype).to(device)
+    kernels = [m.bca_kernels[n] for n in "abc"]
+
+    def step(fn: object) -> list[np.ndarray]:
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi, adapter_names=names)  # type: ignore[operator]
+        grads = torch.autograd.grad(y, [xi, *kernels], g)
+        return [t.detach().double().cpu().numpy() for t in (y, *grads)]
+
+    want = step(m)
+    for compiler in compilers:
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend=compiler, fullgraph=True)
+        for _ in range(2):
+            got = step(compiled)
+            for a, b in zip(got, want, strict=True):
+                assert rel_err(a, b) <= TOL[NP[dtype]] * 4, compiler
 
 
 @needs_cuda

@@ -260,6 +260,51 @@ def _differentiable_backward(
     return grad_x, grad_kernel
 
 
+def _torch_forward(
+    x: torch.Tensor, spectra: torch.Tensor, p: int, out_features: int
+) -> torch.Tensor:
+    """``scale·ΔW x`` from the (scaled) kernel spectra ``(F, q_in, q_out)``; x (N, in)."""
+    if x.shape[0] == 0:  # some FFT libraries (MKL) reject empty batches
+        return x.new_zeros(0, out_features)
+    xs = _block_spectra(x, spectra.shape[1], p)  # (F, N, q_in)
+    ys = torch.matmul(xs, spectra)  # (F, N, q_out)
+    return _inverse_blocks(ys, p, out_features)
+
+
+def _torch_backward(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    spectra: torch.Tensor,
+    grad_output: torch.Tensor,
+    scale: float,
+    in_features: int,
+    need_x: bool,
+    need_k: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Input and kernel gradients of :func:`_torch_forward` (not differentiable again);
+    ``None`` where not needed."""
+    q_out, q_in, p = kernel.shape
+    if x.shape[0] == 0:
+        return (
+            x.new_zeros(x.shape) if need_x else None,
+            torch.zeros_like(kernel) if need_k else None,
+        )
+    if grad_output.dtype != x.dtype:
+        grad_output = grad_output.to(x.dtype)
+    gs = _block_spectra(grad_output, q_out, p).contiguous()  # (F, N, q_out), used twice
+    grad_x = grad_kernel = None
+    if need_x:
+        gxs = torch.matmul(gs, spectra.mH)  # (F, N, q_in); mH: conjugate transpose
+        grad_x = _inverse_blocks(gxs, p, in_features)
+    if need_k:
+        xs = _block_spectra(x, q_in, p)  # (F, N, q_in), recomputed
+        gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
+        grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
+        if scale != 1.0:
+            grad_kernel.mul_(scale)
+    return grad_x, grad_kernel
+
+
 # --------------------------------------------------------------------------------------
 # autograd functions
 # --------------------------------------------------------------------------------------
@@ -281,47 +326,28 @@ class _TorchBlockCirculant(torch.autograd.Function):
         in_features: int,
         out_features: int,
     ) -> torch.Tensor:
-        q_out, q_in, p = kernel.shape
         if spectra is None:
             spectra = _kernel_spectra(kernel, scale)
-        ctx.save_for_backward(x, kernel, spectra)
-        ctx.features = (in_features, out_features, scale)
-        if x.shape[0] == 0:  # some FFT libraries (MKL) reject empty batches
-            return x.new_zeros(0, out_features)
-        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
-        ys = torch.matmul(xs, spectra)  # (F, N, q_out)
         # saved: x, the kernel and its (parameter-sized) spectra; the input spectra are
         # recomputed in backward
-        return _inverse_blocks(ys, p, out_features)
+        ctx.save_for_backward(x, kernel, spectra)
+        ctx.features = (in_features, out_features, scale)
+        return _torch_forward(x, spectra, kernel.shape[-1], out_features)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, kernel, spectra = ctx.saved_tensors
         in_features, out_features, scale = ctx.features
-        q_out, q_in, p = kernel.shape
         if _create_graph(grad_output, x, kernel):  # double backward: differentiable ops
             gx, gk = _differentiable_backward(
                 x, kernel, grad_output, scale, in_features, out_features,
                 bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
             )  # fmt: skip
             return gx, gk, None, None, None, None
-        if x.shape[0] == 0:
-            gx0 = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
-            gk0 = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
-            return gx0, gk0, None, None, None, None
-        if grad_output.dtype != x.dtype:
-            grad_output = grad_output.to(x.dtype)
-        gs = _block_spectra(grad_output, q_out, p).contiguous()  # (F, N, q_out), used twice
-        grad_x = grad_kernel = None
-        if ctx.needs_input_grad[0]:
-            gxs = torch.matmul(gs, spectra.mH)  # (F, N, q_in); mH: conjugate transpose
-            grad_x = _inverse_blocks(gxs, p, in_features)
-        if ctx.needs_input_grad[1]:
-            xs = _block_spectra(x, q_in, p)  # (F, N, q_in), recomputed
-            gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
-            grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
-            if scale != 1.0:
-                grad_kernel.mul_(scale)
+        grad_x, grad_kernel = _torch_backward(
+            x, kernel, spectra, grad_output, scale, in_features,
+            bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+        )  # fmt: skip
         return grad_x, grad_kernel, None, None, None, None
 
 
@@ -500,6 +526,87 @@ def _rust_op_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | N
 _rust_op.register_autograd(_rust_op_grad, setup_context=_rust_op_setup)
 
 
+# The compiled "torch" path. Inductor generates no code for complex tensors and has
+# miscompiled graphs holding them (on CUDA with torch 2.11, compiled steps returned the
+# base layer's output without the adapter's), so under torch.compile the FFTs and
+# complex products run inside custom operators: the graph holds only real tensors, and
+# each operator runs the eager torch ops above on any device.
+@torch.library.custom_op("bca::torch_block_circulant", mutates_args=())
+def _torch_op(
+    x: torch.Tensor, kernel: torch.Tensor, scale: float, in_features: int, out_features: int
+) -> torch.Tensor:
+    return _torch_forward(x, _kernel_spectra(kernel, scale), kernel.shape[-1], out_features)
+
+
+@_torch_op.register_fake
+def _torch_op_fake(
+    x: torch.Tensor, kernel: torch.Tensor, scale: float, in_features: int, out_features: int
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("bca::torch_block_circulant_backward", mutates_args=())
+def _torch_op_backward(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    scale: float,
+    in_features: int,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gx, gk = _torch_backward(
+        x, kernel, _kernel_spectra(kernel, scale), grad_output, scale, in_features,
+        input_grad, kernel_grad,
+    )  # fmt: skip
+    # operators cannot return None: an empty tensor stands for "not asked for"; results
+    # are contiguous, as the fake implementation says (the irfft's kernel gradient is not)
+    return (
+        gx.contiguous() if gx is not None else x.new_empty(0),
+        gk.contiguous() if gk is not None else kernel.new_empty(0),
+    )
+
+
+@_torch_op_backward.register_fake
+def _torch_op_backward_fake(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    grad_output: torch.Tensor,
+    scale: float,
+    in_features: int,
+    input_grad: bool,
+    kernel_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        x.new_empty(x.shape) if input_grad else x.new_empty(0),
+        kernel.new_empty(kernel.shape) if kernel_grad else kernel.new_empty(0),
+    )
+
+
+def _torch_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, kernel, scale, in_features, out_features = inputs
+    ctx.save_for_backward(x, kernel)
+    ctx.args = (scale, in_features, out_features)
+
+
+def _torch_op_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, kernel = ctx.saved_tensors
+    scale, in_features, out_features = ctx.args
+    need_x, need_k = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    if not (need_x or need_k):
+        return None, None, None, None, None
+    if _create_graph(grad_output, x, kernel):  # double backward: differentiable ops
+        gx_d, gk_d = _differentiable_backward(
+            x, kernel, grad_output, scale, in_features, out_features, need_x, need_k
+        )
+        return gx_d, gk_d, None, None, None
+    gx, gk = _torch_op_backward(x, kernel, grad_output, scale, in_features, need_x, need_k)
+    return (gx if need_x else None), (gk if need_k else None), None, None, None
+
+
+_torch_op.register_autograd(_torch_op_grad, setup_context=_torch_op_setup)
+
+
 # --------------------------------------------------------------------------------------
 # mixed-adapter batches: each row its own adapter
 # --------------------------------------------------------------------------------------
@@ -528,6 +635,130 @@ def _torch_mixed(
         lo += count
     ys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return _inverse_blocks(ys, p, out_features)
+
+
+@torch.library.custom_op("bca::torch_mixed_block_circulant", mutates_args=())
+def _torch_mixed_op(
+    x: torch.Tensor,
+    kernels: list[torch.Tensor],
+    scales: list[float],
+    counts: list[int],
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    """:func:`_torch_mixed` as an operator (the compiled path; see :func:`_torch_op`)."""
+    spectra: list[torch.Tensor | None] = [None] * len(kernels)
+    return _torch_mixed(x, kernels, spectra, scales, counts, (in_features, out_features))
+
+
+@_torch_mixed_op.register_fake
+def _torch_mixed_op_fake(
+    x: torch.Tensor,
+    kernels: list[torch.Tensor],
+    scales: list[float],
+    counts: list[int],
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("bca::torch_mixed_block_circulant_backward", mutates_args=())
+def _torch_mixed_op_backward(
+    x: torch.Tensor,
+    kernels: list[torch.Tensor],
+    grad_output: torch.Tensor,
+    scales: list[float],
+    counts: list[int],
+    in_features: int,
+    input_grad: bool,
+    kernel_grads: list[bool],
+) -> list[torch.Tensor]:
+    """``[grad_x, grad_kernel_0, ...]`` of :func:`_torch_mixed_op` (empty where not
+    asked for): per adapter, its rows' spectra against its own kernel spectra."""
+    q_out, q_in, p = kernels[0].shape
+    if grad_output.dtype != x.dtype:
+        grad_output = grad_output.to(x.dtype)
+    gs = _block_spectra(grad_output, q_out, p).contiguous()  # (F, M, q_out)
+    xs = _block_spectra(x, q_in, p) if any(kernel_grads) else None  # (F, M, q_in)
+    parts = []
+    grads = []
+    lo = 0
+    for kernel, scale, count, need_k in zip(kernels, scales, counts, kernel_grads, strict=True):
+        g_a = gs[:, lo : lo + count]
+        if input_grad:
+            parts.append(torch.matmul(g_a, _kernel_spectra(kernel, scale).mH))
+        if need_k and xs is not None:
+            gks = torch.matmul(xs[:, lo : lo + count].mH, g_a)  # (F, q_in, q_out)
+            gk = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
+            grads.append((gk * scale if scale != 1.0 else gk).contiguous())
+        else:
+            grads.append(kernel.new_empty(0))
+        lo += count
+    if input_grad:
+        gxs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        gx = _inverse_blocks(gxs, p, in_features)
+    else:
+        gx = x.new_empty(0)
+    return [gx, *grads]
+
+
+@_torch_mixed_op_backward.register_fake
+def _torch_mixed_op_backward_fake(
+    x: torch.Tensor,
+    kernels: list[torch.Tensor],
+    grad_output: torch.Tensor,
+    scales: list[float],
+    counts: list[int],
+    in_features: int,
+    input_grad: bool,
+    kernel_grads: list[bool],
+) -> list[torch.Tensor]:
+    return [
+        x.new_empty(x.shape) if input_grad else x.new_empty(0),
+        *(
+            k.new_empty(k.shape) if need else k.new_empty(0)
+            for k, need in zip(kernels, kernel_grads, strict=True)
+        ),
+    ]
+
+
+def _torch_mixed_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, kernels, scales, counts, in_features, out_features = inputs
+    ctx.save_for_backward(x, *kernels)
+    ctx.args = (list(scales), list(counts), in_features, out_features)
+
+
+def _torch_mixed_op_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+    x, *kernels = ctx.saved_tensors
+    scales, counts, in_features, out_features = ctx.args
+    need_x = bool(ctx.needs_input_grad[0])
+    need_k = [bool(n) for n in ctx.needs_input_grad[1]]
+    none = (None, None, None, None)
+    if not (need_x or any(need_k)):
+        return (None, [None] * len(kernels), *none)
+    if _create_graph(grad_output, x, *kernels):  # double backward: differentiable ops
+        inputs = [x, *kernels]
+        needs = [need_x, *need_k]
+        with torch.enable_grad():
+            y = _torch_mixed(
+                x, kernels, [None] * len(kernels), scales, counts, (in_features, out_features)
+            )
+            wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+            got = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True))
+        out = [next(got) if need else None for need in needs]
+        return (out[0], out[1:], *none)
+    gx, *gks = _torch_mixed_op_backward(
+        x, kernels, grad_output, scales, counts, in_features, need_x, need_k
+    )
+    return (
+        gx if need_x else None,
+        [g if need else None for g, need in zip(gks, need_k, strict=True)],
+        *none,
+    )
+
+
+_torch_mixed_op.register_autograd(_torch_mixed_op_grad, setup_context=_torch_mixed_op_setup)
 
 
 def _row_scale(index: Any, scales: list[float]) -> Any:
@@ -1002,14 +1233,12 @@ def block_circulant(
         spectra = None
         if cache is not None and (not training or not torch.is_grad_enabled()) and not compiling:
             spectra = cache.cached_spectra(kernel, cdtype, scale)
-        y = _TorchBlockCirculant.apply(
-            x2 if x2.dtype == cdtype else x2.to(cdtype),
-            kernel if kernel.dtype == cdtype else kernel.to(cdtype),
-            spectra,
-            scale,
-            n_in,
-            n_out,
-        )
+        xc = x2 if x2.dtype == cdtype else x2.to(cdtype)
+        kc = kernel if kernel.dtype == cdtype else kernel.to(cdtype)
+        if compiling:  # complex tensors stay inside the operator (see _torch_op)
+            y = _torch_op(xc, kc, scale, n_in, n_out)
+        else:
+            y = _TorchBlockCirculant.apply(xc, kc, spectra, scale, n_in, n_out)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], n_out)
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -1152,14 +1381,13 @@ def _torch_mixed_rows(
         else None
         for a in used
     ]
-    y = _torch_mixed(
-        xs if xs.dtype == cdtype else xs.to(cdtype),
-        [kernels[a] if kernels[a].dtype == cdtype else kernels[a].to(cdtype) for a in used],
-        spectra,
-        [scales[a] for a in used],
-        counts,
-        features,
-    )
+    xc = xs if xs.dtype == cdtype else xs.to(cdtype)
+    kc = [kernels[a] if kernels[a].dtype == cdtype else kernels[a].to(cdtype) for a in used]
+    sc = [scales[a] for a in used]
+    if compiling:  # complex tensors stay inside the operator (see _torch_op)
+        y = _torch_mixed_op(xc, kc, sc, counts, *features)
+    else:
+        y = _torch_mixed(xc, kc, spectra, sc, counts, features)
     if rows is None:
         return y
     if len(order) == batch:  # every row, permuted: undo the permutation

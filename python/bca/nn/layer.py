@@ -498,7 +498,11 @@ class BlockCirculantLinear(nn.Module):
                 f"adapter_names has {len(seq)} names for a batch of {x.shape[0]} "
                 "rows (x.shape[0]); give one name per row"
             )
-        plans = self.__dict__.setdefault("_mixed_plans", {})
+        # the plans are cached per module, except while torch.compile traces (the graph
+        # keeps what it needs; torch 2.11's dynamo cannot trace __dict__.setdefault)
+        plans: dict[Any, _MixedPlan] = (
+            {} if torch.compiler.is_compiling() else self.__dict__.setdefault("_mixed_plans", {})
+        )
         try:
             key = tuple(seq)
             plan = plans.get(key)
