@@ -76,6 +76,16 @@ def test_harness_compares_results_near_the_float64_range() -> None:
     assert not close(want * (1 + 1e-6), want, 1e-12, 0.0)[0]
     assert not close(np.array([np.inf, 0.0, 0.0, 0.0]), want, 1e-12, 0.0)[0]
     assert not close(np.array([np.nan, 0.0, 0.0, 0.0]), want, 1e-12, 0.0)[0]
+    # rows whose exact result overflows: the same infinities, the rest compared as usual
+    # (seed 7171: the core matched its oracle, infinities included, and read as a NaN error)
+    want = np.array([5e5, -np.inf, np.inf, -2e5])
+    assert close(want.copy(), want, 1e-12, 0.0) == (True, 0.0)
+    assert close(want * (1 + 1e-15), want, 1e-12, 0.0)[0]
+    assert not close(np.array([5e5, np.inf, np.inf, -2e5]), want, 1e-12, 0.0)[0]
+    assert not close(np.array([5e5, -1e308, np.inf, -2e5]), want, 1e-12, 0.0)[0]
+    assert not close(np.array([5e5, -np.inf, np.nan, -2e5]), want, 1e-12, 0.0)[0]
+    assert not close(np.array([5e5 * (1 + 1e-6), -np.inf, np.inf, -2e5]), want, 1e-12, 0.0)[0]
+    assert not close(np.array([np.inf, -np.inf, np.inf, -2e5]), want, 1e-12, 0.0)[0]
 
 
 def test_short_fuzz_pass_has_no_failures() -> None:
