@@ -433,6 +433,27 @@ class _RustBlockCirculant(torch.autograd.Function):
         return gx, gk, None, None, None
 
 
+def _grads_as_tensors(
+    gx: torch.Tensor | None, gk: torch.Tensor | None, x: torch.Tensor, kernel: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backward operator's results: operators cannot return None, so an empty tensor
+    stands for "not asked for"; results are contiguous, as the fake implementations say."""
+    return (
+        gx.contiguous() if gx is not None else x.new_empty(0),
+        gk.contiguous() if gk is not None else kernel.new_empty(0),
+    )
+
+
+def _fake_grads(
+    x: torch.Tensor, kernel: torch.Tensor, input_grad: bool, kernel_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes of :func:`_grads_as_tensors`'s results, for the fake implementations."""
+    return (
+        x.new_empty(x.shape) if input_grad else x.new_empty(0),
+        kernel.new_empty(kernel.shape) if kernel_grad else kernel.new_empty(0),
+    )
+
+
 # The compiled path: torch.compile cannot trace into the Rust call (numpy views, an
 # operator object), so it is registered as a custom operator with a fake (shape-only)
 # implementation and an autograd formula. Operators take tensors and scalars only: the
@@ -477,11 +498,7 @@ def _rust_op_backward(
         _state_of(handle), x, kernel, grad_output, (in_features, out_features), scale,
         input_grad, kernel_grad,
     )  # fmt: skip
-    # operators cannot return None: an empty tensor stands for "not asked for"
-    return (
-        gx if gx is not None else x.new_empty(0),
-        gk if gk is not None else kernel.new_empty(0),
-    )
+    return _grads_as_tensors(gx, gk, x, kernel)
 
 
 @_rust_op_backward.register_fake
@@ -496,10 +513,7 @@ def _rust_op_backward_fake(
     input_grad: bool,
     kernel_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        x.new_empty(x.shape) if input_grad else x.new_empty(0),
-        kernel.new_empty(kernel.shape) if kernel_grad else kernel.new_empty(0),
-    )
+    return _fake_grads(x, kernel, input_grad, kernel_grad)
 
 
 def _rust_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -559,12 +573,7 @@ def _torch_op_backward(
         x, kernel, _kernel_spectra(kernel, scale), grad_output, scale, in_features,
         input_grad, kernel_grad,
     )  # fmt: skip
-    # operators cannot return None: an empty tensor stands for "not asked for"; results
-    # are contiguous, as the fake implementation says (the irfft's kernel gradient is not)
-    return (
-        gx.contiguous() if gx is not None else x.new_empty(0),
-        gk.contiguous() if gk is not None else kernel.new_empty(0),
-    )
+    return _grads_as_tensors(gx, gk, x, kernel)  # (the irfft's kernel gradient is strided)
 
 
 @_torch_op_backward.register_fake
@@ -577,10 +586,7 @@ def _torch_op_backward_fake(
     input_grad: bool,
     kernel_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        x.new_empty(x.shape) if input_grad else x.new_empty(0),
-        kernel.new_empty(kernel.shape) if kernel_grad else kernel.new_empty(0),
-    )
+    return _fake_grads(x, kernel, input_grad, kernel_grad)
 
 
 def _torch_op_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
