@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -209,6 +209,17 @@ def _inverse_blocks(spec: torch.Tensor, p: int, features: int) -> torch.Tensor:
     return out.contiguous()
 
 
+def _kernel_grad_from_spectra(
+    xs: torch.Tensor, gs: torch.Tensor, p: int, scale: float
+) -> torch.Tensor:
+    """``scale · Σ_n kgrad(x_n, g_n)`` from the rows' spectra ``xs`` (F, N, q_in) and
+    ``gs`` (F, N, q_out): ``conj(X)ᵀ G`` per frequency, inverse-transformed to the kernel's
+    ``(q_out, q_in, p)``. Plain torch ops, so differentiable again."""
+    gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out)
+    grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
+    return grad_kernel * scale if scale != 1.0 else grad_kernel
+
+
 def _create_graph(*tensors: torch.Tensor) -> bool:
     """Whether a backward must itself be differentiable (``create_graph=True``).
 
@@ -252,11 +263,7 @@ def _differentiable_backward(
             spectra = spectra * scale
         grad_x = _inverse_blocks(torch.matmul(gs, spectra.conj()), p, in_features)
     if need_k:
-        xs = _block_spectra(x, q_in, p)  # (F, N, q_in)
-        gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
-        grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
-        if scale != 1.0:
-            grad_kernel = grad_kernel * scale
+        grad_kernel = _kernel_grad_from_spectra(_block_spectra(x, q_in, p), gs, p, scale)
     return grad_x, grad_kernel
 
 
@@ -296,12 +303,8 @@ def _torch_backward(
     if need_x:
         gxs = torch.matmul(gs, spectra.mH)  # (F, N, q_in); mH: conjugate transpose
         grad_x = _inverse_blocks(gxs, p, in_features)
-    if need_k:
-        xs = _block_spectra(x, q_in, p)  # (F, N, q_in), recomputed
-        gks = torch.matmul(xs.mH, gs)  # (F, q_in, q_out) = conj(X)^T G per frequency
-        grad_kernel = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
-        if scale != 1.0:
-            grad_kernel.mul_(scale)
+    if need_k:  # x's spectra recomputed
+        grad_kernel = _kernel_grad_from_spectra(_block_spectra(x, q_in, p), gs, p, scale)
     return grad_x, grad_kernel
 
 
@@ -695,9 +698,8 @@ def _torch_mixed_op_backward(
         if input_grad:
             parts.append(torch.matmul(g_a, _kernel_spectra(kernel, scale).mH))
         if need_k and xs is not None:
-            gks = torch.matmul(xs[:, lo : lo + count].mH, g_a)  # (F, q_in, q_out)
-            gk = torch.fft.irfft(gks.permute(2, 1, 0), n=p, dim=-1)
-            grads.append((gk * scale if scale != 1.0 else gk).contiguous())
+            gk = _kernel_grad_from_spectra(xs[:, lo : lo + count], g_a, p, scale)
+            grads.append(gk.contiguous())
         else:
             grads.append(kernel.new_empty(0))
         lo += count
@@ -744,15 +746,14 @@ def _torch_mixed_op_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]
     if not (need_x or any(need_k)):
         return (None, [None] * len(kernels), *none)
     if _create_graph(grad_output, x, *kernels):  # double backward: differentiable ops
-        inputs = [x, *kernels]
-        needs = [need_x, *need_k]
-        with torch.enable_grad():
-            y = _torch_mixed(
+        out = _grads_with_graph(
+            lambda: _torch_mixed(
                 x, kernels, [None] * len(kernels), scales, counts, (in_features, out_features)
-            )
-            wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
-            got = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True))
-        out = [next(got) if need else None for need in needs]
+            ),
+            [x, *kernels],
+            [need_x, *need_k],
+            grad_output,
+        )
         return (out[0], out[1:], *none)
     gx, *gks = _torch_mixed_op_backward(
         x, kernels, grad_output, scales, counts, in_features, need_x, need_k
@@ -952,6 +953,29 @@ class _RustMixedBlockCirculant(torch.autograd.Function):
         return (gx_t, *none, *gks_t)
 
 
+def _grads_with_graph(
+    forward: Callable[[], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+    grad_output: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """Gradients of ``forward()`` (recomputed with grad history) with respect to the
+    ``inputs`` that ``needs`` names, with a graph (``create_graph=True``); zeros for an
+    input the result does not depend on, ``None`` for one not asked for."""
+    with torch.enable_grad():
+        y = forward()
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        got = torch.autograd.grad(
+            y, wanted, grad_output.to(y.dtype), create_graph=True, allow_unused=True
+        )
+    it = iter(got)
+    out: list[torch.Tensor | None] = []
+    for t, need in zip(inputs, needs, strict=True):
+        g = next(it) if need else None
+        out.append(torch.zeros_like(t) if (need and g is None) else g)
+    return out
+
+
 def _mixed_differentiable_backward(
     ctx: Any,
     x: torch.Tensor,
@@ -967,9 +991,8 @@ def _mixed_differentiable_backward(
     order = rows[torch.argsort(index[rows], stable=True)]
     counts = torch.bincount(index[order], minlength=len(kernels)).tolist()
     used = [a for a, c in enumerate(counts) if c]
-    needs = [need_x, *need_k]
-    inputs = [x, *kernels]
-    with torch.enable_grad():
+
+    def forward() -> torch.Tensor:
         y_sel = _torch_mixed(
             x.index_select(0, order),
             [kernels[a] for a in used],
@@ -978,16 +1001,9 @@ def _mixed_differentiable_backward(
             [counts[a] for a in used],
             ctx.features,
         )
-        y = y_sel.new_zeros(x.shape[0], ctx.features[1]).index_copy(0, order, y_sel)
-        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
-        got = torch.autograd.grad(
-            y, wanted, grad_output.to(y.dtype), create_graph=True, allow_unused=True
-        )
-    it = iter(got)
-    out: list[torch.Tensor | None] = []
-    for t, need in zip(inputs, needs, strict=True):
-        g = next(it) if need else None
-        out.append(torch.zeros_like(t) if (need and g is None) else g)
+        return y_sel.new_zeros(x.shape[0], ctx.features[1]).index_copy(0, order, y_sel)
+
+    out = _grads_with_graph(forward, [x, *kernels], [need_x, *need_k], grad_output)
     return out[0], out[1:]
 
 
