@@ -146,6 +146,42 @@ struct Spectra<T> {
     im: AVec<T>,
     q_a: usize,
     q_b: usize,
+    /// The last frequency alone, compact (q_a, `simd::last_stride(q_b)`), when the last
+    /// tile of `re`/`im` holds one frequency (F ≡ 1 mod LANES, e.g. p = 64, 256, 4096):
+    /// the block product then runs that frequency with its lanes over output blocks
+    /// rather than over seven padding lanes (`simd::block_product`). Empty otherwise.
+    last_re: AVec<T>,
+    last_im: AVec<T>,
+}
+
+impl<T> Spectra<T> {
+    /// The compact last frequency, where there is one.
+    fn last(&self) -> Option<simd::Planes<'_, T>> {
+        match self.last_re.is_empty() {
+            true => None,
+            false => Some((&self.last_re, &self.last_im)),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.re.bytes() + self.im.bytes() + self.last_re.bytes() + self.last_im.bytes()
+    }
+}
+
+/// The signature of `simd::accumulate_kernel_grad` (and of its compact last tile).
+type KernelGradSums<T> = fn(
+    usize,
+    usize,
+    usize,
+    usize,
+    simd::Planes<'_, T>,
+    simd::Planes<'_, T>,
+    simd::PlanesMut<'_, <T as Float>::Acc>,
+);
+
+/// Whether spectra of `n_freq` frequencies keep their last one compact (see `Spectra`).
+fn compact_last(n_freq: usize) -> bool {
+    n_freq % simd::LANES == 1
 }
 
 /// A block circulant operator ΔW with cached kernel spectra and FFT plans.
@@ -212,6 +248,8 @@ impl<T: Float> BlockCirculant<T> {
             im: AVec::default(),
             q_a,
             q_b,
+            last_re: AVec::default(),
+            last_im: AVec::default(),
         };
         let op = BlockCirculant {
             shape,
@@ -259,18 +297,38 @@ impl<T: Float> BlockCirculant<T> {
         };
         let (f_re, f_im) = planes(colour::SPECTRA_FWD, "the kernel spectra")?;
         let (b_re, b_im) = planes(colour::SPECTRA_BWD, "the kernel spectra")?;
+        let compact = compact_last(s.n_freq());
+        let last_planes = |q_a: usize, q_b: usize, [c_re, c_im]: [usize; 2]| {
+            let len = match compact {
+                true => q_a * simd::last_stride(q_b), // ≤ len
+                false => 0,
+            };
+            let what = "the kernel spectra";
+            Ok::<_, BcaError>((
+                AVec::try_new(len, T::zero(), c_re, what)?,
+                AVec::try_new(len, T::zero(), c_im, what)?,
+            ))
+        };
+        let (fl_re, fl_im) = last_planes(s.q_in, s.q_out, colour::SPECTRA_FWD)?;
+        let (bl_re, bl_im) = last_planes(s.q_out, s.q_in, colour::SPECTRA_BWD)?;
         let mut fwd = Spectra {
             re: f_re,
             im: f_im,
             q_a: s.q_in,
             q_b: s.q_out,
+            last_re: fl_re,
+            last_im: fl_im,
         };
         let mut bwd = Spectra {
             re: b_re,
             im: b_im,
             q_a: s.q_out,
             q_b: s.q_in,
+            last_re: bl_re,
+            last_im: bl_im,
         };
+        let last_tile = f_pad / simd::LANES - 1;
+        let (stride_f, stride_b) = (simd::last_stride(s.q_out), simd::last_stride(s.q_in));
         // The spectra are stored times 1/p, the inverse transform's normalisation, so the
         // products come out of the unnormalised inverse FFT ready (exact for p a power
         // of two).
@@ -287,6 +345,13 @@ impl<T: Float> BlockCirculant<T> {
                     fwd.im[at_f + l] = c_im;
                     bwd.re[at_b + l] = c_re;
                     bwd.im[at_b + l] = -c_im;
+                }
+                if compact && t == last_tile {
+                    let (c_re, c_im) = (fwd.re[at_f], fwd.im[at_f]);
+                    fwd.last_re[j * stride_f + i] = c_re;
+                    fwd.last_im[j * stride_f + i] = c_im;
+                    bwd.last_re[i * stride_b + j] = c_re;
+                    bwd.last_im[i * stride_b + j] = -c_im;
                 }
             })?; // finite: checked above
         }
@@ -331,10 +396,8 @@ impl<T: Float> BlockCirculant<T> {
     /// orientations and the idle workspaces (bounded; nothing grows with the batch).
     pub fn retained_bytes(&self) -> usize {
         self.kernel.capacity() * std::mem::size_of::<T>()
-            + self.fwd.re.bytes()
-            + self.fwd.im.bytes()
-            + self.bwd.re.bytes()
-            + self.bwd.im.bytes()
+            + self.fwd.bytes()
+            + self.bwd.bytes()
             + self.workspaces.idle_bytes()
     }
 
@@ -553,6 +616,7 @@ impl<T: Float> BlockCirculant<T> {
             src,
             (&spectra.re, &spectra.im),
             (&mut y_re[..n_b], &mut y_im[..n_b]),
+            spectra.last(),
         );
         let row_b = spectra.q_b * f_pad;
         let result = dst.enumerate().try_for_each(|(r, row)| {
@@ -1167,7 +1231,7 @@ impl<T: Float> BlockCirculant<T> {
                     ws,
                 )?;
                 for (t, (kr, ki)) in k_re.chunks_mut(slab).zip(k_im.chunks_mut(slab)).enumerate() {
-                    simd::accumulate_kernel_grad::<T>(
+                    self.kernel_grad_sums(t)(
                         q_out,
                         q_in,
                         rows,
@@ -1270,7 +1334,7 @@ impl<T: Float> BlockCirculant<T> {
                 let chunk = rows.min(n_rows - row0);
                 let (xo, go) = (row0 * row_x, row0 * row_g);
                 let (nx, ng) = (chunk * row_x, chunk * row_g);
-                simd::accumulate_kernel_grad(
+                self.kernel_grad_sums(t)(
                     q_out,
                     q_in,
                     chunk,
@@ -1298,6 +1362,15 @@ impl<T: Float> BlockCirculant<T> {
         }
 
         Ok(())
+    }
+
+    /// The kernel-gradient sums for frequency tile `t`: `accumulate_kernel_grad`, or its
+    /// compact form for a last tile that holds one frequency (same bits; see `Spectra`).
+    fn kernel_grad_sums(&self, t: usize) -> KernelGradSums<T> {
+        match compact_last(self.shape.n_freq()) && t + 1 == self.f_pad / simd::LANES {
+            true => simd::accumulate_kernel_grad_last::<T>,
+            false => simd::accumulate_kernel_grad::<T>,
+        }
     }
 
     /// Pass 3 of `backward`: one inverse FFT per kernel block of the accumulated spectra.

@@ -20,6 +20,14 @@
 //! summed dimension and never sums across lanes, so results do not depend on how rows are
 //! split between threads. Padding lanes hold finite values and are never read back into
 //! results.
+//!
+//! When the last tile holds a single frequency (F ≡ 1 mod LANES: p = 1 and every p that
+//! is a multiple of 16, p = 64, 256 and 4096 among them), a full tile would spend seven of
+//! its eight lanes on padding: that tile is half the work at p = 16, a fifth at p = 64.
+//! That frequency then runs with its lanes over output blocks (block product, against a
+//! compact copy of the kernel spectra's last frequency) or input blocks (kernel-gradient
+//! sums), with each value's operations unchanged, so the results are the same bit for bit
+//! ([`last_tile`], [`accumulate_kernel_grad_last`]).
 
 use crate::Float;
 
@@ -78,7 +86,10 @@ fn load<T: Float>(src: &[T], at: usize) -> Lane<T> {
 /// For every row r and output block i: y[r, i, :] = Σ_j x[r, j, :] ⊙ s[i, j, :].
 ///
 /// Layouts: x has `rows` groups of q_a spectra, s q_b groups of q_a, y `rows` groups of
-/// q_b, each group packed (see [`packed`]). `y` is overwritten.
+/// q_b, each group packed (see [`packed`]). `y` is overwritten. With `last` (s's last
+/// frequency in the compact layout of [`last_tile`], for spectra whose last tile holds
+/// one frequency), that tile is computed from it: the same values in that frequency,
+/// zeros in the tile's padding lanes.
 pub(crate) fn block_product<T: Float>(
     f_pad: usize,
     q_a: usize,
@@ -86,6 +97,7 @@ pub(crate) fn block_product<T: Float>(
     x: Planes<'_, T>,
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
+    last: Option<Planes<'_, T>>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -101,17 +113,18 @@ pub(crate) fn block_product<T: Float>(
                     (cast_f32(x.0), cast_f32(x.1)),
                     (cast_f32(s.0), cast_f32(s.1)),
                     (cast_f32_mut(y.0), cast_f32_mut(y.1)),
+                    last.map(|(l_re, l_im)| (cast_f32(l_re), cast_f32(l_im))),
                 );
             }
         }
         if fma_available() {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { block_product_fma(f_pad, q_a, q_b, x, s, y) };
+            return unsafe { block_product_fma(f_pad, q_a, q_b, x, s, y, last) };
         }
     }
     dispatch_avx2!(
         block_product_generic,
-        block_product_avx2(f_pad, q_a, q_b, x, s, y)
+        block_product_avx2(f_pad, q_a, q_b, x, s, y, last)
     )
 }
 
@@ -192,8 +205,9 @@ unsafe fn block_product_avx2<T: Float>(
     x: Planes<'_, T>,
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
+    last: Option<Planes<'_, T>>,
 ) {
-    block_product_body::<T, false>(f_pad, q_a, q_b, x, s, y)
+    block_product_body::<T, false>(f_pad, q_a, q_b, x, s, y, last)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -205,8 +219,9 @@ unsafe fn block_product_fma<T: Float>(
     x: Planes<'_, T>,
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
+    last: Option<Planes<'_, T>>,
 ) {
-    block_product_body::<T, true>(f_pad, q_a, q_b, x, s, y)
+    block_product_body::<T, true>(f_pad, q_a, q_b, x, s, y, last)
 }
 
 fn block_product_generic<T: Float>(
@@ -216,8 +231,9 @@ fn block_product_generic<T: Float>(
     x: Planes<'_, T>,
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
+    last: Option<Planes<'_, T>>,
 ) {
-    block_product_body::<T, false>(f_pad, q_a, q_b, x, s, y)
+    block_product_body::<T, false>(f_pad, q_a, q_b, x, s, y, last)
 }
 
 #[inline(always)]
@@ -228,10 +244,11 @@ fn block_product_body<T: Float, const FMA: bool>(
     x: Planes<'_, T>,
     s: Planes<'_, T>,
     y: PlanesMut<'_, T>,
+    last: Option<Planes<'_, T>>,
 ) {
     let rows = x.0.len() / (q_a * f_pad);
     let (y_re, y_im) = y;
-    for fb in (0..f_pad).step_by(LANES) {
+    for fb in (0..f_end(f_pad, last.is_some())).step_by(LANES) {
         let at = Region {
             f_pad,
             q_a,
@@ -239,6 +256,120 @@ fn block_product_body<T: Float, const FMA: bool>(
             fb,
         };
         at.products::<T, FMA>(0..rows, 0..q_b, x, s, (&mut *y_re, &mut *y_im));
+    }
+    if let Some(last) = last {
+        last_tile::<T, FMA>(f_pad, q_a, q_b, x, last, (y_re, y_im));
+    }
+}
+
+/// Where the full tiles of the block product end: before the last tile when that one is
+/// computed from the compact planes ([`last_tile`]).
+fn f_end(f_pad: usize, compact_last: bool) -> usize {
+    match compact_last {
+        true => f_pad - LANES,
+        false => f_pad,
+    }
+}
+
+/// Row stride of the compact last-tile planes of a kernel orientation: `q_b` rounded up
+/// to [`LANES`] (the values past `q_b` are zero).
+pub(crate) fn last_stride(q_b: usize) -> usize {
+    q_b.div_ceil(LANES) * LANES
+}
+
+/// The block product's last frequency tile when only its first lane is a frequency
+/// (F = f_pad − LANES + 1: every even p that is a multiple of 16, for one). A full tile
+/// would spend eight lanes on one frequency; here the lanes run over output blocks
+/// instead, against `last`, that frequency's kernel spectra stored compact as (q_a,
+/// [`last_stride`]`(q_b)`) (`last[j · stride + i]` = `s[i, j, F − 1]`). Every output gets
+/// the very operations, in the same order, that [`Tile::product`] gives its lane 0 (so
+/// the results are the same bit for bit); lanes 1.. of y's last tile are set to zero.
+#[inline(always)]
+fn last_tile<T: Float, const FMA: bool>(
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    x: Planes<'_, T>,
+    last: Planes<'_, T>,
+    y: PlanesMut<'_, T>,
+) {
+    let rows = x.0.len() / (q_a * f_pad);
+    let stride = last_stride(q_b);
+    assert!(last.0.len() >= q_a * stride && last.1.len() >= q_a * stride);
+    let (y_re, y_im) = y;
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = (rows - r0).min(4);
+        let y = (&mut *y_re, &mut *y_im);
+        match nr {
+            4 => last_rows::<T, 4, FMA>(f_pad, q_a, q_b, r0, x, last, y),
+            3 => last_rows::<T, 3, FMA>(f_pad, q_a, q_b, r0, x, last, y),
+            2 => last_rows::<T, 2, FMA>(f_pad, q_a, q_b, r0, x, last, y),
+            _ => last_rows::<T, 1, FMA>(f_pad, q_a, q_b, r0, x, last, y),
+        }
+        r0 += nr;
+    }
+}
+
+/// Rows r0..r0 + R of [`last_tile`], LANES output blocks at a time.
+#[inline(always)]
+fn last_rows<'a, T: Float, const R: usize, const FMA: bool>(
+    f_pad: usize,
+    q_a: usize,
+    q_b: usize,
+    r0: usize,
+    (x_re, x_im): Planes<'a, T>,
+    (l_re, l_im): Planes<'_, T>,
+    (y_re, y_im): PlanesMut<'_, T>,
+) {
+    let fb = f_pad - LANES;
+    let stride = last_stride(q_b);
+    // The last tile of each row's q_a spectra is contiguous (see `packed`): q_a lanes.
+    let tile = |planes: &'a [T], r: usize| -> &'a [[T; LANES]] {
+        let at = r * q_a * f_pad + packed(q_a, 0, fb);
+        planes[at..at + q_a * LANES].as_chunks::<LANES>().0
+    };
+    let mut xs_re: [&[Lane<T>]; R] = [&[]; R];
+    let mut xs_im: [&[Lane<T>]; R] = [&[]; R];
+    for r in 0..R {
+        xs_re[r] = tile(x_re, r0 + r);
+        xs_im[r] = tile(x_im, r0 + r);
+    }
+    let (l_re, l_im) = (&l_re[..q_a * stride], &l_im[..q_a * stride]);
+    let mut i0 = 0;
+    while i0 < q_b {
+        let mut acc_re = [[T::zero(); LANES]; R];
+        let mut acc_im = [[T::zero(); LANES]; R];
+        for j in 0..q_a {
+            let sr = load(l_re, j * stride + i0);
+            let si = load(l_im, j * stride + i0);
+            for r in 0..R {
+                let (xr, xi) = (xs_re[r][j][0], xs_im[r][j][0]);
+                for l in 0..LANES {
+                    let (a_re, a_im) = (&mut acc_re[r][l], &mut acc_im[r][l]);
+                    // Tile::product's operations for lane 0, one output block per lane
+                    if FMA {
+                        *a_re = xr.mul_add(sr[l], *a_re);
+                        *a_re = (-xi).mul_add(si[l], *a_re);
+                        *a_im = xr.mul_add(si[l], *a_im);
+                        *a_im = xi.mul_add(sr[l], *a_im);
+                    } else {
+                        *a_re = *a_re + (xr * sr[l] - xi * si[l]);
+                        *a_im = *a_im + (xr * si[l] + xi * sr[l]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for l in 0..LANES.min(q_b - i0) {
+                let at = (r0 + r) * q_b * f_pad + packed(q_b, i0 + l, fb);
+                y_re[at] = acc_re[r][l];
+                y_im[at] = acc_im[r][l];
+                y_re[at + 1..at + LANES].fill(T::zero());
+                y_im[at + 1..at + LANES].fill(T::zero());
+            }
+        }
+        i0 += LANES;
     }
 }
 
@@ -336,6 +467,7 @@ unsafe fn block_product_avx512_f32(
     x: Planes<'_, f32>,
     s: Planes<'_, f32>,
     y: PlanesMut<'_, f32>,
+    last: Option<Planes<'_, f32>>,
 ) {
     let rows = x.0.len() / (q_a * f_pad);
     // Every access below stays inside these lengths (offsets as in `packed`).
@@ -349,7 +481,7 @@ unsafe fn block_product_avx512_f32(
     assert!(f_pad.is_multiple_of(LANES));
     let r_main = rows / 4 * 4;
     let (y_re, y_im) = y;
-    for fb in (0..f_pad).step_by(LANES) {
+    for fb in (0..f_end(f_pad, last.is_some())).step_by(LANES) {
         // Output blocks in groups of 4, the last group 1-3 wide (same operations per
         // accumulator whatever the group's width).
         let mut i0 = 0;
@@ -386,6 +518,10 @@ unsafe fn block_product_avx512_f32(
         if r_main < rows {
             at.products::<f32, true>(r_main..rows, 0..q_b, x, s, y);
         }
+    }
+    if let Some(last) = last {
+        // the FMA build's operations (as in `block_product_fma`), so the same bits
+        last_tile::<f32, true>(f_pad, q_a, q_b, x, last, (y_re, y_im));
     }
 }
 
@@ -604,6 +740,143 @@ pub(crate) fn accumulate_kernel_grad<T: Float>(
         accumulate_kernel_grad_body,
         accumulate_kernel_grad_avx2(q_out, q_in, rows, fb, g, x, k)
     )
+}
+
+/// [`accumulate_kernel_grad`] for a last tile that holds one frequency (F ≡ 1 mod LANES;
+/// see [`last_tile`]): that frequency's sums with the lanes over input blocks instead of
+/// over seven padding frequencies. Every k[i, j] gets the very operations, in the same
+/// order (rows in order, fused or not as the build of [`accumulate_kernel_grad`] that
+/// runs on this CPU), that its lane 0 gets there, so the same bits; lanes 1.. of k's tile
+/// are left as they are (nothing reads them).
+pub(crate) fn accumulate_kernel_grad_last<T: Float>(
+    q_out: usize,
+    q_in: usize,
+    rows: usize,
+    fb: usize,
+    g: Planes<'_, T>,
+    x: Planes<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512_fma_available() {
+            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
+            return unsafe { kernel_grad_last_avx512(q_out, q_in, rows, fb, g, x, k) };
+        }
+    }
+    dispatch_avx2!(
+        kernel_grad_last_generic,
+        kernel_grad_last_avx2(q_out, q_in, rows, fb, g, x, k)
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_grad_last_avx512<T: Float>(
+    q_out: usize,
+    q_in: usize,
+    rows: usize,
+    fb: usize,
+    g: Planes<'_, T>,
+    x: Planes<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
+) {
+    kernel_grad_last_body::<T, true>(q_out, q_in, rows, fb, g, x, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_grad_last_avx2<T: Float>(
+    q_out: usize,
+    q_in: usize,
+    rows: usize,
+    fb: usize,
+    g: Planes<'_, T>,
+    x: Planes<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
+) {
+    kernel_grad_last_body::<T, false>(q_out, q_in, rows, fb, g, x, k)
+}
+
+fn kernel_grad_last_generic<T: Float>(
+    q_out: usize,
+    q_in: usize,
+    rows: usize,
+    fb: usize,
+    g: Planes<'_, T>,
+    x: Planes<'_, T>,
+    k: PlanesMut<'_, T::Acc>,
+) {
+    kernel_grad_last_body::<T, false>(q_out, q_in, rows, fb, g, x, k)
+}
+
+/// Rows per block of [`kernel_grad_last_body`]'s gathered input spectra.
+const LAST_ROWS: usize = 16;
+
+#[inline(always)]
+fn kernel_grad_last_body<T: Float, const FMA: bool>(
+    q_out: usize,
+    q_in: usize,
+    rows: usize,
+    fb: usize,
+    (g_re, g_im): Planes<'_, T>,
+    (x_re, x_im): Planes<'_, T>,
+    (k_re, k_im): PlanesMut<'_, T::Acc>,
+) {
+    let zero = <T::Acc as num_traits::Zero>::zero();
+    let k_at = |i: usize, j: usize| (i * q_in + j) * LANES;
+    let mut j0 = 0;
+    while j0 < q_in {
+        let nj = (q_in - j0).min(LANES);
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(LAST_ROWS);
+            // lane 0 of x's tile for input blocks j0..j0 + nj of rows r0..r0 + nr, widened
+            let mut xr = [[zero; LANES]; LAST_ROWS];
+            let mut xi = [[zero; LANES]; LAST_ROWS];
+            for r in 0..nr {
+                for l in 0..nj {
+                    let at = packed_by_row(q_in, rows, r0 + r, j0 + l, fb);
+                    xr[r][l] = x_re[at].widen();
+                    xi[r][l] = x_im[at].widen();
+                }
+            }
+            for i in 0..q_out {
+                let mut acc_re = [zero; LANES];
+                let mut acc_im = [zero; LANES];
+                for l in 0..nj {
+                    acc_re[l] = k_re[k_at(i, j0 + l)];
+                    acc_im[l] = k_im[k_at(i, j0 + l)];
+                }
+                for r in 0..nr {
+                    let at = packed_by_row(q_out, rows, r0 + r, i, fb);
+                    let (gr, gi) = (g_re[at].widen(), g_im[at].widen());
+                    let (xr, xi) = (&xr[r], &xi[r]);
+                    for l in 0..LANES {
+                        // GradTile::accumulate's operations for lane 0: g ⊙ conj(x)
+                        if FMA {
+                            let (a_re, a_im) = (&mut acc_re[l], &mut acc_im[l]);
+                            *a_re = num_traits::Float::mul_add(gr, xr[l], *a_re);
+                            *a_re = num_traits::Float::mul_add(gi, xi[l], *a_re);
+                            *a_im = num_traits::Float::mul_add(gi, xr[l], *a_im);
+                            *a_im = num_traits::Float::mul_add(-gr, xi[l], *a_im);
+                        } else {
+                            acc_re[l] = acc_re[l] + (gr * xr[l] + gi * xi[l]);
+                            acc_im[l] = acc_im[l] + (gi * xr[l] - gr * xi[l]);
+                        }
+                    }
+                }
+                for l in 0..nj {
+                    k_re[k_at(i, j0 + l)] = acc_re[l];
+                    k_im[k_at(i, j0 + l)] = acc_im[l];
+                }
+            }
+            r0 += nr;
+        }
+        j0 += LANES;
+    }
 }
 
 /// Whether the AVX-512 build of the kernel-gradient sums runs on this CPU (AVX-512F with
@@ -867,6 +1140,7 @@ mod tests {
                 (&x_re, &x_im),
                 (&s_re, &s_im),
                 (&mut g_re, &mut g_im),
+                None,
             );
             let (mut a_re, mut a_im) = (vec![T::zero(); n], vec![T::zero(); n]);
             // SAFETY: run only where the CPU has AVX2 (checked by the callers).
@@ -878,6 +1152,7 @@ mod tests {
                     (&x_re, &x_im),
                     (&s_re, &s_im),
                     (&mut a_re, &mut a_im),
+                    None,
                 )
             };
             assert_eq!(bits(&g_re), bits(&a_re), "re, {q_a} {q_b} {rows} {f_n}");
@@ -894,6 +1169,7 @@ mod tests {
                         (&x_re, &x_im),
                         (&s_re, &s_im),
                         (&mut f_re, &mut f_im),
+                        None,
                     )
                 };
                 let tol = T::epsilon().to_f64().unwrap_or(1.0) * 4.0 * q_a as f64;
@@ -916,6 +1192,7 @@ mod tests {
                             (cast_f32(&x_re), cast_f32(&x_im)),
                             (cast_f32(&s_re), cast_f32(&s_im)),
                             (cast_f32_mut(&mut v_re), cast_f32_mut(&mut v_im)),
+                            None,
                         )
                     };
                     assert_eq!(
@@ -1004,6 +1281,205 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The builds of the block product that the CPU runs.
+    fn product_builds<T: Float>() -> Vec<&'static str> {
+        let mut builds = vec!["generic"];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                builds.push("avx2");
+            }
+            if fma_available() {
+                builds.push("fma");
+            }
+            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                && avx512_block_available()
+            {
+                builds.push("avx512");
+            }
+        }
+        builds
+    }
+
+    /// One build of the block product (one of [`product_builds`]).
+    #[allow(clippy::too_many_arguments)]
+    fn run_product<T: Float>(
+        build: &str,
+        f_pad: usize,
+        q_a: usize,
+        q_b: usize,
+        x: Planes<'_, T>,
+        s: Planes<'_, T>,
+        y: PlanesMut<'_, T>,
+        last: Option<Planes<'_, T>>,
+    ) {
+        match build {
+            "generic" => block_product_generic(f_pad, q_a, q_b, x, s, y, last),
+            "portable fma" => block_product_body::<T, true>(f_pad, q_a, q_b, x, s, y, last),
+            // SAFETY: product_builds lists a build only where the CPU runs it; avx512
+            // only for T = f32.
+            #[cfg(target_arch = "x86_64")]
+            "avx2" => unsafe { block_product_avx2(f_pad, q_a, q_b, x, s, y, last) },
+            #[cfg(target_arch = "x86_64")]
+            "fma" => unsafe { block_product_fma(f_pad, q_a, q_b, x, s, y, last) },
+            #[cfg(target_arch = "x86_64")]
+            "avx512" => unsafe {
+                block_product_avx512_f32(
+                    f_pad,
+                    q_a,
+                    q_b,
+                    (cast_f32(x.0), cast_f32(x.1)),
+                    (cast_f32(s.0), cast_f32(s.1)),
+                    (cast_f32_mut(y.0), cast_f32_mut(y.1)),
+                    last.map(|l| (cast_f32(l.0), cast_f32(l.1))),
+                )
+            },
+            other => panic!("no build {other}"),
+        }
+    }
+
+    /// The compact last tile (`last=`) gives every build's own full-tile result bit for
+    /// bit in the last frequency, and zeros in that tile's padding lanes; the other tiles
+    /// are untouched by it.
+    fn check_compact_last_tile<T: Float>() {
+        for &(q_a, q_b, rows, f_n) in &[
+            (1, 1, 1, 1),
+            (1, 1, 3, 9),
+            (3, 2, 5, 9),
+            (4, 5, 3, 17),
+            (7, 3, 2, 33),
+            (5, 9, 11, 17),
+            (16, 8, 13, 33),
+            (2, 17, 8, 129),
+            (9, 11, 6, 1),
+        ] {
+            let f_pad = padded_freqs(f_n);
+            let fb = f_pad - LANES;
+            assert_eq!(f_n, fb + 1);
+            let (x_re, x_im) = (
+                values::<T>(rows * q_a * f_pad, 21),
+                values::<T>(rows * q_a * f_pad, 22),
+            );
+            let (s_re, s_im) = (
+                values::<T>(q_b * q_a * f_pad, 23),
+                values::<T>(q_b * q_a * f_pad, 24),
+            );
+            let stride = last_stride(q_b);
+            let (mut l_re, mut l_im) =
+                (vec![T::zero(); q_a * stride], vec![T::zero(); q_a * stride]);
+            for i in 0..q_b {
+                for j in 0..q_a {
+                    let at = i * q_a * f_pad + packed(q_a, j, fb);
+                    l_re[j * stride + i] = s_re[at];
+                    l_im[j * stride + i] = s_im[at];
+                }
+            }
+            let n = rows * q_b * f_pad;
+            // the fused arithmetic through portable mul_add too (any CPU)
+            let mut builds = product_builds::<T>();
+            builds.push("portable fma");
+            for name in builds {
+                let (mut f_re, mut f_im) = (vec![T::zero(); n], vec![T::zero(); n]);
+                let (x, s) = ((&x_re[..], &x_im[..]), (&s_re[..], &s_im[..]));
+                run_product(name, f_pad, q_a, q_b, x, s, (&mut f_re, &mut f_im), None);
+                let nan = T::nan();
+                let (mut c_re, mut c_im) = (vec![nan; n], vec![nan; n]);
+                run_product(
+                    name,
+                    f_pad,
+                    q_a,
+                    q_b,
+                    (&x_re, &x_im),
+                    (&s_re, &s_im),
+                    (&mut c_re, &mut c_im),
+                    Some((&l_re, &l_im)),
+                );
+                for r in 0..rows {
+                    for i in 0..q_b {
+                        for f in 0..f_pad {
+                            let at = r * q_b * f_pad + packed(q_b, i, f);
+                            let case =
+                                format!("{name}: {q_a} {q_b} {rows} {f_n}, r {r} i {i} f {f}");
+                            if f < f_n {
+                                assert_eq!(bits(&[c_re[at]]), bits(&[f_re[at]]), "re {case}");
+                                assert_eq!(bits(&[c_im[at]]), bits(&[f_im[at]]), "im {case}");
+                            } else {
+                                assert!(c_re[at] == T::zero() && c_im[at] == T::zero(), "{case}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The compact kernel-gradient sums of a last tile give what `accumulate_kernel_grad`
+    /// gives lane 0 of that tile on this CPU, bit for bit, and leave the other lanes.
+    fn check_compact_kernel_grad<T: Float>() {
+        for &(q_out, q_in, rows, f_n) in &[
+            (1, 1, 1, 1),
+            (3, 2, 5, 9),
+            (5, 4, 16, 17),
+            (9, 17, 3, 33),
+            (2, 9, 40, 9),
+            (4, 3, 2, 129),
+        ] {
+            let f_pad = padded_freqs(f_n);
+            let fb = f_pad - LANES;
+            let (g_re, g_im) = (
+                values::<T>(rows * q_out * f_pad, 25),
+                values::<T>(rows * q_out * f_pad, 26),
+            );
+            let (x_re, x_im) = (
+                values::<T>(rows * q_in * f_pad, 27),
+                values::<T>(rows * q_in * f_pad, 28),
+            );
+            let slab = q_out * q_in * LANES;
+            let start: Vec<T::Acc> = values::<T>(slab, 29).iter().map(|v| v.widen()).collect();
+            let (mut k1_re, mut k1_im) = (start.clone(), start.clone());
+            let (mut k2_re, mut k2_im) = (start.clone(), start.clone());
+            let g = (&g_re[..], &g_im[..]);
+            let x = (&x_re[..], &x_im[..]);
+            accumulate_kernel_grad(q_out, q_in, rows, fb, g, x, (&mut k1_re, &mut k1_im));
+            accumulate_kernel_grad_last(q_out, q_in, rows, fb, g, x, (&mut k2_re, &mut k2_im));
+            for at in 0..slab {
+                let want = match at % LANES {
+                    0 => (k1_re[at], k1_im[at]),
+                    _ => (start[at], start[at]),
+                };
+                let case = format!("{q_out} {q_in} {rows} {f_n}, at {at}");
+                assert_eq!(bits(&[k2_re[at]]), bits(&[want.0]), "re {case}");
+                assert_eq!(bits(&[k2_im[at]]), bits(&[want.1]), "im {case}");
+            }
+            // and each arithmetic (plain; fused, as the AVX-512 build runs it, here through
+            // portable mul_add on any CPU) against its full tiles
+            let (mut k3_re, mut k3_im) = (start.clone(), start.clone());
+            let (mut k4_re, mut k4_im) = (start.clone(), start.clone());
+            accumulate_kernel_grad_body(q_out, q_in, rows, fb, g, x, (&mut k3_re, &mut k3_im));
+            kernel_grad_last_generic(q_out, q_in, rows, fb, g, x, (&mut k4_re, &mut k4_im));
+            let (mut k5_re, mut k5_im) = (start.clone(), start.clone());
+            let (mut k6_re, mut k6_im) = (start.clone(), start);
+            let k5 = (&mut k5_re[..], &mut k5_im[..]);
+            accumulate_kernel_grad_tiles::<T, true>(q_out, q_in, rows, fb, g, x, k5);
+            let k6 = (&mut k6_re[..], &mut k6_im[..]);
+            kernel_grad_last_body::<T, true>(q_out, q_in, rows, fb, g, x, k6);
+            for at in (0..slab).step_by(LANES) {
+                assert_eq!(bits(&[k4_re[at]]), bits(&[k3_re[at]]), "plain re at {at}");
+                assert_eq!(bits(&[k4_im[at]]), bits(&[k3_im[at]]), "plain im at {at}");
+                assert_eq!(bits(&[k6_re[at]]), bits(&[k5_re[at]]), "fused re at {at}");
+                assert_eq!(bits(&[k6_im[at]]), bits(&[k5_im[at]]), "fused im at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn compact_last_tile_gives_the_full_tiles_bits() {
+        check_compact_last_tile::<f32>();
+        check_compact_last_tile::<f64>();
+        check_compact_kernel_grad::<f32>();
+        check_compact_kernel_grad::<f64>();
     }
 
     #[test]
