@@ -144,28 +144,36 @@ def test_backward_keeps_no_batch_sized_memory() -> None:
 def test_environment_writes_during_calls_do_not_crash() -> None:
     # Every call read BCA_NUM_THREADS/RAYON_NUM_THREADS without the GIL while a Python
     # thread wrote os.environ: a segfault (rc 139) in 3 of 3 runs.
-    run_child(
+    # The calls run for at most 100 000 calls or 20 s: with the writer spinning on the GIL,
+    # taking the GIL back after a call can wait out the switch interval (5 ms), and then
+    # 100 000 calls took 400-800 s (every one of them racing the writer's setenv).
+    out = run_child(
         """
-        import os, threading, numpy as np, bca
+        import os, threading, time, numpy as np, bca
         op = bca.BlockCirculant(np.ones((2, 2, 4), np.float32))
         x = np.ones((3, 8), np.float32)
         stop = False
+        writes = 0
         def writer():
-            i = 0
+            global writes
             while not stop:
-                os.environ["BCA_NUM_THREADS"] = str(1 + i % 3)
-                os.environ["BCA_FUZZ_" + str(i % 512)] = "x" * (i % 64)
-                i += 1
+                os.environ["BCA_NUM_THREADS"] = str(1 + writes % 3)
+                os.environ["BCA_FUZZ_" + str(writes % 512)] = "x" * (writes % 64)
+                writes += 1
         t = threading.Thread(target=writer)
         t.start()
-        for _ in range(100_000):
+        calls, deadline = 0, time.monotonic() + 20
+        while calls < 100_000 and time.monotonic() < deadline:
             op.matmul(x)
+            calls += 1
         stop = True
         t.join()
-        print("ok")
+        print("ok", calls, writes)
         """,
         timeout=300,
     )
+    _, calls, writes = out.split()
+    assert int(calls) >= 1000 and int(writes) >= 1, out
 
 
 def test_thread_count_from_the_environment_is_read_at_import_and_on_reset() -> None:
