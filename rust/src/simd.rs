@@ -76,6 +76,44 @@ macro_rules! dispatch_avx2 {
 }
 pub(crate) use dispatch_avx2;
 
+/// `a += x·s` for one complex value, as every block-product kernel runs it: four fused
+/// multiply-adds (FMA), or two products and a sum per part. One definition, so the kernels
+/// that must agree bit for bit (tiles, the compact last tile, single blocks) do.
+#[inline(always)]
+fn mac<F: num_traits::Float, const FMA: bool>(
+    (a_re, a_im): (&mut F, &mut F),
+    (xr, xi): (F, F),
+    (sr, si): (F, F),
+) {
+    if FMA {
+        *a_re = xr.mul_add(sr, *a_re);
+        *a_re = (-xi).mul_add(si, *a_re);
+        *a_im = xr.mul_add(si, *a_im);
+        *a_im = xi.mul_add(sr, *a_im);
+    } else {
+        *a_re = *a_re + (xr * sr - xi * si);
+        *a_im = *a_im + (xr * si + xi * sr);
+    }
+}
+
+/// `a += g·conj(x)` for one complex value, as the kernel-gradient sums run it (in T::Acc).
+#[inline(always)]
+fn conj_mac<F: num_traits::Float, const FMA: bool>(
+    (a_re, a_im): (&mut F, &mut F),
+    (gr, gi): (F, F),
+    (xr, xi): (F, F),
+) {
+    if FMA {
+        *a_re = gr.mul_add(xr, *a_re);
+        *a_re = gi.mul_add(xi, *a_re);
+        *a_im = gi.mul_add(xr, *a_im);
+        *a_im = (-gr).mul_add(xi, *a_im);
+    } else {
+        *a_re = *a_re + (gr * xr + gi * xi);
+        *a_im = *a_im + (gi * xr - gr * xi);
+    }
+}
+
 #[inline(always)]
 fn load<T: Float>(src: &[T], at: usize) -> Lane<T> {
     let mut v = [T::zero(); LANES];
@@ -176,15 +214,7 @@ fn single_product_body<T: Float, const FMA: bool>(
         let (xr, xi, sr, si) = (x_re[k], x_im[k], s_re[k], s_im[k]);
         // The accumulators of `Tile::product`, starting from zero, for one term.
         let (mut a_re, mut a_im) = (T::zero(), T::zero());
-        if FMA {
-            a_re = xr.mul_add(sr, a_re);
-            a_re = (-xi).mul_add(si, a_re);
-            a_im = xr.mul_add(si, a_im);
-            a_im = xi.mul_add(sr, a_im);
-        } else {
-            a_re = a_re + (xr * sr - xi * si);
-            a_im = a_im + (xr * si + xi * sr);
-        }
+        mac::<T, FMA>((&mut a_re, &mut a_im), (xr, xi), (sr, si));
         y_re[k] = a_re;
         y_im[k] = a_im;
     }
@@ -346,17 +376,9 @@ fn last_rows<'a, T: Float, const R: usize, const FMA: bool>(
             for r in 0..R {
                 let (xr, xi) = (xs_re[r][j][0], xs_im[r][j][0]);
                 for l in 0..LANES {
-                    let (a_re, a_im) = (&mut acc_re[r][l], &mut acc_im[r][l]);
                     // Tile::product's operations for lane 0, one output block per lane
-                    if FMA {
-                        *a_re = xr.mul_add(sr[l], *a_re);
-                        *a_re = (-xi).mul_add(si[l], *a_re);
-                        *a_im = xr.mul_add(si[l], *a_im);
-                        *a_im = xi.mul_add(sr[l], *a_im);
-                    } else {
-                        *a_re = *a_re + (xr * sr[l] - xi * si[l]);
-                        *a_im = *a_im + (xr * si[l] + xi * sr[l]);
-                    }
+                    let a = (&mut acc_re[r][l], &mut acc_im[r][l]);
+                    mac::<T, FMA>(a, (xr, xi), (sr[l], si[l]));
                 }
             }
         }
@@ -688,17 +710,8 @@ impl Tile {
             for r in 0..R {
                 for i in 0..I {
                     for l in 0..LANES {
-                        let (a_re, a_im) = (&mut acc_re[r][i][l], &mut acc_im[r][i][l]);
-                        if FMA {
-                            // four fused multiply-adds, one rounding each
-                            *a_re = xr[r][l].mul_add(sr[i][l], *a_re);
-                            *a_re = (-xi[r][l]).mul_add(si[i][l], *a_re);
-                            *a_im = xr[r][l].mul_add(si[i][l], *a_im);
-                            *a_im = xi[r][l].mul_add(sr[i][l], *a_im);
-                        } else {
-                            *a_re = *a_re + (xr[r][l] * sr[i][l] - xi[r][l] * si[i][l]);
-                            *a_im = *a_im + (xr[r][l] * si[i][l] + xi[r][l] * sr[i][l]);
-                        }
+                        let a = (&mut acc_re[r][i][l], &mut acc_im[r][i][l]);
+                        mac::<T, FMA>(a, (xr[r][l], xi[r][l]), (sr[i][l], si[i][l]));
                     }
                 }
             }
@@ -856,16 +869,8 @@ fn kernel_grad_last_body<T: Float, const FMA: bool>(
                     let (xr, xi) = (&xr[r], &xi[r]);
                     for l in 0..LANES {
                         // GradTile::accumulate's operations for lane 0: g ⊙ conj(x)
-                        if FMA {
-                            let (a_re, a_im) = (&mut acc_re[l], &mut acc_im[l]);
-                            *a_re = num_traits::Float::mul_add(gr, xr[l], *a_re);
-                            *a_re = num_traits::Float::mul_add(gi, xi[l], *a_re);
-                            *a_im = num_traits::Float::mul_add(gi, xr[l], *a_im);
-                            *a_im = num_traits::Float::mul_add(-gr, xi[l], *a_im);
-                        } else {
-                            acc_re[l] = acc_re[l] + (gr * xr[l] + gi * xi[l]);
-                            acc_im[l] = acc_im[l] + (gi * xr[l] - gr * xi[l]);
-                        }
+                        let a = (&mut acc_re[l], &mut acc_im[l]);
+                        conj_mac::<_, FMA>(a, (gr, gi), (xr[l], xi[l]));
                     }
                 }
                 for l in 0..nj {
@@ -971,18 +976,8 @@ impl GradTile {
                 for j in 0..J {
                     for l in 0..LANES {
                         // g ⊙ conj(x)
-                        if FMA {
-                            let (a_re, a_im) = (&mut acc_re[i][j][l], &mut acc_im[i][j][l]);
-                            *a_re = num_traits::Float::mul_add(gr[i][l], xr[j][l], *a_re);
-                            *a_re = num_traits::Float::mul_add(gi[i][l], xi[j][l], *a_re);
-                            *a_im = num_traits::Float::mul_add(gi[i][l], xr[j][l], *a_im);
-                            *a_im = num_traits::Float::mul_add(-gr[i][l], xi[j][l], *a_im);
-                        } else {
-                            acc_re[i][j][l] =
-                                acc_re[i][j][l] + (gr[i][l] * xr[j][l] + gi[i][l] * xi[j][l]);
-                            acc_im[i][j][l] =
-                                acc_im[i][j][l] + (gi[i][l] * xr[j][l] - gr[i][l] * xi[j][l]);
-                        }
+                        let a = (&mut acc_re[i][j][l], &mut acc_im[i][j][l]);
+                        conj_mac::<_, FMA>(a, (gr[i][l], gi[i][l]), (xr[j][l], xi[j][l]));
                     }
                 }
             }
