@@ -168,17 +168,6 @@ impl<T> Spectra<T> {
     }
 }
 
-/// The signature of `simd::accumulate_kernel_grad` (and of its compact last tile).
-type KernelGradSums<T> = fn(
-    usize,
-    usize,
-    usize,
-    usize,
-    simd::Planes<'_, T>,
-    simd::Planes<'_, T>,
-    simd::PlanesMut<'_, <T as Float>::Acc>,
-);
-
 /// Whether spectra of `n_freq` frequencies keep their last one compact (see `Spectra`).
 fn compact_last(n_freq: usize) -> bool {
     n_freq % simd::LANES == 1
@@ -1231,7 +1220,7 @@ impl<T: Float> BlockCirculant<T> {
                     ws,
                 )?;
                 for (t, (kr, ki)) in k_re.chunks_mut(slab).zip(k_im.chunks_mut(slab)).enumerate() {
-                    self.kernel_grad_sums(t)(
+                    simd::accumulate_kernel_grad(
                         q_out,
                         q_in,
                         rows,
@@ -1239,6 +1228,7 @@ impl<T: Float> BlockCirculant<T> {
                         (&*gr, &*gi),
                         (&*xr, &*xi),
                         (kr, ki),
+                        self.compact_tile(t),
                     );
                 }
                 Ok(())
@@ -1334,7 +1324,7 @@ impl<T: Float> BlockCirculant<T> {
                 let chunk = rows.min(n_rows - row0);
                 let (xo, go) = (row0 * row_x, row0 * row_g);
                 let (nx, ng) = (chunk * row_x, chunk * row_g);
-                self.kernel_grad_sums(t)(
+                simd::accumulate_kernel_grad(
                     q_out,
                     q_in,
                     chunk,
@@ -1342,6 +1332,7 @@ impl<T: Float> BlockCirculant<T> {
                     (&g_re[go..go + ng], &g_im[go..go + ng]),
                     (&x_re[xo..xo + nx], &x_im[xo..xo + nx]),
                     (&mut *kr, &mut *ki),
+                    self.compact_tile(t),
                 );
                 row0 += chunk;
             }
@@ -1364,13 +1355,10 @@ impl<T: Float> BlockCirculant<T> {
         Ok(())
     }
 
-    /// The kernel-gradient sums for frequency tile `t`: `accumulate_kernel_grad`, or its
-    /// compact form for a last tile that holds one frequency (same bits; see `Spectra`).
-    fn kernel_grad_sums(&self, t: usize) -> KernelGradSums<T> {
-        match compact_last(self.shape.n_freq()) && t + 1 == self.f_pad / simd::LANES {
-            true => simd::accumulate_kernel_grad_last::<T>,
-            false => simd::accumulate_kernel_grad::<T>,
-        }
+    /// Whether frequency tile `t` is a last tile that holds one frequency, whose
+    /// kernel-gradient sums run compact (same bits; see `Spectra`).
+    fn compact_tile(&self, t: usize) -> bool {
+        compact_last(self.shape.n_freq()) && t + 1 == self.f_pad / simd::LANES
     }
 
     /// Pass 3 of `backward`: one inverse FFT per kernel block of the accumulated spectra.

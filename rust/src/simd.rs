@@ -27,7 +27,7 @@
 //! That frequency then runs with its lanes over output blocks (block product, against a
 //! compact copy of the kernel spectra's last frequency) or input blocks (kernel-gradient
 //! sums), with each value's operations unchanged, so the results are the same bit for bit
-//! ([`last_tile`], [`accumulate_kernel_grad_last`]).
+//! ([`last_tile`], [`kernel_grad_last_body`]).
 
 use crate::Float;
 
@@ -731,7 +731,9 @@ impl Tile {
 /// rows of one chunk in order.
 ///
 /// Layouts: g and x hold one chunk of `rows` rows in the row-transposed layout (see
-/// [`packed_by_row`]); k is this tile's slab, (q_out, q_in, LANES).
+/// [`packed_by_row`]); k is this tile's slab, (q_out, q_in, LANES). `last`: the tile is
+/// a last tile that holds one frequency, summed compact ([`kernel_grad_last_body`]; the
+/// same bits in that frequency, lanes 1.. of k untouched).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate_kernel_grad<T: Float>(
     q_out: usize,
@@ -741,93 +743,29 @@ pub(crate) fn accumulate_kernel_grad<T: Float>(
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T::Acc>,
+    last: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512_fma_available() {
             // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
-            return unsafe { accumulate_kernel_grad_avx512(q_out, q_in, rows, fb, g, x, k) };
+            return unsafe { accumulate_kernel_grad_avx512(q_out, q_in, rows, fb, g, x, k, last) };
         }
     }
     dispatch_avx2!(
         accumulate_kernel_grad_body,
-        accumulate_kernel_grad_avx2(q_out, q_in, rows, fb, g, x, k)
+        accumulate_kernel_grad_avx2(q_out, q_in, rows, fb, g, x, k, last)
     )
-}
-
-/// [`accumulate_kernel_grad`] for a last tile that holds one frequency (F ≡ 1 mod LANES;
-/// see [`last_tile`]): that frequency's sums with the lanes over input blocks instead of
-/// over seven padding frequencies. Every k[i, j] gets the very operations, in the same
-/// order (rows in order, fused or not as the build of [`accumulate_kernel_grad`] that
-/// runs on this CPU), that its lane 0 gets there, so the same bits; lanes 1.. of k's tile
-/// are left as they are (nothing reads them).
-pub(crate) fn accumulate_kernel_grad_last<T: Float>(
-    q_out: usize,
-    q_in: usize,
-    rows: usize,
-    fb: usize,
-    g: Planes<'_, T>,
-    x: Planes<'_, T>,
-    k: PlanesMut<'_, T::Acc>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx512_fma_available() {
-            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
-            return unsafe { kernel_grad_last_avx512(q_out, q_in, rows, fb, g, x, k) };
-        }
-    }
-    dispatch_avx2!(
-        kernel_grad_last_generic,
-        kernel_grad_last_avx2(q_out, q_in, rows, fb, g, x, k)
-    )
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_grad_last_avx512<T: Float>(
-    q_out: usize,
-    q_in: usize,
-    rows: usize,
-    fb: usize,
-    g: Planes<'_, T>,
-    x: Planes<'_, T>,
-    k: PlanesMut<'_, T::Acc>,
-) {
-    kernel_grad_last_body::<T, true>(q_out, q_in, rows, fb, g, x, k)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_grad_last_avx2<T: Float>(
-    q_out: usize,
-    q_in: usize,
-    rows: usize,
-    fb: usize,
-    g: Planes<'_, T>,
-    x: Planes<'_, T>,
-    k: PlanesMut<'_, T::Acc>,
-) {
-    kernel_grad_last_body::<T, false>(q_out, q_in, rows, fb, g, x, k)
-}
-
-fn kernel_grad_last_generic<T: Float>(
-    q_out: usize,
-    q_in: usize,
-    rows: usize,
-    fb: usize,
-    g: Planes<'_, T>,
-    x: Planes<'_, T>,
-    k: PlanesMut<'_, T::Acc>,
-) {
-    kernel_grad_last_body::<T, false>(q_out, q_in, rows, fb, g, x, k)
 }
 
 /// Rows per block of [`kernel_grad_last_body`]'s gathered input spectra.
 const LAST_ROWS: usize = 16;
 
+/// The kernel-gradient sums for a last tile that holds one frequency (F ≡ 1 mod LANES;
+/// see [`last_tile`]): that frequency's sums with the lanes over input blocks instead of
+/// over seven padding frequencies. Every k[i, j] gets the very operations, in the same
+/// order (rows in order, fused or not), that [`GradTile::accumulate`] gives its lane 0,
+/// so the same bits; lanes 1.. of k's tile are left as they are (nothing reads them).
 #[inline(always)]
 fn kernel_grad_last_body<T: Float, const FMA: bool>(
     q_out: usize,
@@ -906,8 +844,9 @@ unsafe fn accumulate_kernel_grad_avx512<T: Float>(
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T::Acc>,
+    last: bool,
 ) {
-    accumulate_kernel_grad_tiles::<T, true>(q_out, q_in, rows, fb, g, x, k)
+    accumulate_kernel_grad_tiles::<T, true>(q_out, q_in, rows, fb, g, x, k, last)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -921,8 +860,9 @@ unsafe fn accumulate_kernel_grad_avx2<T: Float>(
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T::Acc>,
+    last: bool,
 ) {
-    accumulate_kernel_grad_body(q_out, q_in, rows, fb, g, x, k)
+    accumulate_kernel_grad_body(q_out, q_in, rows, fb, g, x, k, last)
 }
 
 /// Position of one kernel-gradient tile.
@@ -1002,6 +942,7 @@ fn widen<T: Float>(v: Lane<T>) -> Lane<T::Acc> {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn accumulate_kernel_grad_body<T: Float>(
     q_out: usize,
     q_in: usize,
@@ -1010,11 +951,13 @@ fn accumulate_kernel_grad_body<T: Float>(
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T::Acc>,
+    last: bool,
 ) {
-    accumulate_kernel_grad_tiles::<T, false>(q_out, q_in, rows, fb, g, x, k)
+    accumulate_kernel_grad_tiles::<T, false>(q_out, q_in, rows, fb, g, x, k, last)
 }
 
-/// Tiles of 2 × 2 blocks, or 4 × 2 (WIDE: the AVX-512 build with FMA, 32 registers).
+/// Tiles of 2 × 2 blocks, or 4 × 2 (WIDE: the AVX-512 build with FMA, 32 registers); a
+/// compact `last` tile with the same arithmetic (fused when WIDE).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn accumulate_kernel_grad_tiles<T: Float, const WIDE: bool>(
@@ -1025,7 +968,11 @@ fn accumulate_kernel_grad_tiles<T: Float, const WIDE: bool>(
     g: Planes<'_, T>,
     x: Planes<'_, T>,
     k: PlanesMut<'_, T::Acc>,
+    last: bool,
 ) {
+    if last {
+        return kernel_grad_last_body::<T, WIDE>(q_out, q_in, rows, fb, g, x, k);
+    }
     let (k_re, k_im) = k;
     let mut i0 = 0;
     while i0 < q_out {
@@ -1237,6 +1184,7 @@ mod tests {
                     (&g_re, &g_im),
                     (&x_re, &x_im),
                     (&mut k1_re, &mut k1_im),
+                    false,
                 );
                 // SAFETY: as above.
                 unsafe {
@@ -1248,6 +1196,7 @@ mod tests {
                         (&g_re, &g_im),
                         (&x_re, &x_im),
                         (&mut k2_re, &mut k2_im),
+                        false,
                     )
                 };
                 assert_eq!(bits(&k1_re), bits(&k2_re));
@@ -1266,6 +1215,7 @@ mod tests {
                             (&g_re, &g_im),
                             (&x_re, &x_im),
                             (&mut k3_re, &mut k3_im),
+                            false,
                         )
                     };
                     let tol = f64::EPSILON * 4.0 * (rows + 1) as f64;
@@ -1437,8 +1387,8 @@ mod tests {
             let (mut k2_re, mut k2_im) = (start.clone(), start.clone());
             let g = (&g_re[..], &g_im[..]);
             let x = (&x_re[..], &x_im[..]);
-            accumulate_kernel_grad(q_out, q_in, rows, fb, g, x, (&mut k1_re, &mut k1_im));
-            accumulate_kernel_grad_last(q_out, q_in, rows, fb, g, x, (&mut k2_re, &mut k2_im));
+            accumulate_kernel_grad(q_out, q_in, rows, fb, g, x, (&mut k1_re, &mut k1_im), false);
+            accumulate_kernel_grad(q_out, q_in, rows, fb, g, x, (&mut k2_re, &mut k2_im), true);
             for at in 0..slab {
                 let want = match at % LANES {
                     0 => (k1_re[at], k1_im[at]),
@@ -1452,14 +1402,32 @@ mod tests {
             // portable mul_add on any CPU) against its full tiles
             let (mut k3_re, mut k3_im) = (start.clone(), start.clone());
             let (mut k4_re, mut k4_im) = (start.clone(), start.clone());
-            accumulate_kernel_grad_body(q_out, q_in, rows, fb, g, x, (&mut k3_re, &mut k3_im));
-            kernel_grad_last_generic(q_out, q_in, rows, fb, g, x, (&mut k4_re, &mut k4_im));
+            accumulate_kernel_grad_body(
+                q_out,
+                q_in,
+                rows,
+                fb,
+                g,
+                x,
+                (&mut k3_re, &mut k3_im),
+                false,
+            );
+            accumulate_kernel_grad_body(
+                q_out,
+                q_in,
+                rows,
+                fb,
+                g,
+                x,
+                (&mut k4_re, &mut k4_im),
+                true,
+            );
             let (mut k5_re, mut k5_im) = (start.clone(), start.clone());
             let (mut k6_re, mut k6_im) = (start.clone(), start);
             let k5 = (&mut k5_re[..], &mut k5_im[..]);
-            accumulate_kernel_grad_tiles::<T, true>(q_out, q_in, rows, fb, g, x, k5);
+            accumulate_kernel_grad_tiles::<T, true>(q_out, q_in, rows, fb, g, x, k5, false);
             let k6 = (&mut k6_re[..], &mut k6_im[..]);
-            kernel_grad_last_body::<T, true>(q_out, q_in, rows, fb, g, x, k6);
+            accumulate_kernel_grad_tiles::<T, true>(q_out, q_in, rows, fb, g, x, k6, true);
             for at in (0..slab).step_by(LANES) {
                 assert_eq!(bits(&[k4_re[at]]), bits(&[k3_re[at]]), "plain re at {at}");
                 assert_eq!(bits(&[k4_im[at]]), bits(&[k3_im[at]]), "plain im at {at}");
