@@ -118,8 +118,13 @@ def machine_info() -> dict[str, Any]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and "cpu" not in info:
                     info["cpu"] = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and "simd" not in info:
+                    flags = set(line.split(":", 1)[1].split())
+                    simd = "AVX2+FMA" if "fma" in flags else "baseline"
+                    info["simd"] = "AVX-512" if "avx512f" in flags else simd
+                if "cpu" in info and "simd" in info:
                     break
     except OSError:
         pass

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
-import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,6 +29,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from _timing import machine_info, markdown_table, write_results
 
 CASES = ["4096/16", "4096/32", "4096/64", "4096/128", "4096/256", "4096/4096", "768/64", "768/256"]
 
@@ -46,22 +45,6 @@ def load_build(path: str, tag: str, tmp: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
-
-
-def _machine() -> str:
-    """CPU model, SIMD level and CPU count, from /proc/cpuinfo where there is one."""
-    model, flags = platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == platform.machine():
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = "AVX-512" if "avx512f" in flags else "AVX2+FMA" if "fma" in flags else "baseline"
-    return f"{model} ({simd}), {os.cpu_count()} CPUs"
 
 
 def uptime() -> str:
@@ -123,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "rounds": args.rounds,
         "clock": "thread CPU time" if args.threads == 1 else "wall",
-        "machine": _machine(),
+        "machine": _machine(machine_info()),
         "load_before": load_before,
         "load_after": load_after,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -131,12 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     md = _markdown(records, meta)
     print(md)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         stem = f"builds{('_' + args.tag) if args.tag else ''}"
-        (args.out / f"{stem}.md").write_text(md)
-        (args.out / f"{stem}.json").write_text(
-            json.dumps({"meta": meta, "records": records}, indent=1)
-        )
+        write_results(stem, {"meta": meta, "records": records}, md, args.out)
     return 0
 
 
@@ -209,10 +188,9 @@ def _markdown(records: list[dict], meta: dict) -> str:
         "gradient alone. *same bits*: forward and both gradients equal bit for bit. "
         "Ratios < 1 mean B is faster.",
         "",
-        "| d | p | fwd A ms | fwd B ms | fwd B/A | bwd A ms | bwd B ms | bwd B/A "
-        "| bwd_x A ms | bwd_x B ms | bwd_x B/A | same bits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["d", "p"]
+    rows = []
     for r in records:
         cells = [str(r["d"]), str(r["p"])]
         for what in ("fwd", "bwd", "bwd_x"):
@@ -220,13 +198,22 @@ def _markdown(records: list[dict], meta: dict) -> str:
             spread = f" ({v['ratio_min']:.2f}–{v['ratio_max']:.2f})"
             cells += [f"{v['a_ms']:.3f}", f"{v['b_ms']:.3f}", f"{v['ratio']:.3f}{spread}"]
         cells.append("yes" if r["same_bits"] else "no")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    for what in ("fwd", "bwd", "bwd_x"):
+        header += [f"{what} A ms", f"{what} B ms", f"{what} B/A"]
+    header.append("same bits")
     lines += [
-        "",
+        markdown_table(header, rows),
         f"Machine: {meta['machine']}; {meta['load_before']} before, {meta['load_after']} after.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _machine(info: dict[str, Any]) -> str:
+    """CPU model, SIMD level and CPU count (see ``_timing.machine_info``)."""
+    cpu = info.get("cpu") or info["machine"]
+    return f"{cpu} ({info.get('simd', 'unknown SIMD')}), {info['cpu_count']} CPUs"
 
 
 if __name__ == "__main__":
