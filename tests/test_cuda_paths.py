@@ -163,3 +163,27 @@ def test_gradgradcheck_float64(device: str) -> None:
 
     assert torch.autograd.gradcheck(f, (x, k))
     assert torch.autograd.gradgradcheck(f, (x, k))
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_new_storage_at_the_cached_kernels_address_is_seen(device: str, trusted: bool) -> None:
+    """``param.data = a`` then ``param.data = b`` keeps the parameter's version counter;
+    the allocator (CUDA's caching allocator above all) would often put ``b`` at the
+    address of the kernel the cache took, had that storage been freed. On devices other
+    than the CPU the cache compares only version and address, so it keeps that storage
+    alive; trusted caches (``trusted_adapters``) do so on every device."""
+    import contextlib
+
+    from bca.model import trusted_adapters
+
+    m = _layer(24, 16, 8, torch.float32, device).eval()
+    x = torch.randn(5, 24, device=device)
+    k = m.bca_kernel
+    with trusted_adapters(m) if trusted else contextlib.nullcontext(), torch.no_grad():
+        for _ in range(20):
+            m.adapter_forward(x)  # takes the kernel
+            k.data = torch.randn(k.shape, device=device)
+            k.data = torch.randn(k.shape, device=device)  # may land where it was
+            want = _np(x) @ (0.7 * dense_oracle(_np(k), 24, 16)).T
+            assert rel_err(_np(m.adapter_forward(x)), want) < 1e-5

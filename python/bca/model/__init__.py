@@ -17,9 +17,9 @@ string is a regular expression that must match a module's full dotted name
 ``"." + entry``, or fully matches it as a regular expression.
 
 Modules: :mod:`.config` (BCAConfig, name matching), :mod:`.inject` (inject, freeze,
-parameter groups, counts), :mod:`.adapters` (named adapters, mixed batches),
-:mod:`.merge` (merge, unmerge, unload) and :mod:`.io` (save, load); import from
-``bca.model``.
+parameter groups, counts), :mod:`.adapters` (named adapters, mixed batches, trusted
+adapters for serving), :mod:`.merge` (merge, unmerge, unload) and :mod:`.io` (save,
+load); import from ``bca.model``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .adapters import (
     mixed_adapter_batch,
     set_adapter,
     set_adapters_enabled,
+    trusted_adapters,
 )
 from .config import BCAConfig
 from .inject import (
@@ -81,5 +82,6 @@ __all__ = [
     "modules_to_save_parameters",
     "parameter_groups",
     "save_adapter",
+    "trusted_adapters",
     "unmerge_adapters",
 ]

@@ -1,4 +1,5 @@
-"""Named adapters on a model: add, activate (weighted), delete, disable, mixed batches."""
+"""Named adapters on a model: add, activate (weighted), delete, disable, mixed batches,
+serving with trusted kernels."""
 
 from __future__ import annotations
 
@@ -176,6 +177,35 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, b in zip(modules, before, strict=True):
             m.adapter_enabled = b
+
+
+@contextmanager
+def trusted_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``with trusted_adapters(model): serve(model)`` skips the per-call kernel check.
+
+    By default every call compares each adapter's kernel with the copy its cached
+    spectra were made from, bit for bit, so that any edit is seen, even one through
+    ``.data`` or a numpy view. That reads each kernel twice per call: at d = 4096 and
+    p = 64, 8 adapters are 16 MB per call, more than the product itself costs. Inside the
+    block each adapter's cache is frozen (:meth:`bca.nn.KernelCache.freeze`): once a call
+    has taken a kernel, later calls trust it while it is the same parameter object at
+    the same address with the same version counter. Optimizer steps,
+    ``load_state_dict``, :func:`load_adapter`, ``copy_`` and other in-place edits of the
+    parameter bump that counter and are still seen; edits through ``.data``, numpy or
+    other shared memory are **not**, until the block ends (the next call then compares
+    again). Results are bit for bit those of the checked path. Adapters added inside the
+    block are not trusted; blocks nest.
+    """
+    states = [st for _, m in adapter_modules(model) for st in m._adapters.values()]
+    frozen = []
+    try:
+        for st in states:
+            st.freeze()
+            frozen.append(st)
+        yield model
+    finally:
+        for st in frozen:
+            st.unfreeze()
 
 
 @contextmanager

@@ -137,16 +137,20 @@ class _KernelSnapshot:
     steps, ``load_state_dict``) without looking at the values. For CPU tensors a value
     comparison with a parameter-sized copy also catches edits through ``.data`` (which
     have their own version counter) and accepts another tensor of equal values (a kernel
-    derived anew on each call, as the PEFT patch's); on other devices that comparison would force a
-    device synchronisation per call, so it is skipped there (call
-    :meth:`BlockCirculantLinear.clear_cache` after editing ``.data`` on a GPU).
+    derived anew on each call, as the PEFT patch's); on other devices that comparison
+    would force a device synchronisation per call, so it is skipped there (call
+    :meth:`BlockCirculantLinear.clear_cache` after editing ``.data`` on a GPU). There the
+    snapshot keeps the kernel's storage alive, so that no later tensor can take its
+    address (``param.data = a`` then ``param.data = b`` under one version counter: with
+    the first storage freed, ``b`` could sit at its address and pass for it).
     """
 
-    __slots__ = ("key", "values")
+    __slots__ = ("key", "values", "storage")
 
     def __init__(self) -> None:
         self.key: tuple[Any, ...] | None = None
         self.values: torch.Tensor | None = None
+        self.storage: Any = None
 
     @staticmethod
     def _key(kernel: torch.Tensor) -> tuple[Any, ...]:
@@ -172,11 +176,25 @@ class _KernelSnapshot:
 
     def take(self, kernel: torch.Tensor) -> None:
         self.key = self._key(kernel)
-        self.values = kernel.detach().clone() if kernel.device.type == "cpu" else None
+        cpu = kernel.device.type == "cpu"
+        self.values = kernel.detach().clone() if cpu else None
+        self.storage = None if cpu else kernel.untyped_storage()
 
     def clear(self) -> None:
         self.key = None
         self.values = None
+        self.storage = None
+
+
+def _trust_key(kernel: torch.Tensor) -> tuple[Any, ...] | None:
+    """What a frozen cache compares to trust a kernel it took: version counter, address,
+    device, dtype and shape (None for a tensor without a version counter, such as an
+    inference tensor: never trusted)."""
+    try:
+        version = kernel._version
+    except RuntimeError:
+        return None
+    return (version, kernel.data_ptr(), kernel.device, kernel.dtype, kernel.shape)
 
 
 def _compute_dtype(x_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
@@ -816,7 +834,8 @@ def _rust_mixed_fast(
     disabled, not compiling, ``x`` and ``add`` CPU tensors of the kernels' dtype, every
     kernel still read by its cache's view (:meth:`KernelCache.rust_view_of`). The core
     compares each kernel with its operator's copy (``kernels=``), as ``rust_operator``
-    does; the result is bit for bit the general path's."""
+    does, unless every cache is frozen and trusts its kernel (:meth:`KernelCache.freeze`);
+    the result is bit for bit the general path's."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     dtype = x.dtype
@@ -825,6 +844,7 @@ def _rust_mixed_fast(
     n_in, n_out = features
     ops = []
     views = []
+    compare = False  # whether any kernel must be compared (one not trusted, see freeze)
     for k, st in zip(kernels, states, strict=True):
         got = st.rust_view_of(k, n_in, n_out)
         if got is None:  # first use, or another tensor: (re)build the operator and view
@@ -837,19 +857,28 @@ def _rust_mixed_fast(
             return None
         else:
             op, view = got
-        ops.append(op._op)
+        compare = compare or not st.rust_trusts(k, op)
+        ops.append(op)
         views.append(view)
+    # made before the core compares (see KernelCache._trust)
+    records = (
+        [st.rust_trust_record(k, op) for k, st, op in zip(kernels, states, ops, strict=True)]
+        if compare
+        else []
+    )
     index = index_array
     if x.dim() > 2:  # the core takes an index per row, shaped like x's leading axes
         index = np.repeat(index_array, math.prod(x.shape[1:-1])).reshape(x.shape[:-1])
     y = _rust_core()._bca.mixed_forward(
-        ops,
+        [op._op for op in ops],
         index,
         x.detach().contiguous().numpy(),
         scales=_core_scales(scales),
         add=add.detach().contiguous().numpy(),
-        kernels=views,
+        kernels=views if compare else None,
     )
+    for st, record in zip(states, records, strict=False):  # each operator took its kernel
+        st.rust_trusted = record
     return torch.from_numpy(y)
 
 
@@ -1032,6 +1061,15 @@ class KernelCache:
     after editing a GPU kernel's ``.data``. The Rust operator compares the kernel with
     its own copy, bit for bit, in the core (``sync_kernel``: no Python-side copy).
 
+    **Frozen kernels** (:meth:`freeze`, or :func:`bca.model.frozen_adapters` for a whole
+    model): for serving adapters that no longer change, the bitwise comparison can be
+    skipped. While the cache is frozen, a kernel already taken is trusted as long as it
+    is the same tensor object at the same address with the same version counter, so
+    optimizer steps, ``load_state_dict``, ``copy_`` and other in-place edits of the
+    parameter or its views are still seen (the next call compares and takes the kernel);
+    edits that bypass the version counter (through ``.data``, ``.numpy()`` or other
+    memory sharing) are **not** seen until :meth:`unfreeze` (or :meth:`clear`).
+
     ``handle`` names the cache for the custom operator of the compiled Rust path; copies
     (pickle, deepcopy) get a fresh cache and handle, never the cached values.
     """
@@ -1039,21 +1077,90 @@ class KernelCache:
     def __init__(self) -> None:
         self.handle = next(_HANDLES)
         _STATES[self.handle] = self
-        self.spectra: torch.Tensor | None = None
-        self.spectra_meta: tuple[torch.dtype, float] | None = None
-        self.spectra_snapshot = _KernelSnapshot()
+        # (snapshot of the kernel they were made from, (cdtype, scale), spectra, trust
+        # record or None): see cached_spectra
+        self.spectra_state: tuple[_KernelSnapshot, Any, torch.Tensor, Any] | None = None
         self.rust_op: Any = None
         self.rust_geometry: tuple[Any, ...] | None = None
         # (kernel address, geometry, numpy view of the kernel, operator): see rust_view_of
         self.rust_fast: tuple[int, tuple[Any, ...], Any, Any] | None = None
+        # frozen: depth of freeze() calls. rust_trusted: (kernel weakref, _trust_key,
+        # storage, epoch, operator) of the kernel that operator last took while frozen (see
+        # _trust). Each state is one tuple, read once, so that a thread never pairs one
+        # call's snapshot or record with another call's spectra or operator.
+        self.frozen = 0
+        self.frozen_epoch = 0  # one more at each freeze from unfrozen: older records die
+        self.rust_trusted: tuple[Any, ...] | None = None
+
+    @property
+    def spectra(self) -> torch.Tensor | None:
+        """The cached torch spectra (None before the first use or after :meth:`clear`)."""
+        state = self.spectra_state
+        return None if state is None else state[2]
 
     def clear(self) -> None:
         """Drop the cached spectra and the kernel view; the Rust operator is compared with
         the kernel anew (bit for bit) on next use."""
-        self.spectra = None
-        self.spectra_meta = None
-        self.spectra_snapshot.clear()
+        self.spectra_state = None
         self.rust_fast = None
+        self.rust_trusted = None
+
+    def freeze(self) -> None:
+        """Trust kernels already taken while their tensor, address and version counter
+        are unchanged (see the class docstring); calls nest, each needs an
+        :meth:`unfreeze`."""
+        if self.frozen == 0:
+            self.frozen_epoch += 1
+        self.frozen += 1
+
+    def unfreeze(self) -> None:
+        """Undo one :meth:`freeze`; after the last, every call compares kernels bit for
+        bit again (so edits made through ``.data`` while frozen are seen then)."""
+        if self.frozen <= 0:
+            raise BcaError("unfreeze() without a matching freeze()")
+        self.frozen -= 1
+        if self.frozen == 0:  # the records are dead (epoch): free the storage they hold
+            self.rust_trusted = None
+            state = self.spectra_state
+            if state is not None and state[3] is not None:
+                self.spectra_state = (*state[:3], None)
+
+    def _trust(self, kernel: torch.Tensor) -> tuple[Any, ...] | None:
+        """``(weakref to kernel, _trust_key(kernel), its storage, frozen_epoch)`` while
+        frozen, else (or for a kernel without a version counter) None. Made *before* the
+        kernel is read, so that an edit made meanwhile (by another thread) leaves the
+        record stale, not the cache. The storage is kept alive so that its address cannot
+        be reused: after ``param.data = a`` then ``param.data = b``, ``b`` could otherwise
+        sit where the trusted kernel sat, under the same version counter. The epoch limits
+        the record to this freeze: edits made while unfrozen are never trusted away."""
+        if self.frozen <= 0:
+            return None
+        key = _trust_key(kernel)
+        if key is None:
+            return None
+        return (weakref.ref(kernel), key, kernel.untyped_storage(), self.frozen_epoch)
+
+    def _trusted(self, record: tuple[Any, ...] | None, kernel: torch.Tensor) -> bool:
+        """Whether ``record`` (made by :meth:`_trust`) is of ``kernel``, the same tensor
+        object, unchanged by any edit its version counter sees, and the cache is frozen."""
+        return (
+            self.frozen > 0
+            and record is not None
+            and record[3] == self.frozen_epoch
+            and record[0]() is kernel
+            and record[1] == _trust_key(kernel)
+        )
+
+    def rust_trusts(self, kernel: torch.Tensor, op: Any) -> bool:
+        """Whether operator ``op`` may skip comparing ``kernel``: frozen, and ``op`` took
+        this kernel, unchanged since (see :meth:`freeze`)."""
+        t = self.rust_trusted
+        return t is not None and t[4] is op and self._trusted(t, kernel)
+
+    def rust_trust_record(self, kernel: torch.Tensor, op: Any) -> tuple[Any, ...] | None:
+        """The ``rust_trusted`` to keep once ``op`` has taken ``kernel`` (made before)."""
+        record = self._trust(kernel)
+        return None if record is None else (*record, op)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # pickle and deepcopy rebuild an empty cache: a fresh handle, no Rust operator
@@ -1063,14 +1170,24 @@ class KernelCache:
         self, kernel: torch.Tensor, cdtype: torch.dtype, scale: float
     ) -> torch.Tensor:
         """``scale *`` the kernel's spectra in ``cdtype`` (recomputed only on a change)."""
-        snap = self.spectra_snapshot
         meta = (cdtype, scale)
-        if self.spectra is None or self.spectra_meta != meta or not snap.matches(kernel):
-            with torch.no_grad():
-                self.spectra = _kernel_spectra(kernel.detach().to(cdtype), scale)
-            self.spectra_meta = meta
-            snap.take(kernel)
-        return self.spectra
+        state = self.spectra_state
+        if state is not None and state[1] == meta and self._trusted(state[3], kernel):
+            return state[2]
+        record = self._trust(kernel)  # before the kernel is read
+        if state is not None and state[1] == meta and state[0].matches(kernel):
+            if record is not None:
+                self.spectra_state = (state[0], meta, state[2], record)
+            return state[2]
+        # a new snapshot, then the spectra of its copy (CPU), installed with it as one
+        # tuple: an edit made meanwhile (another thread) is seen by the next call
+        snap = _KernelSnapshot()
+        snap.take(kernel)
+        source = kernel.detach() if snap.values is None else snap.values
+        with torch.no_grad():
+            spectra = _kernel_spectra(source.to(cdtype), scale)
+        self.spectra_state = (snap, meta, spectra, record)
+        return spectra
 
     def rust_view_of(
         self, kernel: torch.Tensor, in_features: int, out_features: int
@@ -1103,10 +1220,15 @@ class KernelCache:
         got = self.rust_view_of(kernel, in_features, out_features)
         if got is not None:
             op, view = got
-            op._op.sync_kernel(view)
+            if not self.rust_trusts(kernel, op):
+                record = self.rust_trust_record(kernel, op)
+                op._op.sync_kernel(view)
+                self.rust_trusted = record
             return op
         self.rust_fast = None
+        self.rust_trusted = None
         op = self.rust_op
+        record = self._trust(kernel)
         k = kernel.detach()
         view = k.contiguous().numpy()
         geometry = (in_features, out_features, k.shape, k.dtype)
@@ -1118,6 +1240,7 @@ class KernelCache:
             op._op.sync_kernel(view)
         if k.is_contiguous():  # else the view is of a copy: not kept
             self.rust_fast = (k.data_ptr(), geometry, view, op)
+            self.rust_trusted = None if record is None else (*record, op)
         return op
 
 
