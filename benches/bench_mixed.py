@@ -6,13 +6,17 @@ A batch of 32 rows over 8 adapters (4 rows each, interleaved), float32, inferenc
 * bca core: ``bca.mixed_matmul`` over 8 operators vs one operator's ``matmul`` on the
   same 32 rows (target: mixed ≤ 1.2× one adapter);
 * bca layer (``BlockCirculantLinear``, backend "rust" and "torch"): ``layer(x,
-  adapter_names=names)`` vs the same layer with one active adapter;
+  adapter_names=names)`` vs the same layer with one active adapter; and a third layer
+  (backend "rust") inside ``bca.model.trusted_adapters``, which skips the per-call
+  kernel check (the serving mode);
 * PEFT LoRA (r = 8, 8 adapters on the same ``nn.Linear`` in a ``Sequential``):
   ``model(x, adapter_names=names)``, PEFT's mixed-batch path (target: bca ≥ 5× faster);
-* the base ``nn.Linear`` alone, so that the adapters' own share (layer − base) can be
-  compared too;
-* the base layer followed by one ``bca.mixed_matmul(..., add=base_output)``: the floor of
-  the layer's path (no kernel check, no Python around the core call).
+* the base ``nn.Linear`` alone, and the base followed by one ``bca.mixed_matmul(...,
+  add=base_output)`` (the layer's path without its kernel check and Python);
+* the adapters' own share, measured directly: the same bca layers (checked and trusted)
+  and PEFT model over a base whose forward costs next to nothing (zeros of the output's
+  shape), so that at d = 4096 a 1–2 ms share is not the difference of two 15 ms times;
+  beside them the bare core call ``bca.mixed_matmul``, the floor of the layer's path.
 
     python benches/bench_mixed.py              # d = 768, 4096; p = 64, 256
     python benches/bench_mixed.py --quick      # d = 768 only, few repeats
@@ -45,6 +49,18 @@ N_ROWS = 32
 N_ADAPTERS = 8
 
 
+def _free_linear(d: int):
+    """An ``nn.Linear`` (for PEFT's and bca's type checks) whose forward returns zeros of
+    the output's shape: a layer over it costs its adapters' share alone."""
+    from torch import nn
+
+    class FreeLinear(nn.Linear):
+        def forward(self, x):  # type: ignore[override]
+            return x.new_zeros((*x.shape[:-1], self.out_features))
+
+    return FreeLinear(d, d)
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -73,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
 
     import bca
+    from bca.model import trusted_adapters
     from bca.nn import BlockCirculantLinear, rust_available
 
     rust_available()  # the core on torch's OpenMP threads, as in any torch program
@@ -90,18 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         base = nn.Linear(d, d)
         x = torch.randn(N_ROWS, d)
         x_np = x.numpy()
-        # PEFT LoRA, 8 adapters on one copy of the base layer
-        lora = get_peft_model(
-            nn.Sequential(nn.Linear(d, d)).requires_grad_(False),
-            LoraConfig(r=8, target_modules=["0"], init_lora_weights=False),
-            adapter_name="a0",
-        )
-        lora.base_model.model[0].base_layer.load_state_dict(base.state_dict())
-        for a in range(1, N_ADAPTERS):
-            lora.add_adapter(
-                f"a{a}", LoraConfig(r=8, target_modules=["0"], init_lora_weights=False)
+        free = _free_linear(d)
+        # PEFT LoRA, 8 adapters (the same weights) on the base layer and on the free base
+        loras = []
+        for b in (base, free):
+            torch.manual_seed(1)
+            lora = get_peft_model(
+                nn.Sequential(nn.Linear(d, d)).requires_grad_(False),
+                LoraConfig(r=8, target_modules=["0"], init_lora_weights=False),
+                adapter_name="a0",
             )
-        lora.eval()
+            for a in range(1, N_ADAPTERS):
+                lora.add_adapter(
+                    f"a{a}", LoraConfig(r=8, target_modules=["0"], init_lora_weights=False)
+                )
+            lora.base_model.model[0].base_layer = b
+            loras.append(lora.eval())
+        lora, lora_free = loras
         for p in (64, 256):
             q = d // p
             kernels = [
@@ -109,29 +131,46 @@ def main(argv: list[str] | None = None) -> int:
             ]
             ops = [bca.BlockCirculant(k) for k in kernels]
             layers = {}
-            for backend in ("rust", "torch"):
-                layer = BlockCirculantLinear(base, p, backend=backend, adapter_name="a0")
+            for key in ("rust", "torch", "rust trusted", "free", "free trusted"):
+                layer = BlockCirculantLinear(
+                    free if key.startswith("free") else base,
+                    p,
+                    backend="torch" if key == "torch" else "rust",
+                    adapter_name="a0",
+                )
                 for a in range(1, N_ADAPTERS):
                     layer.add_adapter(f"a{a}", p)
                 with torch.no_grad():
                     for a in range(N_ADAPTERS):
                         layer.bca_kernels[f"a{a}"].copy_(torch.from_numpy(kernels[a]))
-                layers[backend] = layer.eval()
-            contenders = _contenders(bca, ops, index, x_np, layers, x, names, lora, base)
-            with torch.no_grad():
+                layers[key] = layer.eval()
+            contenders = _contenders(bca, ops, index, x_np, layers, x, names, lora, lora_free, base)
+            with (
+                torch.no_grad(),
+                trusted_adapters(layers["rust trusted"]),
+                trusted_adapters(layers["free trusted"]),
+            ):
                 # the mixed paths agree with one another
                 want = bca.mixed_matmul(ops, index, x_np)
                 got = layers["rust"](x, adapter_names=names) - base(x)
                 assert np.allclose(got.numpy(), want, rtol=1e-3, atol=1e-4)
                 got = layers["torch"](x, adapter_names=names) - base(x)
                 assert np.allclose(got.numpy(), want, rtol=1e-3, atol=1e-4)
+                for key in ("free", "free trusted"):  # the adapters' share alone
+                    got = layers[key](x, adapter_names=names)
+                    assert np.allclose(got.numpy(), want, rtol=1e-3, atol=1e-4)
+                lora_share = lora(x, adapter_names=names) - base(x)
+                got = lora_free(x, adapter_names=names)
+                assert np.allclose(got.numpy(), lora_share.numpy(), rtol=1e-3, atol=1e-4)
+                trusted = layers["rust trusted"]  # bit for bit the checked layer
+                for _ in range(2):  # the first call takes the kernels, the second trusts
+                    assert torch.equal(
+                        trusted(x, adapter_names=names), layers["rust"](x, adapter_names=names)
+                    )
+                    assert torch.equal(trusted(x), layers["rust"](x))
                 t = _measure(contenders, repeats, args.clock)
             ms = {k: v["median_s"] * 1e3 for k, v in t.items()}
-            base_ms = ms["base nn.Linear"]
-
-            def share(name: str, ms: dict[str, float] = ms, base_ms: float = base_ms) -> float:
-                return max(ms[name] - base_ms, 1e-6)
-
+            peft_share = ms["adapters only: PEFT LoRA mixed"]
             records.append(
                 dict(
                     d=d,
@@ -146,25 +185,25 @@ def main(argv: list[str] | None = None) -> int:
                         / ms["layer one adapter (rust)"],
                         "layer torch: mixed / one adapter": ms["layer mixed (torch)"]
                         / ms["layer one adapter (torch)"],
+                        "layer rust trusted: mixed / one adapter": ms["layer mixed (rust, trusted)"]
+                        / ms["layer one adapter (rust, trusted)"],
                         "layer: PEFT LoRA mixed / bca mixed (rust)": ms["PEFT LoRA mixed"]
                         / ms["layer mixed (rust)"],
-                        "adapter share: PEFT LoRA mixed / bca mixed (rust)": share(
-                            "PEFT LoRA mixed"
-                        )
-                        / share("layer mixed (rust)"),
-                        "adapter share: PEFT LoRA mixed / bca core mixed": share("PEFT LoRA mixed")
+                        "layer: PEFT LoRA mixed / bca mixed (rust, trusted)": ms["PEFT LoRA mixed"]
+                        / ms["layer mixed (rust, trusted)"],
+                        "adapters only: PEFT LoRA mixed / bca mixed (rust)": peft_share
+                        / ms["adapters only: bca layer mixed"],
+                        "adapters only: PEFT LoRA mixed / bca mixed (rust, trusted)": peft_share
+                        / ms["adapters only: bca layer mixed, trusted"],
+                        "adapters only: PEFT LoRA mixed / bare core call": peft_share
                         / ms["core mixed"],
-                        "adapter share: PEFT LoRA mixed / base + core mixed (add=)": share(
-                            "PEFT LoRA mixed"
-                        )
-                        / share("base + core mixed (add=)"),
                     },
                 )
             )
             print(f"d={d} p={p}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
     load_after = uptime()
 
-    header = [
+    header1 = [
         "d",
         "p",
         "core mixed ms",
@@ -173,16 +212,27 @@ def main(argv: list[str] | None = None) -> int:
         "layer mixed (rust) ms",
         "layer rust mixed/one",
         "layer torch mixed/one",
+        "layer mixed (rust, trusted) ms",
+        "layer trusted mixed/one",
+    ]
+    header2 = [
+        "d",
+        "p",
         "PEFT LoRA mixed ms",
         "base ms",
         "PEFT / bca (layer)",
-        "PEFT / bca (adapter share)",
-        "PEFT / bare core call (adapter share)",
+        "PEFT / bca trusted (layer)",
+        "PEFT adapters only ms",
+        "bca adapters only ms",
+        "bca trusted adapters only ms",
+        "PEFT / bca (adapters only)",
+        "PEFT / bca trusted (adapters only)",
+        "PEFT / bare core call (adapters only)",
     ]
-    rows = []
+    rows1, rows2 = [], []
     for r in records:
         ms, ra = r["ms"], r["ratios"]
-        rows.append(
+        rows1.append(
             [
                 r["d"],
                 r["p"],
@@ -192,24 +242,41 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ms['layer mixed (rust)']:.3f}",
                 f"{ra['layer rust: mixed / one adapter']:.2f}×",
                 f"{ra['layer torch: mixed / one adapter']:.2f}×",
+                f"{ms['layer mixed (rust, trusted)']:.3f}",
+                f"{ra['layer rust trusted: mixed / one adapter']:.2f}×",
+            ]
+        )
+        rows2.append(
+            [
+                r["d"],
+                r["p"],
                 f"{ms['PEFT LoRA mixed']:.3f}",
                 f"{ms['base nn.Linear']:.3f}",
                 f"{ra['layer: PEFT LoRA mixed / bca mixed (rust)']:.2f}×",
-                f"{ra['adapter share: PEFT LoRA mixed / bca mixed (rust)']:.2f}×",
-                f"{ra['adapter share: PEFT LoRA mixed / base + core mixed (add=)']:.2f}×",
+                f"{ra['layer: PEFT LoRA mixed / bca mixed (rust, trusted)']:.2f}×",
+                f"{ms['adapters only: PEFT LoRA mixed']:.3f}",
+                f"{ms['adapters only: bca layer mixed']:.3f}",
+                f"{ms['adapters only: bca layer mixed, trusted']:.3f}",
+                f"{ra['adapters only: PEFT LoRA mixed / bca mixed (rust)']:.2f}×",
+                f"{ra['adapters only: PEFT LoRA mixed / bca mixed (rust, trusted)']:.2f}×",
+                f"{ra['adapters only: PEFT LoRA mixed / bare core call']:.2f}×",
             ]
         )
     md = (
         f"# Mixed-adapter batches: {N_ROWS} rows over {N_ADAPTERS} adapters (float32, "
         f"forward, no_grad, {args.threads} threads, {args.clock} clock)\n\n"
         "Medians of interleaved repeats (wall clock) or of process CPU time per call (cpu "
-        "clock). *mixed/one*: the mixed batch against the same rows "
-        "on one adapter (target ≤ 1.2×). *PEFT / bca*: PEFT LoRA (r = 8) mixed batch "
-        "(`adapter_names=`) over bca's mixed batch (target ≥ 5×), for the whole layer and "
-        "for the adapters' share (layer time − base nn.Linear time; noisy where the base "
-        "dominates). *bare core call*: the base layer then one `mixed_matmul(..., add=)`, "
-        "without the layer's kernel check and Python: the floor of the layer's path.\n\n"
-        + markdown_table(header, rows)
+        "clock). *mixed/one*: the mixed batch against the same rows on one adapter (target "
+        "≤ 1.2×). *trusted*: the rust layer inside `bca.model.trusted_adapters` (no "
+        "per-call kernel check; edits through `.data` are not seen there).\n\n"
+        + markdown_table(header1, rows1)
+        + "\n*PEFT / bca*: PEFT LoRA (r = 8) mixed batch (`adapter_names=`) over bca's "
+        "(target ≥ 5×), for the whole layer (the base nn.Linear included) and for the "
+        "adapters alone (*adapters only*: the same layers and PEFT model over a base whose "
+        "forward returns zeros, measured directly). *bare core call*: `mixed_matmul` "
+        "alone, without the layer's kernel check and Python: the floor of the layer's "
+        "path.\n\n"
+        + markdown_table(header2, rows2)
         + f"\nShared machine; load before: `{load_before}`; after: `{load_after}`.\n"
     )
     payload = {
@@ -247,8 +314,9 @@ def _measure(contenders: dict, repeats: int, clock: str) -> dict[str, dict[str, 
     return out
 
 
-def _contenders(bca, ops, index, x_np, layers, x, names, lora, base) -> dict:
-    rust, torch_layer = layers["rust"], layers["torch"]
+def _contenders(bca, ops, index, x_np, layers, x, names, lora, lora_free, base) -> dict:
+    rust, torch_layer, trusted = layers["rust"], layers["torch"], layers["rust trusted"]
+    free, free_trusted = layers["free"], layers["free trusted"]
     return {
         "core mixed": lambda: bca.mixed_matmul(ops, index, x_np),
         "core one adapter": lambda: ops[0].matmul(x_np),
@@ -256,6 +324,8 @@ def _contenders(bca, ops, index, x_np, layers, x, names, lora, base) -> dict:
         "layer one adapter (rust)": lambda: rust(x),
         "layer mixed (torch)": lambda: torch_layer(x, adapter_names=names),
         "layer one adapter (torch)": lambda: torch_layer(x),
+        "layer mixed (rust, trusted)": lambda: trusted(x, adapter_names=names),
+        "layer one adapter (rust, trusted)": lambda: trusted(x),
         "PEFT LoRA mixed": lambda: lora(x, adapter_names=names),
         "base nn.Linear": lambda: base(x),
         # the floor of the layer's path: the base layer, then one core call adding its
@@ -263,6 +333,10 @@ def _contenders(bca, ops, index, x_np, layers, x, names, lora, base) -> dict:
         "base + core mixed (add=)": lambda: bca.mixed_matmul(
             ops, index, x_np, add=base(x).detach().numpy()
         ),
+        # the adapters' share alone: the same layers and PEFT model over a free base
+        "adapters only: bca layer mixed": lambda: free(x, adapter_names=names),
+        "adapters only: bca layer mixed, trusted": lambda: free_trusted(x, adapter_names=names),
+        "adapters only: PEFT LoRA mixed": lambda: lora_free(x, adapter_names=names),
     }
 
 
@@ -279,7 +353,8 @@ def _plot(records: list[dict], path: Path) -> None:
         "layer rust: mixed / one adapter",
         "layer torch: mixed / one adapter",
         "layer: PEFT LoRA mixed / bca mixed (rust)",
-        "adapter share: PEFT LoRA mixed / bca mixed (rust)",
+        "adapters only: PEFT LoRA mixed / bca mixed (rust)",
+        "adapters only: PEFT LoRA mixed / bca mixed (rust, trusted)",
     ]
     labels = [f"d={r['d']}\np={r['p']}" for r in records]
     fig, ax = plt.subplots(figsize=(10, 4.5))
