@@ -10,6 +10,7 @@ import itertools
 import math
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -1038,6 +1039,8 @@ def _mixed_differentiable_backward(
 
 _STATES: weakref.WeakValueDictionary[int, KernelCache] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
+#: serialises KernelCache.freeze/unfreeze (a count and an epoch updated together)
+_FREEZE_LOCK = threading.Lock()
 
 
 def _state_of(handle: int) -> KernelCache:
@@ -1109,21 +1112,25 @@ class KernelCache:
         """Trust kernels already taken while their tensor, address and version counter
         are unchanged (see the class docstring); calls nest, each needs an
         :meth:`unfreeze`."""
-        if self.frozen == 0:
-            self.frozen_epoch += 1
-        self.frozen += 1
+        with _FREEZE_LOCK:
+            if self.frozen == 0:
+                self.frozen_epoch += 1
+            self.frozen += 1
 
     def unfreeze(self) -> None:
         """Undo one :meth:`freeze`; after the last, every call compares kernels bit for
         bit again (so edits made through ``.data`` while frozen are seen then)."""
-        if self.frozen <= 0:
-            raise BcaError("unfreeze() without a matching freeze()")
-        self.frozen -= 1
-        if self.frozen == 0:  # the records are dead (epoch): free the storage they hold
-            self.rust_trusted = None
-            state = self.spectra_state
-            if state is not None and state[3] is not None:
-                self.spectra_state = (*state[:3], None)
+        with _FREEZE_LOCK:
+            if self.frozen <= 0:
+                raise BcaError("unfreeze() without a matching freeze()")
+            self.frozen -= 1
+            if self.frozen > 0:
+                return
+        # the records are dead (epoch): free the storage they hold
+        self.rust_trusted = None
+        state = self.spectra_state
+        if state is not None and state[3] is not None:
+            self.spectra_state = (*state[:3], None)
 
     def _trust(self, kernel: torch.Tensor) -> tuple[Any, ...] | None:
         """``(weakref to kernel, _trust_key(kernel), its storage, frozen_epoch)`` while
