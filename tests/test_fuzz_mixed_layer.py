@@ -1,5 +1,6 @@
 """A short pass of fuzz/fuzz_mixed_layer.py (a few seconds), and a check that the harness
-sees a planted fault: a kernel view reused after the kernel moved to new storage."""
+sees planted faults: a kernel view reused after the kernel moved to new storage, and a
+trusted cache that ignores the version counter."""
 
 from __future__ import annotations
 
@@ -43,4 +44,18 @@ def test_the_harness_sees_a_stale_kernel_view(capsys: pytest.CaptureFixture[str]
 
     with mock.patch.object(functional.KernelCache, "rust_view_of", stale):
         assert _harness().main(["--iterations", "1500", "--seed", "1"]) == 1
+    assert "against the dense oracle" in capsys.readouterr().out
+
+
+def test_the_harness_sees_a_trust_that_ignores_the_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A planted fault of trusted_adapters: a frozen cache that trusts a kernel whatever
+    its version counter says (so in-place edits and optimizer steps go unseen)."""
+
+    def blind(self, record, kernel):  # the version and address check left out
+        return self.frozen > 0 and record is not None and record[0]() is kernel
+
+    with mock.patch.object(functional.KernelCache, "_trusted", blind):
+        assert _harness().main(["--iterations", "6000", "--seed", "1"]) == 1
     assert "against the dense oracle" in capsys.readouterr().out
