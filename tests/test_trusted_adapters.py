@@ -109,8 +109,9 @@ def test_trusted_layer_sees_every_edit_the_version_counter_sees(backend: str, ca
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("call", CALLS)
 def test_trusted_layer_misses_data_edits_until_the_block_ends(backend: str, call: str) -> None:
-    """The documented price: edits that bypass the version counter are not seen inside
-    the block (this also shows that the check is skipped), and are seen right after."""
+    """The documented price: edits that bypass the version counter may go unseen inside
+    the block; on these paths they do (which shows that the check is skipped), and they
+    are seen right after."""
     layer = make_layer(backend)
     x = torch.randn(5, 24)
     with trusted_adapters(layer):
@@ -153,6 +154,99 @@ def test_a_new_storage_at_a_trusted_address_is_seen(backend: str, call: str) -> 
             k.data = torch.randn(3, 3, 8)
             k.data = torch.randn(3, 3, 8)  # may land where the trusted kernel was
             assert follows(layer, x, call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["permute", "stride 0"])
+def test_a_strided_view_at_the_trusted_address_is_seen(backend: str, how: str) -> None:
+    """``param.data = param.data.permute(...)`` (or any view of other strides) keeps the
+    address and the version counter: the strides tell it apart."""
+    torch.manual_seed(0)
+    layer = BlockCirculantLinear(torch.nn.Linear(24, 24), 8, backend=backend, adapter_name="a")
+    with torch.no_grad():
+        layer.bca_kernels["a"].normal_()
+    layer.eval()
+    x = torch.randn(5, 24)
+    k = layer.bca_kernels["a"]
+    with trusted_adapters(layer), torch.no_grad():
+        layer(x)
+        layer(x)
+        if how == "permute":
+            k.data = k.data.permute(1, 0, 2)
+        else:
+            k.data = k.data.as_strided(k.shape, (0, 8, 1))
+        dense = layer.delta_weight().double().numpy()
+        want = layer.base_layer(x).double().numpy() + x.double().numpy() @ dense.T
+        assert rel_err(layer(x).double().numpy(), want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_clear_cache_during_a_call_leaves_nothing_trusted(backend: str) -> None:
+    """``clear_cache()`` from another thread while a call reads the kernel (here: from
+    inside the read, after a ``.data`` edit): the record that call makes must not be
+    trusted afterwards."""
+    from unittest import mock
+
+    import bca.nn.functional as functional
+
+    layer = make_layer(backend)
+    x = torch.randn(5, 24)
+    done: list[bool] = []
+
+    def meanwhile() -> None:
+        if not done:
+            done.append(True)
+            layer.bca_kernels["a"].data.mul_(-2.0)
+            layer.clear_cache()
+
+    if backend == "torch":
+        real = functional._kernel_spectra
+
+        def reading(*args: object, **kwargs: object) -> object:
+            out = real(*args, **kwargs)  # type: ignore[arg-type]
+            meanwhile()
+            return out
+
+        patch = mock.patch.object(functional, "_kernel_spectra", reading)
+    else:
+        core = functional._rust_core()
+        real_op = core.BlockCirculant
+
+        def building(*args: object, **kwargs: object) -> object:
+            op = real_op(*args, **kwargs)  # the operator has read the kernel
+            meanwhile()
+            return op
+
+        patch = mock.patch.object(core, "BlockCirculant", building)
+    with trusted_adapters(layer):
+        with patch:
+            run(layer, x, "one")
+        assert done == [True]
+        for call in CALLS:
+            assert follows(layer, x, call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trusted_kernels_can_be_swapped(backend: str) -> None:
+    """With ``torch.__future__.set_swap_module_params_on_conversion(True)``,
+    ``load_state_dict`` and ``module.double()`` swap tensors, which torch refuses for a
+    tensor with a weak reference: a trusted cache holds none, and the swap is seen."""
+    layer = make_layer(backend)
+    x = torch.randn(5, 24)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with trusted_adapters(layer):
+            run(layer, x, "mixed")
+            layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+            assert follows(layer, x, "mixed")
+            layer.double()
+            x64 = x.double()
+            for call in CALLS:
+                got = run(layer, x64, call)
+                assert rel_err(got, expected(layer, x64, call)) < 1e-12
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -188,13 +188,15 @@ def trusted_adapters(model: nn.Module) -> Iterator[nn.Module]:
     ``.data`` or a numpy view. That reads each kernel twice per call: at d = 4096 and
     p = 64, 8 adapters are 16 MB per call, more than the product itself costs. Inside the
     block each adapter's cache is frozen (:meth:`bca.nn.KernelCache.freeze`): once a call
-    has taken a kernel, later calls trust it while it is the same parameter object at
-    the same address with the same version counter. Optimizer steps,
+    has taken a kernel, later calls trust it while it is the same parameter object with
+    the same address, strides, dtype, shape and version counter. Optimizer steps,
     ``load_state_dict``, :func:`load_adapter`, ``copy_`` and other in-place edits of the
-    parameter bump that counter and are still seen; edits through ``.data``, numpy or
-    other shared memory are **not**, until the block ends (the next call then compares
-    again). Results are bit for bit those of the checked path. Adapters added inside the
-    block are not trusted; blocks nest.
+    parameter bump that counter, and a new tensor or Parameter changes the rest: still
+    seen. Edits through ``.data``, numpy or other shared memory, and fused optimizers'
+    steps (``Adam(fused=True)``: no version bump), are **not** seen until the block ends
+    (the next call then compares again) or ``clear_cache()``. Results are bit for bit
+    those of the checked path. Adapters added inside the block are not trusted; blocks
+    nest. See docs/torch.md, "Serving: trusted kernels".
     """
     states = [st for _, m in adapter_modules(model) for st in m._adapters.values()]
     frozen = []

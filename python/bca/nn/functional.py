@@ -155,7 +155,14 @@ class _KernelSnapshot:
 
     @staticmethod
     def _key(kernel: torch.Tensor) -> tuple[Any, ...]:
-        return (kernel._version, kernel.data_ptr(), kernel.device, kernel.dtype, kernel.shape)
+        return (
+            kernel._version,
+            kernel.data_ptr(),
+            kernel.device,
+            kernel.dtype,
+            kernel.shape,
+            kernel.stride(),
+        )
 
     def matches(self, kernel: torch.Tensor) -> bool:
         if self.key is None:
@@ -189,13 +196,21 @@ class _KernelSnapshot:
 
 def _trust_key(kernel: torch.Tensor) -> tuple[Any, ...] | None:
     """What a frozen cache compares to trust a kernel it took: version counter, address,
-    device, dtype and shape (None for a tensor without a version counter, such as an
-    inference tensor: never trusted)."""
+    device, dtype, shape, strides and negation bit (None for a tensor without a version
+    counter, such as an inference tensor: never trusted)."""
     try:
         version = kernel._version
     except RuntimeError:
         return None
-    return (version, kernel.data_ptr(), kernel.device, kernel.dtype, kernel.shape)
+    return (
+        version,
+        kernel.data_ptr(),
+        kernel.device,
+        kernel.dtype,
+        kernel.shape,
+        kernel.stride(),
+        kernel.is_neg(),
+    )
 
 
 def _compute_dtype(x_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
@@ -878,8 +893,9 @@ def _rust_mixed_fast(
         add=add.detach().contiguous().numpy(),
         kernels=views if compare else None,
     )
-    for st, record in zip(states, records, strict=False):  # each operator took its kernel
-        st.rust_trusted = record
+    if compare:  # each operator has taken its kernel
+        for st, record in zip(states, records, strict=True):
+            st.rust_trusted = record
     return torch.from_numpy(y)
 
 
@@ -1064,14 +1080,15 @@ class KernelCache:
     after editing a GPU kernel's ``.data``. The Rust operator compares the kernel with
     its own copy, bit for bit, in the core (``sync_kernel``: no Python-side copy).
 
-    **Frozen kernels** (:meth:`freeze`, or :func:`bca.model.frozen_adapters` for a whole
+    **Frozen kernels** (:meth:`freeze`, or :func:`bca.model.trusted_adapters` for a whole
     model): for serving adapters that no longer change, the bitwise comparison can be
     skipped. While the cache is frozen, a kernel already taken is trusted as long as it
-    is the same tensor object at the same address with the same version counter, so
-    optimizer steps, ``load_state_dict``, ``copy_`` and other in-place edits of the
-    parameter or its views are still seen (the next call compares and takes the kernel);
-    edits that bypass the version counter (through ``.data``, ``.numpy()`` or other
-    memory sharing) are **not** seen until :meth:`unfreeze` (or :meth:`clear`).
+    is the same tensor object with the same address, strides, dtype, shape and version
+    counter, so optimizer steps, ``load_state_dict``, ``copy_`` and other in-place edits
+    of the parameter or its views are still seen (the next call compares and takes the
+    kernel); edits that bypass the version counter (through ``.data``, ``.numpy()`` or
+    other memory sharing, and fused optimizers' steps) are **not** seen until the last
+    :meth:`unfreeze` (or :meth:`clear`).
 
     ``handle`` names the cache for the custom operator of the compiled Rust path; copies
     (pickle, deepcopy) get a fresh cache and handle, never the cached values.
@@ -1087,12 +1104,12 @@ class KernelCache:
         self.rust_geometry: tuple[Any, ...] | None = None
         # (kernel address, geometry, numpy view of the kernel, operator): see rust_view_of
         self.rust_fast: tuple[int, tuple[Any, ...], Any, Any] | None = None
-        # frozen: depth of freeze() calls. rust_trusted: (kernel weakref, _trust_key,
+        # frozen: depth of freeze() calls. rust_trusted: (kernel, _trust_key,
         # storage, epoch, operator) of the kernel that operator last took while frozen (see
         # _trust). Each state is one tuple, read once, so that a thread never pairs one
         # call's snapshot or record with another call's spectra or operator.
         self.frozen = 0
-        self.frozen_epoch = 0  # one more at each freeze from unfrozen: older records die
+        self.frozen_epoch = 0  # one more at each freeze from unfrozen and each clear()
         self.rust_trusted: tuple[Any, ...] | None = None
 
     @property
@@ -1101,9 +1118,19 @@ class KernelCache:
         state = self.spectra_state
         return None if state is None else state[2]
 
+    @spectra.setter
+    def spectra(self, value: None) -> None:
+        """``cache.spectra = None`` drops the cached torch spectra (as before they were
+        kept in one tuple); any other value is refused."""
+        if value is not None:
+            raise BcaError("KernelCache.spectra can only be set to None (drop the spectra)")
+        self.spectra_state = None
+
     def clear(self) -> None:
         """Drop the cached spectra and the kernel view; the Rust operator is compared with
         the kernel anew (bit for bit) on next use."""
+        with _FREEZE_LOCK:  # a call that overlaps this one cannot leave a trusted record
+            self.frozen_epoch += 1
         self.spectra_state = None
         self.rust_fast = None
         self.rust_trusted = None
@@ -1133,19 +1160,24 @@ class KernelCache:
             self.spectra_state = (*state[:3], None)
 
     def _trust(self, kernel: torch.Tensor) -> tuple[Any, ...] | None:
-        """``(weakref to kernel, _trust_key(kernel), its storage, frozen_epoch)`` while
-        frozen, else (or for a kernel without a version counter) None. Made *before* the
+        """``(kernel, _trust_key(kernel), its storage, frozen_epoch)`` while frozen, else
+        (or for a kernel without a version counter) None. Made *before* the
         kernel is read, so that an edit made meanwhile (by another thread) leaves the
         record stale, not the cache. The storage is kept alive so that its address cannot
         be reused: after ``param.data = a`` then ``param.data = b``, ``b`` could otherwise
         sit where the trusted kernel sat, under the same version counter. The epoch limits
-        the record to this freeze: edits made while unfrozen are never trusted away."""
+        the record to this freeze and to this cache's contents: edits made while unfrozen
+        are never trusted away, nor a record made by a call that overlapped
+        :meth:`clear`. The kernel is held by a strong reference, not a weak one: torch's
+        ``swap_tensors`` (``load_state_dict`` and ``module.to`` with
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``) refuses tensors
+        with weak references."""
         if self.frozen <= 0:
             return None
         key = _trust_key(kernel)
         if key is None:
             return None
-        return (weakref.ref(kernel), key, kernel.untyped_storage(), self.frozen_epoch)
+        return (kernel, key, kernel.untyped_storage(), self.frozen_epoch)
 
     def _trusted(self, record: tuple[Any, ...] | None, kernel: torch.Tensor) -> bool:
         """Whether ``record`` (made by :meth:`_trust`) is of ``kernel``, the same tensor
@@ -1154,7 +1186,7 @@ class KernelCache:
             self.frozen > 0
             and record is not None
             and record[3] == self.frozen_epoch
-            and record[0]() is kernel
+            and record[0] is kernel
             and record[1] == _trust_key(kernel)
         )
 
