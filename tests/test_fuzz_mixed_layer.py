@@ -54,7 +54,7 @@ def test_the_harness_sees_a_trust_that_ignores_the_version(
     its version counter says (so in-place edits and optimizer steps go unseen)."""
 
     def blind(self, record, kernel):  # the version and address check left out
-        return self.frozen > 0 and record is not None and record[0]() is kernel
+        return self.frozen > 0 and record is not None and record[0] is kernel
 
     with mock.patch.object(functional.KernelCache, "_trusted", blind):
         assert _harness().main(["--iterations", "6000", "--seed", "1"]) == 1
