@@ -187,3 +187,37 @@ def test_new_storage_at_the_cached_kernels_address_is_seen(device: str, trusted:
             k.data = torch.randn(k.shape, device=device)  # may land where it was
             want = _np(x) @ (0.7 * dense_oracle(_np(k), 24, 16)).T
             assert rel_err(_np(m.adapter_forward(x)), want) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_spectra_follow_fused_optimizer_steps(device: str) -> None:
+    """Fused optimizers (``Adam(fused=True)``, transformers' Trainer default) write the
+    kernel without bumping its version counter. Between evaluations (eval mode: cached
+    spectra) a training step must still be seen: on the CPU the cache compares values,
+    elsewhere only the key, which counts optimizer steps."""
+    m = _layer(24, 16, 8, torch.float32, device)
+    opt = torch.optim.Adam(m.parameters(), lr=0.1, fused=True)
+    x = torch.randn(5, 24, device=device)
+    for _ in range(3):
+        m.eval()
+        with torch.no_grad():
+            got = m.adapter_forward(x)
+        want = _np(x) @ (0.7 * dense_oracle(_np(m.bca_kernel), 24, 16)).T
+        assert rel_err(_np(got), want) < 1e-5
+        m.train()
+        m(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_the_snapshot_key_changes_with_a_fused_optimizer_step() -> None:
+    """What the test above relies on off the CPU, checked on the CPU: the cache key of a
+    kernel changes with a fused step, which leaves the version counter as it was."""
+    from bca.nn.functional import _KernelSnapshot
+
+    w = nn.Parameter(torch.randn(2, 2, 4))
+    opt = torch.optim.SGD([w], lr=0.1, fused=True)
+    w.sum().backward()
+    key, version = _KernelSnapshot._key(w), w._version
+    opt.step()
+    assert w._version == version and _KernelSnapshot._key(w) != key

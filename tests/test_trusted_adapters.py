@@ -99,6 +99,15 @@ def test_trusted_layer_sees_every_edit_the_version_counter_sees(backend: str, ca
         opt.step()  # an optimizer step: in place, a new version
         layer.eval()
         assert follows(layer, x, call)
+        for fused in (torch.optim.Adam, torch.optim.SGD):  # no version bump: the step hook
+            opt = fused(layer.parameters(), lr=0.5, fused=True)
+            layer.train()
+            layer(torch.randn(4, 24), adapter_names=["a", "b", "a", "b"]).square().sum().backward()
+            version = layer.bca_kernels["a"]._version
+            opt.step()
+            assert layer.bca_kernels["a"]._version == version  # torch's fused kernels
+            layer.eval()
+            assert follows(layer, x, call)
         layer.set_adapter_scale("a", -3.0)
         assert follows(layer, x, call)
         layer.bca_kernels["a"].data.add_(0.25)  # no new version: still trusted

@@ -191,10 +191,11 @@ def trusted_adapters(model: nn.Module) -> Iterator[nn.Module]:
     has taken a kernel, later calls trust it while it is the same parameter object with
     the same address, strides, dtype, shape and version counter. Optimizer steps,
     ``load_state_dict``, :func:`load_adapter`, ``copy_`` and other in-place edits of the
-    parameter bump that counter, and a new tensor or Parameter changes the rest: still
-    seen. Edits through ``.data``, numpy or other shared memory, and fused optimizers'
-    steps (``Adam(fused=True)``: no version bump), are **not** seen until the block ends
-    (the next call then compares again) or ``clear_cache()``. Results are bit for bit
+    parameter bump that counter, a new tensor or Parameter changes the rest, and every
+    ``torch.optim`` step (fused ones too, which bump no version counter) is counted by a
+    global post-step hook: all still seen. Edits through ``.data``, numpy or other shared
+    memory are **not** seen until the block ends (the next call then compares again) or
+    ``clear_cache()``. Results are bit for bit
     those of the checked path. Adapters added inside the block are not trusted; blocks
     nest. See docs/torch.md, "Serving: trusted kernels".
     """

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._errors import BcaError, ShapeError
 
@@ -131,11 +132,28 @@ def _check_padding(name: str, features: int, q: int, p: int) -> None:
         )
 
 
+#: Steps taken by any ``torch.optim`` optimizer in this process (a global post-step hook,
+#: registered below). Fused optimizers (``Adam(fused=True)``, the default of transformers'
+#: Trainer) write parameters without bumping their version counters, so the version alone
+#: would miss their steps: the cache keys below include this count, and every step makes
+#: the next call check its kernels again.
+_OPTIMIZER_STEPS = 0
+
+
+def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    global _OPTIMIZER_STEPS
+    _OPTIMIZER_STEPS += 1
+
+
+_OPTIMIZER_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class _KernelSnapshot:
     """Detects a change of a kernel tensor since the last :meth:`take`.
 
-    The version counter and storage pointer catch ordinary in-place updates (optimizer
-    steps, ``load_state_dict``) without looking at the values. For CPU tensors a value
+    The version counter, the count of optimizer steps (fused optimizers bump no version
+    counter) and the storage pointer catch ordinary updates (optimizer steps,
+    ``load_state_dict``) without looking at the values. For CPU tensors a value
     comparison with a parameter-sized copy also catches edits through ``.data`` (which
     have their own version counter) and accepts another tensor of equal values (a kernel
     derived anew on each call, as the PEFT patch's); on other devices that comparison
@@ -157,6 +175,7 @@ class _KernelSnapshot:
     def _key(kernel: torch.Tensor) -> tuple[Any, ...]:
         return (
             kernel._version,
+            _OPTIMIZER_STEPS,
             kernel.data_ptr(),
             kernel.device,
             kernel.dtype,
@@ -195,15 +214,17 @@ class _KernelSnapshot:
 
 
 def _trust_key(kernel: torch.Tensor) -> tuple[Any, ...] | None:
-    """What a frozen cache compares to trust a kernel it took: version counter, address,
-    device, dtype, shape, strides and negation bit (None for a tensor without a version
-    counter, such as an inference tensor: never trusted)."""
+    """What a frozen cache compares to trust a kernel it took: version counter, the count
+    of optimizer steps (see ``_OPTIMIZER_STEPS``), address, device, dtype, shape, strides
+    and negation bit (None for a tensor without a version counter, such as an inference
+    tensor: never trusted)."""
     try:
         version = kernel._version
     except RuntimeError:
         return None
     return (
         version,
+        _OPTIMIZER_STEPS,
         kernel.data_ptr(),
         kernel.device,
         kernel.dtype,
@@ -1086,9 +1107,10 @@ class KernelCache:
     is the same tensor object with the same address, strides, dtype, shape and version
     counter, so optimizer steps, ``load_state_dict``, ``copy_`` and other in-place edits
     of the parameter or its views are still seen (the next call compares and takes the
-    kernel); edits that bypass the version counter (through ``.data``, ``.numpy()`` or
-    other memory sharing, and fused optimizers' steps) are **not** seen until the last
-    :meth:`unfreeze` (or :meth:`clear`).
+    kernel), and so are ``torch.optim`` steps, fused ones included (counted by a global
+    post-step hook: they bump no version counter); edits that bypass the version counter
+    (through ``.data``, ``.numpy()`` or other memory sharing) are **not** seen until the
+    last :meth:`unfreeze` (or :meth:`clear`).
 
     ``handle`` names the cache for the custom operator of the compiled Rust path; copies
     (pickle, deepcopy) get a fresh cache and handle, never the cached values.
