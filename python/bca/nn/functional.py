@@ -164,33 +164,22 @@ class _KernelSnapshot:
     the first storage freed, ``b`` could sit at its address and pass for it).
     """
 
-    __slots__ = ("key", "values", "storage")
+    __slots__ = ("taken", "key", "values", "storage")
 
     def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
+        self.taken = False
+        self.key: tuple[Any, ...] | None = None  # _kernel_key: None without a version counter
         self.values: torch.Tensor | None = None
         self.storage: Any = None
 
-    @staticmethod
-    def _key(kernel: torch.Tensor) -> tuple[Any, ...]:
-        return (
-            kernel._version,
-            _OPTIMIZER_STEPS,
-            kernel.data_ptr(),
-            kernel.device,
-            kernel.dtype,
-            kernel.shape,
-            kernel.stride(),
-        )
-
     def matches(self, kernel: torch.Tensor) -> bool:
-        if self.key is None:
+        if not self.taken:
             return False
-        key = self._key(kernel)
+        key = _kernel_key(kernel)
         if self.values is None:  # non-CPU: version and storage only
-            return key == self.key
+            return key is not None and key == self.key
         values = self.values
-        if key != self.key and (  # another tensor: equal values still count (CPU only)
+        if (key is None or key != self.key) and (  # another tensor: equal values count (CPU)
             kernel.device.type != "cpu"
             or kernel.dtype != values.dtype
             or kernel.shape != values.shape
@@ -202,22 +191,26 @@ class _KernelSnapshot:
         return True
 
     def take(self, kernel: torch.Tensor) -> None:
-        self.key = self._key(kernel)
+        self.taken = True
+        self.key = _kernel_key(kernel)
         cpu = kernel.device.type == "cpu"
         self.values = kernel.detach().clone() if cpu else None
         self.storage = None if cpu else kernel.untyped_storage()
 
     def clear(self) -> None:
+        self.taken = False
         self.key = None
         self.values = None
         self.storage = None
 
 
-def _trust_key(kernel: torch.Tensor) -> tuple[Any, ...] | None:
-    """What a frozen cache compares to trust a kernel it took: version counter, the count
-    of optimizer steps (see ``_OPTIMIZER_STEPS``), address, device, dtype, shape, strides
-    and negation bit (None for a tensor without a version counter, such as an inference
-    tensor: never trusted)."""
+def _kernel_key(kernel: torch.Tensor) -> tuple[Any, ...] | None:
+    """What the caches compare to tell that a kernel has not changed without reading its
+    values (the snapshot's key, a frozen cache's trust): version counter, the count of
+    optimizer steps (see ``_OPTIMIZER_STEPS``), address, device, dtype, shape, strides
+    and negation bit. None for a tensor without a version counter, such as an inference
+    tensor: it never matches, so its values are compared (CPU) or its spectra recomputed
+    on every call, and a frozen cache never trusts it."""
     try:
         version = kernel._version
     except RuntimeError:
@@ -1126,7 +1119,7 @@ class KernelCache:
         self.rust_geometry: tuple[Any, ...] | None = None
         # (kernel address, geometry, numpy view of the kernel, operator): see rust_view_of
         self.rust_fast: tuple[int, tuple[Any, ...], Any, Any] | None = None
-        # frozen: depth of freeze() calls. rust_trusted: (kernel, _trust_key,
+        # frozen: depth of freeze() calls. rust_trusted: (kernel, _kernel_key,
         # storage, epoch, operator) of the kernel that operator last took while frozen (see
         # _trust). Each state is one tuple, read once, so that a thread never pairs one
         # call's snapshot or record with another call's spectra or operator.
@@ -1182,7 +1175,7 @@ class KernelCache:
             self.spectra_state = (*state[:3], None)
 
     def _trust(self, kernel: torch.Tensor) -> tuple[Any, ...] | None:
-        """``(kernel, _trust_key(kernel), its storage, frozen_epoch)`` while frozen, else
+        """``(kernel, _kernel_key(kernel), its storage, frozen_epoch)`` while frozen, else
         (or for a kernel without a version counter) None. Made *before* the
         kernel is read, so that an edit made meanwhile (by another thread) leaves the
         record stale, not the cache. The storage is kept alive so that its address cannot
@@ -1196,7 +1189,7 @@ class KernelCache:
         with weak references."""
         if self.frozen <= 0:
             return None
-        key = _trust_key(kernel)
+        key = _kernel_key(kernel)
         if key is None:
             return None
         return (kernel, key, kernel.untyped_storage(), self.frozen_epoch)
@@ -1209,7 +1202,7 @@ class KernelCache:
             and record is not None
             and record[3] == self.frozen_epoch
             and record[0] is kernel
-            and record[1] == _trust_key(kernel)
+            and record[1] == _kernel_key(kernel)
         )
 
     def rust_trusts(self, kernel: torch.Tensor, op: Any) -> bool:
