@@ -11,6 +11,7 @@ import os
 # user is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,18 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+def run_threads(targets: list[Any], stop: threading.Event, seconds: float) -> None:
+    """Run one thread per target for ``seconds``, then set ``stop`` (which the targets
+    poll) and join them all."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from bca.model import (
     set_adapter,
 )
 from bca.nn import BASE_ADAPTER, BlockCirculantLinear
-from conftest import TOL, dense_oracle, kernel_grad_oracle, rel_err
+from conftest import TOL, dense_oracle, kernel_grad_oracle, rel_err, run_threads
 
 BLOCK_SIZES = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17])
 
@@ -659,13 +659,7 @@ def test_layer_inference_call_from_threads_while_kernels_move() -> None:
             else:
                 layer.clear_cache()
 
-    threads = [threading.Thread(target=user) for _ in range(3)] + [threading.Thread(target=mover)]
-    for t in threads:
-        t.start()
-    stop.wait(1.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    run_threads([user, user, user, mover], stop, 1.5)
     assert bad == [] and calls[0] > 50
 
 

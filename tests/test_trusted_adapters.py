@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ import bca
 from bca._errors import BcaError
 from bca.model import BCAConfig, inject_adapters, load_adapter, save_adapter, trusted_adapters
 from bca.nn import BASE_ADAPTER, BlockCirculantLinear, KernelCache
-from conftest import dense_oracle, rel_err
+from conftest import dense_oracle, rel_err, run_threads
 
 BACKENDS = ["torch"] + (["rust"] if bca.nn.rust_available() else [])
 #: how the layer is called: a mixed batch, one active adapter, with autograd
@@ -61,6 +64,26 @@ def run(layer: BlockCirculantLinear, x: torch.Tensor, call: str) -> np.ndarray:
         with torch.no_grad():
             return layer(x).double().numpy()
     return layer(x.clone().requires_grad_(True)).detach().double().numpy()
+
+
+def after_call(
+    owner: object,
+    name: str,
+    hook: Callable[[], None],
+    when: Callable[[dict[str, Any]], bool] = lambda kwargs: True,
+) -> Any:
+    """A patch of ``owner.name`` that runs ``hook()`` right after each call that ``when``
+    accepts (given its keyword arguments): what another thread might do just after a
+    call has read a kernel, made deterministic."""
+    real = getattr(owner, name)
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        if when(kwargs):
+            hook()
+        return out
+
+    return mock.patch.object(owner, name, patched)
 
 
 def follows(layer: BlockCirculantLinear, x: torch.Tensor, call: str) -> bool:
@@ -194,8 +217,6 @@ def test_a_clear_cache_during_a_call_leaves_nothing_trusted(backend: str) -> Non
     """``clear_cache()`` from another thread while a call reads the kernel (here: from
     inside the read, after a ``.data`` edit): the record that call makes must not be
     trusted afterwards."""
-    from unittest import mock
-
     import bca.nn.functional as functional
 
     layer = make_layer(backend)
@@ -209,24 +230,9 @@ def test_a_clear_cache_during_a_call_leaves_nothing_trusted(backend: str) -> Non
             layer.clear_cache()
 
     if backend == "torch":
-        real = functional._kernel_spectra
-
-        def reading(*args: object, **kwargs: object) -> object:
-            out = real(*args, **kwargs)  # type: ignore[arg-type]
-            meanwhile()
-            return out
-
-        patch = mock.patch.object(functional, "_kernel_spectra", reading)
-    else:
-        core = functional._rust_core()
-        real_op = core.BlockCirculant
-
-        def building(*args: object, **kwargs: object) -> object:
-            op = real_op(*args, **kwargs)  # the operator has read the kernel
-            meanwhile()
-            return op
-
-        patch = mock.patch.object(core, "BlockCirculant", building)
+        patch = after_call(functional, "_kernel_spectra", meanwhile)
+    else:  # the first call builds the operator, which reads the kernel
+        patch = after_call(functional._rust_core(), "BlockCirculant", meanwhile)
     with trusted_adapters(layer):
         with patch:
             run(layer, x, "one")
@@ -318,18 +324,22 @@ def test_trusted_adapters_survive_save_and_load(backend: str, tmp_path) -> None:
             assert torch.equal(model(x), ref)
 
 
-def test_inference_tensor_kernels_are_never_trusted() -> None:
-    """A kernel without a version counter (made under inference_mode) is compared on
-    every call, trusted or not."""
+@pytest.mark.parametrize("trusted", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", ["mixed", "one"])
+def test_inference_tensor_kernels_are_never_trusted(backend: str, call: str, trusted: bool) -> None:
+    """A kernel without a version counter (made under inference_mode) is compared (or
+    its spectra recomputed) on every call, trusted or not; the cache keys do not need
+    the counter to exist (the torch backend's eval cache used to raise there)."""
     with torch.inference_mode():
-        layer = make_layer(BACKENDS[-1])
+        layer = make_layer(backend)
         x = torch.randn(5, 24)
-        with trusted_adapters(layer):
-            assert follows(layer, x, "mixed")
+        with trusted_adapters(layer) if trusted else contextlib.nullcontext():
+            assert follows(layer, x, call)
             layer.bca_kernels["a"].mul_(2.0)
-            assert follows(layer, x, "mixed")
+            assert follows(layer, x, call)
             layer.bca_kernels["a"].data.mul_(2.0)
-            assert follows(layer, x, "mixed")
+            assert follows(layer, x, call)
 
 
 @pytest.mark.parametrize("trusted", [True, False])
@@ -341,8 +351,6 @@ def test_an_edit_made_while_the_kernel_is_read_is_seen_next_call(
     the call records what it has taken (trust record, snapshot): the record must then be
     of the older version (made before the read), so that the next call compares again.
     The edit is made here from inside the read itself, deterministically."""
-    from unittest import mock
-
     import bca.nn.functional as functional
 
     layer = make_layer(backend)
@@ -356,25 +364,14 @@ def test_an_edit_made_while_the_kernel_is_read_is_seen_next_call(
             edits.append(True)
 
     if backend == "torch":
-        real = functional._kernel_spectra
-
-        def reading(*args: object, **kwargs: object) -> object:
-            out = real(*args, **kwargs)  # type: ignore[arg-type]
-            edit_once()
-            return out
-
-        patch = mock.patch.object(functional, "_kernel_spectra", reading)
-    else:
-        ext = functional._rust_core()._bca
-        real = ext.mixed_forward
-
-        def reading(*args: object, **kwargs: object) -> object:
-            out = real(*args, **kwargs)
-            if kwargs.get("kernels") is not None:  # this call took the kernels
-                edit_once()
-            return out
-
-        patch = mock.patch.object(ext, "mixed_forward", reading)
+        patch = after_call(functional, "_kernel_spectra", edit_once)
+    else:  # a mixed call given kernels= takes them
+        patch = after_call(
+            functional._rust_core()._bca,
+            "mixed_forward",
+            edit_once,
+            when=lambda kwargs: kwargs.get("kernels") is not None,
+        )
     with trusted_adapters(layer) if trusted else contextlib.nullcontext():
         run(layer, x, "mixed")  # takes (and trusts) the kernels
         with torch.no_grad():
@@ -426,14 +423,7 @@ def test_calls_from_threads_while_kernels_are_edited_in_place(backend: str, trus
                 layer.bca_kernels[n].copy_(versions[n][int(rng.integers(0, 2))])
 
     with trusted_adapters(layer) if trusted else contextlib.nullcontext():
-        threads = [threading.Thread(target=user) for _ in range(3)]
-        threads.append(threading.Thread(target=writer))
-        for t in threads:
-            t.start()
-        stop.wait(1.5)
-        stop.set()
-        for t in threads:
-            t.join()
+        run_threads([user, user, user, writer], stop, 1.5)
         assert errors == [] and calls[0] > 50
         final = [
             next(i for i in (0, 1) if torch.equal(layer.bca_kernels[n], versions[n][i]))
